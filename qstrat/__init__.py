@@ -1,0 +1,26 @@
+"""qstrat: strategy-driven quantization for Keras 3."""
+
+from qstrat.errors import CalibrationDataError, ConfigError, QstratError, UnsupportedError
+from qstrat.quantizers import (
+    FSQuantizer,
+    MAFSQuantizer,
+    Pof2SQuantizer,
+    Quantizer,
+    TQTQuantizer,
+    register_quantizer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationDataError",
+    "ConfigError",
+    "FSQuantizer",
+    "MAFSQuantizer",
+    "Pof2SQuantizer",
+    "QstratError",
+    "Quantizer",
+    "TQTQuantizer",
+    "UnsupportedError",
+    "register_quantizer",
+]

@@ -1,0 +1,218 @@
+"""Fake-quantization kernels in keras.ops: identical on TensorFlow, torch and JAX.
+
+Each kernel quantizes to the integer grid and dequantizes. The NumPy twins in
+`reference.py` are the spec; tests check these kernels against them bit for
+bit on every backend.
+
+Gradients:
+- integer grids pass the upstream gradient where the rounded value lies on the
+  grid and block it where the value was clipped (clipped straight-through);
+- TQT also returns the gradient of its log2 threshold (Jain et al. 2020);
+- scale, zero point and position get no gradient.
+
+Portability rules learned the hard way (see the environment notes):
+- variables go through ``ops.convert_to_tensor`` before any op (JAX ``clip``,
+  torch ``custom_gradient``);
+- a ``custom_gradient`` grad function takes ``(*args, upstream=None)``;
+- ``x * (1 / scale)`` rather than ``x / scale``: XLA rewrites a division by a
+  scalar into a multiplication by its reciprocal, so this is what all three
+  backends compute identically.
+"""
+
+from __future__ import annotations
+
+import math
+
+from keras import ops
+
+from qstrat.quantizers.grid import BFP_BLOCK_SIZE, BFP_MANTISSA_BITS, RoundMode
+from qstrat.quantizers.reference import BF16_MAX, FP16_MAX
+
+
+def round_ops(u, mode: RoundMode):
+    """Round with the given tie rule, exactly.
+
+    Starts from round-half-to-even, which every backend implements exactly, and
+    moves ties: d = u - round(u) is exact (Sterbenz), and |d| == 0.5 marks a tie.
+    (The tempting u - floor(u) is not exact for small negative u in float32.)
+    """
+    mode = RoundMode(mode)
+    if mode == RoundMode.FLOOR:
+        return ops.floor(u)
+    n = ops.round(u)
+    if mode == RoundMode.HALF_TO_EVEN:
+        return n
+    d = u - n
+    down_tie = d == 0.5  # u = n + 0.5, rounded down
+    up_tie = d == -0.5  # u = n - 0.5, rounded up
+    if mode == RoundMode.HALF_UP:
+        return ops.where(down_tie, n + 1.0, n)
+    if mode == RoundMode.HALF_AWAY_FROM_ZERO:
+        n = ops.where(ops.logical_and(down_tie, u > 0), n + 1.0, n)
+        return ops.where(ops.logical_and(up_tie, u < 0), n - 1.0, n)
+    # HALF_TO_ZERO
+    n = ops.where(ops.logical_and(down_tie, u < 0), n + 1.0, n)
+    return ops.where(ops.logical_and(up_tie, u > 0), n - 1.0, n)
+
+
+def expand(param, ndim: int, axis: int | None):
+    """Shape a per-channel parameter (C,) to broadcast against an ndim tensor."""
+    param = ops.convert_to_tensor(param)
+    if axis is None or len(param.shape) == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return ops.reshape(param, shape)
+
+
+def pow2(k):
+    """2^k for integer-valued k, exact on every backend (checked by tests)."""
+    return ops.power(2.0, k)
+
+
+def _grad_args(args, upstream):
+    return args[0] if upstream is None else upstream
+
+
+def affine_fake_quant(x, scale, zero_point, qmin: int, qmax: int, round_mode, axis=None):
+    """y = (clip(R(x / scale) + zp, qmin, qmax) - zp) * scale, with a clipped STE."""
+    ndim = len(x.shape)
+    s = ops.cast(expand(scale, ndim, axis), x.dtype)
+    zp = ops.cast(expand(zero_point, ndim, axis), x.dtype)
+    return _affine(x, s, zp, float(qmin), float(qmax), RoundMode(round_mode))
+
+
+def _affine(x, s, zp, qmin, qmax, round_mode):
+    @ops.custom_gradient
+    def fq(x, s, zp):
+        inv = 1.0 / s
+        n = round_ops(x * inv, round_mode) + zp
+        q = ops.clip(n, qmin, qmax)
+        y = (q - zp) * s
+        inside = ops.cast(ops.logical_and(n >= qmin, n <= qmax), x.dtype)
+
+        def grad(*args, upstream=None):
+            dy = _grad_args(args, upstream)
+            return dy * inside, ops.zeros_like(s), ops.zeros_like(zp)
+
+        return y, grad
+
+    return fq(x, s, zp)
+
+
+def pof2_fake_quant(x, pos, qmin: int, qmax: int, round_mode, axis=None, zero_point=0.0):
+    """Power-of-2 fake quantization: scale 2^-pos, exact at every step."""
+    ndim = len(x.shape)
+    p = ops.cast(expand(pos, ndim, axis), x.dtype)
+    zp = ops.cast(expand(zero_point, ndim, axis), x.dtype)
+    return _affine(x, pow2(-p), zp, float(qmin), float(qmax), RoundMode(round_mode))
+
+
+def tqt_position(log_th, bit_width: int, unsigned: bool):
+    """pos = (b - 1) - ceil(log2 t) on a signed grid, b - ceil(log2 t) on an unsigned one."""
+    return float(bit_width - 1 + int(unsigned)) - ops.ceil(log_th)
+
+
+def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, unsigned: bool):
+    """Trained-threshold power-of-2 fake quantization (Jain et al., MLSys 2020).
+
+    Forward: pof2 fake quant at pos = (b - 1) - ceil(log_th).
+    Backward, with straight-through round and ceil:
+        dy/dx      = 1 where round(x / step) is on the grid, else 0;
+        dy/dlog_th = ln2 * (q(x) - x) on the grid, ln2 * q(x) where clipped.
+    """
+    round_mode = RoundMode(round_mode)
+    lt = ops.cast(ops.convert_to_tensor(log_th), x.dtype)
+    fqmin, fqmax = float(qmin), float(qmax)
+    ln2 = math.log(2.0)
+
+    @ops.custom_gradient
+    def fq(x, lt):
+        pos = tqt_position(lt, bit_width, unsigned)
+        s = pow2(-pos)
+        n = round_ops(x * pow2(pos), round_mode)
+        q = ops.clip(n, fqmin, fqmax)
+        y = q * s
+        inside = ops.logical_and(n >= fqmin, n <= fqmax)
+
+        def grad(*args, upstream=None):
+            dy = _grad_args(args, upstream)
+            g = ops.where(inside, y - x, y) * ln2
+            return dy * ops.cast(inside, x.dtype), ops.reshape(ops.sum(dy * g), ops.shape(lt))
+
+        return y, grad
+
+    return fq(x, lt)
+
+
+def _with_clipped_ste(x, forward, lo: float, hi: float):
+    """forward(x), with gradient 1 where lo <= x <= hi and 0 elsewhere."""
+
+    @ops.custom_gradient
+    def f(x):
+        y = forward(x)
+        inside = ops.cast(ops.logical_and(x >= lo, x <= hi), x.dtype)
+
+        def grad(*args, upstream=None):
+            return _grad_args(args, upstream) * inside
+
+        return y, grad
+
+    return f(x)
+
+
+def fp16_fake_quant(x):
+    """Round to IEEE half precision (nearest even), saturating at ±65504."""
+
+    def forward(v):
+        return ops.cast(ops.cast(ops.clip(v, -FP16_MAX, FP16_MAX), "float16"), v.dtype)
+
+    return _with_clipped_ste(x, forward, -FP16_MAX, FP16_MAX)
+
+
+def bf16_fake_quant(x):
+    """Round to bfloat16 (nearest even), saturating at the largest bfloat16."""
+
+    def forward(v):
+        return ops.cast(ops.cast(ops.clip(v, -BF16_MAX, BF16_MAX), "bfloat16"), v.dtype)
+
+    return _with_clipped_ste(x, forward, -BF16_MAX, BF16_MAX)
+
+
+def _floor_log2(m):
+    """floor(log2 m) for m > 0, corrected to be exact where log2 rounds across an integer."""
+    e = ops.floor(ops.log2(m))
+    e = ops.where(pow2(e) > m, e - 1.0, e)
+    return ops.where(pow2(e + 1.0) <= m, e + 1.0, e)
+
+
+def bfp16_fake_quant(x, axis: int = -1, round_mode=RoundMode.HALF_TO_EVEN):
+    """Block floating point: 8 values along ``axis`` share an exponent; 7-bit magnitudes.
+
+    The gradient is straight-through: BFP16 only clips values far beyond the
+    block maximum's own range, which never happens to the block's members.
+    """
+    round_mode = RoundMode(round_mode)
+    ndim = len(x.shape)
+    axis = axis % ndim
+
+    def forward(v):
+        moved = ops.moveaxis(v, axis, -1)
+        shape = tuple(moved.shape)
+        c = shape[-1]
+        pad = (-c) % BFP_BLOCK_SIZE
+        if pad:
+            moved = ops.pad(moved, [(0, 0)] * (ndim - 1) + [(0, pad)])
+        lead = tuple(ops.shape(moved)[:-1])
+        blocks = ops.reshape(moved, lead + ((c + pad) // BFP_BLOCK_SIZE, BFP_BLOCK_SIZE))
+        m = ops.max(ops.abs(blocks), axis=-1, keepdims=True)
+        safe = ops.where(m > 0, m, ops.ones_like(m))
+        step = pow2(_floor_log2(safe) - float(BFP_MANTISSA_BITS - 1))
+        lim = float(2**BFP_MANTISSA_BITS - 1)
+        y = ops.clip(round_ops(blocks * (1.0 / step), round_mode), -lim, lim) * step
+        y = ops.where(m > 0, y, ops.zeros_like(y))
+        y = ops.reshape(y, lead + (c + pad,))[..., :c]
+        return ops.moveaxis(y, -1, axis)
+
+    big = float("inf")
+    return _with_clipped_ste(x, forward, -big, big)

@@ -1,0 +1,318 @@
+"""Range methods: from observed data to a clipping range or a power-of-2 position.
+
+All NumPy, all per channel where the quantizer is per channel.
+
+- No_OF: the tightest range that does not overflow. For power-of-2 scales
+  pos = floor(-log2(max(lo / qmin, hi / qmax))), computed exactly with frexp.
+- Min_MSE: the range with the least squared error. For power-of-2 it tries
+  pos0 .. pos0 + 4 (pos0 from No_OF); for float scales it searches clipping
+  thresholds. On raw tensors (weights) the error is exact; on histograms
+  (activations) it is the expected error with values spread evenly inside
+  each bin, integrated in closed form (`expected_sq_error`).
+- Min_KL: TensorRT-style entropy calibration over the |x| histogram.
+- Percentile: clip where the CDF reaches ``method_percentile``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qstrat.quantizers.grid import IntGrid, RoundMode
+from qstrat.quantizers.reference import affine_fake_quant_np, round_np
+from qstrat.quantizers.stats import Histogram
+
+MSE_POS_CANDIDATES = 5  # pos0 .. pos0 + 4, as the DPU tool does
+FS_MSE_CANDIDATES = 128  # clipping thresholds tried per search direction
+FS_MSE_ROUNDS = 2  # coordinate-descent rounds over (lo, hi) for asymmetric ranges
+KL_MAX_BINS = 2048  # the |x| histogram is coarsened to at most this many bins for KL
+
+
+# ---- power-of-2 positions ---------------------------------------------------
+
+
+def floor_neg_log2(v: np.ndarray) -> np.ndarray:
+    """floor(-log2(v)) for v > 0, exactly (no float log)."""
+    mant, e = np.frexp(np.asarray(v, dtype=np.float64))  # v = mant * 2^e, mant in [0.5, 1)
+    return (-e + (mant == 0.5)).astype(np.int64)
+
+
+def symmetric_scale(lo, hi, grid: IntGrid, epsilon: float) -> np.ndarray:
+    """The smallest scale with lo and hi on the grid and zero point 0."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    s = np.zeros(np.broadcast(lo, hi).shape)
+    if grid.qmin < 0:
+        s = np.maximum(s, lo / grid.qmin)
+    if grid.qmax > 0:
+        s = np.maximum(s, hi / grid.qmax)
+    return np.maximum(s, epsilon)
+
+
+def asymmetric_scale_zp(lo, hi, grid: IntGrid, epsilon: float):
+    """Scale and integer zero point mapping [min(lo,0), max(hi,0)] onto the grid."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    s = np.maximum((hi - lo) / (grid.qmax - grid.qmin), epsilon)
+    zp = np.clip(np.rint(grid.qmin - lo / s), grid.qmin, grid.qmax)
+    return s, zp
+
+
+def nonoverflow_pos(lo, hi, grid: IntGrid, symmetric: bool, epsilon: float, pos_range):
+    """Largest power-of-2 position whose grid holds [lo, hi]; clipped to pos_range."""
+    if symmetric:
+        s = symmetric_scale(lo, hi, grid, epsilon)
+    else:
+        s, _ = asymmetric_scale_zp(lo, hi, grid, epsilon)
+    return np.clip(floor_neg_log2(s), pos_range[0], pos_range[1])
+
+
+def pof2_zero_point(lo, pos, grid: IntGrid, symmetric: bool) -> np.ndarray:
+    """Zero point for an asymmetric power-of-2 grid (0 when symmetric)."""
+    if symmetric:
+        return np.zeros_like(np.asarray(pos, dtype=np.float64))
+    s = np.ldexp(1.0, -np.asarray(pos, dtype=np.int64))
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    return np.clip(np.rint(grid.qmin - lo / s), grid.qmin, grid.qmax)
+
+
+def tensor_sse(x2d: np.ndarray, scale, zp, grid: IntGrid, round_mode) -> np.ndarray:
+    """Sum of squared fake-quant error per row of a (C, M) tensor, exact."""
+    y = affine_fake_quant_np(x2d, np.asarray(scale, np.float32), zp, grid, round_mode, axis=0)
+    d = x2d.astype(np.float64) - y
+    return np.einsum("cm,cm->c", d, d)
+
+
+def pof2_mse_pos_tensor(x2d, lo, hi, grid, symmetric, round_mode, epsilon, pos_range):
+    """Min_MSE position per row of a (C, M) tensor: best of pos0 .. pos0 + 4, ties to the lowest."""
+    p0 = nonoverflow_pos(lo, hi, grid, symmetric, epsilon, pos_range)
+    best_pos, best_err = p0.copy(), np.full(p0.shape, np.inf)
+    for d in range(MSE_POS_CANDIDATES):
+        pos = np.minimum(p0 + d, pos_range[1])
+        zp = pof2_zero_point(lo, pos, grid, symmetric)
+        err = tensor_sse(x2d, np.ldexp(1.0, -pos), zp, grid, round_mode)
+        better = err < best_err
+        best_pos = np.where(better, pos, best_pos)
+        best_err = np.where(better, err, best_err)
+    return best_pos
+
+
+# ---- expected error over a histogram -----------------------------------------
+
+
+def _sq_error_antiderivative(t, kmin, kmax, delta):
+    """M(t) = ∫_L^t (v - clip(R(v), kmin, kmax))² dv, in units of one step.
+
+    R rounds to the nearest integer, shifted by ``delta`` (0 for nearest modes,
+    0.5 for FLOOR). L = kmin - 0.5 + delta is the grid's lower decision edge.
+    """
+    lo_edge = kmin - 0.5 + delta
+    hi_edge = kmax + 0.5 + delta
+    period = ((0.5 + delta) ** 3 - (delta - 0.5) ** 3) / 3.0
+    inside = np.clip(t, lo_edge, hi_edge)
+    k = np.floor(inside - delta + 0.5)
+    k = np.minimum(k, kmax)  # t == hi_edge belongs to the last full period
+    r = inside - k
+    m = (k - kmin) * period + (r**3 - (delta - 0.5) ** 3) / 3.0
+    below = t < lo_edge
+    above = t > hi_edge
+    m = np.where(below, ((t - kmin) ** 3 - (lo_edge - kmin) ** 3) / 3.0, m)
+    m = np.where(above, m + ((t - kmax) ** 3 - (hi_edge - kmax) ** 3) / 3.0, m)
+    return m
+
+
+def expected_sq_error(hist: Histogram, scale, zero_point, grid: IntGrid, round_mode) -> np.ndarray:
+    """Expected sum of squared fake-quant error over a per-tensor histogram.
+
+    Each bin's values are taken as spread evenly over the bin; the error is then
+    integrated in closed form, so the result is exact for that assumption
+    whatever the ratio of bin width to quantization step. ``scale`` and
+    ``zero_point`` may be arrays of candidates (K,); the result has shape (K,).
+    """
+    counts = hist.counts
+    nz = np.nonzero(counts)[0]
+    if nz.size == 0:
+        return np.zeros(np.shape(scale))
+    w = float(hist.width)
+    n = hist.bins_per_side
+    a = (nz - n).astype(np.float64) * w
+    # The outermost bins are narrowed to the exact observed extremes.
+    b = a + w
+    a = np.maximum(a, float(hist.min))
+    b = np.minimum(b, float(hist.max))
+    c = counts[nz].astype(np.float64)
+    s = np.asarray(scale, dtype=np.float64).reshape(-1, 1)
+    zp = np.asarray(zero_point, dtype=np.float64).reshape(-1, 1)
+    kmin, kmax = grid.qmin - zp, grid.qmax - zp
+    delta = 0.5 if RoundMode(round_mode) == RoundMode.FLOOR else 0.0
+    ua, ub = a / s, b / s
+    width = ub - ua
+    ma = _sq_error_antiderivative(ua, kmin, kmax, delta)
+    mb = _sq_error_antiderivative(ub, kmin, kmax, delta)
+    point = width <= 0  # a bin holding one exact value (min == max)
+    point_err = (ua - np.clip(round_np(ua, round_mode), kmin, kmax)) ** 2 if np.any(point) else 0.0
+    per_bin = np.where(point, point_err, (mb - ma) / np.where(point, 1.0, width)) * s**2
+    return (per_bin * c).sum(axis=1).reshape(np.shape(scale))
+
+
+def pof2_mse_pos_hist(hist: Histogram, grid, symmetric, round_mode, epsilon, pos_range) -> int:
+    """Min_MSE position from a histogram: pos0 .. pos0 + 4, ties to the lowest."""
+    p0 = int(nonoverflow_pos(hist.min, hist.max, grid, symmetric, epsilon, pos_range))
+    cands = np.minimum(p0 + np.arange(MSE_POS_CANDIDATES), pos_range[1])
+    zps = pof2_zero_point(hist.min, cands, grid, symmetric)
+    err = expected_sq_error(hist, np.ldexp(1.0, -cands), zps, grid, round_mode)
+    return int(cands[int(np.argmin(err))])
+
+
+def fs_mse_range_hist(hist: Histogram, grid: IntGrid, symmetric: bool, round_mode, epsilon):
+    """Min_MSE clipping range [lo, hi] for a float scale, from a histogram."""
+    lo0, hi0 = min(float(hist.min), 0.0), max(float(hist.max), 0.0)
+    alphas = np.arange(1, FS_MSE_CANDIDATES + 1) / FS_MSE_CANDIDATES
+
+    def cost(los, his):
+        if symmetric:
+            s = symmetric_scale(los, his, grid, epsilon)
+            zp = np.zeros_like(s)
+        else:
+            s, zp = asymmetric_scale_zp(los, his, grid, epsilon)
+        return expected_sq_error(hist, s, zp, grid, round_mode)
+
+    if symmetric:
+        amax = max(-lo0, hi0)
+        if amax == 0:
+            return lo0, hi0
+        # Both ends shrink together; the grid's own asymmetry is kept.
+        los = np.maximum(lo0, -amax * alphas)
+        his = np.minimum(hi0, amax * alphas)
+        i = int(np.argmin(cost(los, his)))
+        return float(los[i]), float(his[i])
+    lo, hi = lo0, hi0
+    for _ in range(FS_MSE_ROUNDS):
+        if hi0 > 0:
+            his = hi0 * alphas
+            hi = float(his[int(np.argmin(cost(np.full_like(his, lo), his)))])
+        if lo0 < 0:
+            los = lo0 * alphas
+            lo = float(los[int(np.argmin(cost(los, np.full_like(los, hi))))])
+    return lo, hi
+
+
+def fs_mse_range_tensor(x2d, lo, hi, grid, symmetric, round_mode, epsilon):
+    """Min_MSE clipping range per row of a (C, M) tensor, with the exact error."""
+    lo0 = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi0 = np.maximum(np.asarray(hi, np.float64), 0.0)
+    alphas = np.arange(1, FS_MSE_CANDIDATES + 1) / FS_MSE_CANDIDATES
+
+    def sse(los, his):
+        if symmetric:
+            s, zp = symmetric_scale(los, his, grid, epsilon), np.zeros_like(los)
+        else:
+            s, zp = asymmetric_scale_zp(los, his, grid, epsilon)
+        return tensor_sse(x2d, s, zp, grid, round_mode)
+
+    def search(make):
+        best_err = np.full(lo0.shape, np.inf)
+        best = None
+        for a in alphas:
+            los, his = make(a)
+            err = sse(los, his)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = (los, his) if best is None else (np.where(better, los, best[0]), np.where(better, his, best[1]))
+        return best
+
+    if symmetric:
+        amax = np.maximum(-lo0, hi0)
+        return search(lambda a: (np.maximum(lo0, -amax * a), np.minimum(hi0, amax * a)))
+    lo_, hi_ = lo0, hi0
+    for _ in range(FS_MSE_ROUNDS):
+        _, hi_ = search(lambda a, lo_=lo_: (lo_, hi0 * a))
+        lo_, _ = search(lambda a, hi_=hi_: (lo0 * a, hi_))
+    return lo_, hi_
+
+
+# ---- percentile and KL ------------------------------------------------------
+
+
+def _interp_quantile(counts: np.ndarray, lower_edges: np.ndarray, width: float, q: float) -> float:
+    """Value below which a fraction q of the mass lies, linear inside a bin."""
+    total = counts.sum()
+    cdf = np.cumsum(counts)
+    target = q * total
+    i = int(np.searchsorted(cdf, target, side="left"))
+    i = min(i, counts.size - 1)
+    before = cdf[i - 1] if i > 0 else 0
+    frac = (target - before) / counts[i] if counts[i] else 1.0
+    return float(lower_edges[i] + min(max(frac, 0.0), 1.0) * width)
+
+
+def percentile_range(hist: Histogram, percentile: float, symmetric: bool):
+    """Clipping range holding ``percentile`` % of the values.
+
+    Symmetric: ±amax with amax the percentile of |x|. Asymmetric: the two
+    tails each give up half of the remaining (100 - p) %.
+    """
+    lo_obs, hi_obs = float(hist.min), float(hist.max)
+    p = percentile / 100.0
+    w = float(hist.width)
+    if symmetric:
+        absc = hist.abs_counts()
+        amax = _interp_quantile(absc, np.arange(absc.size) * w, w, p)
+        amax = min(amax, max(-lo_obs, hi_obs))
+        return max(lo_obs, -amax), min(hi_obs, amax)
+    edges = hist.lower_edges()
+    tail = (1.0 - p) / 2.0
+    lo = _interp_quantile(hist.counts, edges, w, tail)
+    hi = _interp_quantile(hist.counts, edges, w, 1.0 - tail)
+    return max(lo_obs, min(lo, 0.0)), min(hi_obs, max(hi, 0.0))
+
+
+def kl_threshold(abs_counts: np.ndarray, width: float, nlevels: int) -> float:
+    """TensorRT entropy calibration: the |x| threshold minimising KL(P || Q).
+
+    For each candidate threshold i bins wide (i from ``nlevels`` up): P is the
+    histogram up to i with the clipped tail added to its last bin; Q is that
+    histogram quantized to ``nlevels`` levels, each level's mass spread evenly
+    over its non-empty bins. The zero bin takes its neighbour's count first so
+    that a spike of exact zeros (after ReLU) does not dominate.
+    """
+    h = abs_counts.astype(np.float64).copy()
+    n = h.size
+    factor = 1
+    while n // factor > max(KL_MAX_BINS, 4 * nlevels) and factor < n:
+        factor *= 2
+    if factor > 1:
+        h = h.reshape(-1, factor).sum(axis=1)
+        width = width * factor
+        n = h.size
+    used = int(np.max(np.nonzero(h)[0])) + 1 if np.any(h) else 1
+    if used <= nlevels:
+        return used * width
+    h[0] = h[1] if n > 1 else h[0]
+    h = h[:used]
+    suffix = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])
+    best_i, best_kl = used, np.inf
+    for i in range(nlevels, used + 1):
+        ref = h[:i].copy()
+        ref[-1] += suffix[i]
+        groups = (np.arange(i) * nlevels) // i
+        nonzero = h[:i] > 0
+        mass = np.bincount(groups, weights=h[:i], minlength=nlevels)
+        support = np.bincount(groups, weights=nonzero, minlength=nlevels)
+        q = np.where(nonzero, mass[groups] / np.maximum(support[groups], 1), 0.0)
+        pmask = ref > 0
+        if np.any(pmask & (q <= 0)):
+            continue  # Q misses mass that P has: infinite divergence
+        p_n = ref[pmask] / ref.sum()
+        q_n = q[pmask] / q.sum()
+        kl = float(np.sum(p_n * np.log(p_n / q_n)))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i * width
+
+
+def kl_range(hist: Histogram, grid: IntGrid, symmetric: bool):
+    """Clipping range from the KL threshold of |x| (clipped to what was observed)."""
+    nlevels = max(grid.qmax + 1, -grid.qmin, 1) if grid.qmin < 0 else grid.qmax + 1
+    amax = kl_threshold(hist.abs_counts(), float(hist.width), nlevels)
+    lo_obs, hi_obs = float(hist.min), float(hist.max)
+    return max(lo_obs, -amax), min(hi_obs, amax)
