@@ -82,7 +82,7 @@ class Observer:
             raise UnsupportedError(f"{self.name}: no data observed yet; call update(batch) first.")
 
     def _squeeze(self, a: np.ndarray) -> np.ndarray:
-        return a[0] if self.axis is None else a
+        return np.asarray(a[0]) if self.axis is None else a
 
     def update(self, batch) -> None:  # pragma: no cover - interface
         raise NotImplementedError

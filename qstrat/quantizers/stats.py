@@ -128,10 +128,11 @@ def coarsen(counts: np.ndarray, shift: int) -> np.ndarray:
 def bin_counts(values: np.ndarray, exponent: int, bins_per_side: int) -> np.ndarray:
     """Counts of ``values`` (all < 2^exponent in magnitude) in the aligned bins."""
     n = bins_per_side
-    scale = np.ldexp(np.float32(1.0), int(np.log2(n)) - int(exponent))
-    if not np.isfinite(scale) or scale == 0:
-        scale = np.float64(np.ldexp(1.0, int(np.log2(n)) - int(exponent)))
-    work = values.astype(np.float32, copy=False) if values.dtype != np.float64 else values
+    shift = int(np.log2(n)) - int(exponent)
+    if values.dtype == np.float64 or not -126 <= shift <= 127:
+        work, scale = values.astype(np.float64, copy=False), np.ldexp(1.0, shift)
+    else:  # a float32 power of two: the product is exact and twice as fast
+        work, scale = values.astype(np.float32, copy=False), np.float32(np.ldexp(1.0, shift))
     idx = np.floor(work * scale)
     idx = idx.astype(np.int64)
     idx += n
