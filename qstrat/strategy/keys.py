@@ -1,0 +1,274 @@
+"""The pipeline keys a strategy may set, with their types and meaning in qstrat.
+
+This table is the single source: validation reads it, and the documentation
+table in the README is generated from it (`qstrat strategy keys`, and a test
+checks the README is up to date). Every key the reference tool accepts for
+the optimize, quantize, refine and finalize stages is here; the finalize keys
+live in ``refine_pipeline_config``, since export is qstrat's last refine step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One pipeline key: its JSON type, allowed values and what it does."""
+
+    name: str
+    kind: str  # "bool", "int", "float", "str", "enum"
+    doc: str
+    default: Any = False  # the value in a strategy built from scratch ("base": "")
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+def _b(name, doc):
+    return KeySpec(name, "bool", doc)
+
+
+OPTIMIZE_KEYS = (
+    _b(
+        "remove_dropout",
+        "Drop Dropout and the other layers that act only in training (GaussianNoise, SpatialDropout, ...).",
+    ),
+    _b("remove_unused_layers", "Drop layers and branches that feed no model output."),
+    _b(
+        "separate_conv_act",
+        "Split Conv/Dense(activation=f) into a linear layer and an Activation(f) layer, so a quantizer can sit between them when the strategy wants one.",
+    ),
+    _b("fold_conv_bn", "Fold BatchNormalization into the Conv2D, DepthwiseConv2D, Conv2DTranspose or Dense before it."),
+    _b(
+        "convert_bn_to_dwconv",
+        "Turn a BatchNormalization that cannot be folded into an equivalent 1x1 DepthwiseConv2D (or a scale-and-shift layer for other ranks).",
+    ),
+    _b(
+        "convert_relu6_to_relu",
+        "Replace ReLU6 by ReLU (changes outputs above 6; lets CLE rescale through the activation).",
+    ),
+    _b(
+        "convert_tf_op_to_keras",
+        "Turn keras.ops operations in a functional model (add, multiply, concatenate, relu, mean, reshape, ...) into equivalent Keras layers, so they can be quantized.",
+    ),
+    _b("separable_conv", "Split SeparableConv2D into DepthwiseConv2D + 1x1 Conv2D, keeping its activation."),
+    _b("include_cle", "Run cross-layer equalization (Nagel et al. 2019) on conv/depthwise/dense pairs."),
+    _b("cle_to_relu6", "Let CLE rescale through ReLU6 too (not exactly float-equivalent)."),
+    KeySpec("cle_steps", "int", "Number of CLE passes over all equalizable pairs.", 10, minimum=1, maximum=1000),
+    KeySpec(
+        "cle_balance_method",
+        "enum",
+        "Per-channel range measure CLE balances: the maximum or the mean of |w|.",
+        "max",
+        choices=("max", "avg"),
+    ),
+    KeySpec(
+        "cle_weight_threshold",
+        "float",
+        "Channels whose two weight ranges add up to less than this keep scale 1.",
+        0.1,
+        minimum=0.0,
+    ),
+    _b("cle_bias_absorption", "After CLE, absorb large post-ReLU activation offsets into the next layer's bias."),
+    _b(
+        "train_with_bn",
+        "QAT: keep BatchNormalization through fake folding (folded weights, batch statistics) until training ends.",
+    ),
+)
+
+QUANTIZE_KEYS = (
+    KeySpec(
+        "convert_datatype",
+        "enum",
+        'Cast the whole optimized model to this float type instead of quantizing ("" = quantize as usual).',
+        "",
+        choices=("", "float16", "bfloat16", "float32", "float64"),
+    ),
+    _b(
+        "convert_sigmoid_to_hard_sigmoid",
+        "DPU: replace sigmoid by the DPU's hard sigmoid relu6(x + 3) * 2731/16384 (changes float outputs).",
+    ),
+    _b(
+        "convert_hard_sigmoid_to_dpu_version",
+        "DPU: replace hard-sigmoid patterns by the DPU's version with the 2731/16384 multiplier.",
+    ),
+    _b(
+        "convert_average_pooling2d_to_dpu_version",
+        "DPU: average pooling multiplies by the DPU's rescale factor (e.g. 3x3: 9*7/64) instead of dividing exactly.",
+    ),
+    _b(
+        "convert_leaky_relu_to_dpu_version", "DPU: LeakyReLU(alpha=0.1) becomes alpha = 26/256, as the DPU computes it."
+    ),
+    _b(
+        "convert_softmax_to_dpu_version",
+        "DPU: simulate the DPU softmax unit (bfloat16 exponentials, FLOOR-rounded output).",
+    ),
+    _b("convert_layernorm_to_dpu_version", "DPU: simulate the DPU LayerNormalization unit (bfloat16 arithmetic)."),
+    _b(
+        "no_quant_in_conv_bn_act",
+        "No quantizer between a conv, its folded BatchNormalization and its activation: only the activation output is quantized.",
+    ),
+    _b(
+        "no_quant_in_conv_act",
+        "No quantizer between a conv and its activation: only the activation output is quantized.",
+    ),
+    _b("no_quant_in_add_act", "No quantizer between an Add/Multiply and the activation after it."),
+    KeySpec(
+        "freeze_bn_delay",
+        "int",
+        "QAT with train_with_bn: optimizer steps before BatchNormalization statistics freeze (-1 = never).",
+        -1,
+        minimum=-1,
+    ),
+    _b(
+        "quantize_with_xcompiler",
+        "Ask the Vitis AI compiler which patterns a DPU target runs. qstrat does not call a compiler: only false is accepted.",
+    ),
+    KeySpec(
+        "calib_position_policy",
+        "enum",
+        'How power-of-2 activation positions are calibrated: one search over all batches ("global") or the most common per-batch position ("batch_vote").',
+        "global",
+        choices=("global", "batch_vote"),
+    ),
+)
+
+REFINE_KEYS = (
+    _b("adjust_dpu_sigmoid", "DPU compiler constraint: sigmoid input position in [0, 15], output position >= 7."),
+    _b(
+        "adjust_dpu_shift_cut",
+        "DPU compiler constraint: weight + input - output position in [0, 16] for conv-like layers (adjusts the weight position).",
+    ),
+    _b(
+        "adjust_dpu_shift_bias",
+        "DPU compiler constraint: weight + input - bias position within the DPU bias shift range (adjusts the bias position).",
+    ),
+    _b(
+        "adjust_dpu_shift_bias_leakyrelu",
+        "DPU compiler constraint: bias shift in [0, 16] for a conv feeding a LeakyReLU.",
+    ),
+    _b("adjust_dpu_shift_read", "DPU compiler constraint: Add/Multiply input positions differ by at most 15."),
+    _b(
+        "adjust_dpu_shift_write",
+        "DPU compiler constraint: Add/Multiply lowest input position minus output position in [-15, 15].",
+    ),
+    _b("adjust_dpu_shift_swish", "DPU compiler constraint: swish (x * hard_sigmoid(x)) shift in [0, 15]."),
+    _b("align_concat", "Give Concatenate and all its inputs one position: the lowest of them."),
+    _b("align_pool", "Give max/average pooling the same input and output position: the lower of the two."),
+    _b(
+        "include_fast_ft",
+        "Fast finetune: adjust each conv/dense layer's weights and bias to match the float layer's output (AdaQuant-style), layer by layer.",
+    ),
+    KeySpec(
+        "fast_ft_epochs",
+        "int",
+        "Fast finetune: passes over the calibration data per layer (stops early when the loss stops improving).",
+        10,
+        minimum=1,
+        maximum=10000,
+    ),
+    _b(
+        "include_bias_corr",
+        "Bias correction: subtract the per-channel mean shift that quantization adds to each conv/dense output.",
+    ),
+    _b(
+        "convert_to_fs_quantize_strategy",
+        "Replace power-of-2 quantizers by float-scale ones with the same grid (scale exactly 2^-pos), for framework FakeQuant export.",
+    ),
+    _b(
+        "convert_to_pof2s_quantize_strategy",
+        "Replace trained-threshold (TQT) quantizers by power-of-2 ones with the same position, for deployment.",
+    ),
+    KeySpec(
+        "output_format",
+        "enum",
+        'What the refine stage writes: nothing (""), a .keras model, or an ONNX QDQ model.',
+        "",
+        choices=("", "keras", "onnx"),
+    ),
+    KeySpec("onnx_opset_version", "int", "ONNX opset of the exported model.", 17, minimum=13, maximum=23),
+    KeySpec("output_dir", "str", "Folder for the written model and its quantize info.", "./quantize_results"),
+)
+
+SECTIONS = {
+    "optimize_pipeline_config": {k.name: k for k in OPTIMIZE_KEYS},
+    "quantize_pipeline_config": {k.name: k for k in QUANTIZE_KEYS},
+    "refine_pipeline_config": {k.name: k for k in REFINE_KEYS},
+}
+
+# Legacy key names the reference tool still accepts as keyword overrides.
+LEGACY_KEYS = {
+    "fold_bn": "convert_bn_to_dwconv",
+    "replace_relu6": "convert_relu6_to_relu",
+    "convert_tf_op": "convert_tf_op_to_keras",
+    "forced_cle": "cle_to_relu6",
+    "balance_method": "cle_balance_method",
+    "weight_threshold": "cle_weight_threshold",
+    "replace_sigmoid": "convert_sigmoid_to_hard_sigmoid",
+    "replace_hard_sigmoid": "convert_hard_sigmoid_to_dpu_version",
+    "replace_average_pooling2d": "convert_average_pooling2d_to_dpu_version",
+    "replace_leaky_relu": "convert_leaky_relu_to_dpu_version",
+}
+
+# Handy keys of user_defined_quantize_config: <family>_<suffix> -> quantizer parameter.
+HANDY_FAMILIES = {"input": "input", "weight": "weight", "bias": "bias", "activation": "output"}
+HANDY_SUFFIXES = {
+    "bit": "bit_width",
+    "method": "method",
+    "method_percentile": "method_percentile",
+    "symmetry": "symmetry",
+    "per_channel": "per_channel",
+    "round_mode": "round_mode",
+    "unsigned": "unsigned",
+    "narrow_range": "narrow_range",
+}
+HANDY_KEYS = {
+    f"{fam}_{suf}": (target, param) for fam, target in HANDY_FAMILIES.items() for suf, param in HANDY_SUFFIXES.items()
+}
+PARTITION_KEYS = ("input_layers", "output_layers", "ignore_layers", "layer_config")
+LAYER_CONFIG_DTYPES = ("int8", "int16", "float16", "bfloat16", "float32", "float64")
+USER_KEYS = tuple(HANDY_KEYS) + PARTITION_KEYS
+
+
+def keys_table_markdown() -> str:
+    """The documentation table of every pipeline key, generated from this module."""
+    lines = ["| section | key | type | meaning |", "|---|---|---|---|"]
+    for section, keys in SECTIONS.items():
+        short = section.replace("_pipeline_config", "")
+        for k in keys.values():
+            kind = k.kind
+            if k.choices:
+                kind = " / ".join(f'`"{c}"`' for c in k.choices)
+            elif k.minimum is not None or k.maximum is not None:
+                lo = "" if k.minimum is None else f"{k.minimum:g}"
+                hi = "" if k.maximum is None else f"{k.maximum:g}"
+                kind = f"{k.kind} [{lo}, {hi}]" if hi else f"{k.kind} ≥ {lo}"
+            lines.append(f"| {short} | `{k.name}` | {kind} | {k.doc} |")
+    return "\n".join(lines)
+
+
+README_BEGIN = "<!-- strategy-keys:begin (generated by `python -m qstrat.strategy.keys`; do not edit) -->"
+README_END = "<!-- strategy-keys:end -->"
+
+
+def update_readme(path: str) -> bool:
+    """Rewrite the generated key table in a README; returns True if it changed."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    new = text[:start] + "\n" + keys_table_markdown() + "\n" + text[end:]
+    if new != text:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1:
+        print("updated" if update_readme(sys.argv[1]) else "up to date")
+    else:
+        print(keys_table_markdown())

@@ -1,0 +1,65 @@
+"""The key table: complete against the reference tool, and the README copy is current."""
+
+import pathlib
+
+from qstrat.strategy.keys import README_BEGIN, README_END, SECTIONS, keys_table_markdown
+
+# Every pipeline key the reference tool accepts (optimize, quantize, refine, finalize).
+REFERENCE_KEYS = {
+    "remove_dropout",
+    "separate_conv_act",
+    "fold_conv_bn",
+    "convert_bn_to_dwconv",
+    "convert_relu6_to_relu",
+    "convert_tf_op_to_keras",
+    "include_cle",
+    "cle_to_relu6",
+    "cle_steps",
+    "cle_balance_method",
+    "cle_weight_threshold",
+    "train_with_bn",
+    "separable_conv",
+    "convert_datatype",
+    "convert_sigmoid_to_hard_sigmoid",
+    "convert_hard_sigmoid_to_dpu_version",
+    "convert_average_pooling2d_to_dpu_version",
+    "convert_leaky_relu_to_dpu_version",
+    "convert_softmax_to_dpu_version",
+    "convert_layernorm_to_dpu_version",
+    "freeze_bn_delay",
+    "quantize_with_xcompiler",
+    "no_quant_in_conv_bn_act",
+    "no_quant_in_conv_act",
+    "no_quant_in_add_act",
+    "adjust_dpu_sigmoid",
+    "adjust_dpu_shift_cut",
+    "adjust_dpu_shift_bias",
+    "adjust_dpu_shift_bias_leakyrelu",
+    "adjust_dpu_shift_read",
+    "adjust_dpu_shift_write",
+    "adjust_dpu_shift_swish",
+    "align_concat",
+    "align_pool",
+    "include_fast_ft",
+    "fast_ft_epochs",
+    "include_bias_corr",
+    "convert_to_fs_quantize_strategy",
+    "convert_to_pof2s_quantize_strategy",
+    "output_format",
+    "onnx_opset_version",
+    "output_dir",
+}
+
+
+def test_every_reference_key_has_a_meaning():
+    ours = {k for keys in SECTIONS.values() for k in keys}
+    assert REFERENCE_KEYS - ours == set()
+    for keys in SECTIONS.values():
+        for spec in keys.values():
+            assert len(spec.doc) > 20, spec.name
+
+
+def test_readme_table_is_generated_from_the_schema():
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme[readme.index(README_BEGIN) + len(README_BEGIN) : readme.index(README_END)]
+    assert block.strip() == keys_table_markdown().strip(), "run: python -m qstrat.strategy.keys README.md"

@@ -1,0 +1,604 @@
+"""Load, merge, override, validate and dump quantize strategies.
+
+Precedence, lowest first: the built-in strategy, then a custom strategy (file
+or dict), then keyword overrides. Merging follows the reference tool:
+
+- pipeline sections and ``user_defined_quantize_config``: key by key;
+- ``input_quantize_config``: replaced whole;
+- ``layer_quantize_config``: a pattern with an existing ``pattern_name``
+  replaces it in place, a new one is appended (so it comes later and wins).
+
+A custom strategy may say ``"base": "fs"`` to start from another built-in,
+or ``"base": ""`` to start from nothing (every pipeline key at its neutral
+default, no patterns). Everything is validated once, here; errors name the
+JSON path, the value received, what was expected and how to fix it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+from qstrat.errors import ConfigError, did_you_mean
+from qstrat.quantizers import get_quantizer_class
+from qstrat.quantizers.grid import DataFormat
+from qstrat.quantizers.params import PARAM_NAMES, parse_params
+from qstrat.strategy.keys import (
+    HANDY_KEYS,
+    LAYER_CONFIG_DTYPES,
+    LEGACY_KEYS,
+    PARTITION_KEYS,
+    SECTIONS,
+    USER_KEYS,
+    KeySpec,
+)
+from qstrat.strategy.layer_types import check_layer_params, check_layer_type
+from qstrat.strategy.schema import (
+    TARGET_TYPES,
+    InputQuantizeConfig,
+    LayerPattern,
+    PatternRef,
+    QuantizerSpec,
+    QuantTarget,
+    Strategy,
+    UserConfig,
+    freeze,
+)
+
+BUILTINS = ("pof2s", "fs", "tqt")
+ALIASES = {"pof2s_tqt": "tqt", "8bit": "pof2s", "8bit_tqt": "tqt"}
+REGISTRY = "quantize_registry_config"
+TOP_KEYS = ("_comment", "base", *SECTIONS, REGISTRY)
+REGISTRY_KEYS = ("_comment", "user_defined_quantize_config", "input_quantize_config", "layer_quantize_config")
+PATTERN_KEYS = ("_comment", "pattern_name", "layer_type", "layer_name", "layer_params", "layer_inputs", "quant_config")
+TARGET_KEYS = ("_comment", "target_name", "target_type", "shared_quantizer", "quantizer_config")
+QUANTIZER_KEYS = ("_comment", "name", "type", "params", "quantizer_type", "quantizer_params")
+
+
+# ---- small typed readers ---------------------------------------------------------
+
+
+def _obj(value, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ConfigError.expected(path, "an object", value)
+    for k in value:
+        if not isinstance(k, str):
+            raise ConfigError.expected(path, "an object with string keys", value)
+    return value
+
+
+def _known(d: Mapping, path: str, allowed) -> None:
+    for k in d:
+        if k not in allowed:
+            raise ConfigError.unknown_key(path, k, [a for a in allowed if a != "_comment"])
+
+
+def _str(value, path: str, what: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise ConfigError.expected(path, what, value)
+    return value
+
+
+def _list(value, path: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError.expected(path, "a list", value)
+    return list(value)
+
+
+def _str_list(value, path: str) -> tuple[str, ...]:
+    return tuple(_str(v, f"{path}[{i}]", "a layer name (a string)") for i, v in enumerate(_list(value, path)))
+
+
+def _comment(d: Mapping, path: str) -> str | None:
+    if "_comment" not in d:
+        return None
+    return _str(d["_comment"], f"{path}._comment", "a string (a comment)")
+
+
+def _json_value(value, path: str):
+    """Accept only plain JSON values (what json.dumps writes back unchanged)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError.expected(path, "a finite number", value)
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {str(_str(k, path, "string keys")): _json_value(v, f"{path}.{k}") for k, v in value.items()}
+    raise ConfigError.expected(path, "a JSON value", value)
+
+
+def check_key_value(spec: KeySpec, value, path: str):
+    """Validate one pipeline value against its KeySpec."""
+    kind = spec.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            hint = "Write true or false without quotes." if isinstance(value, (str, int)) else None
+            raise ConfigError.expected(path, "true or false", value, hint)
+        if spec.name == "quantize_with_xcompiler" and value:
+            raise ConfigError(
+                path,
+                "qstrat does not call the Vitis AI compiler, got true",
+                "Set quantize_with_xcompiler to false; the refine stage applies the compiler's position constraints itself.",
+            )
+        return value
+    if kind == "enum":
+        if not isinstance(value, str) or value not in spec.choices:
+            hint = did_you_mean(str(value), [str(c) for c in spec.choices]) if isinstance(value, str) else None
+            what = "one of " + ", ".join(f'"{c}"' for c in spec.choices)
+            raise ConfigError.expected(path, what, value, hint)
+        return value
+    if kind == "str":
+        return _str(value, path)
+    rng = ""
+    if spec.minimum is not None and spec.maximum is not None:
+        rng = f" in [{spec.minimum:g}, {spec.maximum:g}]"
+    elif spec.minimum is not None:
+        rng = f" >= {spec.minimum:g}"
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            hint = f"Write {value} without quotes." if isinstance(value, str) and value.lstrip("-").isdigit() else None
+            raise ConfigError.expected(path, f"an integer{rng}", value, hint)
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ConfigError.expected(path, f"a number{rng}", value)
+    if (spec.minimum is not None and value < spec.minimum) or (spec.maximum is not None and value > spec.maximum):
+        raise ConfigError.expected(path, f"{'an integer' if kind == 'int' else 'a number'}{rng}", value)
+    return value
+
+
+# ---- quantizer configs -------------------------------------------------------------
+
+
+def parse_quantizer(value, path: str) -> QuantizerSpec:
+    """``{"name", "type", "params"}`` (or ``quantizer_type``/``quantizer_params``), checked by the quantizer."""
+    d = _obj(value, path)
+    _known(d, path, QUANTIZER_KEYS)
+    for a, b in (("type", "quantizer_type"), ("params", "quantizer_params")):
+        if a in d and b in d:
+            raise ConfigError(path, f'both "{a}" and "{b}" are given', f'Keep one: "{a}" and "{b}" mean the same.')
+    type_key = "type" if "type" in d else "quantizer_type"
+    params_key = "params" if "params" in d else "quantizer_params"
+    if type_key not in d:
+        raise ConfigError(path, 'missing key "type"', 'Name a quantizer, e.g. "type": "Pof2SQuantizer".')
+    qtype = _str(d[type_key], f"{path}.{type_key}", "a quantizer type name")
+    cls = get_quantizer_class(qtype, f"{path}.{type_key}")
+    params = _obj(d.get(params_key, {}), f"{path}.{params_key}")
+    cls.from_params(params, f"{path}.{params_key}")  # raises ConfigError with the full path
+    name = _str(d.get("name", ""), f"{path}.name", "a quantizer name (a string)")
+    return QuantizerSpec(qtype, freeze(_json_value(dict(params), f"{path}.{params_key}")), name, _comment(d, path))
+
+
+# ---- patterns ------------------------------------------------------------------------
+
+
+def _parse_target(value, path: str) -> QuantTarget:
+    d = _obj(value, path)
+    _known(d, path, TARGET_KEYS)
+    for key in ("target_name", "target_type"):
+        if key not in d:
+            raise ConfigError(path, f'missing key "{key}"', None)
+    name = _str(d["target_name"], f"{path}.target_name", "a target name (a string)")
+    ttype = _str(d["target_type"], f"{path}.target_type")
+    if ttype not in TARGET_TYPES:
+        raise ConfigError.expected(
+            f"{path}.target_type",
+            "one of " + ", ".join(f'"{t}"' for t in TARGET_TYPES),
+            ttype,
+            did_you_mean(ttype, TARGET_TYPES),
+        )
+    if not name:
+        raise ConfigError.expected(
+            f"{path}.target_name", "a non-empty name", name, 'e.g. "kernel", "bias" or "output".'
+        )
+    if ttype == "input" and not re.fullmatch(r"input(_\d+)?", name):
+        raise ConfigError.expected(
+            f"{path}.target_name", '"input" (every input) or "input_<i>" for an input target', name
+        )
+    shared = d.get("shared_quantizer")
+    if shared is not None:
+        if "quantizer_config" in d:
+            raise ConfigError(path, 'both "shared_quantizer" and "quantizer_config" are given', "Keep one.")
+        return QuantTarget(name, ttype, None, _str(shared, f"{path}.shared_quantizer", "a quantizer name"))
+    if "quantizer_config" not in d:
+        raise ConfigError(path, 'missing key "quantizer_config"', 'Give a quantizer, or "shared_quantizer": "<name>".')
+    q = d["quantizer_config"]
+    return QuantTarget(name, ttype, None if q is None else parse_quantizer(q, f"{path}.quantizer_config"))
+
+
+def _parse_pattern(value, path: str, nested: bool, custom_types) -> LayerPattern | PatternRef:
+    d = _obj(value, path)
+    if nested and "pattern" in d:
+        _known(d, path, ("pattern",))
+        return PatternRef(_str(d["pattern"], f"{path}.pattern", "a pattern_name"))
+    _known(d, path, PATTERN_KEYS if not nested else [k for k in PATTERN_KEYS if k != "pattern_name"] + ["pattern"])
+    name = None
+    if not nested:
+        if "pattern_name" not in d:
+            raise ConfigError(path, 'missing key "pattern_name"', "Every pattern needs a unique pattern_name.")
+        name = _str(d["pattern_name"], f"{path}.pattern_name")
+        if not name:
+            raise ConfigError.expected(f"{path}.pattern_name", "a non-empty name", name)
+    raw_type = _str(d.get("layer_type", ""), f"{path}.layer_type", 'layer class names joined by "|"')
+    types = tuple(t.strip() for t in raw_type.split("|")) if raw_type.strip() else ()
+    for t in types:
+        check_layer_type(t, f"{path}.layer_type", custom_types)
+    layer_name = _str(d.get("layer_name", ""), f"{path}.layer_name", "a regular expression (a string)")
+    try:
+        re.compile(layer_name)
+    except re.error as exc:
+        raise ConfigError(f"{path}.layer_name", f"not a valid regular expression: {exc}", None) from None
+    params = _json_value(dict(_obj(d.get("layer_params", {}), f"{path}.layer_params")), f"{path}.layer_params")
+    check_layer_params(types, params, f"{path}.layer_params", custom_types)
+    inputs = tuple(
+        _parse_pattern(v, f"{path}.layer_inputs[{i}]", True, custom_types)
+        for i, v in enumerate(_list(d.get("layer_inputs", []), f"{path}.layer_inputs"))
+    )
+    targets = tuple(
+        _parse_target(v, f"{path}.quant_config[{i}]")
+        for i, v in enumerate(_list(d.get("quant_config", []), f"{path}.quant_config"))
+    )
+    return LayerPattern(name, types, layer_name, freeze(params), inputs, targets, _comment(d, path))
+
+
+def _walk(pattern: LayerPattern, path: str):
+    """Yield (pattern, path) for a pattern and its nested input entries."""
+    yield pattern, path
+    for i, entry in enumerate(pattern.layer_inputs):
+        if isinstance(entry, LayerPattern):
+            yield from _walk(entry, f"{path}.layer_inputs[{i}]")
+
+
+def _check_patterns(patterns: tuple[LayerPattern, ...], path: str) -> None:
+    names: dict[str, int] = {}
+    for i, p in enumerate(patterns):
+        if p.pattern_name in names:
+            raise ConfigError(
+                f"{path}[{i}].pattern_name",
+                f'"{p.pattern_name}" is already the name of {path}[{names[p.pattern_name]}]',
+                "Pattern names must be unique; rename one, or edit the first.",
+            )
+        names[p.pattern_name] = i
+    refs: dict[str, set[str]] = {}
+    for i, p in enumerate(patterns):
+        here = f"{path}[{i}]"
+        quantizer_names: dict[str, str] = {}
+        shared: list[tuple[str, str]] = []
+        for node, npath in _walk(p, here):
+            for j, t in enumerate(node.quant_config):
+                tpath = f"{npath}.quant_config[{j}]"
+                if t.quantizer is not None and t.quantizer.name:
+                    if t.quantizer.name in quantizer_names:
+                        raise ConfigError(
+                            f"{tpath}.quantizer_config.name",
+                            f'quantizer name "{t.quantizer.name}" is already used at {quantizer_names[t.quantizer.name]}',
+                            "Quantizer names must be unique within a pattern.",
+                        )
+                    quantizer_names[t.quantizer.name] = tpath
+                if t.shared_quantizer is not None:
+                    shared.append((t.shared_quantizer, f"{tpath}.shared_quantizer"))
+            for j, entry in enumerate(node.layer_inputs):
+                if isinstance(entry, PatternRef):
+                    epath = f"{npath}.layer_inputs[{j}].pattern"
+                    if entry.pattern not in names:
+                        hint = did_you_mean(entry.pattern, names) or f"Defined patterns: {', '.join(names) or 'none'}."
+                        raise ConfigError(epath, f'no pattern is named "{entry.pattern}"', hint)
+                    refs.setdefault(p.pattern_name, set()).add(entry.pattern)
+        for name, spath in shared:
+            if name not in quantizer_names:
+                hint = did_you_mean(name, quantizer_names) or (
+                    f"Quantizers named in this pattern: {', '.join(quantizer_names) or 'none'}."
+                )
+                raise ConfigError(spath, f'no quantizer in this pattern is named "{name}"', hint)
+    _check_cycles(refs, names, path)
+
+
+def _check_cycles(refs: dict[str, set[str]], names: dict[str, int], path: str) -> None:
+    state: dict[str, int] = {}
+
+    def visit(n: str, stack: list[str]):
+        state[n] = 1
+        for m in sorted(refs.get(n, ())):
+            if state.get(m) == 1:
+                cycle = stack[stack.index(m) :] + [m] if m in stack else [n, m]
+                raise ConfigError(
+                    f"{path}[{names[cycle[0]]}]",
+                    "patterns refer to each other in a cycle: " + " -> ".join(cycle),
+                    "A pattern cannot be its own (indirect) input; break the cycle.",
+                )
+            if state.get(m) is None:
+                visit(m, stack + [m])
+        state[n] = 2
+
+    for n in sorted(refs):
+        if state.get(n) is None:
+            visit(n, [n])
+
+
+# ---- sections ------------------------------------------------------------------------------
+
+
+def _parse_section(d: Mapping, path: str, section: str) -> dict[str, Any]:
+    specs = SECTIONS[section]
+    d = _obj(d, path)
+    _known(d, path, ("_comment", *specs))
+    out: dict[str, Any] = {}
+    if "_comment" in d:
+        out["_comment"] = _comment(d, path)
+    for name, spec in specs.items():
+        out[name] = check_key_value(spec, d[name], f"{path}.{name}") if name in d else spec.default
+    return out
+
+
+def check_user_value(key: str, value, path: str):
+    """Validate one ``user_defined_quantize_config`` value."""
+    if key in HANDY_KEYS:
+        if value is None:
+            return None
+        param = HANDY_KEYS[key][1]
+        try:  # the quantizer parameter rules apply to the value the key sets
+            parse_params(key, {param: value}, PARAM_NAMES, {}, tuple(DataFormat))
+        except ConfigError as exc:
+            raise ConfigError(path, exc.problem, exc.hint) from None
+        return value
+    if key == "layer_config":
+        d = _obj(value, path)
+        for name, dtype in d.items():
+            if dtype not in LAYER_CONFIG_DTYPES:
+                what = "one of " + ", ".join(f'"{t}"' for t in LAYER_CONFIG_DTYPES)
+                raise ConfigError.expected(f"{path}.{name}", what, dtype, did_you_mean(str(dtype), LAYER_CONFIG_DTYPES))
+        return dict(d)
+    return list(_str_list(value, path))
+
+
+def _parse_user(d, path: str) -> UserConfig:
+    d = _obj(d, path)
+    _known(d, path, ("_comment", *USER_KEYS))
+    values: dict[str, Any] = {}
+    if "_comment" in d:
+        values["_comment"] = _comment(d, path)
+    for key in USER_KEYS:
+        default = {} if key == "layer_config" else ([] if key in PARTITION_KEYS else None)
+        values[key] = check_user_value(key, d[key], f"{path}.{key}") if key in d else default
+    return UserConfig(freeze(values))
+
+
+def _parse_input_config(d, path: str) -> InputQuantizeConfig:
+    d = _obj(d, path)
+    _known(d, path, ("_comment", "input_layers", "quantizer_config"))
+    q = d.get("quantizer_config")
+    return InputQuantizeConfig(
+        _str_list(d.get("input_layers", []), f"{path}.input_layers"),
+        None if q is None else parse_quantizer(q, f"{path}.quantizer_config"),
+        _comment(d, path),
+    )
+
+
+def parse_strategy(data, path: str = "$", custom_types=None) -> Strategy:
+    """Validate a complete strategy dict (after merging) and freeze it."""
+    d = _obj(data, path)
+    _known(d, path, TOP_KEYS)
+    base = _str(d.get("base", ""), f"{path}.base", "a built-in strategy name")
+    sections = {s: _parse_section(d.get(s, {}), f"{path}.{s}", s) for s in SECTIONS}
+    reg = _obj(d.get(REGISTRY, {}), f"{path}.{REGISTRY}")
+    _known(reg, f"{path}.{REGISTRY}", REGISTRY_KEYS)
+    rpath = f"{path}.{REGISTRY}"
+    user = _parse_user(reg.get("user_defined_quantize_config", {}), f"{rpath}.user_defined_quantize_config")
+    inputs = _parse_input_config(reg.get("input_quantize_config", {}), f"{rpath}.input_quantize_config")
+    lpath = f"{rpath}.layer_quantize_config"
+    patterns = tuple(
+        _parse_pattern(v, f"{lpath}[{i}]", False, custom_types)
+        for i, v in enumerate(_list(reg.get("layer_quantize_config", []), lpath))
+    )
+    _check_patterns(patterns, lpath)
+    comments = {"": _comment(d, path)} if "_comment" in d else {}
+    return Strategy(
+        base,
+        freeze(sections["optimize_pipeline_config"]),
+        freeze(sections["quantize_pipeline_config"]),
+        freeze(sections["refine_pipeline_config"]),
+        user,
+        inputs,
+        patterns,
+        freeze(comments),
+    )
+
+
+# ---- built-ins, files, merging, overrides -----------------------------------------------------
+
+
+def builtin_names() -> tuple[str, ...]:
+    return BUILTINS + tuple(ALIASES)
+
+
+def builtin_dict(name: str, path: str = "quantize_strategy") -> dict[str, Any]:
+    """The JSON of a built-in strategy (aliases resolved)."""
+    if not isinstance(name, str) or (name not in BUILTINS and name not in ALIASES):
+        hint = did_you_mean(str(name), builtin_names()) or f"Built-in strategies: {', '.join(builtin_names())}."
+        raise ConfigError.expected(path, "a built-in strategy name", name, hint)
+    real = ALIASES.get(name, name)
+    text = resources.files("qstrat.strategy").joinpath("builtin", f"{real}.json").read_text()
+    return json.loads(text)
+
+
+def read_strategy_file(path: str) -> dict[str, Any]:
+    """Read a strategy JSON file, with errors that name the file and the line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the strategy file ({exc.strerror})", "Check the path.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}:{exc.lineno}:{exc.colno}", f"not valid JSON ({exc.msg})", "Fix the JSON syntax at that line."
+        ) from None
+
+
+def _merge(base: dict, custom: Mapping, path: str) -> dict:
+    out = copy.deepcopy(base)
+    custom = _obj(custom, path)
+    _known(custom, path, TOP_KEYS)
+    for key, value in custom.items():
+        if key in SECTIONS:
+            out.setdefault(key, {}).update(dict(_obj(value, f"{path}.{key}")))
+        elif key == REGISTRY:
+            reg = _obj(value, f"{path}.{key}")
+            _known(reg, f"{path}.{key}", REGISTRY_KEYS)
+            oreg = out.setdefault(REGISTRY, {})
+            for rkey, rval in reg.items():
+                rpath = f"{path}.{key}.{rkey}"
+                if rkey == "user_defined_quantize_config":
+                    oreg.setdefault(rkey, {}).update(dict(_obj(rval, rpath)))
+                elif rkey == "layer_quantize_config":
+                    merged = list(oreg.get(rkey, []))
+                    seen: dict = {}
+                    for i, pattern in enumerate(_list(rval, rpath)):
+                        pattern = _obj(pattern, f"{rpath}[{i}]")
+                        name = pattern.get("pattern_name")
+                        if isinstance(name, str) and name in seen:
+                            raise ConfigError(
+                                f"{rpath}[{i}].pattern_name",
+                                f'"{name}" is already the name of {rpath}[{seen[name]}]',
+                                "Pattern names must be unique; rename one, or edit the first.",
+                            )
+                        if isinstance(name, str):
+                            seen[name] = i
+                        at = next(
+                            (
+                                j
+                                for j, p in enumerate(merged)
+                                if isinstance(p, Mapping) and p.get("pattern_name") == name
+                            ),
+                            None,
+                        )
+                        if at is None or name is None:
+                            merged.append(copy.deepcopy(dict(pattern)))
+                        else:
+                            merged[at] = copy.deepcopy(dict(pattern))
+                    oreg[rkey] = merged
+                else:
+                    oreg[rkey] = copy.deepcopy(rval)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _owner_of(key: str) -> tuple[str, str] | None:
+    for section, specs in SECTIONS.items():
+        if key in specs:
+            return section, key
+    if key in USER_KEYS:
+        return REGISTRY, key
+    return None
+
+
+def overrides_to_dict(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Route flat keyword overrides (``weight_bit=4``, ``include_cle=False``) to their sections."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        real = LEGACY_KEYS.get(key, key)
+        owner = _owner_of(real)
+        if owner is None:
+            every = [k for s in SECTIONS.values() for k in s] + list(USER_KEYS)
+            hint = did_you_mean(key, every) or "Run `qstrat strategy keys` for the list of keys."
+            raise ConfigError(key, f'unknown strategy key "{key}"', hint)
+        section, name = owner
+        if section == REGISTRY:
+            out.setdefault(REGISTRY, {}).setdefault("user_defined_quantize_config", {})[name] = value
+        else:
+            out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_strategy(
+    quantize_strategy: str = "pof2s",
+    custom_quantize_strategy: str | os.PathLike | Mapping | None = None,
+    custom_types: Mapping[str, type] | None = None,
+    **overrides: Any,
+) -> Strategy:
+    """Build a strategy: built-in < custom strategy (file or dict) < keyword overrides.
+
+    Args:
+        quantize_strategy: "pof2s", "fs", "tqt" (or the aliases "pof2s_tqt", "8bit", "8bit_tqt").
+        custom_quantize_strategy: a JSON file path or a dict, merged over the built-in.
+        custom_types: ``{name: class}`` of custom layer classes patterns may name.
+        **overrides: flat keys, e.g. ``weight_bit=4`` or ``include_cle=False``.
+
+    Example:
+        >>> s = load_strategy("pof2s", {"quantize_registry_config": {"user_defined_quantize_config":
+        ...     {"layer_config": {"head": "float32"}}}}, weight_bit=4)
+    """
+    base_name = quantize_strategy
+    custom: Mapping | None = None
+    cpath = "$"
+    if custom_quantize_strategy is not None:
+        if isinstance(custom_quantize_strategy, (str, os.PathLike)):
+            cpath = f"{os.fspath(custom_quantize_strategy)}: $"
+            custom = read_strategy_file(os.fspath(custom_quantize_strategy))
+        else:
+            custom = custom_quantize_strategy
+        custom = _obj(custom, cpath)
+        if "base" in custom:
+            base_name = _str(custom["base"], f"{cpath}.base", 'a built-in strategy name, or ""')
+    if base_name == "":
+        data: dict[str, Any] = {"base": ""}
+    else:
+        data = builtin_dict(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
+        data["base"] = ALIASES.get(base_name, base_name)
+    if custom is not None:
+        data = _merge(data, custom, cpath)
+        data["base"] = ALIASES.get(base_name, base_name)
+    if overrides:
+        data = _merge(data, overrides_to_dict(overrides), "overrides")
+    return parse_strategy(data, cpath if custom is not None else "$", custom_types)
+
+
+def dump_quantize_strategy(strategy: Strategy, path: str | os.PathLike, verbose: int = 2) -> str:
+    """Write a strategy as JSON, atomically (a temporary file renamed into place)."""
+    text = json.dumps(strategy.to_dict(verbose), indent=2) + "\n"
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".strategy-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def set_quantize_strategy(
+    strategy: Strategy, new_quantize_strategy: str | os.PathLike | Mapping, custom_types=None
+) -> Strategy:
+    """Merge a strategy (file path or dict, full or partial) over ``strategy``; returns a new one.
+
+    A dump of ``strategy`` at any verbosity gives back an equal strategy.
+    """
+    cpath = "$"
+    if isinstance(new_quantize_strategy, (str, os.PathLike)):
+        cpath = f"{os.fspath(new_quantize_strategy)}: $"
+        new = read_strategy_file(os.fspath(new_quantize_strategy))
+    else:
+        new = new_quantize_strategy
+    new = _obj(new, cpath)
+    if "base" in new and new["base"] != strategy.base:
+        base = _str(new["base"], f"{cpath}.base", 'a built-in strategy name, or ""')
+        data = {"base": ""} if base == "" else builtin_dict(base, f"{cpath}.base")
+        data["base"] = ALIASES.get(base, base)
+    else:
+        data = strategy.to_dict(2)
+    return parse_strategy(_merge(data, new, cpath), cpath, custom_types)
