@@ -47,16 +47,22 @@ class Observer:
         self.count = 0
         self.channels: int | None = None
 
-    def _rows(self, batch) -> np.ndarray:
-        """Check a batch and return it as (C, M) rows, one per channel (C = 1 per tensor)."""
+    def _rows(self, batch):
+        """Check a batch; return it as (C, M) rows (C = 1 per tensor) with each row's min and max."""
         batch = np.asarray(batch)
-        check_finite(batch, f"{self.name}")
         if self.axis is not None:
             if batch.ndim == 0 or not -batch.ndim <= self.axis < batch.ndim:
                 raise CalibrationDataError(
                     f"{self.name}: channel axis {self.axis} does not exist in a batch of shape {batch.shape}."
                 )
+        if batch.size == 0 or batch.dtype.kind not in "fiu":
+            check_finite(batch, self.name)  # raises the matching error
         rows = move_axis_last(batch, self.axis)
+        if self.axis is None:
+            lo, hi = np.array([rows.min()], np.float64), np.array([rows.max()], np.float64)
+        else:
+            lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        check_finite(batch, self.name, lo, hi)
         if self.channels is None:
             self.channels = rows.shape[0]
         elif rows.shape[0] != self.channels:
@@ -64,7 +70,7 @@ class Observer:
                 f"{self.name}: batch has {rows.shape[0]} channels on axis {self.axis}, "
                 f"earlier batches had {self.channels}. Every batch must have the same channel count."
             )
-        return rows
+        return rows, lo, hi
 
     def _check_mergeable(self, other) -> None:
         if type(other) is not type(self) or other.axis != self.axis:
@@ -107,8 +113,7 @@ class MinMaxObserver(Observer):
         self.min = self.max = None
 
     def update(self, batch) -> None:
-        rows = self._rows(batch)
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        rows, lo, hi = self._rows(batch)
         self.min = lo if self.min is None else np.minimum(self.min, lo)
         self.max = hi if self.max is None else np.maximum(self.max, hi)
         self.count += rows.shape[1]
@@ -154,8 +159,9 @@ class MovingAverageObserver(Observer):
         self.biased_min = self.biased_max = None
 
     def update(self, batch) -> None:
-        rows = self._rows(batch)
-        lo, hi = self.estimate(rows)
+        rows, lo, hi = self._rows(batch)
+        if self.estimate is not minmax_estimate:
+            lo, hi = self.estimate(rows)
         d = self.decay
         if self.biased_min is None:
             self.biased_min, self.biased_max = (1 - d) * lo, (1 - d) * hi
@@ -215,10 +221,9 @@ class HistogramObserver(Observer):
             self.exponent[c] = k
 
     def update(self, batch) -> None:
-        rows = self._rows(batch)
+        rows, lo, hi = self._rows(batch)
         if self.counts is None:
             self._init_state(rows.shape[0])
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
         k_new = exponent_for(np.maximum(-lo, hi))
         for c in range(rows.shape[0]):
             self._grow(c, int(k_new[c]))
@@ -275,7 +280,7 @@ class PositionVoteObserver(Observer):
         self.votes: Counter = Counter()
 
     def update(self, batch) -> None:
-        rows = self._rows(batch)
+        rows, _, _ = self._rows(batch)
         pos = np.atleast_1d(np.asarray(self.estimate(np.asarray(batch)), dtype=np.int64))
         for c, p in enumerate(pos):
             self.votes[(c, int(p))] += 1

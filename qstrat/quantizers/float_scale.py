@@ -23,21 +23,8 @@ from qstrat.quantizers import ranges
 from qstrat.quantizers import reference as ref
 from qstrat.quantizers.base import Quantizer, StateSpec, _check_policy, register_quantizer
 from qstrat.quantizers.grid import DataFormat, Method
+from qstrat.quantizers.params import COMMON_PARAMS
 from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats, histogram_of_rows
-
-_INT_PARAMS = (
-    "bit_width",
-    "data_format",
-    "method",
-    "method_percentile",
-    "round_mode",
-    "symmetry",
-    "per_channel",
-    "channel_axis",
-    "epsilon",
-    "unsigned",
-    "narrow_range",
-)
 
 
 class _FloatScale(Quantizer):
@@ -124,18 +111,14 @@ class FSQuantizer(_FloatScale):
         >>> q = FSQuantizer(bit_width=8, symmetry=False, per_channel=False, method="Min_MSE")
     """
 
-    accepted = _INT_PARAMS + ("use_framework_quantizer",)
+    accepted = COMMON_PARAMS + ("use_framework_quantizer",)
     defaults = {"symmetry": False, "per_channel": True}
     data_formats = tuple(DataFormat)
 
     def __call__(self, x, state: Mapping[str, Any], training: bool = False):
         p = self.params
-        if p.data_format == DataFormat.FP16:
-            return fq.fp16_fake_quant(x)
-        if p.data_format == DataFormat.BF16:
-            return fq.bf16_fake_quant(x)
-        if p.data_format == DataFormat.BFP16:
-            return fq.bfp16_fake_quant(x, p.channel_axis, p.round_mode)
+        if p.data_format.is_float:
+            return _FLOAT_FORMATS[p.data_format][0](x, p)
         if p.use_framework_quantizer:
             return self._framework(x, state)
         return super().__call__(x, state, training)
@@ -153,13 +136,20 @@ class FSQuantizer(_FloatScale):
 
     def reference(self, x, state) -> np.ndarray:
         p = self.params
-        if p.data_format == DataFormat.FP16:
-            return ref.fp16_np(x)
-        if p.data_format == DataFormat.BF16:
-            return ref.bf16_np(x)
-        if p.data_format == DataFormat.BFP16:
-            return ref.bfp16_np(x, p.channel_axis, p.round_mode)
+        if p.data_format.is_float:
+            return _FLOAT_FORMATS[p.data_format][1](x, p)
         return super().reference(x, state)
+
+
+# data_format -> (keras.ops kernel, NumPy twin), each called as f(x, params).
+_FLOAT_FORMATS = {
+    DataFormat.FP16: (lambda x, p: fq.fp16_fake_quant(x), lambda x, p: ref.fp16_np(x)),
+    DataFormat.BF16: (lambda x, p: fq.bf16_fake_quant(x), lambda x, p: ref.bf16_np(x)),
+    DataFormat.BFP16: (
+        lambda x, p: fq.bfp16_fake_quant(x, p.channel_axis, p.round_mode),
+        lambda x, p: ref.bfp16_np(x, p.channel_axis, p.round_mode),
+    ),
+}
 
 
 @register_quantizer
@@ -171,7 +161,7 @@ class MAFSQuantizer(_FloatScale):
     moving average of those, with decay ``ema_decay`` and zero-debiasing.
     """
 
-    accepted = _INT_PARAMS[:5] + ("ema_decay",) + _INT_PARAMS[5:]
+    accepted = COMMON_PARAMS + ("ema_decay",)
 
     def observer_spec(self, policy: str | None = None) -> ObserverSpec | None:
         _check_policy(policy)

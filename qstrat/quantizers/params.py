@@ -68,6 +68,20 @@ class QuantizerParams:
 
 enum_types = (DataFormat, Method, RoundMode)
 PARAM_NAMES = tuple(f.name for f in dataclasses.fields(QuantizerParams))
+# The parameters every built-in quantizer takes (each adds its own).
+COMMON_PARAMS = (
+    "bit_width",
+    "data_format",
+    "method",
+    "method_percentile",
+    "round_mode",
+    "symmetry",
+    "per_channel",
+    "channel_axis",
+    "unsigned",
+    "narrow_range",
+    "epsilon",
+)
 
 
 def _int(path, value, lo=None, hi=None):

@@ -34,21 +34,8 @@ from qstrat.quantizers.base import (
     register_quantizer,
 )
 from qstrat.quantizers.grid import Method
-from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats
-
-_COMMON = (
-    "bit_width",
-    "data_format",
-    "method",
-    "method_percentile",
-    "round_mode",
-    "symmetry",
-    "per_channel",
-    "channel_axis",
-    "unsigned",
-    "narrow_range",
-    "epsilon",
-)
+from qstrat.quantizers.params import COMMON_PARAMS
+from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats, histogram_of_rows, move_axis_last
 
 
 class _Pof2Positions(Quantizer):
@@ -96,6 +83,17 @@ class _Pof2Positions(Quantizer):
             return self._shape_like_stats(pos, stats.min), self._shape_like_stats(zp, stats.min)
         raise UnsupportedError(f"{self.type_name}: cannot use statistics of type {type(stats).__name__}.")
 
+    def _batch_position(self, batch) -> np.ndarray:
+        """One batch's position for the batch_vote policy.
+
+        Min_MSE searches the batch's own histogram (like the global policy does for
+        all batches), not the raw values: the same choice in a tenth of the time.
+        """
+        if self.params.method != Method.MIN_MSE:
+            return self._positions_from_tensor(batch)[0]
+        rows = move_axis_last(np.asarray(batch), self.axis)
+        return self._positions_from_stats(histogram_of_rows(rows))[0].reshape(-1)
+
     def observer_spec(self, policy: str | None = None) -> ObserverSpec | None:
         _check_policy(policy)
         policy = policy or DEFAULT_POSITION_POLICY
@@ -105,7 +103,7 @@ class _Pof2Positions(Quantizer):
                     f"{self.type_name}: the batch_vote policy picks positions only; an asymmetric "
                     "grid also needs a zero point. Use the global policy."
                 )
-            return ObserverSpec("votes", self.axis, estimate=lambda b: self._positions_from_tensor(b)[0])
+            return ObserverSpec("votes", self.axis, estimate=self._batch_position)
         return super().observer_spec(policy)
 
 
@@ -127,7 +125,7 @@ class Pof2SQuantizer(_Pof2Positions):
         >>> y = q(x, state)
     """
 
-    accepted = _COMMON + ("min_quantize_pos", "max_quantize_pos")
+    accepted = COMMON_PARAMS + ("min_quantize_pos", "max_quantize_pos")
 
     def state_spec(self, shape) -> dict[str, StateSpec]:
         ch = self.channels(shape)
@@ -184,7 +182,7 @@ class TQTQuantizer(_Pof2Positions):
     Per-channel and asymmetric TQT are not defined by the paper: both are errors.
     """
 
-    accepted = _COMMON
+    accepted = COMMON_PARAMS
 
     def _check(self, path: str) -> None:
         if self.params.per_channel:

@@ -22,9 +22,11 @@ from qstrat.quantizers.reference import affine_fake_quant_np, round_np
 from qstrat.quantizers.stats import Histogram
 
 MSE_POS_CANDIDATES = 5  # pos0 .. pos0 + 4, as the DPU tool does
-FS_MSE_CANDIDATES = 128  # clipping thresholds tried per search direction
+FS_MSE_CANDIDATES = 32  # clipping thresholds per search stage: coarse, then 32 around the best
 FS_MSE_ROUNDS = 2  # coordinate-descent rounds over (lo, hi) for asymmetric ranges
 KL_MAX_BINS = 2048  # the |x| histogram is coarsened to at most this many bins for KL
+SEARCH_BINS_PER_SIDE = 2048  # float-scale MSE searches run on a histogram coarsened to this
+_CHUNK_ELEMENTS = 1 << 15  # candidates x bins evaluated at once: bounds the search's temporaries
 
 
 # ---- power-of-2 positions ---------------------------------------------------
@@ -140,18 +142,24 @@ def expected_sq_error(hist: Histogram, scale, zero_point, grid: IntGrid, round_m
     a = np.maximum(a, float(hist.min))
     b = np.minimum(b, float(hist.max))
     c = counts[nz].astype(np.float64)
-    s = np.asarray(scale, dtype=np.float64).reshape(-1, 1)
-    zp = np.asarray(zero_point, dtype=np.float64).reshape(-1, 1)
-    kmin, kmax = grid.qmin - zp, grid.qmax - zp
+    scales = np.asarray(scale, dtype=np.float64).reshape(-1)
+    zps = np.broadcast_to(np.asarray(zero_point, dtype=np.float64).reshape(-1), scales.shape)
     delta = 0.5 if RoundMode(round_mode) == RoundMode.FLOOR else 0.0
-    ua, ub = a / s, b / s
-    width = ub - ua
-    ma = _sq_error_antiderivative(ua, kmin, kmax, delta)
-    mb = _sq_error_antiderivative(ub, kmin, kmax, delta)
-    point = width <= 0  # a bin holding one exact value (min == max)
-    point_err = (ua - np.clip(round_np(ua, round_mode), kmin, kmax)) ** 2 if np.any(point) else 0.0
-    per_bin = np.where(point, point_err, (mb - ma) / np.where(point, 1.0, width)) * s**2
-    return (per_bin * c).sum(axis=1).reshape(np.shape(scale))
+    out = np.empty(scales.shape)
+    step = max(1, _CHUNK_ELEMENTS // max(nz.size, 1))  # bounded temporaries: memory independent of K
+    for i in range(0, scales.size, step):
+        s = scales[i : i + step].reshape(-1, 1)
+        zp = zps[i : i + step].reshape(-1, 1)
+        kmin, kmax = grid.qmin - zp, grid.qmax - zp
+        ua, ub = a / s, b / s
+        width = ub - ua
+        ma = _sq_error_antiderivative(ua, kmin, kmax, delta)
+        mb = _sq_error_antiderivative(ub, kmin, kmax, delta)
+        point = width <= 0  # a bin holding one exact value (min == max)
+        point_err = (ua - np.clip(round_np(ua, round_mode), kmin, kmax)) ** 2 if np.any(point) else 0.0
+        per_bin = np.where(point, point_err, (mb - ma) / np.where(point, 1.0, width)) * s**2
+        out[i : i + step] = per_bin @ c
+    return out.reshape(np.shape(scale))
 
 
 def pof2_mse_pos_hist(hist: Histogram, grid, symmetric, round_mode, epsilon, pos_range) -> int:
@@ -163,10 +171,35 @@ def pof2_mse_pos_hist(hist: Histogram, grid, symmetric, round_mode, epsilon, pos
     return int(cands[int(np.argmin(err))])
 
 
+def coarsened(hist: Histogram, bins_per_side: int) -> Histogram:
+    """The same histogram with at most ``bins_per_side`` bins per side (exact re-binning)."""
+    n = hist.bins_per_side
+    if n <= bins_per_side:
+        return hist
+    f = n // bins_per_side
+    counts = hist.counts.reshape(-1, f).sum(axis=1)
+    return Histogram(counts, hist.exponent, hist.min, hist.max, hist.count)
+
+
+def _alpha_search(cost) -> float:
+    """Minimise cost(alphas) over alpha in (0, 1]: a coarse grid, then a fine grid around the best."""
+    k = FS_MSE_CANDIDATES
+    coarse = np.arange(1, k + 1) / k
+    best = float(coarse[int(np.argmin(cost(coarse)))])
+    fine = np.clip(best + np.arange(-k, k + 1) / (k * k), 1.0 / (k * k), 1.0)
+    errs = cost(fine)
+    return float(fine[int(np.argmin(errs))])
+
+
 def fs_mse_range_hist(hist: Histogram, grid: IntGrid, symmetric: bool, round_mode, epsilon):
-    """Min_MSE clipping range [lo, hi] for a float scale, from a histogram."""
+    """Min_MSE clipping range [lo, hi] for a float scale, from a histogram.
+
+    Symmetric: both ends shrink together by alpha. Asymmetric: coordinate descent,
+    alternately on hi and lo, FS_MSE_ROUNDS times. Each 1-D search tries 32
+    thresholds, then 65 around the best (resolution 1/1024 of the range).
+    """
     lo0, hi0 = min(float(hist.min), 0.0), max(float(hist.max), 0.0)
-    alphas = np.arange(1, FS_MSE_CANDIDATES + 1) / FS_MSE_CANDIDATES
+    work = coarsened(hist, SEARCH_BINS_PER_SIDE)
 
     def cost(los, his):
         if symmetric:
@@ -174,33 +207,32 @@ def fs_mse_range_hist(hist: Histogram, grid: IntGrid, symmetric: bool, round_mod
             zp = np.zeros_like(s)
         else:
             s, zp = asymmetric_scale_zp(los, his, grid, epsilon)
-        return expected_sq_error(hist, s, zp, grid, round_mode)
+        return expected_sq_error(work, s, zp, grid, round_mode)
 
     if symmetric:
         amax = max(-lo0, hi0)
         if amax == 0:
             return lo0, hi0
         # Both ends shrink together; the grid's own asymmetry is kept.
-        los = np.maximum(lo0, -amax * alphas)
-        his = np.minimum(hi0, amax * alphas)
-        i = int(np.argmin(cost(los, his)))
-        return float(los[i]), float(his[i])
+        a = _alpha_search(lambda al: cost(np.maximum(lo0, -amax * al), np.minimum(hi0, amax * al)))
+        return max(lo0, -amax * a), min(hi0, amax * a)
     lo, hi = lo0, hi0
     for _ in range(FS_MSE_ROUNDS):
         if hi0 > 0:
-            his = hi0 * alphas
-            hi = float(his[int(np.argmin(cost(np.full_like(his, lo), his)))])
+            hi = hi0 * _alpha_search(lambda al, lo=lo: cost(np.full(al.shape, lo), hi0 * al))
         if lo0 < 0:
-            los = lo0 * alphas
-            lo = float(los[int(np.argmin(cost(los, np.full_like(los, hi))))])
+            lo = lo0 * _alpha_search(lambda al, hi=hi: cost(lo0 * al, np.full(al.shape, hi)))
     return lo, hi
 
 
 def fs_mse_range_tensor(x2d, lo, hi, grid, symmetric, round_mode, epsilon):
-    """Min_MSE clipping range per row of a (C, M) tensor, with the exact error."""
+    """Min_MSE clipping range per row of a (C, M) tensor, with the exact error.
+
+    The same searches as `fs_mse_range_hist`, run for every row at once.
+    """
     lo0 = np.minimum(np.asarray(lo, np.float64), 0.0)
     hi0 = np.maximum(np.asarray(hi, np.float64), 0.0)
-    alphas = np.arange(1, FS_MSE_CANDIDATES + 1) / FS_MSE_CANDIDATES
+    k = FS_MSE_CANDIDATES
 
     def sse(los, his):
         if symmetric:
@@ -210,23 +242,32 @@ def fs_mse_range_tensor(x2d, lo, hi, grid, symmetric, round_mode, epsilon):
         return tensor_sse(x2d, s, zp, grid, round_mode)
 
     def search(make):
-        best_err = np.full(lo0.shape, np.inf)
-        best = None
-        for a in alphas:
-            los, his = make(a)
-            err = sse(los, his)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best = (los, his) if best is None else (np.where(better, los, best[0]), np.where(better, his, best[1]))
-        return best
+        """Per-row alpha search: coarse grid, then fine grid around each row's best."""
+
+        def best_of(alphas_per_row):
+            best_err = np.full(lo0.shape, np.inf)
+            best_a = np.ones(lo0.shape)
+            for col in range(alphas_per_row.shape[1]):
+                a = alphas_per_row[:, col]
+                err = sse(*make(a))
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_a = np.where(better, a, best_a)
+            return best_a
+
+        coarse = np.tile(np.arange(1, k + 1) / k, (lo0.size, 1))
+        a0 = best_of(coarse)
+        fine = np.clip(a0[:, None] + np.arange(-k, k + 1)[None, :] / (k * k), 1.0 / (k * k), 1.0)
+        return best_of(fine)
 
     if symmetric:
         amax = np.maximum(-lo0, hi0)
-        return search(lambda a: (np.maximum(lo0, -amax * a), np.minimum(hi0, amax * a)))
+        a = search(lambda a: (np.maximum(lo0, -amax * a), np.minimum(hi0, amax * a)))
+        return np.maximum(lo0, -amax * a), np.minimum(hi0, amax * a)
     lo_, hi_ = lo0, hi0
     for _ in range(FS_MSE_ROUNDS):
-        _, hi_ = search(lambda a, lo_=lo_: (lo_, hi0 * a))
-        lo_, _ = search(lambda a, hi_=hi_: (lo0 * a, hi_))
+        hi_ = hi0 * search(lambda a, lo_=lo_: (lo_, hi0 * a))
+        lo_ = lo0 * search(lambda a, hi_=hi_: (lo0 * a, hi_))
     return lo_, hi_
 
 

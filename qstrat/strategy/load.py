@@ -539,28 +539,38 @@ def load_strategy(
         ...     {"layer_config": {"head": "float32"}}}}, weight_bit=4)
     """
     base_name = quantize_strategy
-    custom: Mapping | None = None
-    cpath = "$"
-    if custom_quantize_strategy is not None:
-        if isinstance(custom_quantize_strategy, (str, os.PathLike)):
-            cpath = f"{os.fspath(custom_quantize_strategy)}: $"
-            custom = read_strategy_file(os.fspath(custom_quantize_strategy))
-        else:
-            custom = custom_quantize_strategy
-        custom = _obj(custom, cpath)
-        if "base" in custom:
-            base_name = _str(custom["base"], f"{cpath}.base", 'a built-in strategy name, or ""')
-    if base_name == "":
-        data: dict[str, Any] = {"base": ""}
-    else:
-        data = builtin_dict(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
-        data["base"] = ALIASES.get(base_name, base_name)
+    custom, cpath = (None, "$") if custom_quantize_strategy is None else _read_custom(custom_quantize_strategy)
+    if custom is not None and "base" in custom:
+        base_name = custom["base"]
+    data = _base_data(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
     if custom is not None:
         data = _merge(data, custom, cpath)
         data["base"] = ALIASES.get(base_name, base_name)
     if overrides:
         data = _merge(data, overrides_to_dict(overrides), "overrides")
-    return parse_strategy(data, cpath if custom is not None else "$", custom_types)
+    return parse_strategy(data, cpath, custom_types)
+
+
+def _read_custom(value) -> tuple[Mapping, str]:
+    """A custom strategy given as a file path or a dict, and the path prefix for its errors."""
+    if isinstance(value, (str, os.PathLike)):
+        cpath = f"{os.fspath(value)}: $"
+        value = read_strategy_file(os.fspath(value))
+    else:
+        cpath = "$"
+    custom = _obj(value, cpath)
+    if "base" in custom:
+        _str(custom["base"], f"{cpath}.base", 'a built-in strategy name, or ""')
+    return custom, cpath
+
+
+def _base_data(name: str, path: str) -> dict[str, Any]:
+    """The dict a strategy starts from: a built-in, or nothing for ``""``."""
+    if name == "":
+        return {"base": ""}
+    data = builtin_dict(name, path)
+    data["base"] = ALIASES.get(name, name)
+    return data
 
 
 def dump_quantize_strategy(strategy: Strategy, path: str | os.PathLike, verbose: int = 2) -> str:
@@ -588,17 +598,9 @@ def set_quantize_strategy(
 
     A dump of ``strategy`` at any verbosity gives back an equal strategy.
     """
-    cpath = "$"
-    if isinstance(new_quantize_strategy, (str, os.PathLike)):
-        cpath = f"{os.fspath(new_quantize_strategy)}: $"
-        new = read_strategy_file(os.fspath(new_quantize_strategy))
-    else:
-        new = new_quantize_strategy
-    new = _obj(new, cpath)
+    new, cpath = _read_custom(new_quantize_strategy)
     if "base" in new and new["base"] != strategy.base:
-        base = _str(new["base"], f"{cpath}.base", 'a built-in strategy name, or ""')
-        data = {"base": ""} if base == "" else builtin_dict(base, f"{cpath}.base")
-        data["base"] = ALIASES.get(base, base)
+        data = _base_data(new["base"], f"{cpath}.base")
     else:
         data = strategy.to_dict(2)
     return parse_strategy(_merge(data, new, cpath), cpath, custom_types)

@@ -228,3 +228,41 @@ def test_plain_node_views_work_without_a_model():
     layer = keras.layers.Dense(3, name="d")
     r = resolve_views(load_strategy("pof2s"), [NodeView("d", layer)])
     assert [t.target_name for t in r["d"].targets] == ["kernel", "bias", "output"]
+
+
+def test_custom_quantizer_and_custom_layer_classes_in_a_strategy():
+    from keras import ops
+
+    from qstrat.quantizers import Quantizer, register_quantizer
+
+    @register_quantizer(name="HalfQuantizerForTest", replace=True)
+    class Half(Quantizer):
+        accepted = ("bit_width",)
+
+        def state_spec(self, shape):
+            return {}
+
+        def __call__(self, x, state, training=False):
+            return ops.multiply(x, 0.5)
+
+    class Gate(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    s = load_strategy(
+        "pof2s",
+        scratch(
+            pat(
+                "gates", "Gate", [tgt("output", "output", {"type": "HalfQuantizerForTest", "params": {"bit_width": 3}})]
+            )
+        ),
+        custom_types={"Gate": Gate},
+    )
+    r = resolve_views(
+        s, [NodeView("g", Gate(name="g")), NodeView("d", keras.layers.Dense(2, name="d"))], {"Gate": Gate}
+    )
+    q = r["g"].target("output").build()
+    assert isinstance(q, Half) and q.params.bit_width == 3
+    assert not r["d"].quantized
+    with pytest.raises(ConfigError, match='unknown layer type "Gate"'):
+        load_strategy("pof2s", scratch(pat("gates", "Gate", [])))
