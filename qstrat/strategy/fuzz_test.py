@@ -3,11 +3,14 @@
 import copy
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from qstrat.errors import ConfigError
 from qstrat.strategy import builtin_dict, load_strategy, parse_strategy
+
+pytestmark = pytest.mark.portable
 
 json_values = st.recursive(
     st.none()

@@ -2,7 +2,11 @@
 
 import pathlib
 
+import pytest
+
 from qstrat.strategy.keys import README_BEGIN, README_END, SECTIONS, keys_table_markdown
+
+pytestmark = pytest.mark.portable
 
 # Every pipeline key the reference tool accepts (optimize, quantize, refine, finalize).
 REFERENCE_KEYS = {

@@ -9,6 +9,8 @@ from qstrat.errors import ConfigError
 from qstrat.strategy import builtin_dict, dump_quantize_strategy, load_strategy, parse_strategy
 from qstrat.strategy.keys import SECTIONS
 
+pytestmark = pytest.mark.portable
+
 REG = "quantize_registry_config"
 
 

@@ -8,6 +8,8 @@ from qstrat.strategy import load_strategy
 from qstrat.strategy.match import NodeView, explain, resolve_views
 from qstrat.strategy.views import views_of_model
 
+pytestmark = pytest.mark.portable
+
 REG = "quantize_registry_config"
 
 
