@@ -26,7 +26,7 @@ from qstrat.errors import ConfigError, UnsupportedError, did_you_mean
 from qstrat.quantizers import ranges
 from qstrat.quantizers.grid import DataFormat, IntGrid, Method
 from qstrat.quantizers.params import QuantizerParams, parse_params
-from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats, histogram_of_rows, move_axis_last
+from qstrat.quantizers.stats import Histogram, ObserverSpec, histogram_of_rows, move_axis_last
 
 _REGISTRY: dict[str, type[Quantizer]] = {}
 
@@ -269,7 +269,3 @@ def _to_numpy(v):
     from keras import ops
 
     return ops.convert_to_numpy(v)
-
-
-def is_range_stats(stats) -> bool:
-    return isinstance(stats, RangeStats)
