@@ -72,5 +72,7 @@ def test_every_module_has_a_test_or_is_covered():
         "strategy/schema.py",
         "strategy/layer_types.py",
         "strategy/views.py",
+        "graph/ir.py",
+        "graph/rebuild.py",
     }
     assert sorted(set(untested) - covered_elsewhere) == []

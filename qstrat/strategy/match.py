@@ -112,7 +112,7 @@ class Matcher:
             pattern = self.strategy.pattern(pattern.pattern)
         if not self.type_matches(pattern, node.layer):
             return False
-        if pattern.layer_name and not re.fullmatch(pattern.layer_name, node.name):
+        if pattern.layer_name and not re.fullmatch(pattern.layer_name, getattr(node.layer, "name", node.name)):
             return False
         if pattern.layer_params:
             config = _config(node.layer)
@@ -303,9 +303,10 @@ def _apply_handy(strategy: Strategy, drafts: dict, layer) -> None:
 
 def _resolve_one(strategy: Strategy, name: str, layer, contribs: list, rules: list) -> LayerQuantConfig:
     user = strategy.user
-    if name in user["ignore_layers"]:
+    layer_name = getattr(layer, "name", name)  # the k-th call of a shared layer is "name@k"
+    if layer_name in user["ignore_layers"]:
         return LayerQuantConfig(name, (), tuple(rules), "ignored by user_defined_quantize_config.ignore_layers")
-    precision = user["layer_config"].get(name)
+    precision = user["layer_config"].get(layer_name)
     if precision is not None and precision.startswith(("float", "bfloat")):
         return LayerQuantConfig(
             name, (), tuple(rules), f"kept in {precision} by user_defined_quantize_config.layer_config"
@@ -335,7 +336,7 @@ def _resolve_one(strategy: Strategy, name: str, layer, contribs: list, rules: li
         for d in drafts.values():
             if not d.disabled_by:
                 d.params["bit_width"] = bits
-                d.sources["bit_width"] = f"user_defined_quantize_config.layer_config.{name}"
+                d.sources["bit_width"] = f"user_defined_quantize_config.layer_config.{layer_name}"
     targets = tuple(
         ResolvedTarget(tname, d.target_type, d.qtype, dict(d.params), dict(d.sources), d.shared_key)
         for tname, d in drafts.items()

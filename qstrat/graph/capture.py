@@ -1,0 +1,125 @@
+"""Keras model -> `Graph`: Sequential and Functional models, nested models inlined.
+
+Covers multi-input and multi-output models, layers called more than once
+(one node per call), nested functional or Sequential sub-models (their nodes
+are spliced in, so every layer is visible to the passes) and keras.ops
+operations written inside a functional model (they are nodes like layers).
+Subclassed models have no graph to read: they get an error that says what to do.
+
+This reads Keras' recorded call graph (``_nodes_by_depth``, node arguments),
+which is private API; tests pin the behaviour on every backend.
+"""
+
+from __future__ import annotations
+
+from qstrat.errors import QstratError
+from qstrat.graph.ir import Graph, Node, TensorRef
+
+
+class UnsupportedModelError(QstratError, TypeError):
+    """The model cannot be captured as a graph (a subclassed model, say)."""
+
+
+def _functional(model):
+    """The Functional behind a model, or None (Sequential keeps one in ``_functional``)."""
+    import keras
+
+    if type(model).__name__ == "Sequential" or isinstance(model, keras.Sequential):
+        inner = getattr(model, "_functional", None)
+        if inner is None:
+            raise UnsupportedModelError(
+                f"the Sequential model '{model.name}' has no input shape yet, so it has no graph. "
+                "Start it with keras.Input(shape=...) or call model.build(input_shape) first."
+            )
+        return inner
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, Functional) and type(model).call is Functional.call:
+        return model
+    return None
+
+
+def _check_model(model) -> None:
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"expected a keras.Model, got {type(model).__name__}.")
+    if _functional(model) is None:
+        raise UnsupportedModelError(
+            f"'{model.name}' is a subclassed model ({type(model).__name__} overrides call()), so qstrat cannot "
+            "see its layers. Rebuild it as a functional model, e.g.\n"
+            "    inputs = keras.Input(shape=...)\n"
+            "    outputs = <the same layers, called in call()'s order>(inputs)\n"
+            "    model = keras.Model(inputs, outputs)\n"
+            "and copy the weights over with model.set_weights(old.get_weights())."
+        )
+
+
+class _Capture:
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self.names: set[str] = set()
+
+    def unique(self, name: str) -> str:
+        base, k = name, 1
+        while name in self.names:
+            name = f"{base}@{k}"
+            k += 1
+        self.names.add(name)
+        return name
+
+    def run(self, model, feed: dict[int, TensorRef] | None) -> list[TensorRef]:
+        """Add the nodes of ``model``; ``feed`` maps its input tensors to outer refs (nested)."""
+        fn = _functional(model)
+        refs: dict[int, TensorRef] = dict(feed or {})
+        for depth in sorted(fn._nodes_by_depth, reverse=True):
+            for knode in fn._nodes_by_depth[depth]:
+                op = knode.operation
+                if type(op).__name__ == "InputLayer":
+                    tensor = knode.outputs[0]
+                    if id(tensor) in refs:
+                        continue  # a nested model's input: fed from outside
+                    name = self.unique(op.name)
+                    self.nodes.append(Node(name, op, ()))
+                    refs[id(tensor)] = TensorRef(name, 0)
+                    continue
+                ins = list(knode.input_tensors)
+                missing = [t for t in ins if id(t) not in refs]
+                if missing:
+                    raise UnsupportedModelError(
+                        f"'{op.name}' reads a tensor that is not computed from the model inputs."
+                    )
+                in_refs = [refs[id(t)] for t in ins]
+                import keras
+
+                if isinstance(op, keras.Model):
+                    _check_model(op)
+                    inner_fn = _functional(op)
+                    inner_feed = {id(t): r for t, r in zip(inner_fn.inputs, in_refs, strict=True)}
+                    inner_out = self.run(op, inner_feed)
+                    for t, r in zip(knode.outputs, inner_out, strict=True):
+                        refs[id(t)] = r
+                    continue
+                name = self.unique(op.name)
+                self.nodes.append(Node(name, op, tuple(in_refs), knode.arguments, tuple(ins), len(knode.outputs)))
+                for i, t in enumerate(knode.outputs):
+                    refs[id(t)] = TensorRef(name, i)
+        return [refs[id(t)] for t in fn.outputs]
+
+
+def capture(model) -> Graph:
+    """Read a Sequential or Functional Keras model into a `Graph` (the model is not changed).
+
+    Example:
+        >>> g = capture(model)
+        >>> [n.name for n in g.nodes]
+        ['input_layer', 'conv1', 'relu', ...]
+    """
+    _check_model(model)
+    cap = _Capture()
+    outputs = cap.run(model, None)
+    inputs = tuple(TensorRef(n.name, 0) for n in cap.nodes if type(n.op).__name__ == "InputLayer")
+    fn = _functional(model)
+    order = [t._keras_history.operation.name for t in fn.inputs]
+    inputs = tuple(sorted(inputs, key=lambda r: order.index(r.node) if r.node in order else len(order)))
+    return Graph(tuple(cap.nodes), inputs, tuple(outputs), model.name)

@@ -1,0 +1,103 @@
+"""A small, immutable graph of a Keras model: one node per call of a layer or operation.
+
+Passes read a `Graph` and return a new one; nothing here is mutated after it
+is made. A node keeps the Keras operation it calls (shared layers: one object,
+several nodes) and how to call it; `rebuild.py` turns a graph back into a
+Keras model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Output ``index`` of node ``node``."""
+
+    node: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return self.node if self.index == 0 else f"{self.node}:{self.index}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One call of a layer or operation.
+
+    Attributes:
+        name: unique in the graph: the layer name, ``name@k`` for the k-th call
+            of a shared layer.
+        op: the Keras layer or operation called (never mutated).
+        inputs: the tensors fed to it, in the order they appear in its arguments.
+        arguments: the recorded call (Keras SymbolicArguments) used to replay
+            it with new tensors, or None for a node made by a pass, which is
+            called as ``op(x)`` (one input) or ``op([x1, x2, ...])``.
+        in_tensors: the original Keras tensors matching ``inputs`` (for replay).
+        num_outputs: how many tensors the call returns.
+    """
+
+    name: str
+    op: Any
+    inputs: tuple[TensorRef, ...]
+    arguments: Any = None
+    in_tensors: tuple[Any, ...] = ()
+    num_outputs: int = 1
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def layer_name(self) -> str:
+        return getattr(self.op, "name", self.name)
+
+    @property
+    def type_name(self) -> str:
+        return type(self.op).__name__
+
+    def with_op(self, op) -> Node:
+        return replace(self, op=op)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Nodes in topological order, with the model's inputs and outputs."""
+
+    nodes: tuple[Node, ...]
+    inputs: tuple[TensorRef, ...]
+    outputs: tuple[TensorRef, ...]
+    name: str = "model"
+
+    def __post_init__(self):
+        object.__setattr__(self, "_by_name", {n.name: n for n in self.nodes})
+
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def consumers(self, ref: TensorRef) -> list[Node]:
+        return [n for n in self.nodes if ref in n.inputs]
+
+    def producers(self, node: Node) -> list[Node]:
+        return [self._by_name[r.node] for r in node.inputs]
+
+    def layers(self) -> list[Any]:
+        """Distinct Keras layers (shared layers once), in order of first use."""
+        seen, out = set(), []
+        for n in self.nodes:
+            if id(n.op) not in seen:
+                seen.add(id(n.op))
+                out.append(n.op)
+        return out
+
+
+def views(graph: Graph):
+    """The graph's nodes as `LayerView`s for strategy matching (inputs linked)."""
+    from qstrat.strategy.match import NodeView
+
+    built: dict[str, NodeView] = {}
+    for n in graph.nodes:
+        built[n.name] = NodeView(n.name, n.op, tuple(built[r.node] for r in n.inputs))
+    return list(built.values())
