@@ -1,5 +1,6 @@
 """qstrat: strategy-driven quantization for Keras 3."""
 
+import qstrat.layers  # noqa: F401 - registers the quantized layers for keras.saving
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError, UnsupportedError
 from qstrat.quantizers import (
     FSQuantizer,

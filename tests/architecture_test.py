@@ -74,5 +74,7 @@ def test_every_module_has_a_test_or_is_covered():
         "strategy/views.py",
         "graph/ir.py",
         "graph/rebuild.py",
+        "layers/fake_quant.py",
+        "layers/wrapper.py",
     }
     assert sorted(set(untested) - covered_elsewhere) == []

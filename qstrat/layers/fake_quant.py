@@ -1,0 +1,69 @@
+"""Keras layers that carry quantizers: `FakeQuant` (a tensor) and `QuantizeWrapper` (a layer's weights).
+
+Quantizer state lives in the layers' non-trainable weights (TQT's threshold
+is trainable), so a quantized model is an ordinary Keras model: it trains,
+saves to ``.keras`` and loads back once qstrat is imported.
+
+Each layer also has a non-trainable ``enabled`` flag per quantizer. With it at
+0 the quantizer passes its input through unchanged (``ops.where`` selects the
+input itself, so bypassing is exact), which is how tests check that a
+quantized model with every quantizer bypassed is the float model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+from keras import ops
+
+from qstrat.quantizers import Quantizer, get_quantizer_class
+
+
+def make_quantizer(config: Mapping[str, Any], where: str = "quantizer") -> Quantizer:
+    """A quantizer from ``{"type": ..., "params": {...}}``."""
+    cls = get_quantizer_class(config["type"], f"{where}.type")
+    return cls.from_params(dict(config.get("params", {})), f"{where}.params")
+
+
+def quantizer_config(q: Quantizer) -> dict[str, Any]:
+    return {"type": q.type_name, "params": q.get_config()}
+
+
+def _gate(enabled, q, x):
+    """q where enabled, x exactly where not."""
+    return ops.where(ops.convert_to_tensor(enabled) > 0.5, q, x)
+
+
+@keras.saving.register_keras_serializable(package="qstrat")
+class FakeQuant(keras.layers.Layer):
+    """Fake-quantize a tensor with one quantizer (a layer output or a model input).
+
+    Args:
+        quantizer: ``{"type": "Pof2SQuantizer", "params": {...}}``.
+        target: what it quantizes, for reports (e.g. ``"conv1/output"``).
+    """
+
+    def __init__(self, quantizer: Mapping[str, Any], target: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.quantizer_spec = dict(quantizer)
+        self.target = target
+        self.quantizer = make_quantizer(self.quantizer_spec, self.name)
+
+    def build(self, input_shape):
+        self.state = self.quantizer.build(self, input_shape, "q")
+        self.enabled = self.add_weight(
+            name="enabled", shape=(), initializer=keras.initializers.Constant(1.0), trainable=False
+        )
+        self.built = True
+
+    def call(self, inputs, training=None):
+        q = self.quantizer(inputs, self.state, training=bool(training))
+        return _gate(self.enabled, q, inputs)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "quantizer": self.quantizer_spec, "target": self.target}

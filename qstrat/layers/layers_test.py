@@ -1,0 +1,135 @@
+"""FakeQuant and QuantizeWrapper: exact bypass, twin-equal quantization, save/load, training."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import qstrat  # noqa: F401 - registers the layers for loading
+from qstrat.errors import ConfigError
+from qstrat.layers import FakeQuant, QuantizeWrapper, make_quantizer
+
+pytestmark = pytest.mark.portable
+
+POF2 = {"type": "Pof2SQuantizer", "params": {"bit_width": 8, "method": "Min_MSE", "round_mode": "HALF_UP"}}
+FS_PC = {"type": "FSQuantizer", "params": {"bit_width": 4, "per_channel": True, "channel_axis": -1}}
+
+
+def np_(t):
+    return ops.convert_to_numpy(t)
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def set_state(layer_state: dict, values: dict):
+    for k, v in values.items():
+        layer_state[k].assign(v)
+
+
+def test_fake_quant_equals_its_quantizer_and_bypasses_exactly():
+    x = rand(4, 10) * 3
+    fq = FakeQuant(POF2, target="t/output", name="fq")
+    fq.build(x.shape)
+    q = make_quantizer(POF2)
+    set_state(fq.state, q.state_from_tensor(x))
+    assert np.array_equal(np_(fq(x)), q.reference(x, q.state_from_tensor(x)))
+    fq.enabled.assign(0.0)
+    assert np.array_equal(np_(fq(x)), x)
+
+
+def test_fake_quant_config_round_trip():
+    fq = FakeQuant(POF2, target="conv/output", name="fq")
+    again = FakeQuant.from_config(fq.get_config())
+    assert again.quantizer == fq.quantizer and again.target == "conv/output"
+
+
+LAYERS = [
+    (lambda: keras.layers.Conv2D(6, 3, padding="same", name="c"), (2, 8, 8, 3), {"kernel": FS_PC, "bias": POF2}),
+    (lambda: keras.layers.DepthwiseConv2D(3, name="dw"), (2, 8, 8, 3), {"kernel": POF2}),
+    (lambda: keras.layers.Conv2DTranspose(4, 3, name="ct"), (2, 5, 5, 3), {"kernel": POF2}),
+    (lambda: keras.layers.Dense(5, activation="relu", name="d"), (3, 7), {"kernel": POF2, "bias": POF2}),
+    (lambda: keras.layers.BatchNormalization(name="bn"), (3, 7), {"gamma": POF2, "beta": POF2}),
+    (lambda: keras.layers.PReLU(name="pr"), (3, 7), {"alpha": POF2}),
+]
+
+
+@pytest.mark.parametrize("make,shape,targets", LAYERS)
+def test_wrapper_bypass_is_the_float_layer_and_quantized_matches_twin(make, shape, targets):
+    x = rand(*shape) * 2
+    inner = make()
+    ref = make()
+    ref.build(shape)
+    inner.build(shape)
+    rng = np.random.default_rng(3)
+    weights = [
+        rng.normal(size=w.shape).astype("float32") * 0.3 + (1.0 if "variance" in w.path else 0.0) for w in inner.weights
+    ]
+    weights = [np.abs(w) if "variance" in v.path else w for w, v in zip(weights, inner.weights, strict=True)]
+    inner.set_weights(weights)
+    ref.set_weights(weights)
+    w = QuantizeWrapper(inner, targets)
+    w.build(shape)
+    for attr in targets:
+        var = getattr(inner, attr)
+        set_state(w.state[attr], w.quantizers[attr].state_from_tensor(np_(var)))
+    # Quantized: the same as the float layer with fake-quantized weights (computed by the twins).
+    quantized = list(weights)
+    for i, v in enumerate(inner.weights):
+        attr = next((a for a in targets if getattr(inner, a) is v), None)
+        if attr:
+            q = w.quantizers[attr]
+            quantized[i] = q.reference(weights[i], {k: np_(s) for k, s in w.state[attr].items()})
+    ref.set_weights(quantized)
+    assert np.allclose(np_(w(x)), np_(ref(x)), atol=1e-5)
+    # Bypassed: exactly the float layer.
+    for attr in targets:
+        w.enabled[attr].assign(0.0)
+    ref.set_weights(weights)
+    assert np.array_equal(np_(w(x)), np_(ref(x)))
+
+
+def test_wrapper_names_a_missing_weight():
+    w = QuantizeWrapper(keras.layers.Dense(3, name="d"), {"depthwise_kernel": POF2})
+    with pytest.raises(
+        ConfigError,
+        match=r'd\.depthwise_kernel: Dense has no weight named "depthwise_kernel"\. Its weights: kernel, bias',
+    ):
+        w.build((2, 4))
+
+
+def test_quantized_model_saves_and_loads_with_identical_outputs(tmp_path):
+    i = keras.Input((8, 8, 3))
+    x = FakeQuant(POF2, name="in_q")(i)
+    x = QuantizeWrapper(keras.layers.Conv2D(4, 3, name="c"), {"kernel": POF2, "bias": POF2})(x)
+    x = FakeQuant(POF2, name="c_q")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    m = keras.Model(i, QuantizeWrapper(keras.layers.Dense(2, name="d"), {"kernel": FS_PC})(x))
+    xs = rand(2, 8, 8, 3)
+    for layer in m.layers:
+        if isinstance(layer, FakeQuant):
+            set_state(layer.state, {"pos": np.float32(4)})
+        if isinstance(layer, QuantizeWrapper):
+            for attr, q in layer.quantizers.items():
+                set_state(layer.state[attr], q.state_from_tensor(np_(getattr(layer.layer, attr))))
+    path = tmp_path / "q.keras"
+    m.save(path)
+    loaded = keras.models.load_model(path)
+    assert np.array_equal(np_(m(xs)), np_(loaded(xs)))
+    assert [type(layer).__name__ for layer in loaded.layers].count("QuantizeWrapper") == 2
+
+
+def test_training_reaches_the_float_weights():
+    i = keras.Input((6,))
+    w = QuantizeWrapper(
+        keras.layers.Dense(3, name="d"), {"kernel": {"type": "TQTQuantizer", "params": {"bit_width": 8}}}
+    )
+    m = keras.Model(i, FakeQuant({"type": "TQTQuantizer", "params": {"bit_width": 8}}, name="out_q")(w(i)))
+    m.layers[-1].state["log_th"].assign(1.5)
+    w.state["kernel"]["log_th"].assign(0.5)
+    k0, t0 = np_(w.layer.kernel).copy(), float(np_(m.layers[-1].state["log_th"]))
+    m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    m.fit(rand(16, 6), rand(16, 3, seed=1) * 4, epochs=2, verbose=0)
+    assert not np.allclose(np_(w.layer.kernel), k0)  # straight-through to the float kernel
+    assert float(np_(m.layers[-1].state["log_th"])) != t0  # TQT threshold trains

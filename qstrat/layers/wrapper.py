@@ -1,0 +1,85 @@
+"""`QuantizeWrapper`: a layer whose weights are fake-quantized before every call.
+
+The wrapped layer runs through ``stateless_call`` with its targeted variables
+replaced by their fake-quantized values, so any Keras layer works unchanged
+(Conv2D, DepthwiseConv2D, Dense, BatchNormalization, PReLU, custom layers),
+and gradients reach the float weights through the straight-through estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from qstrat.errors import ConfigError
+from qstrat.layers.fake_quant import _gate, make_quantizer
+
+
+@keras.saving.register_keras_serializable(package="qstrat")
+class QuantizeWrapper(keras.layers.Layer):
+    """Fake-quantize some of a layer's weights, then call it.
+
+    Args:
+        layer: the layer to wrap (the wrapper owns it; pass a copy).
+        weight_quantizers: ``{attribute: {"type": ..., "params": ...}}``, e.g.
+            ``{"kernel": ..., "bias": ...}``; the attribute names a variable of the layer.
+    """
+
+    def __init__(self, layer, weight_quantizers: Mapping[str, Mapping[str, Any]], **kwargs):
+        if isinstance(layer, Mapping):
+            layer = keras.saving.deserialize_keras_object(layer)
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.weight_quantizers = {k: dict(v) for k, v in weight_quantizers.items()}
+        self.quantizers = {k: make_quantizer(v, f"{self.name}.{k}") for k, v in self.weight_quantizers.items()}
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.state, self.enabled, self._targets = {}, {}, {}
+        for attr, q in self.quantizers.items():
+            var = getattr(self.layer, attr, None)
+            if not isinstance(var, keras.Variable):
+                have = ", ".join(v.path.split("/")[-1] for v in self.layer.weights) or "none"
+                raise ConfigError(
+                    f"{self.layer.name}.{attr}",
+                    f'{type(self.layer).__name__} has no weight named "{attr}"',
+                    f"Its weights: {have}.",
+                )
+            self._targets[id(var)] = attr
+            self.state[attr] = q.build(self, var.shape, attr)
+            self.enabled[attr] = self.add_weight(
+                name=f"{attr}_enabled", shape=(), initializer=keras.initializers.Constant(1.0), trainable=False
+            )
+        self.built = True
+
+    def quantized_weight(self, attr: str, training=False):
+        var = getattr(self.layer, attr)
+        return _gate(
+            self.enabled[attr], self.quantizers[attr](var.value, self.state[attr], training=training), var.value
+        )
+
+    def call(self, inputs, *args, training=None, **kwargs):
+        def value(v):
+            attr = self._targets.get(id(v))
+            return v.value if attr is None else self.quantized_weight(attr, bool(training))
+
+        trainable = [value(v) for v in self.layer.trainable_variables]
+        non_trainable = [value(v) for v in self.layer.non_trainable_variables]
+        if training is not None and "training" in self.layer._call_signature.parameters:
+            kwargs["training"] = training
+        outputs, _ = self.layer.stateless_call(trainable, non_trainable, inputs, *args, **kwargs)
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "layer": keras.saving.serialize_keras_object(self.layer),
+            "weight_quantizers": self.weight_quantizers,
+        }
