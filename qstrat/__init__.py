@@ -1,15 +1,16 @@
 """qstrat: strategy-driven quantization for Keras 3."""
 
 import qstrat.layers  # noqa: F401 - registers the quantized layers for keras.saving
+from qstrat.api import Quantizer, get_quantize_info
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError, UnsupportedError
 from qstrat.quantizers import (
     FSQuantizer,
     MAFSQuantizer,
     Pof2SQuantizer,
-    Quantizer,
     TQTQuantizer,
     register_quantizer,
 )
+from qstrat.quantizers import Quantizer as BaseQuantizer
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,9 @@ __all__ = [
     "MAFSQuantizer",
     "Pof2SQuantizer",
     "QstratError",
+    "BaseQuantizer",
     "Quantizer",
+    "get_quantize_info",
     "TQTQuantizer",
     "UnsupportedError",
     "register_quantizer",

@@ -76,5 +76,8 @@ def test_every_module_has_a_test_or_is_covered():
         "graph/rebuild.py",
         "layers/fake_quant.py",
         "layers/wrapper.py",
+        "calibration/data.py",
+        "passes/quantize.py",
+        "passes/calibrate.py",
     }
     assert sorted(set(untested) - covered_elsewhere) == []

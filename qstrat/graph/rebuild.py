@@ -13,11 +13,12 @@ from collections.abc import Callable
 from qstrat.graph.ir import Graph, Node
 
 
-def copy_layer(layer):
-    """A new layer with the same config; its weights are copied in after its first call.
+def copy_layer(layer, input_shape=None):
+    """A new layer with the same config and weights.
 
-    (Building it by hand would need the input shapes; the first call in `rebuild`
-    builds it, and the weights, listed in the same order, go in right after.)
+    With ``input_shape`` the copy is built and loaded at once; without it, its
+    weights (listed in the same order) go in right after its first call in
+    `rebuild`, which builds it.
     """
     import keras
 
@@ -25,7 +26,11 @@ def copy_layer(layer):
         return layer  # a keras.ops operation holds no state
     clone = layer.__class__.from_config(layer.get_config())
     if layer.weights:
-        clone._qstrat_pending_weights = layer.get_weights()
+        if input_shape is not None:
+            clone.build(input_shape)
+            clone.set_weights(layer.get_weights())
+        else:
+            clone._qstrat_pending_weights = layer.get_weights()
     return clone
 
 

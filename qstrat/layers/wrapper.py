@@ -57,10 +57,10 @@ class QuantizeWrapper(keras.layers.Layer):
         self.built = True
 
     def quantized_weight(self, attr: str, training=False):
-        var = getattr(self.layer, attr)
-        return _gate(
-            self.enabled[attr], self.quantizers[attr](var.value, self.state[attr], training=training), var.value
-        )
+        # A plain tensor, not the variable: inside tf.function a variable's value is a
+        # tf.Variable, which Keras' framework fake-quant op does not accept.
+        w = keras.ops.multiply(getattr(self.layer, attr).value, 1.0)
+        return _gate(self.enabled[attr], self.quantizers[attr](w, self.state[attr], training=training), w)
 
     def call(self, inputs, *args, training=None, **kwargs):
         def value(v):

@@ -296,16 +296,23 @@ def test_framework_quantizer_agrees_with_half_up_kernel():
 
     rng = np.random.default_rng(7)
     x = rng.normal(size=(64, 16)).astype(np.float32) * 3
-    for narrow, unsigned, symmetry in itertools.product([False, True], [False, True], [False, True]):
+    for narrow, unsigned, symmetry, axis in itertools.product([False, True], [False, True], [False, True], [-1, 0]):
         if narrow and unsigned:
             continue
-        kw = dict(bit_width=8, narrow_range=narrow, unsigned=unsigned, symmetry=symmetry, round_mode="HALF_UP")
+        kw = dict(
+            bit_width=8,
+            narrow_range=narrow,
+            unsigned=unsigned,
+            symmetry=symmetry,
+            round_mode="HALF_UP",
+            channel_axis=axis,
+        )
         ours = FSQuantizer(use_framework_quantizer=False, **kw)
         fw = FSQuantizer(use_framework_quantizer=True, **kw)
         xs = np.abs(x) if unsigned else x
         state = ours.state_from_tensor(xs)
         a, b = np_(ours(ops.convert_to_tensor(xs), state)), np_(fw(ops.convert_to_tensor(xs), state))
-        step = state["scale"].reshape(1, -1)
+        step = state["scale"].reshape((1, -1) if axis == -1 else (-1, 1))
         # The framework op rounds (x - min) / scale and dequantizes from min, we use x / scale and
         # (q - zp) * scale: the same grid levels, with float-rounding differences in the last bits,
         # and only a value right at a tie may pick the neighbouring level.

@@ -130,8 +130,16 @@ class FSQuantizer(_FloatScale):
         s = ops.convert_to_tensor(state["scale"])
         zp = ops.convert_to_tensor(state["zero_point"])
         lo, hi = (g.qmin - zp) * s, (g.qmax - zp) * s
+        axis = self.axis
+        if axis is not None and axis % len(x.shape) != len(x.shape) - 1:
+            # Keras' torch and JAX versions of this op only broadcast over the last axis.
+            moved = ops.moveaxis(x, axis, -1)
+            y = keras.quantizers.fake_quant_with_min_max_vars(
+                moved, lo, hi, num_bits=self.params.bit_width, narrow_range=self.params.narrow_range, axis=-1
+            )
+            return ops.moveaxis(y, -1, axis)
         return keras.quantizers.fake_quant_with_min_max_vars(
-            x, lo, hi, num_bits=self.params.bit_width, narrow_range=self.params.narrow_range, axis=self.axis
+            x, lo, hi, num_bits=self.params.bit_width, narrow_range=self.params.narrow_range, axis=axis
         )
 
     def reference(self, x, state) -> np.ndarray:

@@ -1,0 +1,143 @@
+"""The public workflow: `Quantizer(model, strategy).quantize_model(calib_data)`.
+
+Orchestration only: capture the float model as a graph, decide and insert
+quantizers from the strategy, rebuild a Keras model with its own weights,
+calibrate it. The user's model is read, never changed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from qstrat.errors import ConfigError
+from qstrat.graph import capture, rebuild
+from qstrat.graph.ir import Graph
+from qstrat.graph.rebuild import copy_layer
+from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
+from qstrat.passes.quantize import QuantizeReport, annotate, insert
+from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
+
+
+class Quantizer:
+    """Quantize a float Keras 3 model as a strategy says.
+
+    Args:
+        model: a Sequential or Functional Keras model (never modified).
+        quantize_strategy: "pof2s", "fs" or "tqt" (alias "pof2s_tqt").
+        custom_quantize_strategy: a JSON file path or dict merged over the built-in.
+        custom_objects: ``{name: class}`` of custom layers, usable in patterns.
+
+    Example:
+        >>> q = Quantizer(model, "pof2s")
+        >>> qmodel = q.quantize_model(calib_images, calib_batch_size=32)
+        >>> print(q.report.table())
+    """
+
+    def __init__(
+        self,
+        model,
+        quantize_strategy: str = "pof2s",
+        custom_quantize_strategy: str | os.PathLike | Mapping | None = None,
+        custom_objects: Mapping[str, type] | None = None,
+    ):
+        capture(model)  # fails early, with a clear message, on models qstrat cannot read
+        self.model = model
+        self.custom_objects = dict(custom_objects or {})
+        self._base = quantize_strategy
+        self._custom = custom_quantize_strategy
+        self.strategy: Strategy = load_strategy(quantize_strategy, custom_quantize_strategy, self.custom_objects)
+        self.report: QuantizeReport | None = None
+
+    def _strategy(self, overrides: Mapping[str, Any]) -> Strategy:
+        if not overrides:
+            return self.strategy
+        data = self.strategy.to_dict(2)
+        return load_strategy(self._base, data, self.custom_objects, **overrides)
+
+    def optimize_model(self, **overrides):
+        """The float model after the optimize pipeline, as a new model with its own weights."""
+        self._strategy(overrides)  # validates the overrides
+        return rebuild(capture(self.model))
+
+    def quantize_model(
+        self,
+        calib_dataset=None,
+        calib_steps: int | None = None,
+        calib_batch_size: int = 32,
+        verbose: int = 1,
+        **overrides,
+    ):
+        """Post-training quantization: returns the calibrated quantized Keras model.
+
+        Args:
+            calib_dataset: numpy array(s), tf.data.Dataset, keras.utils.PyDataset or a generator.
+            calib_steps: batches to use (None: the whole dataset).
+            calib_batch_size: batch size for numpy arrays.
+            verbose: 1 shows a progress bar.
+            **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
+        """
+        strategy = self._strategy(overrides)
+        graph = capture(self.model)
+        annotation = annotate(graph, strategy, self.custom_objects)
+        qgraph = insert(graph, annotation)
+        qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
+        calibrate_weights(qmodel)
+        calibrate_activations(
+            qmodel, calib_dataset, calib_steps, calib_batch_size, strategy.quantize["calib_position_policy"], verbose
+        )
+        self.report = annotation.report
+        return qmodel
+
+    def dump_quantize_strategy(self, dump_file: str = "quantize_strategy.json", verbose: int = 0) -> str:
+        return dump_quantize_strategy(self.strategy, dump_file, verbose)
+
+    def set_quantize_strategy(self, new_quantize_strategy) -> Strategy:
+        self.strategy = set_quantize_strategy(self.strategy, new_quantize_strategy, self.custom_objects)
+        return self.strategy
+
+
+def _rebuild_quantized(qgraph: Graph, name: str):
+    copies: dict[int, object] = {}
+
+    def op_for(node):
+        if isinstance(node.op, (FakeQuant, QuantizeWrapper)) or type(node.op).__name__ == "InputLayer":
+            return node.op
+        if id(node.op) not in copies:
+            copies[id(node.op)] = copy_layer(node.op)
+        return copies[id(node.op)]
+
+    return rebuild(qgraph, op_for=op_for, name=name)
+
+
+def get_quantize_info(qmodel) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every quantizer of a quantized model: ``{layer: {target: {target_type, quantizer, bit_width, ...}}}``."""
+    import keras
+
+    if not isinstance(qmodel, keras.Model):
+        raise ConfigError("get_quantize_info", f"expected a quantized keras.Model, got {type(qmodel).__name__}")
+    info: dict[str, dict[str, dict[str, Any]]] = {}
+    for layer in qmodel.layers:
+        if isinstance(layer, QuantizeWrapper):
+            entry = info.setdefault(layer.layer.name, {})
+            for attr, q in layer.quantizers.items():
+                kind = "bias" if attr == "bias" else "weight"
+                entry[attr] = {"target_type": kind, **_describe(q, layer.state[attr])}
+        elif isinstance(layer, FakeQuant):
+            owner, _, what = (layer.target or layer.name).partition("/")
+            kind = "input" if what.startswith("input") or not what else "output"
+            info.setdefault(owner, {})[what or "output"] = {
+                "target_type": kind,
+                **_describe(layer.quantizer, layer.state),
+            }
+    return info
+
+
+def _describe(q, state) -> dict[str, Any]:
+    d = q.describe(state)
+    if "pos" in d:
+        pos = d.pop("pos")
+        d["quantize_pos"] = int(pos) if isinstance(pos, float) else [int(p) for p in pos]
+    return d

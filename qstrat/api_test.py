@@ -1,0 +1,182 @@
+"""End to end: a model with every supported layer, quantized, saved, loaded and bypassed."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import qstrat
+from qstrat.errors import CalibrationDataError, ConfigError
+from qstrat.graph import UnsupportedModelError
+from qstrat.layers import FakeQuant, QuantizeWrapper
+
+pytestmark = pytest.mark.portable
+
+
+def np_(t):
+    return ops.convert_to_numpy(t)
+
+
+def zoo_model():
+    i = keras.Input((16, 16, 3), name="image")
+    x = keras.layers.ZeroPadding2D(1, name="pad")(i)
+    x = keras.layers.Conv2D(8, 3, name="conv1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    shared = keras.layers.Conv2D(8, 3, padding="same", name="shared_conv")
+    a = shared(x)
+    b = shared(keras.layers.LeakyReLU(negative_slope=0.1, name="leaky")(x))
+    x = keras.layers.Add(name="add")([a, b])
+    y = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.Multiply(name="mul")([x, y])
+    p = keras.layers.MaxPooling2D(2, name="maxpool")(x)
+    q = keras.layers.AveragePooling2D(2, name="avgpool")(x)
+    x = keras.layers.Concatenate(name="cat")([p, q])
+    x = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="convt")(x)
+    x = keras.layers.UpSampling2D(2, name="up")(x)
+    g = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    f = keras.layers.Flatten(name="flat")(keras.layers.Reshape((32, 32, 4), name="reshape")(x))
+    f = keras.layers.Dense(8, name="dense_f")(f)
+    x = keras.layers.Concatenate(name="cat2")([g, f])
+    return keras.Model(i, keras.layers.Dense(5, name="head")(x))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = zoo_model()
+    data = np.random.default_rng(0).normal(size=(48, 16, 16, 3)).astype("float32")
+    before = ([w.copy() for w in model.get_weights()], model.get_config())
+    q = qstrat.Quantizer(model, "pof2s")
+    qmodel = q.quantize_model(data, calib_batch_size=16, verbose=0)
+    return model, data, before, q, qmodel
+
+
+def test_the_float_model_is_not_changed(setup):
+    model, _, before, _, _ = setup
+    assert model.get_config() == before[1]
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before[0], strict=True))
+
+
+def test_quantizers_follow_the_strategy(setup):
+    _, _, _, q, qmodel = setup
+    info = qstrat.get_quantize_info(qmodel)
+    for conv in ("conv1", "shared_conv", "dw", "convt", "dense_f", "head"):
+        assert set(info[conv]) >= {"kernel", "bias"}, conv
+        assert info[conv]["kernel"]["round_mode"] == "HALF_AWAY_FROM_ZERO"
+    # Conv -> BN -> ReLU: one quantizer, after the ReLU.
+    assert "output" not in info["conv1"] and "output" not in info["bn1"] and "output" in info["relu1"]
+    for name in ("add", "mul", "maxpool", "avgpool", "cat", "up", "gap", "head", "image"):
+        assert "output" in info[name], name
+    assert info["relu1"]["output"]["round_mode"] == "HALF_UP"
+    assert info["image"]["output"]["method"] == "No_OF"
+    rep = q.report.layers
+    assert rep["pad"].status == "skipped" and "keeps its input's grid" in rep["pad"].reason
+    assert rep["reshape"].status == "skipped" and rep["flat"].status == "skipped"
+    assert "fused with relu1" in rep["conv1"].notes[0]
+    # The shared conv is one wrapper called twice.
+    wrappers = [layer for layer in qmodel.layers if isinstance(layer, QuantizeWrapper)]
+    assert [w.layer.name for w in wrappers].count("shared_conv") == 1
+    assert len(wrappers[[w.layer.name for w in wrappers].index("shared_conv")]._inbound_nodes) == 2
+
+
+def test_quantized_outputs_are_close_to_float(setup):
+    model, data, _, _, qmodel = setup
+    yf, yq = np_(model(data)), np_(qmodel(data))
+    err = np.sqrt(np.mean((yf - yq) ** 2)) / np.sqrt(np.mean(yf**2))
+    assert 0 < err < 0.2
+
+
+def test_bypassed_quantizers_reproduce_the_float_model(setup):
+    model, data, _, _, qmodel = setup
+    for layer in qmodel.layers:
+        if isinstance(layer, FakeQuant):
+            layer.enabled.assign(0.0)
+        if isinstance(layer, QuantizeWrapper):
+            for v in layer.enabled.values():
+                v.assign(0.0)
+    try:
+        assert np.array_equal(np_(model(data)), np_(qmodel(data)))
+    finally:
+        for layer in qmodel.layers:
+            if isinstance(layer, FakeQuant):
+                layer.enabled.assign(1.0)
+            if isinstance(layer, QuantizeWrapper):
+                for v in layer.enabled.values():
+                    v.assign(1.0)
+
+
+def test_save_and_load(setup, tmp_path):
+    _, data, _, _, qmodel = setup
+    path = tmp_path / "q.keras"
+    qmodel.save(path)
+    loaded = keras.models.load_model(path)
+    assert np.array_equal(np_(qmodel(data)), np_(loaded(data)))
+    assert qstrat.get_quantize_info(loaded) == qstrat.get_quantize_info(qmodel)
+
+
+def test_fs_quantizes_inputs_of_convs():
+    model = zoo_model()
+    data = np.random.default_rng(1).normal(size=(32, 16, 16, 3)).astype("float32")
+    qmodel = qstrat.Quantizer(model, "fs").quantize_model(data, verbose=0)
+    info = qstrat.get_quantize_info(qmodel)
+    assert info["conv1"]["kernel"]["per_channel"] and "input_0" in info["conv1"]
+    assert "input_0" not in info.get("image", {}) and "output" in info["image"]
+
+
+def test_calibration_data_errors():
+    model = zoo_model()
+    q = qstrat.Quantizer(model, "pof2s")
+    bad = np.ones((4, 16, 16, 3), "float32")
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(CalibrationDataError, match="input 'image': 1 of 3072 values are NaN or Inf"):
+        q.quantize_model(bad, verbose=0)
+    with pytest.raises(
+        CalibrationDataError, match=r"expected shape \(None, 16, 16, 3\) \(batch first\), got \(16, 16, 3\)"
+    ):
+        q.quantize_model(np.ones((16, 16, 3), "float32"), verbose=0)
+    with pytest.raises(CalibrationDataError, match="expected numbers, got dtype"):
+        q.quantize_model(np.array([["a"]]), verbose=0)
+    with pytest.raises(CalibrationDataError, match="yielded no batches"):
+        q.quantize_model(iter([]), verbose=0)
+    with pytest.raises(CalibrationDataError, match="no calibration data"):
+        q.quantize_model(None, verbose=0)
+    with pytest.raises(ConfigError, match='unknown strategy key "weight_bits"'):
+        q.quantize_model(bad, verbose=0, weight_bits=4)
+
+
+def test_generators_and_pydatasets_stream(setup):
+    model = setup[0]
+    data = setup[1]
+
+    def gen():
+        for k in range(0, 48, 8):
+            yield data[k : k + 8], None
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, k):
+            return data[k * 16 : (k + 1) * 16]
+
+    a = qstrat.Quantizer(model, "pof2s").quantize_model(gen(), verbose=0)
+    b = qstrat.Quantizer(model, "pof2s").quantize_model(Batches(), verbose=0)
+    c = qstrat.Quantizer(model, "pof2s").quantize_model(data, calib_batch_size=16, calib_steps=3, verbose=0)
+    ia, ib, ic = (qstrat.get_quantize_info(m) for m in (a, b, c))
+    assert ia == ib == ic  # the global policy depends on the data, not on how it is batched
+
+
+def test_overrides_reach_the_quantizers(setup):
+    model, data = setup[0], setup[1]
+    qm = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, weight_bit=4, ignore_layers=["head"])
+    info = qstrat.get_quantize_info(qm)
+    assert info["conv1"]["kernel"]["bit_width"] == 4 and "head" not in info
+
+
+def test_subclassed_models_are_refused_with_a_fix():
+    class Net(keras.Model):
+        def call(self, x):
+            return x * 2
+
+    with pytest.raises(UnsupportedModelError, match="Rebuild it as a functional model"):
+        qstrat.Quantizer(Net())

@@ -1,0 +1,1 @@
+"""Graph passes: optimize (float -> float), quantize (insert quantizers), calibrate, refine."""

@@ -1,0 +1,216 @@
+"""The quantize pass: decide every layer's quantizers from the strategy, then insert them.
+
+`annotate` resolves each node's quantize config with the strategy's registry
+and applies the pipeline's fusion rules (no quantizer between a conv and its
+activation, or an Add and its activation). Every node ends up in the report:
+quantized, or skipped with a stated reason.
+
+`insert` returns a new graph in which
+
+- layers with weight or bias targets are replaced by a `QuantizeWrapper`
+  around a copy of the layer;
+- output targets get a `FakeQuant` node after the layer (model inputs too,
+  from ``input_quantize_config``);
+- input targets get a `FakeQuant` node on that input, unless the producer's
+  output is quantized already;
+- targets sharing a quantizer share one `FakeQuant` layer.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field, replace
+
+from qstrat.graph.ir import Graph, Node, TensorRef, views
+from qstrat.graph.rebuild import copy_layer
+from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy, resolve_views
+
+CONV_LIKE = ("Conv2D", "DepthwiseConv2D", "Conv2DTranspose", "Dense", "SeparableConv2D", "Conv1D")
+ADD_LIKE = ("Add", "Multiply")
+RELU_LIKE_ACTS = ("relu", "relu6", "linear")
+
+
+class Skip(str, enum.Enum):
+    UNSUPPORTED_LAYER = "unsupported layer type: no pattern in the strategy matches it"
+    EXCLUDED_BY_RULE = "excluded by the strategy"
+    NO_QUANTIZERS = "supported with no quantizer of its own (keeps its input's grid)"
+
+
+@dataclass
+class LayerReport:
+    """What happened to one node: its quantizers, or why it has none, plus notes."""
+
+    node: str
+    layer_type: str
+    status: str  # "quantized" | "skipped"
+    reason: str | None = None
+    targets: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantizeReport:
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+
+    def quantized(self) -> list[str]:
+        return [n for n, r in self.layers.items() if r.status == "quantized"]
+
+    def skipped(self) -> dict[str, str]:
+        return {n: r.reason for n, r in self.layers.items() if r.status == "skipped"}
+
+    def table(self) -> str:
+        rows = [f"{'layer':<28} {'type':<24} {'status':<10} detail"]
+        for r in self.layers.values():
+            detail = ", ".join(r.targets) if r.status == "quantized" else r.reason
+            if r.notes:
+                detail = f"{detail}; " + "; ".join(r.notes) if detail else "; ".join(r.notes)
+            rows.append(f"{r.node:<28} {r.layer_type:<24} {r.status:<10} {detail}")
+        return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """The quantize decision for a graph: resolved configs after fusion, and the report."""
+
+    configs: dict[str, LayerQuantConfig]
+    report: QuantizeReport
+
+
+def _is_fusable_activation(node: Node) -> bool:
+    t = node.type_name
+    if t in ("ReLU", "LeakyReLU"):
+        return True
+    if t == "Activation":
+        act = node.op.get_config().get("activation")
+        return isinstance(act, str) and act in RELU_LIKE_ACTS
+    return False
+
+
+def _drop_output(cfg: LayerQuantConfig) -> LayerQuantConfig:
+    return replace(cfg, targets=tuple(t for t in cfg.targets if t.target_type != "output"))
+
+
+def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
+    """Resolve every node's quantizers and apply the strategy's fusion rules."""
+    configs = resolve_views(strategy, views(graph), custom_types)
+    q = strategy.quantize
+    report = QuantizeReport()
+    notes: dict[str, list[str]] = {n.name: [] for n in graph.nodes}
+
+    def has_output(name: str) -> bool:
+        cfg = configs[name]
+        return cfg.quantized and any(t.target_type in ("output", "input") for t in cfg.targets)
+
+    def sole_consumer(node: Node) -> Node | None:
+        users = graph.consumers(TensorRef(node.name, 0))
+        return users[0] if len(users) == 1 and node.name not in {r.node for r in graph.outputs} else None
+
+    for node in graph.nodes:
+        nxt = sole_consumer(node)
+        if nxt is None:
+            continue
+        if node.type_name in CONV_LIKE:
+            chain = [node]
+            if nxt.type_name == "BatchNormalization" and q["no_quant_in_conv_bn_act"]:
+                after = sole_consumer(nxt)
+                if after is not None and _is_fusable_activation(after) and has_output(after.name):
+                    chain.append(nxt)
+                    nxt = after
+            rule_on = q["no_quant_in_conv_bn_act"] if len(chain) > 1 else q["no_quant_in_conv_act"]
+            if rule_on and _is_fusable_activation(nxt) and has_output(nxt.name):
+                for c in chain:
+                    if has_output(c.name):
+                        configs[c.name] = _drop_output(configs[c.name])
+                        notes[c.name].append(f"output fused with {nxt.name}: quantized after it")
+        elif node.type_name in ADD_LIKE and q["no_quant_in_add_act"]:
+            if _is_fusable_activation(nxt) and has_output(nxt.name) and has_output(node.name):
+                configs[node.name] = _drop_output(configs[node.name])
+                notes[node.name].append(f"output fused with {nxt.name}: quantized after it")
+
+    for node in graph.nodes:
+        cfg = configs[node.name]
+        if not cfg.quantized:
+            reason = cfg.skip_reason
+            if reason and reason.startswith("no pattern"):
+                reason = Skip.UNSUPPORTED_LAYER.value
+            report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", reason, notes=notes[node.name])
+        elif not cfg.targets and not notes[node.name]:
+            report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", Skip.NO_QUANTIZERS.value)
+        else:
+            targets = [f"{t.target_name} ({t.quantizer_type}, {t.params.get('bit_width', 8)}-bit)" for t in cfg.targets]
+            report.layers[node.name] = LayerReport(
+                node.name, node.type_name, "quantized", None, targets, notes[node.name]
+            )
+    return Annotation(configs, report)
+
+
+def _spec(t: ResolvedTarget) -> dict:
+    return {"type": t.quantizer_type, "params": dict(t.params)}
+
+
+def insert(graph: Graph, annotation: Annotation) -> Graph:
+    """A new graph with wrappers and FakeQuant nodes where the annotation says."""
+    wrappers: dict[int, object] = {}
+    shared_fq: dict[str, FakeQuant] = {}
+    nodes: list[Node] = []
+    renamed: dict[TensorRef, TensorRef] = {}
+    quantized_refs: set[TensorRef] = set()
+    names = {n.name for n in graph.nodes}
+
+    def unique(name: str) -> str:
+        base, k = name, 1
+        while name in names:
+            name = f"{base}_{k}"
+            k += 1
+        names.add(name)
+        return name
+
+    def fake_quant(t: ResolvedTarget, target: str) -> FakeQuant:
+        if t.shared_key and t.shared_key in shared_fq:
+            return shared_fq[t.shared_key]
+        fq = FakeQuant(_spec(t), target=target, name=unique(re.sub(r"[^A-Za-z0-9_.-]", "_", target) + "_q"))
+        if t.shared_key:
+            shared_fq[t.shared_key] = fq
+        return fq
+
+    for node in graph.nodes:
+        cfg = annotation.configs[node.name]
+        targets = cfg.targets if cfg.quantized else ()
+        inputs = [renamed.get(r, r) for r in node.inputs]
+        # Input targets: quantize what this node reads, unless it is quantized already.
+        for t in (t for t in targets if t.target_type == "input" and node.inputs):
+            idx = range(len(inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
+            for i in idx:
+                if i >= len(inputs) or inputs[i] in quantized_refs:
+                    continue
+                fq = fake_quant(t, f"{node.name}/input_{i}")
+                fq_node = Node(fq.name, fq, (inputs[i],))
+                nodes.append(fq_node)
+                inputs[i] = TensorRef(fq_node.name, 0)
+                quantized_refs.add(inputs[i])
+        op = node.op
+        weight_targets = {t.target_name: _spec(t) for t in targets if t.target_type in ("weight", "bias")}
+        if weight_targets:
+            if id(node.op) not in wrappers:
+                shape = node.in_tensors[0].shape if len(node.in_tensors) == 1 else None
+                wrappers[id(node.op)] = QuantizeWrapper(
+                    copy_layer(node.op, shape), weight_targets, name=f"quant_{node.layer_name}"
+                )
+            op = wrappers[id(node.op)]
+        new = replace(node, op=op, inputs=tuple(inputs))
+        if op is not node.op:
+            new.meta["wrapped"] = True
+        nodes.append(new)
+        outputs = [t for t in targets if t.target_type == "output" or (t.target_type == "input" and not node.inputs)]
+        if outputs:
+            t = outputs[0]
+            fq = fake_quant(t, f"{node.name}/output")
+            used = any(n.op is fq for n in nodes)
+            fq_node = Node(unique(fq.name + "@call") if used else fq.name, fq, (TensorRef(node.name, 0),))
+            nodes.append(fq_node)
+            renamed[TensorRef(node.name, 0)] = TensorRef(fq_node.name, 0)
+            quantized_refs.add(TensorRef(fq_node.name, 0))
+    outputs = tuple(renamed.get(r, r) for r in graph.outputs)
+    return Graph(tuple(nodes), graph.inputs, outputs, graph.name)
