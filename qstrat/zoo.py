@@ -117,3 +117,65 @@ def digits():
 
     d = load_digits()
     return (d.images / 16.0).astype(np.float32)[..., None], d.target.astype(np.int64)
+
+
+def cache_dir() -> str:
+    """Where trained example models are cached (``$QSTRAT_CACHE`` or ``~/.cache/qstrat``)."""
+    path = os.environ.get("QSTRAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qstrat")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def digits_split(seed: int = 0):
+    """Digits as 16x16x1 images in [0, 1]: (x_train, y_train, x_test, y_test), 80/20, stratified."""
+    x, y = digits()
+    x = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)  # 8x8 -> 16x16, nearest neighbour
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), bool)
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        test[rng.choice(idx, size=len(idx) // 5, replace=False)] = True
+    return x[~test], y[~test], x[test], y[test]
+
+
+def digits_cnn(verbose: int = 0):
+    """A small CNN trained on scikit-learn digits (cached after the first call).
+
+    Conv-BN-ReLU blocks, a depthwise-separable block with a residual Add, global
+    average pooling and a dense head: the layer mix a DPU runs.
+    """
+    import keras
+
+    path = os.path.join(cache_dir(), "digits_cnn_v1.keras")
+    if os.path.exists(path):
+        return keras.models.load_model(path, compile=False)
+    keras.utils.set_random_seed(0)
+    x_train, y_train, _, _ = digits_split()
+    i = keras.Input((16, 16, 1), name="digit")
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(i)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    r = keras.layers.ReLU(name="relu2")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw3")(r)
+    x = keras.layers.BatchNormalization(name="bn3")(x)
+    x = keras.layers.ReLU(name="relu3")(x)
+    x = keras.layers.Conv2D(32, 1, use_bias=False, name="pw3")(x)
+    x = keras.layers.BatchNormalization(name="bn4")(x)
+    x = keras.layers.Add(name="add")([x, r])
+    x = keras.layers.ReLU(name="relu4")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(0.2, name="drop")(x)
+    model = keras.Model(i, keras.layers.Dense(10, name="logits")(x), name="digits_cnn")
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=verbose)
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)  # atomic: a half-written cache is never read
+    return keras.models.load_model(path, compile=False)

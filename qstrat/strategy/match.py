@@ -301,6 +301,17 @@ def _apply_handy(strategy: Strategy, drafts: dict, layer) -> None:
             d.sources[param] = f"user_defined_quantize_config.{key}"
 
 
+def _has_weight(layer, attr: str) -> bool:
+    """A weight target applies only where the layer has that weight (Conv2D(use_bias=False) has no bias)."""
+    if layer is None or not getattr(layer, "built", False):
+        return True  # unbuilt: its weights are not known yet
+    try:
+        value = getattr(layer, attr, None)
+    except Exception:  # noqa: BLE001 - a property that fails means no such weight
+        return False
+    return value is not None and hasattr(value, "shape") and hasattr(value, "assign")
+
+
 def _resolve_one(strategy: Strategy, name: str, layer, contribs: list, rules: list) -> LayerQuantConfig:
     user = strategy.user
     layer_name = getattr(layer, "name", name)  # the k-th call of a shared layer is "name@k"
@@ -340,7 +351,7 @@ def _resolve_one(strategy: Strategy, name: str, layer, contribs: list, rules: li
     targets = tuple(
         ResolvedTarget(tname, d.target_type, d.qtype, dict(d.params), dict(d.sources), d.shared_key)
         for tname, d in drafts.items()
-        if not d.disabled_by
+        if not d.disabled_by and (d.target_type not in ("weight", "bias") or _has_weight(layer, tname))
     )
     return LayerQuantConfig(name, targets, tuple(rules))
 

@@ -268,3 +268,10 @@ def test_custom_quantizer_and_custom_layer_classes_in_a_strategy():
     assert not r["d"].quantized
     with pytest.raises(ConfigError, match='unknown layer type "Gate"'):
         load_strategy("pof2s", scratch(pat("gates", "Gate", [])))
+
+
+def test_weight_targets_apply_only_where_the_weight_exists():
+    i = keras.Input((8, 8, 3))
+    m = keras.Model(i, keras.layers.Conv2D(4, 3, use_bias=False, name="nobias")(i))
+    r = resolve_views(load_strategy("pof2s"), views_of_model(m))
+    assert [t.target_name for t in r["nobias"].targets] == ["kernel", "output"]
