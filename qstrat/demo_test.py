@@ -1,17 +1,22 @@
-"""The demo runs end to end on the real bundled model and images."""
+"""The demo runs end to end on the real bundled models and data."""
 
 import re
 
 from qstrat import demo
 
 
-def test_demo_quantizes_real_model(capsys):
+def test_demo_quantizes_two_real_models(capsys):
     assert demo.main() == 0
     out = capsys.readouterr().out
-    assert "58,423 parameters" in out and "100 faces" in out
-    mean = re.search(r"^mean\s+([\d.]+)\s+([\d.]+)$", out, re.M)
-    assert mean, out
-    pof2, fs = float(mean.group(1)), float(mean.group(2))
-    # 8-bit activations on real images: both well above 30 dB, float scales ahead of power-of-2.
-    assert pof2 > 30 and fs > pof2
-    assert "constant in the number of batches" in out
+    rows = {
+        (m.group(1), m.group(2)): m.groups()[2:]
+        for m in re.finditer(
+            r"^(digits CNN|mini-Xception)\s+(pof2s|fs)\s+(\S+)\s+(\S+)\s+([\d.]+)\s+(\S+)\s+([\d.]+)", out, re.M
+        )
+    }
+    assert set(rows) == {(m, s) for m in ("digits CNN", "mini-Xception") for s in ("pof2s", "fs")}, out
+    float_acc, pof2s_acc = float(rows[("digits CNN", "pof2s")][0]), float(rows[("digits CNN", "pof2s")][1])
+    fs_acc = float(rows[("digits CNN", "fs")][1])
+    assert float_acc > 95
+    assert pof2s_acc >= float_acc - 0.5 and fs_acc >= float_acc - 0.3
+    assert float(rows[("mini-Xception", "fs")][2]) > 94  # top-1 agreement with float
