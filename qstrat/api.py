@@ -82,11 +82,18 @@ class Quantizer:
         strategy = self._strategy(overrides)
         graph = capture(self.model)
         annotation = annotate(graph, strategy, self.custom_objects)
-        qgraph = insert(graph, annotation)
+        qgraph, taps = insert(graph, annotation)
         qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
         calibrate_weights(qmodel)
         calibrate_activations(
-            qmodel, calib_dataset, calib_steps, calib_batch_size, strategy.quantize["calib_position_policy"], verbose
+            qmodel,
+            graph,
+            taps,
+            calib_dataset,
+            calib_steps,
+            calib_batch_size,
+            strategy.quantize["calib_position_policy"],
+            verbose,
         )
         self.report = annotation.report
         return qmodel

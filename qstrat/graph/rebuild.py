@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qstrat.graph.ir import Graph, Node
+from qstrat.graph.ir import Graph, Node, TensorRef
 
 
 def copy_layer(layer, input_shape=None):
@@ -34,13 +34,20 @@ def copy_layer(layer, input_shape=None):
     return clone
 
 
-def rebuild(graph: Graph, op_for: Callable[[Node], object] | None = None, copy_layers: bool = True, name=None):
+def rebuild(
+    graph: Graph,
+    op_for: Callable[[Node], object] | None = None,
+    copy_layers: bool = True,
+    name=None,
+    outputs: list[TensorRef] | None = None,
+):
     """Build a Keras model from ``graph``.
 
     Args:
         op_for: maps a node to the operation to call (default: its own op, or a
             copy of it when ``copy_layers``).
         copy_layers: give the model fresh copies of the layers.
+        outputs: tensors to output instead of the graph's outputs (a probe).
     """
     import keras
 
@@ -78,7 +85,7 @@ def rebuild(graph: Graph, op_for: Callable[[Node], object] | None = None, copy_l
             tensors[(node.name, i)] = t
     inputs_by_name = {r.node: tensors[(r.node, 0)] for r in graph.inputs}
     model_inputs = [inputs_by_name[r.node] for r in graph.inputs]
-    outputs = [tensors[(r.node, r.index)] for r in graph.outputs]
+    outputs = [tensors[(r.node, r.index)] for r in (graph.outputs if outputs is None else outputs)]
     return keras.Model(
         model_inputs if len(model_inputs) > 1 else model_inputs[0],
         outputs if len(outputs) > 1 else outputs[0],

@@ -39,40 +39,48 @@ def fake_quant_layers(qmodel) -> list[FakeQuant]:
     return [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
 
 
-def calibrate_activations(qmodel, data, steps=None, batch_size=32, policy=None, verbose=1) -> int:
-    """Observe every FakeQuant's input over the data and set its state; returns batches seen."""
-    import keras
+def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1) -> int:
+    """Observe, over the data, the float tensors every FakeQuant quantizes, and set its state.
+
+    Args:
+        qmodel: the quantized model (its FakeQuant layers get their state).
+        float_graph: the float model's graph.
+        taps: ``{FakeQuant name: float tensors it quantizes}`` (from `insert`).
+
+    Activations are observed on the float model (one probe model with every
+    tapped tensor as an output), so calibration costs about one inference
+    pass; measured in bench/calib_policy.py and by the PTQ study this makes no
+    accuracy difference against observing the partly quantized model.
+    Returns the number of batches seen.
+    """
+    from qstrat.graph import rebuild
 
     fqs = [fq for fq in fake_quant_layers(qmodel) if fq.quantizer.observer_spec(policy) is not None]
-    taps, owners = [], []
+    refs, owners = [], []
     for fq in fqs:
-        for node in fq._inbound_nodes:
-            t = node.input_tensors[0]
-            taps.append(t)
+        for ref in taps.get(fq.name, ()):
+            refs.append(ref)
             owners.append(fq)
     observers = {id(fq): make_observer(fq.quantizer.observer_spec(policy), name=fq.target or fq.name) for fq in fqs}
-    enabled = {id(fq): float(keras.ops.convert_to_numpy(fq.enabled)) for fq in fake_quant_layers(qmodel)}
-    for fq in fake_quant_layers(qmodel):
-        fq.enabled.assign(0.0)
+    unique = list(dict.fromkeys(refs))
+    probe = rebuild(float_graph, outputs=unique, name="calibration_probe") if unique else None
+    position = {r: i for i, r in enumerate(unique)}
     batches = 0
-    try:
-        if taps:
-            probe = keras.Model(qmodel.inputs, taps)
-            bar = keras.utils.Progbar(steps, unit_name="batch", verbose=verbose) if verbose else None
-            for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
-                outs = probe.predict_on_batch(batch if len(batch) > 1 else batch[0])
-                outs = outs if isinstance(outs, (list, tuple)) else [outs]
-                for fq, out in zip(owners, outs, strict=True):
-                    observers[id(fq)].update(np.asarray(out))
-                batches += 1
-                if bar is not None:
-                    bar.update(batches)
-        else:
-            for _ in iterate_batches(data, input_specs(qmodel), batch_size, steps):
-                batches += 1
-    finally:
-        for fq in fake_quant_layers(qmodel):
-            fq.enabled.assign(enabled[id(fq)])
+    bar = None
+    if verbose:
+        import keras
+
+        bar = keras.utils.Progbar(steps, unit_name="batch", verbose=verbose)
+    for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
+        if probe is not None:
+            outs = probe.predict_on_batch(batch if len(batch) > 1 else batch[0])
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for fq, ref in zip(owners, refs, strict=True):
+                observers[id(fq)].update(np.asarray(outs[position[ref]]))
+        batches += 1
+        if bar is not None:
+            bar.update(batches)
     for fq in fqs:
-        _assign(fq.state, fq.quantizer.state_from_stats(observers[id(fq)].result()))
+        if fq.name in taps:
+            _assign(fq.state, fq.quantizer.state_from_stats(observers[id(fq)].result()))
     return batches

@@ -150,13 +150,18 @@ def _spec(t: ResolvedTarget) -> dict:
     return {"type": t.quantizer_type, "params": dict(t.params)}
 
 
-def insert(graph: Graph, annotation: Annotation) -> Graph:
-    """A new graph with wrappers and FakeQuant nodes where the annotation says."""
+def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple[TensorRef, ...]]]:
+    """A new graph with wrappers and FakeQuant nodes where the annotation says.
+
+    Also returns, for each FakeQuant layer (by name), the tensors of the float
+    graph it quantizes: calibration observes those.
+    """
     wrappers: dict[int, object] = {}
     shared_fq: dict[str, FakeQuant] = {}
     nodes: list[Node] = []
     renamed: dict[TensorRef, TensorRef] = {}
     quantized_refs: set[TensorRef] = set()
+    taps: dict[int, list[TensorRef]] = {}  # FakeQuant -> the float tensors it quantizes
     names = {n.name for n in graph.nodes}
 
     def unique(name: str) -> str:
@@ -187,6 +192,7 @@ def insert(graph: Graph, annotation: Annotation) -> Graph:
                     continue
                 fq = fake_quant(t, f"{node.name}/input_{i}")
                 fq_node = Node(fq.name, fq, (inputs[i],))
+                taps.setdefault(id(fq), []).append(node.inputs[i])
                 nodes.append(fq_node)
                 inputs[i] = TensorRef(fq_node.name, 0)
                 quantized_refs.add(inputs[i])
@@ -209,8 +215,10 @@ def insert(graph: Graph, annotation: Annotation) -> Graph:
             fq = fake_quant(t, f"{node.name}/output")
             used = any(n.op is fq for n in nodes)
             fq_node = Node(unique(fq.name + "@call") if used else fq.name, fq, (TensorRef(node.name, 0),))
+            taps.setdefault(id(fq), []).append(TensorRef(node.name, 0))
             nodes.append(fq_node)
             renamed[TensorRef(node.name, 0)] = TensorRef(fq_node.name, 0)
             quantized_refs.add(TensorRef(fq_node.name, 0))
     outputs = tuple(renamed.get(r, r) for r in graph.outputs)
-    return Graph(tuple(nodes), graph.inputs, outputs, graph.name)
+    fqs = {id(n.op): n.op for n in nodes if isinstance(n.op, FakeQuant)}
+    return Graph(tuple(nodes), graph.inputs, outputs, graph.name), {fqs[k].name: tuple(v) for k, v in taps.items()}

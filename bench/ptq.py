@@ -1,0 +1,192 @@
+"""Post-training quantization end to end: accuracy, calibration overhead and memory.
+
+Prints, in one run:
+
+1. float vs quantized accuracy on the digits CNN (355 test digits) and top-1
+   agreement (all images, and faces only) plus output SQNR on the pretrained
+   mini-Xception (348 real images), for the pof2s and fs strategies;
+2. calibration overhead: the wall time of calibrating (weights, then one
+   streaming pass over the data with every observer) divided by the wall time
+   of a first ``model.predict`` on the same data (both include their one-time
+   graph tracing), for No_OF, Min_MSE and Min_KL activations (pof2s,
+   mini-Xception, 1024 images, batch 32);
+3. peak memory of ``quantize_model`` with 256 and with 4096 calibration
+   samples (a generator, so the dataset itself is never in memory), each in a
+   fresh process: peak RSS minus the RSS before calibrating.
+
+Run: ``.venv/bin/python bench/ptq.py`` (about 3 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
+
+import numpy as np  # noqa: E402
+
+
+def accuracy_table() -> list[str]:
+    import qstrat
+    from qstrat.demo import digits_task, evaluate, faces_task
+
+    digits, d_calib, d_test, d_labels = digits_task()
+    fer, f_calib, f_eval, f_faces = faces_task()
+    lines = [
+        f"{'model':<14} {'strategy':<8} {'float acc':>9} {'quant acc':>9} {'agree all':>9} {'agree faces':>11} {'SQNR dB':>8}"
+    ]
+    for strategy in ("pof2s", "fs"):
+        q = qstrat.Quantizer(digits, strategy).quantize_model(d_calib, verbose=0)
+        r = evaluate(digits, q, d_test, labels=d_labels)
+        lines.append(
+            f"{'digits CNN':<14} {strategy:<8} {100 * r['float_acc']:>9.2f} {100 * r['quant_acc']:>9.2f} "
+            f"{100 * r['agreement']:>9.2f} {'-':>11} {r['sqnr_db']:>8.1f}"
+        )
+        q = qstrat.Quantizer(fer, strategy).quantize_model(f_calib, verbose=0)
+        r = evaluate(fer, q, f_eval, faces=f_faces)
+        lines.append(
+            f"{'mini-Xception':<14} {strategy:<8} {'-':>9} {'-':>9} {100 * r['agreement']:>9.2f} "
+            f"{100 * r['agreement_faces']:>11.2f} {r['sqnr_db']:>8.1f}"
+        )
+    return lines
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    """n real 64x64 images: the bundled ones, flipped and shifted to make up the count."""
+    from qstrat import zoo
+
+    base, _ = zoo.face_images()
+    rng = np.random.default_rng(seed)
+    out = []
+    while sum(len(b) for b in out) < n:
+        b = base[:, :, ::-1] if rng.random() < 0.5 else base
+        out.append(np.roll(b, int(rng.integers(-4, 5)), axis=2))
+    return np.concatenate(out)[:n]
+
+
+def overhead_table(n: int = 1024, batch: int = 32) -> list[str]:
+    import qstrat
+    from qstrat import zoo
+    from qstrat.api import _rebuild_quantized
+    from qstrat.graph import capture
+    from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
+    from qstrat.passes.quantize import annotate, insert
+
+    data = _images(n)
+    # Baseline: a user's first model.predict over the data on a freshly loaded model, which
+    # includes its one-time tracing, as calibration includes tracing its probe model.
+    model = zoo.emotion_model()
+    t0 = time.perf_counter()
+    model.predict(data, verbose=0, batch_size=batch)
+    t_pred = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.predict(data, verbose=0, batch_size=batch)
+    t_warm = time.perf_counter() - t0
+    lines = [
+        f"model.predict on {n} images, batch {batch}: {t_pred:.2f} s first call, {t_warm:.2f} s traced",
+        f"{'activation method':<18} {'calibration s':>13} {'ratio':>6} {'target':>7}",
+    ]
+    for method, target in (("No_OF", 1.5), ("Min_MSE", 3.0), ("Min_KL", 3.0)):
+        q = qstrat.Quantizer(model, "pof2s")
+        strategy = q._strategy({"activation_method": method, "input_method": method})
+        graph = capture(model)
+        qgraph, taps = insert(graph, annotate(graph, strategy))
+        qmodel = _rebuild_quantized(qgraph, "q")
+        t0 = time.perf_counter()
+        calibrate_weights(qmodel)
+        calibrate_activations(
+            qmodel, graph, taps, data, None, batch, strategy.quantize["calib_position_policy"], verbose=0
+        )
+        t_cal = time.perf_counter() - t0
+        ratio = t_cal / t_pred
+        lines.append(
+            f"{method:<18} {t_cal:>13.2f} {ratio:>6.2f} {'<= ' + format(target, 'g'):>7} {'PASS' if ratio <= target else 'FAIL'}"
+        )
+    return lines
+
+
+def _worker(samples: int) -> None:
+    """Run in a fresh process: peak RSS growth while calibrating on ``samples`` streamed images."""
+    import qstrat
+    from qstrat import zoo
+
+    model = zoo.emotion_model()
+    pool = _images(256)
+    model.predict(pool[:32], verbose=0)
+
+    def batches():
+        rng = np.random.default_rng(1)
+        for k in range(0, samples, 32):
+            idx = rng.integers(0, len(pool), size=min(32, samples - k))
+            yield pool[idx]
+
+    q = qstrat.Quantizer(model, "pof2s")
+    warm = q.quantize_model(pool[:32], verbose=0)  # warm up Keras/TF once
+    del warm
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_now = _rss_mb()
+    q.quantize_model(batches(), verbose=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "samples": samples,
+                "growth_mb": max(peak - before, 0) / 1024,
+                "rss_before_mb": rss_now,
+                "peak_mb": peak / 1024,
+            }
+        )
+    )
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_table(counts=(256, 4096)) -> list[str]:
+    results = []
+    for n in counts:
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", str(n)], capture_output=True, text=True, check=True
+        )
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    lines = [f"{'samples':>8} {'peak RSS MB':>11} {'RSS before MB':>13} {'peak minus before-peak MB':>25}"]
+    for r in results:
+        lines.append(f"{r['samples']:>8} {r['peak_mb']:>11.1f} {r['rss_before_mb']:>13.1f} {r['growth_mb']:>25.1f}")
+    ratio = results[-1]["peak_mb"] / results[0]["peak_mb"]
+    lines.append(
+        f"peak RSS ratio {counts[-1]}/{counts[0]}: {ratio:.3f} ({'PASS' if ratio <= 1.10 else 'FAIL'}: flat within 10%)"
+    )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        _worker(args.worker)
+        return
+    import keras
+
+    print(f"qstrat bench/ptq.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores\n")
+    print("1. Accuracy (digits: 256 calibration digits; mini-Xception: 128 calibration images)")
+    print("\n".join(accuracy_table()))
+    print("\n2. Calibration overhead (pof2s, mini-Xception)")
+    print("\n".join(overhead_table()))
+    print("\n3. Peak memory of quantize_model (pof2s, mini-Xception, streamed calibration)")
+    print("\n".join(memory_table()))
+
+
+if __name__ == "__main__":
+    main()
