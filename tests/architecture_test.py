@@ -79,5 +79,6 @@ def test_every_module_has_a_test_or_is_covered():
         "calibration/data.py",
         "passes/quantize.py",
         "passes/calibrate.py",
+        "api.py",
     }
     assert sorted(set(untested) - covered_elsewhere) == []

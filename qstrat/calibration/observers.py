@@ -35,6 +35,16 @@ from qstrat.quantizers.stats import (
 )
 
 
+def _finite_range(name: str, lo, hi):
+    lo, hi = np.array([float(lo)]), np.array([float(hi)])
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise CalibrationDataError(
+            f"{name}: the tensor holds NaN or Inf values (min {lo[0]}, max {hi[0]}). "
+            "The model overflows or divides by zero on this data; check the data and the float model."
+        )
+    return lo, hi
+
+
 class Observer:
     """Base class: input checks, channel bookkeeping and the merge contract."""
 
@@ -117,6 +127,14 @@ class MinMaxObserver(Observer):
         self.min = lo if self.min is None else np.minimum(self.min, lo)
         self.max = hi if self.max is None else np.maximum(self.max, hi)
         self.count += rows.shape[1]
+
+    def update_range(self, lo, hi, count: int) -> None:
+        """Add a batch given by its precomputed min and max (per tensor)."""
+        lo, hi = _finite_range(self.name, lo, hi)
+        self.channels = self.channels or 1
+        self.min = lo if self.min is None else np.minimum(self.min, lo)
+        self.max = hi if self.max is None else np.maximum(self.max, hi)
+        self.count += int(count)
 
     def merge(self, other: MinMaxObserver) -> MinMaxObserver:
         self._check_mergeable(other)
@@ -231,6 +249,19 @@ class HistogramObserver(Observer):
         self.min = np.minimum(self.min, lo)
         self.max = np.maximum(self.max, hi)
         self.count += rows.shape[1]
+
+    def update_histogram(self, counts, exponent: int, lo, hi, count: int) -> None:
+        """Add a batch given by its own aligned histogram (per tensor), merged exactly."""
+        lo, hi = _finite_range(self.name, lo, hi)
+        if self.counts is None:
+            self._init_state(1)
+            self.channels = 1
+        k = int(max(self.exponent[0], int(exponent)))
+        self._grow(0, k)
+        self.counts[0] += coarsen(np.asarray(counts, np.int64), k - int(exponent))
+        self.min = np.minimum(self.min, lo)
+        self.max = np.maximum(self.max, hi)
+        self.count += int(count)
 
     def merge(self, other: HistogramObserver) -> HistogramObserver:
         self._check_mergeable(other)

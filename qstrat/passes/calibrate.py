@@ -1,19 +1,20 @@
 """Calibration: set every quantizer's state from the weights and from streamed data.
 
-Weights are quantized from their own values. Activations are observed with
-one pass over the calibration data through the quantized model with its
-activation quantizers bypassed and its weight quantizers on, so each
-activation is seen as the quantized weights produce it. Observers stream
-(`qstrat.calibration`), so memory does not depend on the dataset's size.
+Weights are quantized from their own values. Activations are observed in one
+pass over the calibration data through a probe of the float model, which
+reduces each tapped tensor to its statistics inside the graph. Observers
+stream (`qstrat.calibration`), so memory does not depend on the dataset's size.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qstrat.calibration import make_observer
+from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import iterate_batches
 from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.layers.probe import StatsTap
+from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
 
 def input_specs(model) -> list[tuple]:
@@ -47,13 +48,13 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
         float_graph: the float model's graph.
         taps: ``{FakeQuant name: float tensors it quantizes}`` (from `insert`).
 
-    Activations are observed on the float model (one probe model with every
-    tapped tensor as an output), so calibration costs about one inference
-    pass; measured in bench/calib_policy.py and by the PTQ study this makes no
-    accuracy difference against observing the partly quantized model.
+    Activations are observed on the float model: one probe model outputs, for
+    every tapped tensor, its min/max or its aligned histogram computed in the
+    graph (`StatsTap`), or the tensor itself for per-channel and per-batch
+    observers. Observing float activations (not partly quantized ones) lets one
+    inference pass calibrate every quantizer at once.
     Returns the number of batches seen.
     """
-    from qstrat.graph import rebuild
 
     fqs = [fq for fq in fake_quant_layers(qmodel) if fq.quantizer.observer_spec(policy) is not None]
     refs, owners = [], []
@@ -62,9 +63,11 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
             refs.append(ref)
             owners.append(fq)
     observers = {id(fq): make_observer(fq.quantizer.observer_spec(policy), name=fq.target or fq.name) for fq in fqs}
-    unique = list(dict.fromkeys(refs))
-    probe = rebuild(float_graph, outputs=unique, name="calibration_probe") if unique else None
-    position = {r: i for i, r in enumerate(unique)}
+    # What each tapped tensor is reduced to inside the probe: its range, its histogram,
+    # or (per-channel and per-batch observers) the tensor itself.
+    pair_modes = [_mode(observers[id(fq)]) for fq in owners]
+    keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
+    probe = _stats_probe(float_graph, keys) if keys else None
     batches = 0
     bar = None
     if verbose:
@@ -75,8 +78,19 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
         if probe is not None:
             outs = probe.predict_on_batch(batch if len(batch) > 1 else batch[0])
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            for fq, ref in zip(owners, refs, strict=True):
-                observers[id(fq)].update(np.asarray(outs[position[ref]]))
+            results, i = {}, 0
+            for ref, mode in keys:
+                width = {"raw": 1, "range": 2, "histogram": 4}[mode]
+                results[(ref, mode)] = outs[i : i + width]
+                i += width
+            for fq, ref, mode in zip(owners, refs, pair_modes, strict=True):
+                obs, got = observers[id(fq)], results[(ref, mode)]
+                if mode == "raw":
+                    obs.update(np.asarray(got[0]))
+                elif mode == "range":
+                    obs.update_range(got[0], got[1], _size(float_graph, ref, batch))
+                else:
+                    obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
         batches += 1
         if bar is not None:
             bar.update(batches)
@@ -84,3 +98,45 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
         if fq.name in taps:
             _assign(fq.state, fq.quantizer.state_from_stats(observers[id(fq)].result()))
     return batches
+
+
+def _mode(obs) -> str:
+    if obs.axis is None and type(obs) is MinMaxObserver:
+        return "range"
+    if obs.axis is None and type(obs) is HistogramObserver and obs.bins_per_side == DEFAULT_BINS_PER_SIDE:
+        return "histogram"
+    return "raw"
+
+
+def _stats_probe(float_graph, keys):
+    """A model from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics."""
+    import keras
+
+    from qstrat.graph import rebuild
+
+    refs = list(dict.fromkeys(ref for ref, _ in keys))
+    base = rebuild(float_graph, outputs=refs, name="calibration_probe")
+    tensors = base.outputs if isinstance(base.outputs, list) else [base.outputs]
+    by_ref = dict(zip(refs, tensors, strict=True))
+    outputs = []
+    for ref, mode in keys:
+        t = by_ref[ref]
+        if mode == "raw":
+            outputs.append(t)
+        else:
+            outputs.extend(StatsTap(mode)(t))
+    return keras.Model(base.inputs, outputs, name="calibration_stats")
+
+
+def _size(float_graph, ref, batch) -> int:
+    """Values in one batch of a tensor (for per-tensor counts)."""
+    return int(batch[0].shape[0]) * int(np.prod([d for d in _shape(float_graph, ref)[1:]], dtype=np.int64))
+
+
+def _shape(float_graph, ref):
+    node = float_graph.node(ref.node)
+    out = node.op.output if hasattr(node.op, "output") and ref.index == 0 else None
+    shape = getattr(out, "shape", None)
+    if shape is None and node.in_tensors:
+        shape = node.in_tensors[0].shape
+    return tuple(d or 1 for d in shape)

@@ -1,0 +1,54 @@
+"""StatsTap computes, inside the model, exactly the statistics the NumPy observers compute."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from qstrat.calibration import HistogramObserver, MinMaxObserver
+from qstrat.layers.probe import StatsTap
+from qstrat.quantizers.stats import histogram_of_rows
+
+pytestmark = pytest.mark.portable
+
+CASES = [
+    np.random.default_rng(0).standard_t(3, size=(4, 50, 3)).astype("float32"),
+    np.maximum(np.random.default_rng(1).normal(size=(2, 300)), 0).astype("float32") * 7,
+    np.full((3, 4), 2.0, "float32"),  # a maximum that is exactly a power of two
+    np.full((3, 4), -0.5, "float32"),
+    np.zeros((2, 5), "float32"),
+    (np.random.default_rng(2).normal(size=(64,)) * 1e-20).astype("float32"),
+]
+
+
+@pytest.mark.parametrize("x", CASES)
+def test_in_graph_histogram_is_bit_identical(x):
+    counts, k, lo, hi = (ops.convert_to_numpy(t) for t in StatsTap("histogram")(ops.convert_to_tensor(x)))
+    direct = histogram_of_rows(x.reshape(1, -1)).channel(0)
+    assert int(k) == int(direct.exponent)
+    assert np.array_equal(counts, direct.counts)
+    assert float(lo) == x.min() and float(hi) == x.max()
+
+
+def test_observers_take_precomputed_statistics():
+    xs = [c for c in CASES[:2]]
+    a, b = HistogramObserver(), HistogramObserver()
+    m1, m2 = MinMaxObserver(), MinMaxObserver()
+    for x in xs:
+        a.update(x)
+        m1.update(x)
+        counts, k, lo, hi = (ops.convert_to_numpy(t) for t in StatsTap("histogram")(ops.convert_to_tensor(x)))
+        b.update_histogram(counts, int(k), lo, hi, x.size)
+        lo, hi = (ops.convert_to_numpy(t) for t in StatsTap("range")(ops.convert_to_tensor(x)))
+        m2.update_range(lo, hi, x.size)
+    ra, rb = a.result(), b.result()
+    assert np.array_equal(ra.counts, rb.counts) and int(ra.exponent) == int(rb.exponent) and ra.count == rb.count
+    assert float(m1.result().max) == float(m2.result().max) and m1.result().count == m2.result().count
+
+
+def test_probe_model_with_taps():
+    i = keras.Input((10,))
+    out = StatsTap("histogram", bins_per_side=256)(keras.layers.Dense(4)(i))
+    m = keras.Model(i, out)
+    counts, k, lo, hi = m.predict_on_batch(np.ones((3, 10), "float32"))
+    assert counts.shape == (512,) and counts.sum() == 12
