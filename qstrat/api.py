@@ -58,7 +58,11 @@ class Quantizer:
         return load_strategy(self._base, data, self.custom_objects, **overrides)
 
     def optimize_model(self, **overrides):
-        """The float model after the optimize pipeline, as a new model with its own weights."""
+        """The float model after the optimize pipeline, as a new model with its own weights.
+
+        The optimize passes (BN folding, CLE, ...) are not implemented yet, so
+        today this is a rebuilt copy of the model with the same outputs.
+        """
         self._strategy(overrides)  # validates the overrides
         return rebuild(capture(self.model))
 

@@ -8,7 +8,7 @@ from keras import ops
 import qstrat
 from qstrat.errors import CalibrationDataError, ConfigError
 from qstrat.graph import UnsupportedModelError
-from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.layers import QuantizeWrapper, set_quantizers_enabled
 
 pytestmark = pytest.mark.portable
 
@@ -88,21 +88,13 @@ def test_quantized_outputs_are_close_to_float(setup):
 
 def test_bypassed_quantizers_reproduce_the_float_model(setup):
     model, data, _, _, qmodel = setup
-    for layer in qmodel.layers:
-        if isinstance(layer, FakeQuant):
-            layer.enabled.assign(0.0)
-        if isinstance(layer, QuantizeWrapper):
-            for v in layer.enabled.values():
-                v.assign(0.0)
+    n = set_quantizers_enabled(qmodel, False)
     try:
+        assert n > 20
         assert np.array_equal(np_(model(data)), np_(qmodel(data)))
     finally:
-        for layer in qmodel.layers:
-            if isinstance(layer, FakeQuant):
-                layer.enabled.assign(1.0)
-            if isinstance(layer, QuantizeWrapper):
-                for v in layer.enabled.values():
-                    v.assign(1.0)
+        set_quantizers_enabled(qmodel, True)
+    assert not np.array_equal(np_(model(data)), np_(qmodel(data)))
 
 
 def test_save_and_load(setup, tmp_path):
@@ -180,3 +172,10 @@ def test_subclassed_models_are_refused_with_a_fix():
 
     with pytest.raises(UnsupportedModelError, match="Rebuild it as a functional model"):
         qstrat.Quantizer(Net())
+
+
+def test_optimize_model_returns_an_independent_equal_model(setup):
+    model, data = setup[0], setup[1]
+    opt = qstrat.Quantizer(model, "pof2s").optimize_model()
+    assert opt is not model and np.array_equal(np_(model(data)), np_(opt(data)))
+    assert not any(a is b for a in opt.weights for b in model.weights)

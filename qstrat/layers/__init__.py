@@ -1,6 +1,6 @@
 """Keras layers that carry quantizers; importing qstrat registers them for loading."""
 
-from qstrat.layers.fake_quant import FakeQuant, make_quantizer, quantizer_config
+from qstrat.layers.fake_quant import FakeQuant, make_quantizer, quantizer_config, set_quantizers_enabled
 from qstrat.layers.wrapper import QuantizeWrapper
 
-__all__ = ["FakeQuant", "QuantizeWrapper", "make_quantizer", "quantizer_config"]
+__all__ = ["FakeQuant", "QuantizeWrapper", "make_quantizer", "quantizer_config", "set_quantizers_enabled"]

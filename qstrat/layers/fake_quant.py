@@ -67,3 +67,23 @@ class FakeQuant(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "quantizer": self.quantizer_spec, "target": self.target}
+
+
+def set_quantizers_enabled(model, enabled: bool) -> int:
+    """Turn every quantizer of a quantized model on or off (off: exactly the float computation).
+
+    Returns how many quantizers were set. Useful to find which part of a model
+    loses accuracy: bypass all, then enable layer by layer.
+    """
+    from qstrat.layers.wrapper import QuantizeWrapper
+
+    value, n = 1.0 if enabled else 0.0, 0
+    for layer in model.layers:
+        if isinstance(layer, FakeQuant):
+            layer.enabled.assign(value)
+            n += 1
+        elif isinstance(layer, QuantizeWrapper):
+            for flag in layer.enabled.values():
+                flag.assign(value)
+                n += 1
+    return n
