@@ -76,7 +76,7 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
         bar = keras.utils.Progbar(steps, unit_name="batch", verbose=verbose)
     for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
         if probe is not None:
-            outs = probe.predict_on_batch(batch if len(batch) > 1 else batch[0])
+            outs = probe.predict_on_batch(list(batch))  # the probe takes a list of inputs
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             results, i = {}, 0
             for ref, mode in keys:
