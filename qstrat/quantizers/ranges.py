@@ -330,25 +330,54 @@ def kl_threshold(abs_counts: np.ndarray, width: float, nlevels: int) -> float:
         return used * width
     h[0] = h[1] if n > 1 else h[0]
     h = h[:used]
-    suffix = np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])
-    best_i, best_kl = used, np.inf
-    for i in range(nlevels, used + 1):
-        ref = h[:i].copy()
-        ref[-1] += suffix[i]
-        groups = (np.arange(i) * nlevels) // i
-        nonzero = h[:i] > 0
-        mass = np.bincount(groups, weights=h[:i], minlength=nlevels)
-        support = np.bincount(groups, weights=nonzero, minlength=nlevels)
-        q = np.where(nonzero, mass[groups] / np.maximum(support[groups], 1), 0.0)
-        pmask = ref > 0
-        if np.any(pmask & (q <= 0)):
-            continue  # Q misses mass that P has: infinite divergence
-        p_n = ref[pmask] / ref.sum()
-        q_n = q[pmask] / q.sum()
-        kl = float(np.sum(p_n * np.log(p_n / q_n)))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    return best_i * width
+    kl = _kl_all_candidates(h, nlevels)
+    return (nlevels + int(np.argmin(kl))) * width
+
+
+def _kl_all_candidates(h: np.ndarray, nlevels: int) -> np.ndarray:
+    """KL(P || Q) for every candidate i in [nlevels, len(h)], computed at once.
+
+    With S = total mass, C_i = mass below bin i, groups m of the first i bins
+    (bin j is in group floor(j * nlevels / i)), mass_m and support_m (non-empty
+    bins) per group, and the clipped tail T_i folded into bin i - 1:
+
+        KL_i = (sum P log P - sum P log Q) / S - log S + log C_i
+        sum P log Q = sum_m mass_m log(mass_m / support_m) + T_i log Q_(i-1)
+
+    which is the per-candidate definition rearranged, so all candidates cost
+    O(candidates x nlevels) instead of O(candidates x bins).
+    """
+    used = h.size
+    cand = np.arange(nlevels, used + 1)
+    csum = np.concatenate([[0.0], np.cumsum(h)])
+    nz = (h > 0).astype(np.float64)
+    cnz = np.concatenate([[0.0], np.cumsum(nz)])
+    hlogh = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
+    chlogh = np.concatenate([[0.0], np.cumsum(hlogh)])
+    total = csum[-1]
+    tail = total - csum[cand]
+    # Group boundaries b_m = ceil(m * i / nlevels), m = 0..nlevels (integer arithmetic).
+    m = np.arange(nlevels + 1)
+    bounds = -((-m[None, :] * cand[:, None]) // nlevels)
+    mass = np.diff(csum[bounds], axis=1)
+    support = np.diff(cnz[bounds], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mlogq = np.where(mass > 0, mass * np.log(mass / np.where(support > 0, support, 1.0)), 0.0).sum(axis=1)
+        last = cand - 1
+        g_last = (last * nlevels) // cand
+        q_last = np.where(
+            support[np.arange(cand.size), g_last] > 0,
+            mass[np.arange(cand.size), g_last] / np.maximum(support[np.arange(cand.size), g_last], 1),
+            0.0,
+        )
+        q_last = np.where(h[last] > 0, q_last, 0.0)
+        p_last = h[last] + tail
+        plogp = chlogh[last] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
+        plogq = mlogq - np.where(h[last] > 0, h[last] * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
+        plogq = plogq + np.where(p_last > 0, p_last * np.log(np.where(q_last > 0, q_last, 1.0)), 0.0)
+        kl = (plogp - plogq) / total - np.log(total) + np.log(csum[cand])
+    kl = np.where((p_last > 0) & (q_last <= 0), np.inf, kl)
+    return kl
 
 
 def kl_range(hist: Histogram, grid: IntGrid, symmetric: bool):

@@ -204,3 +204,38 @@ def test_asymmetric_scale_and_zero_point_hold_the_range():
     x = np.array([-1.0, 3.0], np.float32)
     y = affine_fake_quant_np(x, s, zp, grid, "HALF_TO_EVEN")
     assert np.allclose(y, x, atol=s)
+
+
+def _kl_loop(h, nlevels):
+    """The per-candidate definition of the TensorRT KL search, one candidate at a time."""
+    out = []
+    for i in range(nlevels, h.size + 1):
+        ref = h[:i].copy()
+        ref[-1] += h[i:].sum()
+        groups = (np.arange(i) * nlevels) // i
+        nonzero = h[:i] > 0
+        mass = np.bincount(groups, weights=h[:i], minlength=nlevels)
+        support = np.bincount(groups, weights=nonzero, minlength=nlevels)
+        q = np.where(nonzero, mass[groups] / np.maximum(support[groups], 1), 0.0)
+        pmask = ref > 0
+        if np.any(pmask & (q <= 0)):
+            out.append(np.inf)
+            continue
+        p_n, q_n = ref[pmask] / ref.sum(), q[pmask] / q.sum()
+        out.append(float(np.sum(p_n * np.log(p_n / q_n))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_kl_equals_the_per_candidate_definition(seed):
+    rng = np.random.default_rng(seed)
+    h = np.abs(np.histogram(rng.standard_t(rng.uniform(1.5, 8), size=50000), bins=600, range=(0, 20))[0]).astype(float)
+    h[rng.random(h.size) < 0.1] = 0  # empty bins, including possibly the last of a candidate
+    h = h[: int(np.max(np.nonzero(h)[0])) + 1]
+    for nlevels in (16, 128):
+        want = _kl_loop(h, nlevels)
+        got = ranges._kl_all_candidates(h, nlevels)
+        assert np.array_equal(np.isinf(want), np.isinf(got))
+        fin = np.isfinite(want)
+        assert np.allclose(got[fin], want[fin], rtol=1e-9, atol=1e-12)
+        assert abs(int(np.argmin(got)) - int(np.argmin(want))) == 0 or np.isclose(got.min(), want.min(), rtol=1e-9)
