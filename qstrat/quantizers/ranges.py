@@ -167,7 +167,7 @@ def pof2_mse_pos_hist(hist: Histogram, grid, symmetric, round_mode, epsilon, pos
     p0 = int(nonoverflow_pos(hist.min, hist.max, grid, symmetric, epsilon, pos_range))
     cands = np.minimum(p0 + np.arange(MSE_POS_CANDIDATES), pos_range[1])
     zps = pof2_zero_point(hist.min, cands, grid, symmetric)
-    err = expected_sq_error(hist, np.ldexp(1.0, -cands), zps, grid, round_mode)
+    err = expected_sq_error(coarsened(hist, SEARCH_BINS_PER_SIDE), np.ldexp(1.0, -cands), zps, grid, round_mode)
     return int(cands[int(np.argmin(err))])
 
 
