@@ -31,7 +31,7 @@ def _exponent(amax):
 
 
 class StatsTap(keras.layers.Layer):
-    """Reduce a tensor to ``[min, max]`` or to ``[counts, exponent, min, max]`` (kind "histogram")."""
+    """Reduce a tensor to ``[min, max, size]`` or to ``[counts, exponent, min, max]`` (kind "histogram")."""
 
     def __init__(self, kind: str, bins_per_side: int = 8192, **kwargs):
         super().__init__(**kwargs)
@@ -42,7 +42,7 @@ class StatsTap(keras.layers.Layer):
         x = ops.cast(x, "float32")
         lo, hi = ops.min(x), ops.max(x)
         if self.kind != "histogram":
-            return [lo, hi]
+            return [lo, hi, ops.cast(ops.size(x), "int32")]
         n = self.bins_per_side
         amax = ops.maximum(-lo, hi)
         # Exponents below -114 would overflow the float32 multiplier; such tiny
@@ -63,7 +63,7 @@ class StatsTap(keras.layers.Layer):
     def compute_output_spec(self, x):
         scalar = keras.KerasTensor((), dtype="float32")
         if self.kind != "histogram":
-            return [scalar, keras.KerasTensor((), dtype="float32")]
+            return [scalar, keras.KerasTensor((), dtype="float32"), keras.KerasTensor((), dtype="int32")]
         counts = keras.KerasTensor((2 * self.bins_per_side,), dtype="int32")
         return [counts, keras.KerasTensor((), dtype="float32"), scalar, keras.KerasTensor((), dtype="float32")]
 

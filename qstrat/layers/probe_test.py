@@ -39,8 +39,9 @@ def test_observers_take_precomputed_statistics():
         m1.update(x)
         counts, k, lo, hi = (ops.convert_to_numpy(t) for t in StatsTap("histogram")(ops.convert_to_tensor(x)))
         b.update_histogram(counts, int(k), lo, hi, x.size)
-        lo, hi = (ops.convert_to_numpy(t) for t in StatsTap("range")(ops.convert_to_tensor(x)))
-        m2.update_range(lo, hi, x.size)
+        lo, hi, size = (ops.convert_to_numpy(t) for t in StatsTap("range")(ops.convert_to_tensor(x)))
+        assert int(size) == x.size
+        m2.update_range(lo, hi, int(size))
     ra, rb = a.result(), b.result()
     assert np.array_equal(ra.counts, rb.counts) and int(ra.exponent) == int(rb.exponent) and ra.count == rb.count
     assert float(m1.result().max) == float(m2.result().max) and m1.result().count == m2.result().count

@@ -80,7 +80,7 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
             outs = outs if isinstance(outs, (list, tuple)) else [outs]
             results, i = {}, 0
             for ref, mode in keys:
-                width = {"raw": 1, "range": 2, "histogram": 4}[mode]
+                width = {"raw": 1, "range": 3, "histogram": 4}[mode]
                 results[(ref, mode)] = outs[i : i + width]
                 i += width
             for fq, ref, mode in zip(owners, refs, pair_modes, strict=True):
@@ -88,7 +88,7 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
                 if mode == "raw":
                     obs.update(np.asarray(got[0]))
                 elif mode == "range":
-                    obs.update_range(got[0], got[1], _size(float_graph, ref, batch))
+                    obs.update_range(got[0], got[1], int(got[2]))
                 else:
                     obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
         batches += 1
@@ -126,17 +126,3 @@ def _stats_probe(float_graph, keys):
         else:
             outputs.extend(StatsTap(mode)(t))
     return keras.Model(base.inputs, outputs, name="calibration_stats")
-
-
-def _size(float_graph, ref, batch) -> int:
-    """Values in one batch of a tensor (for per-tensor counts)."""
-    return int(batch[0].shape[0]) * int(np.prod([d for d in _shape(float_graph, ref)[1:]], dtype=np.int64))
-
-
-def _shape(float_graph, ref):
-    node = float_graph.node(ref.node)
-    out = node.op.output if hasattr(node.op, "output") and ref.index == 0 else None
-    shape = getattr(out, "shape", None)
-    if shape is None and node.in_tensors:
-        shape = node.in_tensors[0].shape
-    return tuple(d or 1 for d in shape)

@@ -34,7 +34,6 @@ RELU_LIKE_ACTS = ("relu", "relu6", "linear")
 
 class Skip(str, enum.Enum):
     UNSUPPORTED_LAYER = "unsupported layer type: no pattern in the strategy matches it"
-    EXCLUDED_BY_RULE = "excluded by the strategy"
     NO_QUANTIZERS = "supported with no quantizer of its own (keeps its input's grid)"
 
 
