@@ -17,6 +17,7 @@ from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
+from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, insert
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
 
@@ -50,6 +51,7 @@ class Quantizer:
         self._custom = custom_quantize_strategy
         self.strategy: Strategy = load_strategy(quantize_strategy, custom_quantize_strategy, self.custom_objects)
         self.report: QuantizeReport | None = None
+        self.optimize_report: OptimizeReport | None = None
 
     def _strategy(self, overrides: Mapping[str, Any]) -> Strategy:
         if not overrides:
@@ -57,14 +59,23 @@ class Quantizer:
         data = self.strategy.to_dict(2)
         return load_strategy(self._base, data, self.custom_objects, **overrides)
 
-    def optimize_model(self, **overrides):
-        """The float model after the optimize pipeline, as a new model with its own weights.
+    def _optimized_graph(self, strategy: Strategy) -> Graph:
+        graph, self.optimize_report = optimize(capture(self.model), strategy.optimize)
+        return graph
 
-        The optimize passes (BN folding, CLE, ...) are not implemented yet, so
-        today this is a rebuilt copy of the model with the same outputs.
+    def optimize_model(self, **overrides):
+        """The float model after the strategy's optimize passes, as a new model with its own weights.
+
+        The passes (BN folding, CLE, ...) and their order come from
+        ``optimize_pipeline_config``; what each did is in ``self.optimize_report``.
+
+        Example:
+            >>> q = Quantizer(model, "pof2s")
+            >>> fmodel = q.optimize_model(include_cle=False)
+            >>> print(q.optimize_report.table())
         """
-        self._strategy(overrides)  # validates the overrides
-        return rebuild(capture(self.model))
+        graph = self._optimized_graph(self._strategy(overrides))
+        return rebuild(graph, name=f"{self.model.name}_optimized")
 
     def quantize_model(
         self,
@@ -84,7 +95,7 @@ class Quantizer:
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
         strategy = self._strategy(overrides)
-        graph = capture(self.model)
+        graph = self._optimized_graph(strategy)
         annotation = annotate(graph, strategy, self.custom_objects)
         qgraph, taps = insert(graph, annotation)
         qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")

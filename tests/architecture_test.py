@@ -34,7 +34,7 @@ def _part(module: str) -> str | None:
 def test_lower_layers_never_import_higher_ones():
     problems = []
     for path in ROOT.rglob("*.py"):
-        if path.name.endswith("_test.py") or path == ROOT / "__init__.py":
+        if path.name.endswith("_test.py") or path.name == "conftest.py" or path == ROOT / "__init__.py":
             continue
         rel = path.relative_to(ROOT).with_suffix("")
         own = rel.parts[0]
@@ -55,7 +55,7 @@ def test_lower_layers_never_import_higher_ones():
 def test_every_module_has_a_test_or_is_covered():
     untested = []
     for path in ROOT.rglob("*.py"):
-        if path.name.endswith("_test.py") or path.name == "__init__.py":
+        if path.name.endswith("_test.py") or path.name in ("__init__.py", "conftest.py"):
             continue
         if not path.with_name(path.stem + "_test.py").exists():
             untested.append(str(path.relative_to(ROOT)))
@@ -74,6 +74,10 @@ def test_every_module_has_a_test_or_is_covered():
         "strategy/views.py",
         "graph/ir.py",
         "graph/rebuild.py",
+        "graph/rewrite.py",
+        "layers/scale_shift.py",
+        "passes/optimize/channels.py",
+        "passes/optimize/report.py",
         "layers/fake_quant.py",
         "layers/wrapper.py",
         "calibration/data.py",

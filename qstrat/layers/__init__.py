@@ -1,6 +1,7 @@
 """Keras layers that carry quantizers; importing qstrat registers them for loading."""
 
 from qstrat.layers.fake_quant import FakeQuant, make_quantizer, quantizer_config, set_quantizers_enabled
+from qstrat.layers.scale_shift import ScaleShift
 from qstrat.layers.wrapper import QuantizeWrapper
 
-__all__ = ["FakeQuant", "QuantizeWrapper", "make_quantizer", "quantizer_config", "set_quantizers_enabled"]
+__all__ = ["FakeQuant", "QuantizeWrapper", "ScaleShift", "make_quantizer", "quantizer_config", "set_quantizers_enabled"]

@@ -37,6 +37,11 @@ OPTIMIZE_KEYS = (
     ),
     _b("remove_unused_layers", "Drop layers and branches that feed no model output."),
     _b(
+        "convert_tf_op_to_keras",
+        "Turn keras.ops operations in a functional model (add, multiply, concatenate, relu, mean, reshape, ...) into equivalent Keras layers, so they can be quantized.",
+    ),
+    _b("separable_conv", "Split SeparableConv2D into DepthwiseConv2D + 1x1 Conv2D, keeping its activation."),
+    _b(
         "separate_conv_act",
         "Split Conv/Dense(activation=f) into a linear layer and an Activation(f) layer, so a quantizer can sit between them when the strategy wants one.",
     ),
@@ -49,11 +54,6 @@ OPTIMIZE_KEYS = (
         "convert_relu6_to_relu",
         "Replace ReLU6 by ReLU (changes outputs above 6; lets CLE rescale through the activation).",
     ),
-    _b(
-        "convert_tf_op_to_keras",
-        "Turn keras.ops operations in a functional model (add, multiply, concatenate, relu, mean, reshape, ...) into equivalent Keras layers, so they can be quantized.",
-    ),
-    _b("separable_conv", "Split SeparableConv2D into DepthwiseConv2D + 1x1 Conv2D, keeping its activation."),
     _b("include_cle", "Run cross-layer equalization (Nagel et al. 2019) on conv/depthwise/dense pairs."),
     _b("cle_to_relu6", "Let CLE rescale through ReLU6 too (not exactly float-equivalent)."),
     KeySpec("cle_steps", "int", "Number of CLE passes over all equalizable pairs.", 10, minimum=1, maximum=1000),

@@ -333,7 +333,10 @@ def _parse_section(d: Mapping, path: str, section: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "_comment" in d:
         out["_comment"] = _comment(d, path)
-    for name, spec in specs.items():
+    # The keys keep the order they are given in (the optimize passes run in that order),
+    # then the missing ones follow with their defaults.
+    for name in [k for k in d if k in specs] + [k for k in specs if k not in d]:
+        spec = specs[name]
         out[name] = check_key_value(spec, d[name], f"{path}.{name}") if name in d else spec.default
     return out
 

@@ -1,0 +1,124 @@
+"""Cross-layer equalization: float equivalence, balanced ranges, the links it accepts, bias absorption."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from qstrat.graph import capture, rebuild
+from qstrat.graph.rewrite import Editor
+from qstrat.passes.optimize import OptimizeReport
+from qstrat.passes.optimize.channels import per_in_channel, per_out_channel
+from qstrat.passes.optimize.cle import cross_layer_equalization, find_pairs
+from qstrat.passes.optimize.conftest import rand, randomize_bn
+from qstrat.passes.optimize.fold_bn import fold_conv_bn
+
+pytestmark = pytest.mark.portable
+L = keras.layers
+CFG = {"cle_steps": 10, "cle_balance_method": "max", "cle_weight_threshold": 0.1}
+
+
+def _unbalanced(model, seed=0):
+    """Scale c1's and dw's output channels by factors spanning 100x; the next layer compensates (through ReLU)."""
+    rng = np.random.default_rng(seed)
+    for head, tail in (("c1", "dw"), ("dw", "pw")):
+        head, tail = model.get_layer(head), model.get_layer(tail)
+        k, b = head.get_weights()
+        r = 10 ** rng.uniform(-1, 1, size=b.shape[0])
+        r[0], r[-1] = 0.1, 10.0
+        head.set_weights([k * r.reshape(k.shape[-2:]) if isinstance(head, L.DepthwiseConv2D) else k * r, b * r])
+        t = tail.get_weights()
+        tail.set_weights([t[0] / r.reshape(-1, 1), *t[1:]])
+    return model
+
+
+def _chain_model():
+    i = keras.Input((10, 10, 3))
+    x = L.Conv2D(8, 3, bias_initializer="random_normal", name="c1")(i)
+    x = L.ZeroPadding2D(1, name="pad")(L.ReLU(name="r1")(x))
+    x = L.DepthwiseConv2D(3, bias_initializer="random_normal", name="dw")(x)
+    x = L.Activation("relu", name="r2")(x)
+    x = L.Conv2D(6, 1, activation="relu", bias_initializer="random_normal", name="pw")(x)
+    x = L.Flatten()(x)
+    return keras.Model(i, L.Dense(4, name="fc")(x))
+
+
+def test_cle_is_float_equivalent_and_balances_ranges(run_pass):
+    model = _unbalanced(_chain_model())
+    new, report, rel = run_pass(cross_layer_equalization, model, rand(4, 10, 10, 3), **CFG)
+    assert rel <= 1e-5, rel
+    assert [e.node for e in report.of("include_cle")] == ["c1", "dw"]
+    for head, tail in (("c1", "dw"), ("dw", "pw")):
+        h, t = new.get_layer(head), new.get_layer(tail)
+        hk = np.vstack([np.abs(per_out_channel(type(h).__name__, np.asarray(h.kernel))), np.abs(np.asarray(h.bias))])
+        rh, rt = hk.max(0), np.abs(per_in_channel(np.asarray(t.kernel))).max(0)
+        np.testing.assert_allclose(rh, rt, rtol=1e-3)  # each channel's two ranges meet in the middle
+    before = np.abs(np.asarray(model.get_layer("c1").kernel)).max((0, 1, 2))
+    after = np.abs(np.asarray(new.get_layer("c1").kernel)).max((0, 1, 2))
+    assert before.max() / before.min() > 50 and after.max() / after.min() < before.max() / before.min() / 5
+
+
+def test_avg_method_and_threshold(run_pass):
+    model = _unbalanced(_chain_model())
+    x = rand(4, 10, 10, 3)
+    new, _, rel = run_pass(cross_layer_equalization, model, x, **{**CFG, "cle_balance_method": "avg"})
+    assert rel <= 1e-5
+    assert not np.allclose(np.asarray(new.get_layer("c1").kernel), np.asarray(model.get_layer("c1").kernel))
+    same, _, _ = run_pass(cross_layer_equalization, model, x, **{**CFG, "cle_weight_threshold": 1e9})
+    for name in ("c1", "dw", "pw"):
+        np.testing.assert_allclose(np.asarray(same.get_layer(name).kernel), np.asarray(model.get_layer(name).kernel))
+
+
+def test_relu6_links_only_with_cle_to_relu6():
+    i = keras.Input((6, 6, 2))
+    x = L.ReLU(max_value=6.0)(L.Conv2D(4, 1, name="a")(i))
+    model = keras.Model(i, L.Conv2D(3, 1, name="b")(x))
+    ed = Editor(capture(model))
+    assert find_pairs(ed) == []
+    (pair,) = find_pairs(ed, to_relu6=True)
+    assert (pair.head, pair.tail) == ("a", "b")
+
+
+def test_no_pair_is_reported_and_leaves_the_graph(run_pass):
+    i = keras.Input((6, 6, 2))
+    model = keras.Model(i, L.MaxPooling2D()(L.Conv2D(4, 1)(i)))
+    new, report, rel = run_pass(cross_layer_equalization, model, rand(2, 6, 6, 2), **CFG)
+    assert rel == 0.0 and report.of("include_cle", "skipped")
+
+
+def test_bias_absorption_moves_the_offset_and_keeps_outputs():
+    i = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, padding="same", kernel_initializer=keras.initializers.RandomNormal(0, 0.01), name="head")(i)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU()(x)
+    model = keras.Model(i, L.Conv2D(5, 1, name="tail")(x))
+    bn = model.get_layer("bn")
+    # BN output about N(10, 0.1^2): the ReLU never clips, so the 9.7 offset can move to the tail.
+    bn.set_weights(
+        [np.full(4, 0.1, "float32"), np.full(4, 10.0, "float32"), np.zeros(4, "float32"), np.full(4, 0.01, "float32")]
+    )
+    report = OptimizeReport()
+    cfg = {**CFG, "cle_bias_absorption": True}
+    folded = fold_conv_bn(capture(model), cfg, report)
+    new = rebuild(cross_layer_equalization(folded, cfg, report))
+    x = rand(8, 6, 6, 3)
+    y0, y1 = ops.convert_to_numpy(model(x)), ops.convert_to_numpy(new(x))
+    assert np.abs(y0 - y1).max() <= 1e-4 * np.abs(y0).max()
+    (event,) = report.of("cle_bias_absorption")
+    assert "moved 4 channel offsets" in event.detail
+    head_out = keras.Model(new.input, new.get_layer("head").output)
+    assert ops.convert_to_numpy(head_out(x)).max() < 1.0  # was about 10 before absorption
+
+
+def test_bias_absorption_skips_a_padded_tail():
+    i = keras.Input((6, 6, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(4, 1, name="head")(i)))
+    model = randomize_bn(keras.Model(i, L.Conv2D(2, 3, padding="same", name="tail")(x)))
+    model.get_layer("bn").set_weights(
+        [np.full(4, 0.1, "float32"), np.full(4, 5.0, "float32"), np.zeros(4, "float32"), np.ones(4, "float32")]
+    )
+    report = OptimizeReport()
+    cfg = {**CFG, "cle_bias_absorption": True}
+    cross_layer_equalization(fold_conv_bn(capture(model), cfg, report), cfg, report)
+    (event,) = report.of("cle_bias_absorption")
+    assert event.kind == "skipped" and "zero padding" in event.detail

@@ -1,0 +1,137 @@
+"""BatchNormalization folding, and the conversion of a BatchNormalization that cannot be folded.
+
+In inference a BatchNormalization computes ``y = x * k + (beta - mean * k)``
+with ``k = gamma / sqrt(variance + epsilon)`` per channel. Folded into the
+linear layer before it: ``W' = W * k`` on the output-channel axis (see
+`channels`) and ``b' = beta + (b - mean) * k``.
+
+A fold needs a Conv/Depthwise/ConvTranspose/Dense producer that is linear,
+called once, read only by the BatchNormalization, and a BatchNormalization
+on the channel (last) axis. Otherwise the fold is skipped with the reason.
+
+The folded node remembers the BatchNormalization's output statistics
+(``meta["bn_stats"]`` = per-channel beta and |gamma|): CLE bias absorption uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+
+from qstrat.graph.ir import Graph, Node
+from qstrat.graph.rewrite import Editor, built_layer
+from qstrat.passes.optimize.channels import FOLDABLE, scale_out
+from qstrat.passes.optimize.report import OptimizeReport
+
+
+def _np(v) -> np.ndarray:
+    from keras import ops
+
+    return np.asarray(ops.convert_to_numpy(v), dtype=np.float64)
+
+
+def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """(k, shift) with ``bn(x) == x * k + shift`` in inference."""
+    var = _np(bn.moving_variance)
+    gamma = _np(bn.gamma) if bn.scale else np.ones_like(var)
+    beta = _np(bn.beta) if bn.center else np.zeros_like(var)
+    k = gamma / np.sqrt(var + bn.epsilon)
+    return k, beta - _np(bn.moving_mean) * k
+
+
+def _bn_stats(bn) -> tuple[np.ndarray, np.ndarray]:
+    var = _np(bn.moving_variance)
+    gamma = _np(bn.gamma) if bn.scale else np.ones_like(var)
+    beta = _np(bn.beta) if bn.center else np.zeros_like(var)
+    return beta, np.abs(gamma)
+
+
+def _channel_axis_ok(bn_node: Node) -> bool:
+    rank = len(bn_node.in_tensors[0].shape)
+    axis = bn_node.op.axis
+    axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+    return isinstance(axis, int) and axis % rank == rank - 1
+
+
+def _fold_problem(ed: Editor, bn_node: Node) -> str | None:
+    if len(ed.calls(bn_node.op)) > 1:
+        return "the BatchNormalization layer is shared by several calls"
+    if not _channel_axis_ok(bn_node):
+        return f"BatchNormalization axis {bn_node.op.axis} is not the channel (last) axis"
+    prod = ed.node(bn_node.inputs[0].node)
+    if prod.type_name not in FOLDABLE:
+        return f"its input comes from {prod.type_name} '{prod.name}', which has no kernel to fold into"
+    if len(ed.calls(prod.op)) > 1:
+        return f"'{prod.layer_name}' is shared by several calls (one kernel cannot hold two folds)"
+    if ed.sole_consumer(prod.name) is not bn_node:
+        return f"the output of '{prod.name}' is also used elsewhere"
+    cfg = prod.op.get_config()
+    if cfg.get("activation", "linear") not in ("linear", None):
+        return f"'{prod.name}' has activation '{cfg['activation']}' (turn on separate_conv_act)"
+    if cfg.get("data_format", "channels_last") != "channels_last":
+        return f"'{prod.name}' is channels_first"
+    return None
+
+
+def fold_conv_bn(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
+    """Fold every foldable BatchNormalization into the Conv/Depthwise/ConvTranspose/Dense before it."""
+    ed = Editor(graph)
+    for bn_node in ed.walk():
+        if bn_node.type_name != "BatchNormalization":
+            continue
+        problem = _fold_problem(ed, bn_node)
+        if problem:
+            report.skipped("fold_conv_bn", bn_node.name, f"not folded: {problem}")
+            continue
+        prod = ed.node(bn_node.inputs[0].node)
+        layer = prod.op
+        k, shift = bn_affine(bn_node.op)
+        kernel = _np(layer.kernel)
+        bias = _np(layer.bias) if layer.use_bias else np.zeros_like(k)
+        dtype = np.dtype(str(layer.kernel.dtype))
+        new_kernel = scale_out(prod.type_name, kernel, k).astype(dtype)
+        new_bias = (bias * k + shift).astype(dtype)
+        folded = built_layer(
+            type(layer),
+            {**layer.get_config(), "use_bias": True},
+            prod.in_tensors[0].shape,
+            [new_kernel, new_bias],
+        )
+        meta = {**prod.meta, "bn_stats": _bn_stats(bn_node.op), "folded_bn": bn_node.name}
+        ed.replace(prod.name, replace(prod, op=folded, meta=meta))
+        ed.bypass(bn_node.name)
+        report.changed("fold_conv_bn", bn_node.name, f"folded into {prod.name}")
+    return ed.graph()
+
+
+def convert_bn_to_dwconv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
+    """Every remaining BatchNormalization becomes a 1x1 DepthwiseConv2D (4-D) or a `ScaleShift` layer."""
+    import keras
+
+    from qstrat.layers import ScaleShift
+
+    ed = Editor(graph)
+    done: dict[int, object] = {}
+    for node in ed.walk():
+        if node.type_name != "BatchNormalization":
+            continue
+        if not _channel_axis_ok(node):
+            report.skipped("convert_bn_to_dwconv", node.name, f"axis {node.op.axis} is not the channel (last) axis")
+            continue
+        bn = node.op
+        shape = node.in_tensors[0].shape
+        if id(bn) not in done:
+            k, shift = bn_affine(bn)
+            k, shift = k.astype(np.float32), shift.astype(np.float32)
+            if len(shape) == 4:
+                cfg_dw = {"name": bn.name, "kernel_size": 1, "use_bias": True, "dtype": bn.get_config().get("dtype")}
+                done[id(bn)] = built_layer(keras.layers.DepthwiseConv2D, cfg_dw, shape, [k.reshape(1, 1, -1, 1), shift])
+            else:
+                done[id(bn)] = built_layer(ScaleShift, {"name": bn.name}, shape, [k, shift])
+        new = done[id(bn)]
+        meta = {**node.meta, "bn_stats": _bn_stats(bn)}
+        ed.replace(node.name, replace(node, op=new, arguments=None, meta=meta))
+        report.changed("convert_bn_to_dwconv", node.name, f"BatchNormalization -> {type(new).__name__}")
+    return ed.graph()
