@@ -8,6 +8,7 @@ calibrate it. The user's model is read, never changed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,8 @@ from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
+from qstrat.passes.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot
+from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, insert
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
@@ -52,6 +54,7 @@ class Quantizer:
         self.strategy: Strategy = load_strategy(quantize_strategy, custom_quantize_strategy, self.custom_objects)
         self.report: QuantizeReport | None = None
         self.optimize_report: OptimizeReport | None = None
+        self.bias_corrections: list[Correction] = []
 
     def _strategy(self, overrides: Mapping[str, Any]) -> Strategy:
         if not overrides:
@@ -95,21 +98,31 @@ class Quantizer:
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
         strategy = self._strategy(overrides)
+        bias_corr = strategy.refine["include_bias_corr"]
+        if bias_corr and is_one_shot(calib_dataset):
+            warnings.warn(ONE_SHOT_MESSAGE, stacklevel=2)
+            bias_corr = False
         graph = self._optimized_graph(strategy)
         annotation = annotate(graph, strategy, self.custom_objects)
         qgraph, taps = insert(graph, annotation)
         qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
         calibrate_weights(qmodel)
-        calibrate_activations(
-            qmodel,
-            graph,
-            taps,
-            calib_dataset,
-            calib_steps,
-            calib_batch_size,
-            strategy.quantize["calib_position_policy"],
-            verbose,
-        )
+        with quiet_probes():
+            calibrate_activations(
+                qmodel,
+                graph,
+                taps,
+                calib_dataset,
+                calib_steps,
+                calib_batch_size,
+                strategy.quantize["calib_position_policy"],
+                verbose,
+            )
+            self.bias_corrections = []
+            if bias_corr:
+                self.bias_corrections = correct_biases(
+                    qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose
+                )
         self.report = annotation.report
         return qmodel
 

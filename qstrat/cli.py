@@ -76,7 +76,17 @@ def cmd_quantize(args) -> int:
         strategy, custom = "pof2s", args.strategy
     q = qstrat.Quantizer(model, strategy, custom)
     qmodel = q.quantize_model(data, args.calib_steps, args.batch_size, verbose=1, **_parse_set(args.set))
+    if q.optimize_report is not None and q.optimize_report.events:
+        print("optimize stage:")
+        print(q.optimize_report.table())
+        print()
     print(q.report.table())
+    if q.bias_corrections:
+        worst = max(q.bias_corrections, key=lambda c: c.max_abs_shift)
+        print(
+            f"\nbias correction: {len(q.bias_corrections)} layers corrected "
+            f"(largest mean shift removed: {worst.max_abs_shift:.3g} in {worst.layer})"
+        )
     if args.out:
         tmp = args.out + ".tmp.keras"
         qmodel.save(tmp)

@@ -40,6 +40,8 @@ def test_quantize_writes_a_model_and_prints_the_report(tmp_path, capsys):
     assert rc == 0 and out.exists()
     text = capsys.readouterr().out
     assert "c " in text and "quantized" in text and "kernel (Pof2SQuantizer, 4-bit)" in text
+    assert "optimize stage:" in text and "activation 'relu' moved to c_relu" in text
+    assert "bias correction: 2 layers corrected" in text
     info = get_quantize_info(keras.models.load_model(out))
     assert info["c"]["kernel"]["bit_width"] == 4 and info["g"]["output"]["round_mode"] == "HALF_TO_EVEN"
 

@@ -8,6 +8,8 @@ stream (`qstrat.calibration`), so memory does not depend on the dataset's size.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
@@ -15,6 +17,29 @@ from qstrat.calibration.data import iterate_batches
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import StatsTap
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
+
+
+@contextlib.contextmanager
+def quiet_probes():
+    """Silence TensorFlow's "retracing" warning while qstrat traces its own probe models.
+
+    Every probe model is new, so its first ``predict_on_batch`` traces once; after
+    a few of them TensorFlow warns about retracing, which says nothing useful here.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def input_specs(model) -> list[tuple]:

@@ -186,7 +186,7 @@ def test_layer_config_ignore_layers_and_unsigned_rule(views):
 def test_input_layers_get_the_input_quantizer(views):
     r = resolve_views(load_strategy("pof2s", input_bit=6), views)
     out = r["image"].target("output")
-    assert out.target_type == "input" and out.params["bit_width"] == 6 and out.params["method"] == "No_OF"
+    assert out.target_type == "input" and out.params["bit_width"] == 6 and out.params["method"] == "Min_MSE"
 
 
 def test_target_disabled_by_a_later_rule(views):
