@@ -6,9 +6,10 @@ graph means a few kilobytes cross from the backend to NumPy per batch instead
 of every activation, and the binning runs in the backend's kernels.
 
 The histogram is bit-identical to `qstrat.quantizers.stats.bin_counts`: the
-exponent k is the smallest with max|x| < 2^k, found exactly (log2, then
-corrected with exact powers of two), and the bin index floor(x * 2^(log2 N - k))
-is exact because the multiplier is a power of two.
+exponent k is the smallest with max|x| < 2^k, read exactly from the float32
+exponent bits (a few integer ops, so the probe graph stays small and quick to
+trace), and the bin index floor(x * 2^(log2 N - k)) is exact because the
+multiplier is a power of two.
 """
 
 from __future__ import annotations
@@ -22,12 +23,21 @@ from qstrat.quantizers.stats import EMPTY_EXPONENT
 
 
 def _exponent(amax):
-    """Smallest integer k with amax < 2^k (EMPTY_EXPONENT for 0), exact."""
-    safe = ops.where(amax > 0, amax, ops.ones_like(amax))
-    k = ops.floor(ops.log2(safe)) + 1.0
-    k = ops.where(ops.power(2.0, k - 1.0) > safe, k - 1.0, k)
-    k = ops.where(ops.power(2.0, k) <= safe, k + 1.0, k)
+    """Smallest integer k >= -126 with amax < 2^k (EMPTY_EXPONENT for 0), exact, from the float32 bits.
+
+    A normal float32 with biased exponent field E lies in [2^(E-127), 2^(E-126)),
+    so k = E - 126. Subnormals (E = 0) give -126, an upper bound that the
+    caller's clamp to -114 makes irrelevant. (TensorFlow's CPU kernels flush
+    subnormals to zero anyway, so a tensor of only subnormals reads as empty.)
+    """
+    field = ops.bitwise_and(ops.right_shift(ops.view(amax, "int32"), 23), 255)
+    k = ops.cast(field - 126, "float32")
     return ops.where(amax > 0, k, ops.full_like(k, float(EMPTY_EXPONENT)))
+
+
+def _pow2(e):
+    """2.0 ** e for integer-valued float32 e in [-126, 127], exact, built from its bit pattern."""
+    return ops.view(ops.left_shift(ops.cast(e, "int32") + 127, 23), "float32")
 
 
 class StatsTap(keras.layers.Layer):
@@ -47,8 +57,9 @@ class StatsTap(keras.layers.Layer):
         amax = ops.maximum(-lo, hi)
         # Exponents below -114 would overflow the float32 multiplier; such tiny
         # tensors get coarser bins, reported with the exponent actually used.
-        k = ops.where(amax > 0, ops.maximum(_exponent(amax), -114.0), _exponent(amax))
-        scale = ops.where(amax > 0, ops.power(2.0, float(math.log2(n)) - k), ops.ones_like(k))
+        e = _exponent(amax)
+        k = ops.where(amax > 0, ops.maximum(e, -114.0), e)
+        scale = ops.where(amax > 0, _pow2(float(math.log2(n)) - k), ops.ones_like(k))
         # Beyond float32's range the product would overflow or vanish; such a
         # tensor is left to the NumPy path (the caller checks the exponent).
         # No clip needed: k comes from this tensor's own extremes, so every index is in [0, 2n).
