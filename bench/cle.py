@@ -6,9 +6,11 @@ Prints, in one run:
    (`zoo.rescale_channels_through_relu`: in every BN -> ReLU -> conv chain the
    BN's output channels are scaled by factors spread 100x and the conv's input
    channels divided by them), as the max relative difference of the logits;
-2. test accuracy (355 digits) of the original and the rescaled model: float,
-   pof2s 8-bit per-tensor PTQ without CLE (``include_cle=False``) and with CLE
-   (``include_cle=True``), calibrated on the first 200 training digits;
+2. test accuracy (355 digits) and logit SQNR against float of the original
+   and the rescaled model: float, then the built-in pof2s strategy (8-bit
+   per-tensor PTQ, bias correction on) without CLE (``include_cle=False``),
+   with CLE, and with CLE plus bias absorption (``cle_bias_absorption=True``),
+   calibrated on the first 200 training digits;
 3. the targets, PASS/FAIL from the measured numbers: rescaled without CLE
    collapses (at least 10 points below float), rescaled with CLE within 1 point
    of float, original with CLE no more than 0.2 points below without CLE;
@@ -38,23 +40,35 @@ CLE_RECOVERY_POINTS = 1.0  # rescaled with CLE: within this many points of float
 CLE_HARM_POINTS = 0.2  # original: CLE may cost at most this many points
 
 
-def accuracy(model, x, y) -> float:
-    return float(np.mean(np.argmax(model.predict(x, verbose=0, batch_size=128), axis=-1) == y))
-
-
 def max_rel_diff(ref, out) -> float:
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
     return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
 
 
+VARIANTS = (
+    ("no_cle", {"include_cle": False}),
+    ("cle", {"include_cle": True}),
+    ("cle_absorb", {"include_cle": True, "cle_bias_absorption": True}),
+)
+
+
+def sqnr_db(ref, out) -> float:
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((out - ref) ** 2), 1e-30)))
+
+
 def measure(model, calib, x_test, y_test) -> dict:
+    """Float accuracy, then accuracy and logit SQNR of each pof2s variant (the built-in strategy otherwise)."""
     import qstrat
 
-    row = {"float": accuracy(model, x_test, y_test)}
-    for key, cle in (("no_cle", False), ("cle", True)):
+    y_float = model.predict(x_test, verbose=0, batch_size=128)
+    row = {"float": float(np.mean(np.argmax(y_float, axis=-1) == y_test))}
+    for key, overrides in VARIANTS:
         q = qstrat.Quantizer(model, "pof2s")
-        qmodel = q.quantize_model(calib, calib_batch_size=32, verbose=0, include_cle=cle)
-        row[key] = accuracy(qmodel, x_test, y_test)
+        qmodel = q.quantize_model(calib, calib_batch_size=32, verbose=0, **overrides)
+        y_q = qmodel.predict(x_test, verbose=0, batch_size=128)
+        row[key] = float(np.mean(np.argmax(y_q, axis=-1) == y_test))
+        row[key + "_sqnr"] = sqnr_db(y_float, y_q)
     return row
 
 
@@ -90,12 +104,11 @@ def main() -> int:
         t = time.perf_counter()
         rows[name] = measure(m, calib, x_test, y_test)
         rows[name]["seconds"] = time.perf_counter() - t
-    print(f"\n2. Test accuracy, {len(y_test)} digits (pof2s 8-bit, {len(calib)} calibration digits)")
-    print(f"{'model':<10} {'float':>7} {'no CLE':>7} {'CLE':>7} {'seconds':>8}")
+    print(f"\n2. Test accuracy and logit SQNR, {len(y_test)} digits (pof2s 8-bit, {len(calib)} calibration digits)")
+    print(f"{'model':<10} {'float':>7} {'no CLE':>14} {'CLE':>14} {'CLE + absorb':>14} {'seconds':>8}")
     for name, r in rows.items():
-        print(
-            f"{name:<10} {100 * r['float']:>7.2f} {100 * r['no_cle']:>7.2f} {100 * r['cle']:>7.2f} {r['seconds']:>8.1f}"
-        )
+        cells = " ".join(f"{100 * r[k]:>6.2f} {r[k + '_sqnr']:>5.1f}dB" for k, _ in VARIANTS)
+        print(f"{name:<10} {100 * r['float']:>7.2f} {cells} {r['seconds']:>8.1f}")
 
     o, s = rows["original"], rows["rescaled"]
     checks = [
@@ -120,10 +133,11 @@ def main() -> int:
         print(f"{text:<62} {drop:>7.2f} {'PASS' if ok else 'FAIL'}")
 
     print("\n4. Markdown\n")
-    print("| model | float | pof2s no CLE | pof2s with CLE |")
-    print("|---|---:|---:|---:|")
+    print("| model | float | pof2s no CLE | pof2s with CLE | pof2s, CLE + bias absorption |")
+    print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {100 * r['float']:.2f} | {100 * r['no_cle']:.2f} | {100 * r['cle']:.2f} |")
+        cells = " | ".join(f"{100 * r[k]:.2f} ({r[k + '_sqnr']:.1f} dB)" for k, _ in VARIANTS)
+        print(f"| {name} | {100 * r['float']:.2f} | {cells} |")
     print(f"\nmodel load {t_load:.1f} s, total {time.perf_counter() - t0:.1f} s")
     return 0
 
