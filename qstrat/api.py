@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from qstrat.errors import ConfigError
+from qstrat.errors import ConfigError, did_you_mean
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
@@ -103,6 +103,7 @@ class Quantizer:
             warnings.warn(ONE_SHOT_MESSAGE, stacklevel=2)
             bias_corr = False
         graph = self._optimized_graph(strategy)
+        _warn_unknown_layer_names(strategy, graph, self.optimize_report)
         annotation = annotate(graph, strategy, self.custom_objects)
         qgraph, taps = insert(graph, annotation)
         qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
@@ -132,6 +133,22 @@ class Quantizer:
     def set_quantize_strategy(self, new_quantize_strategy) -> Strategy:
         self.strategy = set_quantize_strategy(self.strategy, new_quantize_strategy, self.custom_objects)
         return self.strategy
+
+
+def _warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeReport | None) -> None:
+    """Warn about names in ignore_layers / layer_config that no layer of the optimized model answers to."""
+    known = {n.layer_name for n in graph.nodes} | {n.meta["origin"] for n in graph.nodes if n.meta.get("origin")}
+    for key in ("ignore_layers", "layer_config"):
+        for name in strategy.user[key]:
+            if name in known:
+                continue
+            why = [e.detail for e in (report.events if report else []) if e.node == name and e.kind == "changed"]
+            hint = f" The optimize stage changed it: {why[0]}." if why else f" {did_you_mean(name, known) or ''}"
+            warnings.warn(
+                f'user_defined_quantize_config.{key} names "{name}", but no layer of the optimized model '
+                f"has that name, so the setting does nothing.{hint}".rstrip(),
+                stacklevel=3,
+            )
 
 
 def _rebuild_quantized(qgraph: Graph, name: str):

@@ -99,5 +99,5 @@ def views(graph: Graph):
 
     built: dict[str, NodeView] = {}
     for n in graph.nodes:
-        built[n.name] = NodeView(n.name, n.op, tuple(built[r.node] for r in n.inputs))
+        built[n.name] = NodeView(n.name, n.op, tuple(built[r.node] for r in n.inputs), n.meta.get("origin"))
     return list(built.values())

@@ -13,8 +13,9 @@ passes; parallel branches share passes). The shift is removed:
 - or, for a layer with no bias followed by a BatchNormalization (the fs
   strategy keeps BN unfolded), from that BN: ``moving_mean += shift``.
 
-The float means are measured in one pass; the quantized ones need a pass per
-level, so the data must be re-iterable (an
+Each pass measures the float and the quantized outputs of the same batches
+(so shuffled or augmented data is fine); there is a pass per level, so the
+data must be re-iterable (an
 array, a tf.data.Dataset or a PyDataset). With a one-shot generator the API
 skips this pass with a warning that says how to get it.
 The reference tool's version of this pass was disabled and added the shift
@@ -116,20 +117,23 @@ def correct_biases(qmodel, float_graph: Graph, data, steps=None, batch_size=32, 
     if not targets:
         return []
     specs = input_specs(qmodel)
-    base = rebuild(float_graph, outputs=[ref for _, ref, _ in targets])
-    outs = base.outputs if isinstance(base.outputs, list) else [base.outputs]
-    float_probe = _sums_model(base.inputs, outs, "bias_correction_float")
-    float_means = _channel_means(float_probe, data, specs, batch_size, steps)
-    # One probe for every target (traced once). Each pass corrects the targets of one level: those
-    # whose upstream targets were all corrected by earlier passes, so no correction is measured twice.
-    probe = _sums_model(qmodel.inputs, [w.output for w, _, _ in targets], "bias_correction_quantized")
+    # One probe, traced once, computes the float and the quantized layer outputs of the same batch,
+    # so shuffled or augmented data cannot make the two means come from different samples.
+    float_model = rebuild(float_graph, outputs=[ref for _, ref, _ in targets])
+    inputs = list(qmodel.inputs)
+    float_outs = float_model(inputs[0] if len(inputs) == 1 else inputs)
+    float_outs = list(float_outs) if isinstance(float_outs, (list, tuple)) else [float_outs]
+    probe = _sums_model(inputs, float_outs + [w.output for w, _, _ in targets], "bias_correction_probe")
+    n = len(targets)
+    # Each pass corrects the targets of one level: those whose upstream targets were all
+    # corrected by earlier passes, so no correction is measured twice.
     levels = _levels(float_graph, [ref.node for _, ref, _ in targets])
     done = []
     bar = keras.utils.Progbar(max(levels) + 1, unit_name="pass", verbose=verbose) if verbose else None
     for level in range(max(levels) + 1):
-        q_means = _channel_means(probe, data, specs, batch_size, steps)
+        means = _channel_means(probe, data, specs, batch_size, steps)
         for k in (k for k, lv in enumerate(levels) if lv == level):
-            done.append(_correct(targets[k], q_means[k] - float_means[k], _assign))
+            done.append(_correct(targets[k], means[n + k] - means[k], _assign))
         if bar is not None:
             bar.update(level + 1)
     return done
@@ -154,17 +158,18 @@ def _levels(graph: Graph, target_nodes: list[str]) -> list[int]:
 
 
 def _correct(target, shift: np.ndarray, assign) -> Correction:
-    from keras import ops
 
     wrapper, _, bn = target
     if bn is None:
         bias = wrapper.layer.bias
-        bias.assign((ops.convert_to_numpy(bias).astype(np.float64) - shift).astype(bias.dtype))
+        new = bias.numpy().astype(np.float64) - shift
+        bias.assign(new.astype(bias.dtype))
         if "bias" in wrapper.quantizers:
-            assign(wrapper.state["bias"], wrapper.quantizers["bias"].state_from_tensor(ops.convert_to_numpy(bias)))
+            state = wrapper.quantizers["bias"].state_from_tensor(bias.numpy())
+            assign(wrapper.state["bias"], state)
         where = "bias"
     else:
         mean = bn.moving_mean
-        mean.assign((ops.convert_to_numpy(mean).astype(np.float64) + shift).astype(mean.dtype))
+        mean.assign((mean.numpy().astype(np.float64) + shift).astype(mean.dtype))
         where = f"{bn.name}.moving_mean"
     return Correction(wrapper.layer.name, where, float(np.abs(shift).max()))

@@ -53,12 +53,10 @@ def _assign(state: dict, values: dict) -> None:
 
 def calibrate_weights(qmodel) -> None:
     """Set the state of every weight quantizer from the weight it quantizes."""
-    from keras import ops
-
     for layer in qmodel.layers:
         if isinstance(layer, QuantizeWrapper):
             for attr, q in layer.quantizers.items():
-                _assign(layer.state[attr], q.state_from_tensor(ops.convert_to_numpy(getattr(layer.layer, attr))))
+                _assign(layer.state[attr], q.state_from_tensor(getattr(layer.layer, attr).numpy()))
 
 
 def fake_quant_layers(qmodel) -> list[FakeQuant]:

@@ -268,4 +268,6 @@ def _check_policy(policy):
 def _to_numpy(v):
     from keras import ops
 
+    if hasattr(v, "numpy") and hasattr(v, "assign"):
+        return v.numpy()  # a Keras Variable: numpy() avoids NumPy 2's copy-keyword warning
     return ops.convert_to_numpy(v)

@@ -50,11 +50,22 @@ class LayerView(Protocol):
 
 @dataclass(frozen=True)
 class NodeView:
-    """A plain `LayerView`: a layer, its name and the views of its inputs."""
+    """A plain `LayerView`: a layer, its name and the views of its inputs.
+
+    ``origin`` is the user's layer this one was made from by an optimize pass
+    (a SeparableConv2D's two halves, a conv's separated activation): names in
+    ``layer_name``, ``ignore_layers`` and ``layer_config`` match it too.
+    """
 
     name: str
     layer: Any
     inputs: tuple[NodeView, ...] = ()
+    origin: str | None = None
+
+
+def _names(name: str, layer, origin: str | None) -> tuple[str, ...]:
+    own = getattr(layer, "name", name)
+    return (own,) if not origin or origin == own else (own, origin)
 
 
 # ---- matching -------------------------------------------------------------------------------
@@ -112,7 +123,9 @@ class Matcher:
             pattern = self.strategy.pattern(pattern.pattern)
         if not self.type_matches(pattern, node.layer):
             return False
-        if pattern.layer_name and not re.fullmatch(pattern.layer_name, getattr(node.layer, "name", node.name)):
+        if pattern.layer_name and not any(
+            re.fullmatch(pattern.layer_name, n) for n in _names(node.name, node.layer, getattr(node, "origin", None))
+        ):
             return False
         if pattern.layer_params:
             config = _config(node.layer)
@@ -253,8 +266,11 @@ def resolve_views(
                         )
                     )
     layers = {v.name: v.layer for v in views}
+    origins = {v.name: getattr(v, "origin", None) for v in views}
     return {
-        name: _resolve_one(strategy, name, layers.get(name), contributions[name], matched_rules[name])
+        name: _resolve_one(
+            strategy, name, layers.get(name), contributions[name], matched_rules[name], origins.get(name)
+        )
         for name in contributions
     }
 
@@ -312,11 +328,14 @@ def _has_weight(layer, attr: str) -> bool:
     return value is not None and hasattr(value, "shape") and hasattr(value, "assign")
 
 
-def _resolve_one(strategy: Strategy, name: str, layer, contribs: list, rules: list) -> LayerQuantConfig:
+def _resolve_one(
+    strategy: Strategy, name: str, layer, contribs: list, rules: list, origin: str | None = None
+) -> LayerQuantConfig:
     user = strategy.user
-    layer_name = getattr(layer, "name", name)  # the k-th call of a shared layer is "name@k"
-    if layer_name in user["ignore_layers"]:
+    names = _names(name, layer, origin)  # the k-th call of a shared layer is "name@k"; its layer is "name"
+    if any(n in user["ignore_layers"] for n in names):
         return LayerQuantConfig(name, (), tuple(rules), "ignored by user_defined_quantize_config.ignore_layers")
+    layer_name = next((n for n in names if n in user["layer_config"]), names[0])
     precision = user["layer_config"].get(layer_name)
     if precision is not None and precision.startswith(("float", "bfloat")):
         return LayerQuantConfig(

@@ -52,9 +52,7 @@ class _Pair:
 
 
 def _np(v) -> np.ndarray:
-    from keras import ops
-
-    return np.asarray(ops.convert_to_numpy(v), dtype=np.float64)
+    return np.asarray(v.numpy(), dtype=np.float64)  # Variable.numpy(): no NumPy 2 copy warning
 
 
 def _act_kind(node: Node, to_relu6: bool) -> str | None:

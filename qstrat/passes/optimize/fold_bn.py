@@ -27,9 +27,7 @@ from qstrat.passes.optimize.report import OptimizeReport
 
 
 def _np(v) -> np.ndarray:
-    from keras import ops
-
-    return np.asarray(ops.convert_to_numpy(v), dtype=np.float64)
+    return np.asarray(v.numpy(), dtype=np.float64)  # Variable.numpy(): no NumPy 2 copy warning
 
 
 def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
@@ -122,11 +120,20 @@ def convert_bn_to_dwconv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> 
             continue
         bn = node.op
         shape = node.in_tensors[0].shape
+        if len({tuple(n.in_tensors[0].shape[1:]) for n in ed.calls(bn)}) > 1:
+            report.skipped("convert_bn_to_dwconv", node.name, "shared by calls on tensors of different shapes")
+            continue
         if id(bn) not in done:
             k, shift = bn_affine(bn)
             k, shift = k.astype(np.float32), shift.astype(np.float32)
             if len(shape) == 4:
-                cfg_dw = {"name": bn.name, "kernel_size": 1, "use_bias": True, "dtype": bn.get_config().get("dtype")}
+                cfg_dw = {
+                    "name": bn.name,
+                    "kernel_size": 1,
+                    "use_bias": True,
+                    "data_format": "channels_last",
+                    "dtype": bn.get_config().get("dtype"),
+                }
                 done[id(bn)] = built_layer(keras.layers.DepthwiseConv2D, cfg_dw, shape, [k.reshape(1, 1, -1, 1), shift])
             else:
                 done[id(bn)] = built_layer(ScaleShift, {"name": bn.name}, shape, [k, shift])

@@ -2,8 +2,12 @@
 
 Every pass maps a float `Graph` to a float `Graph` (`simplify`, `fold_bn`,
 `cle`), so ``optimize`` never touches a Keras model: the caller rebuilds one.
-Parameter keys (``cle_steps``, ...) and QAT keys (``train_with_bn``) are read
-by the passes, not run.
+Parameter keys (``cle_steps``, ...) are read by the passes; keys that name no
+pass here (``train_with_bn``, for QAT) are not run by this stage.
+
+The order is the config's key order. A strategy merged over a built-in keeps
+the built-in's order (overriding a value does not move its key); a strategy
+with ``"base": ""`` runs its passes in the order it lists them.
 """
 
 from __future__ import annotations

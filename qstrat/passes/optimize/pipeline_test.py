@@ -86,3 +86,43 @@ def test_quantize_model_quantizes_the_optimized_graph():
     info = qstrat.get_quantize_info(qmodel)
     assert "sep_bn" not in info and "fc_bn" not in info
     assert {"kernel", "bias"} <= set(info["sep_pointwise"]) and "kernel" in info["sep_depthwise"]
+
+
+def test_user_layer_settings_follow_layers_the_passes_split():
+    i = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, activation="relu", name="c")(i)
+    x = L.SeparableConv2D(4, 3, name="sep")(x)
+    model = keras.Model(i, L.Dense(2, name="d")(L.Flatten()(x)))
+    custom = {
+        "quantize_registry_config": {
+            "user_defined_quantize_config": {"ignore_layers": ["c"], "layer_config": {"sep": "float32"}}
+        }
+    }
+    q = qstrat.Quantizer(model, "pof2s", custom)
+    q.quantize_model(rand(8, 8, 8, 3), verbose=0)
+    rep = q.report.layers
+    for name in ("c", "c_relu"):  # c_relu: the activation separated from c
+        assert rep[name].status == "skipped" and "ignore_layers" in rep[name].reason, name
+    for name in ("sep_depthwise", "sep_pointwise"):
+        assert rep[name].status == "skipped" and "float32" in rep[name].reason, name
+    assert rep["d"].status == "quantized"
+
+
+def test_a_custom_strategy_over_a_builtin_keeps_the_builtin_order():
+    s = load_strategy("pof2s", {"optimize_pipeline_config": {"include_cle": True, "fold_conv_bn": True}})
+    keys = [k for k in s.optimize if k in ("separable_conv", "fold_conv_bn", "include_cle")]
+    assert keys == ["separable_conv", "fold_conv_bn", "include_cle"]
+
+
+def test_a_user_setting_for_a_folded_or_missing_layer_warns():
+    model = _model()
+    custom = {
+        "quantize_registry_config": {
+            "user_defined_quantize_config": {"ignore_layers": ["fc_bn"], "layer_config": {"stme": "float32"}}
+        }
+    }
+    with pytest.warns(UserWarning) as record:
+        qstrat.Quantizer(model, "pof2s", custom).quantize_model(rand(8, 12, 12, 3), verbose=0)
+    text = "\n".join(str(w.message) for w in record)
+    assert 'ignore_layers names "fc_bn"' in text and "folded into fc" in text
+    assert 'layer_config names "stme"' in text and 'Did you mean "stem"?' in text

@@ -38,6 +38,11 @@ WITH_ACTIVATION = (
 )
 
 
+def origin_of(node: Node) -> str:
+    """The user's layer a node comes from (itself unless a pass made it from another)."""
+    return node.meta.get("origin") or node.layer_name
+
+
 def remove_dropout(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
     """Drop Dropout, GaussianNoise and the other layers that only act in training."""
     ed = Editor(graph)
@@ -97,7 +102,8 @@ def separate_conv_act(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Gra
         act_layer = keras.layers.Activation(act, name=act_name)
         ed.redirect(TensorRef(node.name, 0), TensorRef(act_name, 0))
         out_shape = linear[id(node.op)].compute_output_shape(node.in_tensors[0].shape)
-        ed.insert_after(node.name, new_node(act_name, act_layer, [TensorRef(node.name, 0)], [out_shape]))
+        meta = {"origin": origin_of(node)}
+        ed.insert_after(node.name, new_node(act_name, act_layer, [TensorRef(node.name, 0)], [out_shape], meta=meta))
         report.changed("separate_conv_act", node.name, f"activation '{_activation_name(act)}' moved to {act_name}")
     return ed.graph()
 
@@ -145,17 +151,19 @@ def separable_conv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
         first = node.name == sep.name and dw.name not in taken and pw.name not in taken
         dw_node = dw.name if first else ed.unique(f"{node.name.replace('@', '_')}_depthwise")
         pw_node = pw.name if first else ed.unique(f"{node.name.replace('@', '_')}_pointwise")
-        ed.replace(node.name, replace(node, name=dw_node, op=dw, meta=dict(node.meta)))
-        ed.insert_after(dw_node, new_node(pw_node, pw, [TensorRef(dw_node, 0)], [dw.compute_output_shape(shape)]))
+        meta = {**node.meta, "origin": origin_of(node)}
+        ed.replace(node.name, replace(node, name=dw_node, op=dw, meta=meta))
+        pw_in = [dw.compute_output_shape(shape)]
+        ed.insert_after(
+            dw_node, new_node(pw_node, pw, [TensorRef(dw_node, 0)], pw_in, meta={"origin": origin_of(node)})
+        )
         ed.redirect(TensorRef(dw_node, 0), TensorRef(pw_node, 0), skip={pw_node})
         report.changed("separable_conv", node.name, f"split into {dw_node} + {pw_node}")
     return ed.graph()
 
 
 def _np(v):
-    from keras import ops
-
-    return ops.convert_to_numpy(v)
+    return v.numpy()  # Variable.numpy(): no NumPy 2 copy warning
 
 
 def convert_relu6_to_relu(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
@@ -220,6 +228,8 @@ def _layer_for_op(node: Node):
     if t == "Concatenate":
         if not _tensor_args_only(node):
             return None, "has a constant operand"
+        if len(node.inputs) < 2:
+            return None, "concatenates a single tensor (a Concatenate layer needs two or more)"
         return L.Concatenate, {"axis": op.axis}
     if t in ("Relu", "Relu6", "Sigmoid"):
         if not _tensor_args_only(node):
@@ -233,9 +243,9 @@ def _layer_for_op(node: Node):
         axis = op.axis if isinstance(op.axis, (list, tuple)) else (op.axis,)
         axis = tuple(sorted(a % rank for a in axis)) if op.axis is not None else ()
         if rank == 4 and axis == (1, 2):
-            return L.GlobalAveragePooling2D, {"keepdims": bool(op.keepdims)}
+            return L.GlobalAveragePooling2D, {"keepdims": bool(op.keepdims), "data_format": "channels_last"}
         if rank == 3 and axis == (1,):
-            return L.GlobalAveragePooling1D, {"keepdims": bool(op.keepdims)}
+            return L.GlobalAveragePooling1D, {"keepdims": bool(op.keepdims), "data_format": "channels_last"}
         return None, f"mean over axes {op.axis} is not a spatial mean"
     if t == "Reshape":
         new = tuple(op.newshape)
@@ -255,9 +265,9 @@ def _layer_for_op(node: Node):
         if op.mode != "constant" or cv not in (None, 0, 0.0) or len(pads) != rank:
             return None, "only zero padding has a layer"
         if rank == 4 and pads[0] == (0, 0) and pads[3] == (0, 0):
-            return L.ZeroPadding2D, {"padding": (pads[1], pads[2])}
+            return L.ZeroPadding2D, {"padding": (pads[1], pads[2]), "data_format": "channels_last"}
         if rank == 3 and pads[0] == (0, 0) and pads[2] == (0, 0):
-            return L.ZeroPadding1D, {"padding": pads[1]}
+            return L.ZeroPadding1D, {"padding": pads[1], "data_format": "channels_last"}
         return None, "pads the batch or channel axis"
     return None, f"no Keras layer does keras.ops '{t}'"
 

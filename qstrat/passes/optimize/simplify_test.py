@@ -135,3 +135,22 @@ def test_ops_that_move_the_batch_axis_stay(run_pass):
     new, report, rel = run_pass(simplify.convert_tf_op_to_keras, model, rand(3, 4, 6))
     assert rel == 0.0 and not report.of("convert_tf_op_to_keras", "changed")
     assert any("batch axis" in e.detail for e in report.events)
+
+
+def test_new_layers_are_channels_last_whatever_the_global_format(run_pass):
+    i = keras.Input((6, 5, 3))
+    model = keras.Model(i, [ops.mean(i, axis=(1, 2)), ops.pad(i, ((0, 0), (1, 1), (0, 0), (0, 0)))])
+    old = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        new, report, rel = run_pass(simplify.convert_tf_op_to_keras, model, rand(2, 6, 5, 3))
+    finally:
+        keras.config.set_image_data_format(old)
+    assert rel <= 1e-6 and len(report.of("convert_tf_op_to_keras", "changed")) == 2
+
+
+def test_a_single_tensor_concatenate_stays_an_operation(run_pass):
+    i = keras.Input((4,))
+    model = keras.Model(i, ops.concatenate([i], axis=-1))
+    new, report, rel = run_pass(simplify.convert_tf_op_to_keras, model, rand(2, 4))
+    assert rel == 0.0 and "single tensor" in report.of("convert_tf_op_to_keras", "skipped")[0].detail
