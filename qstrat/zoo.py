@@ -141,6 +141,22 @@ def digits_split(seed: int = 0):
     return x[~test], y[~test], x[test], y[test]
 
 
+def _train_and_cache(model, x_train, y_train, path: str, verbose: int):
+    """Train a digits classifier (Adam 3e-3, 40 epochs), save it atomically to ``path`` and load it back."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=verbose)
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)  # atomic: a half-written cache is never read
+    return keras.models.load_model(path, compile=False)
+
+
 def digits_cnn(verbose: int = 0):
     """A small CNN trained on scikit-learn digits (cached after the first call).
 
@@ -172,16 +188,7 @@ def digits_cnn(verbose: int = 0):
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(0.2, name="drop")(x)
     model = keras.Model(i, keras.layers.Dense(10, name="logits")(x), name="digits_cnn")
-    model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=verbose)
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)  # atomic: a half-written cache is never read
-    return keras.models.load_model(path, compile=False)
+    return _train_and_cache(model, x_train, y_train, path, verbose)
 
 
 def digits_mobilenet(verbose: int = 0):
@@ -213,16 +220,7 @@ def digits_mobilenet(verbose: int = 0):
         x = keras.layers.ReLU(name=f"pw{k}_relu")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(i, keras.layers.Dense(10, name="logits")(x), name="digits_mobilenet")
-    model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=verbose)
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)  # atomic: a half-written cache is never read
-    return keras.models.load_model(path, compile=False)
+    return _train_and_cache(model, x_train, y_train, path, verbose)
 
 
 def _is_plain_relu(layer) -> bool:

@@ -13,7 +13,7 @@ which is private API; tests pin the behaviour on every backend.
 from __future__ import annotations
 
 from qstrat.errors import QstratError
-from qstrat.graph.ir import Graph, Node, TensorRef
+from qstrat.graph.ir import Graph, Node, TensorRef, unique_name
 
 
 class UnsupportedModelError(QstratError, TypeError):
@@ -61,12 +61,7 @@ class _Capture:
         self.names: set[str] = set()
 
     def unique(self, name: str) -> str:
-        base, k = name, 1
-        while name in self.names:
-            name = f"{base}@{k}"
-            k += 1
-        self.names.add(name)
-        return name
+        return unique_name(name, self.names, sep="@")
 
     def run(self, model, feed: dict[int, TensorRef] | None) -> list[TensorRef]:
         """Add the nodes of ``model``; ``feed`` maps its input tensors to outer refs (nested)."""

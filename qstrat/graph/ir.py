@@ -93,6 +93,16 @@ class Graph:
         return out
 
 
+def unique_name(name: str, taken: set[str], sep: str = "_") -> str:
+    """``name``, or ``name<sep>1``, ``name<sep>2``, ... if taken; the result is added to ``taken``."""
+    base, k = name, 1
+    while name in taken:
+        name = f"{base}{sep}{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
 def views(graph: Graph):
     """The graph's nodes as `LayerView`s for strategy matching (inputs linked)."""
     from qstrat.strategy.match import NodeView

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from qstrat.graph.ir import Graph, Node, TensorRef
+from qstrat.graph.ir import Graph, Node, TensorRef, unique_name
 
 
 def symbolic(shape, dtype="float32"):
@@ -76,12 +76,7 @@ class Editor:
 
     def unique(self, name: str) -> str:
         """``name``, or ``name_1``, ``name_2``, ... if a node or layer has it already."""
-        base, k = name, 1
-        while name in self._names:
-            name = f"{base}_{k}"
-            k += 1
-        self._names.add(name)
-        return name
+        return unique_name(name, self._names)
 
     # ---- editing -----------------------------------------------------------------------------
 

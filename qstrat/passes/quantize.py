@@ -22,7 +22,7 @@ import enum
 import re
 from dataclasses import dataclass, field, replace
 
-from qstrat.graph.ir import Graph, Node, TensorRef, views
+from qstrat.graph.ir import Graph, Node, TensorRef, unique_name, views
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy, resolve_views
@@ -164,12 +164,7 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
     names = {n.name for n in graph.nodes}
 
     def unique(name: str) -> str:
-        base, k = name, 1
-        while name in names:
-            name = f"{base}_{k}"
-            k += 1
-        names.add(name)
-        return name
+        return unique_name(name, names)
 
     def fake_quant(t: ResolvedTarget, target: str) -> FakeQuant:
         if t.shared_key and t.shared_key in shared_fq:
