@@ -117,6 +117,21 @@ def iterate_batches(
         raise CalibrationDataError("the calibration dataset yielded no batches.")
 
 
+def count_batches(data: Any, batch_size: int, steps: int | None = None) -> int | None:
+    """How many batches `iterate_batches` will yield, when that is known up front (else None)."""
+    total = None
+    if isinstance(data, np.ndarray) and data.ndim > 0:
+        total = -(-len(data) // batch_size) if batch_size and batch_size > 0 else None
+    elif isinstance(data, (list, tuple, dict)) and _is_array_bundle(data):
+        first = next(iter(data.values() if isinstance(data, dict) else data))
+        total = -(-len(first) // batch_size) if batch_size and batch_size > 0 and first.ndim > 0 else None
+    elif hasattr(data, "__len__") and hasattr(data, "on_epoch_end"):  # PyDataset
+        total = len(data)
+    if total is None:
+        return steps
+    return total if steps is None else min(total, steps)
+
+
 def _is_array_bundle(data) -> bool:
     values = data.values() if isinstance(data, dict) else data
     return all(isinstance(v, np.ndarray) for v in values) and len(values) > 0

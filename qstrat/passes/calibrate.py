@@ -13,7 +13,7 @@ import contextlib
 import numpy as np
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
-from qstrat.calibration.data import iterate_batches
+from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import StatsTap
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
@@ -96,7 +96,7 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
     if verbose:
         import keras
 
-        bar = keras.utils.Progbar(steps, unit_name="batch", verbose=verbose)
+        bar = keras.utils.Progbar(count_batches(data, batch_size, steps), unit_name="batch", verbose=verbose)
     for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
         if probe is not None:
             outs = probe.predict_on_batch(list(batch))  # the probe takes a list of inputs
