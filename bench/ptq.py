@@ -5,7 +5,9 @@ Prints, in one run:
 1. float vs quantized accuracy on the digits CNN (355 test digits) and top-1
    agreement (all images, and faces only) plus output SQNR on the pretrained
    mini-Xception (348 real images), for the pof2s and fs strategies as built
-   in, and without bias correction or CLE (what each contributes);
+   in, and without bias correction or CLE (what each contributes), with the
+   reference tool's No_OF model inputs (pof2s) and with SeparableConv2D split
+   (fs): the two places the built-ins depart from it on measurement;
 2. the same agreement and SQNR for the built-in strategies over five random
    splits of the images into calibration and evaluation sets (the noise);
 3. calibration overhead: the wall time of calibrating (weights, then one
@@ -42,8 +44,10 @@ VARIANTS = (
     ("pof2s", {}),
     ("pof2s", {"include_bias_corr": False}),
     ("pof2s", {"include_cle": False}),
+    ("pof2s", {"input_method": "No_OF"}),
     ("fs", {}),
     ("fs", {"include_bias_corr": False}),
+    ("fs", {"separable_conv": True}),
 )
 
 
@@ -54,7 +58,7 @@ def accuracy_table() -> list[str]:
     digits, d_calib, d_test, d_labels = digits_task()
     fer, f_calib, f_eval, f_faces = faces_task()
     lines = [
-        f"{'model':<14} {'strategy':<8} {'overrides':<26} {'float acc':>9} {'quant acc':>9} {'agree all':>9} "
+        f"{'model':<14} {'strategy':<8} {'overrides':<28} {'float acc':>9} {'quant acc':>9} {'agree all':>9} "
         f"{'agree faces':>11} {'SQNR dB':>8}"
     ]
     for strategy, over in VARIANTS:
@@ -62,13 +66,13 @@ def accuracy_table() -> list[str]:
         q = qstrat.Quantizer(digits, strategy).quantize_model(d_calib, verbose=0, **over)
         r = evaluate(digits, q, d_test, labels=d_labels)
         lines.append(
-            f"{'digits CNN':<14} {strategy:<8} {label:<26} {100 * r['float_acc']:>9.2f} {100 * r['quant_acc']:>9.2f} "
+            f"{'digits CNN':<14} {strategy:<8} {label:<28} {100 * r['float_acc']:>9.2f} {100 * r['quant_acc']:>9.2f} "
             f"{100 * r['agreement']:>9.2f} {'-':>11} {r['sqnr_db']:>8.1f}"
         )
         q = qstrat.Quantizer(fer, strategy).quantize_model(f_calib, verbose=0, **over)
         r = evaluate(fer, q, f_eval, faces=f_faces)
         lines.append(
-            f"{'mini-Xception':<14} {strategy:<8} {label:<26} {'-':>9} {'-':>9} {100 * r['agreement']:>9.2f} "
+            f"{'mini-Xception':<14} {strategy:<8} {label:<28} {'-':>9} {'-':>9} {100 * r['agreement']:>9.2f} "
             f"{100 * r['agreement_faces']:>11.2f} {r['sqnr_db']:>8.1f}"
         )
     return lines

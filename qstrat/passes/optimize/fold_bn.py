@@ -30,19 +30,24 @@ def _np(v) -> np.ndarray:
     return np.asarray(v.numpy(), dtype=np.float64)  # Variable.numpy(): no NumPy 2 copy warning
 
 
+def _gamma_beta(bn) -> tuple[np.ndarray, np.ndarray]:
+    """gamma (1 without ``scale``) and beta (0 without ``center``), per channel."""
+    ones = np.ones(bn.moving_variance.shape)
+    gamma = _np(bn.gamma) if bn.scale else ones
+    beta = _np(bn.beta) if bn.center else 0.0 * ones
+    return gamma, beta
+
+
 def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     """(k, shift) with ``bn(x) == x * k + shift`` in inference."""
-    var = _np(bn.moving_variance)
-    gamma = _np(bn.gamma) if bn.scale else np.ones_like(var)
-    beta = _np(bn.beta) if bn.center else np.zeros_like(var)
-    k = gamma / np.sqrt(var + bn.epsilon)
+    gamma, beta = _gamma_beta(bn)
+    k = gamma / np.sqrt(_np(bn.moving_variance) + bn.epsilon)
     return k, beta - _np(bn.moving_mean) * k
 
 
 def _bn_stats(bn) -> tuple[np.ndarray, np.ndarray]:
-    var = _np(bn.moving_variance)
-    gamma = _np(bn.gamma) if bn.scale else np.ones_like(var)
-    beta = _np(bn.beta) if bn.center else np.zeros_like(var)
+    """The BN output's per-channel mean and spread: beta and |gamma|."""
+    gamma, beta = _gamma_beta(bn)
     return beta, np.abs(gamma)
 
 
