@@ -46,7 +46,7 @@ class Quantizer:
         custom_quantize_strategy: str | os.PathLike | Mapping | None = None,
         custom_objects: Mapping[str, type] | None = None,
     ):
-        capture(model)  # fails early, with a clear message, on models qstrat cannot read
+        _refuse_quantized(capture(model))  # fails early, with a clear message, on models qstrat cannot read
         self.model = model
         self.custom_objects = dict(custom_objects or {})
         self._base = quantize_strategy
@@ -135,6 +135,19 @@ class Quantizer:
         return self.strategy
 
 
+def _refuse_quantized(graph: Graph) -> None:
+    """A quantized model holds qstrat's quantizers already; quantizing it again would stack a second set."""
+    from qstrat.errors import UnsupportedError
+
+    found = [n.layer_name for n in graph.nodes if isinstance(n.op, (FakeQuant, QuantizeWrapper))]
+    if found:
+        raise UnsupportedError(
+            f"'{graph.name}' is already quantized: it holds {len(found)} qstrat quantizer layers "
+            f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}). Quantize the float model instead; "
+            "to change a quantized model's settings, quantize the float model again with the new strategy."
+        )
+
+
 def _warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeReport | None) -> None:
     """Warn about names in ignore_layers / layer_config that no layer of the optimized model answers to."""
     known = {n.layer_name for n in graph.nodes} | {n.meta["origin"] for n in graph.nodes if n.meta.get("origin")}
@@ -155,7 +168,7 @@ def _rebuild_quantized(qgraph: Graph, name: str):
     copies: dict[int, object] = {}
 
     def op_for(node):
-        if isinstance(node.op, (FakeQuant, QuantizeWrapper)) or type(node.op).__name__ == "InputLayer":
+        if node.meta.get("own_op") or isinstance(node.op, FakeQuant) or type(node.op).__name__ == "InputLayer":
             return node.op
         if id(node.op) not in copies:
             copies[id(node.op)] = copy_layer(node.op)

@@ -1,25 +1,29 @@
-"""The ``qstrat`` command: a thin layer over the Python API.
+"""The ``qstrat`` commands: a thin layer over the Python API.
 
-qstrat quantize MODEL.keras --calib DATA.npz [--strategy pof2s|fs|tqt|FILE.json]
-                [--set weight_bit=4 ...] [--out OUT.keras] [--calib-steps N] [--batch-size B]
-qstrat strategy show NAME [--verbose 0|1|2]
-qstrat strategy keys
-qstrat demo
+The argument parser lives in the launcher, `qstrat_cli`, so that ``--help``
+and usage errors answer before Keras is imported; `main` here is the same
+entry point, for ``python -m qstrat.cli``.
+
+Everything a command can check up front is checked before any work: the
+output path (a ``.keras`` file in a folder that exists), the model file, the
+custom objects, the calibration arrays against the model's inputs.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import os
 import sys
+import tempfile
+import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from qstrat.errors import CalibrationDataError, ConfigError, QstratError  # noqa: E402
+
 
 def _parse_set(items: list[str]) -> dict:
-    from qstrat.errors import ConfigError
-
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
@@ -32,16 +36,101 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _load_calib(path: str, key: str | None):
-    import numpy as np
+def check_out_path(out: str) -> str:
+    """The absolute path to write the quantized model to, or a clear error, before any work is done."""
+    path = os.path.abspath(out)
+    if os.path.isdir(path):
+        raise QstratError(
+            f"--out {out}: is a folder. Give a file name, e.g. --out {os.path.join(out, 'model_q.keras')}."
+        )
+    if not path.endswith(".keras"):
+        stem = os.path.splitext(out)[0]
+        raise QstratError(
+            f"--out {out}: the quantized model is written in the .keras format, which Keras loads only "
+            f"from a file ending in .keras. Use --out {stem}.keras."
+        )
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise QstratError(f"--out {out}: the folder {folder} does not exist. Create it first (mkdir -p {folder}).")
+    if not os.access(folder, os.W_OK):
+        raise QstratError(f"--out {out}: the folder {folder} is not writable.")
+    return path
 
-    from qstrat.errors import CalibrationDataError
+
+def save_atomically(model, path: str) -> None:
+    """Save a model to ``path`` through a temporary file in the same folder: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=".qstrat-", suffix=".keras", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_custom_objects(items: list[str] | None) -> dict[str, type]:
+    """``["mypkg.layers:MyConv", ...]`` -> ``{"MyConv": class}``, with errors that say what failed."""
+    out: dict[str, type] = {}
+    for item in items or []:
+        module, sep, name = item.partition(":")
+        if not sep or not module or not name:
+            raise QstratError(f'--custom-objects "{item}": expected MODULE:NAME, e.g. mypkg.layers:MyConv.')
+        sys.path.insert(0, os.getcwd())  # a module next to the user's files, as `python -m` would find it
+        try:
+            mod = importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure becomes one clear line
+            raise QstratError(
+                f'--custom-objects "{item}": cannot import {module} ({type(exc).__name__}: {exc}).'
+            ) from None
+        finally:
+            sys.path.pop(0)
+        if not hasattr(mod, name):
+            raise QstratError(f'--custom-objects "{item}": module {module} has no attribute "{name}".')
+        out[name] = getattr(mod, name)
+    return out
+
+
+def load_model(path: str, custom_objects: dict | None = None):
+    """A Keras model from a .keras file (or a legacy .h5), with one clear error for any problem."""
+    import keras
+
+    if not os.path.exists(path):
+        raise QstratError(f"{path}: no such model file.")
+    if os.path.isdir(path):
+        raise QstratError(f"{path}: is a folder; give a .keras model file.")
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise QstratError(
+            f"{path}: not a .keras model (a .keras file is a zip archive; this one is not, so it is damaged "
+            "or in another format). Save the model again with model.save('model.keras')."
+        )
+    if not path.endswith((".keras", ".h5", ".hdf5")):
+        raise QstratError(f"{path}: unknown model format; give a .keras file (or a legacy .h5/.hdf5).")
+    try:
+        return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
+        hint = ""
+        if "Could not locate" in str(exc) or "Unknown layer" in str(exc):
+            hint = " It uses a custom class: pass it with --custom-objects module:Name."
+        raise QstratError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc}).{hint}") from None
+
+
+def load_calib(path: str, key: str | None, input_names: list[str]):
+    """Calibration arrays from a .npy or .npz, matched to the model's inputs by name."""
+    import numpy as np
 
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CalibrationDataError(f"{path}: cannot read calibration data ({exc}). Give a .npy or .npz file.") from None
     if isinstance(data, np.ndarray):
+        if len(input_names) > 1:
+            raise CalibrationDataError(
+                f"{path}: one array for a model with {len(input_names)} inputs ({', '.join(input_names)}). "
+                "Save one array per input, named after it: np.savez(path, "
+                + ", ".join(f"{n}=..." for n in input_names)
+                + ")."
+            )
         return data
     names = list(data.files)
     if key is not None:
@@ -50,31 +139,37 @@ def _load_calib(path: str, key: str | None):
         return data[key]
     if not names:
         raise CalibrationDataError(f"{path}: the archive holds no arrays.")
-    return data[names[0]] if len(names) == 1 else [data[n] for n in names]
-
-
-def _load_model(path: str):
-    import keras
-
-    from qstrat.errors import QstratError
-
-    if not os.path.exists(path):
-        raise QstratError(f"{path}: no such model file.")
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
-        raise QstratError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc}).") from None
+    if len(input_names) == 1:
+        if len(names) == 1:
+            return data[names[0]]
+        if input_names[0] in names:
+            return data[input_names[0]]
+        raise CalibrationDataError(
+            f"{path}: {len(names)} arrays ({', '.join(names)}) for a model with one input ('{input_names[0]}'). "
+            "Pick one with --calib-key NAME, or save a single array."
+        )
+    if set(names) == set(input_names):
+        return {n: data[n] for n in input_names}
+    positional = [f"arr_{i}" for i in range(len(names))]
+    if names == positional and len(names) == len(input_names):
+        return [data[n] for n in names]  # np.savez(path, a, b): in the model's input order
+    raise CalibrationDataError(
+        f"{path}: the arrays are named {', '.join(names)}, but the model's inputs are {', '.join(input_names)}. "
+        "Name each array after the input it feeds: np.savez(path, " + ", ".join(f"{n}=..." for n in input_names) + ")."
+    )
 
 
 def cmd_quantize(args) -> int:
     import qstrat
 
-    model = _load_model(args.model)
-    data = _load_calib(args.calib, args.calib_key)
+    out = check_out_path(args.out) if args.out else None
+    custom_objects = load_custom_objects(args.custom_objects)
+    model = load_model(args.model, custom_objects)
+    data = load_calib(args.calib, args.calib_key, [t.name for t in model.inputs])
     strategy, custom = args.strategy, None
     if strategy.endswith(".json") or os.path.sep in strategy:
         strategy, custom = "pof2s", args.strategy
-    q = qstrat.Quantizer(model, strategy, custom)
+    q = qstrat.Quantizer(model, strategy, custom, custom_objects)
     qmodel = q.quantize_model(data, args.calib_steps, args.batch_size, verbose=1, **_parse_set(args.set))
     if q.optimize_report is not None and q.optimize_report.events:
         print("optimize stage:")
@@ -87,10 +182,8 @@ def cmd_quantize(args) -> int:
             f"\nbias correction: {len(q.bias_corrections)} layers corrected "
             f"(largest mean shift removed: {worst.max_abs_shift:.3g} in {worst.layer})"
         )
-    if args.out:
-        tmp = args.out + ".tmp.keras"
-        qmodel.save(tmp)
-        os.replace(tmp, args.out)
+    if out:
+        save_atomically(qmodel, out)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -102,7 +195,7 @@ def cmd_strategy(args) -> int:
         print(keys_table_markdown())
         return 0
     if not args.name:
-        raise SystemExit("qstrat strategy show: name a strategy (pof2s, fs, tqt) or a JSON file")
+        raise QstratError("qstrat strategy show: name a strategy (pof2s, fs, tqt) or a JSON file")
     if args.name.endswith(".json"):
         s = load_strategy("pof2s", args.name)
     else:
@@ -117,38 +210,11 @@ def cmd_demo(args) -> int:
     return demo.main()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qstrat", description="Strategy-driven quantization for Keras 3.")
-    sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="post-training quantization of a .keras model")
-    q.add_argument("model", help="the float model (.keras)")
-    q.add_argument("--calib", required=True, help="calibration data (.npy, or .npz with one array per model input)")
-    q.add_argument("--calib-key", help="which array of the .npz to use")
-    q.add_argument("--strategy", default="pof2s", help="pof2s, fs, tqt, or a strategy JSON file")
-    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy override, e.g. weight_bit=4")
-    q.add_argument("--calib-steps", type=int, default=None)
-    q.add_argument("--batch-size", type=int, default=32)
-    q.add_argument("--out", help="where to write the quantized model (.keras)")
-    q.set_defaults(func=cmd_quantize)
-    s = sub.add_parser("strategy", help="show a strategy or the pipeline keys")
-    s.add_argument("what", choices=["show", "keys"])
-    s.add_argument("name", nargs="?")
-    s.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
-    s.set_defaults(func=cmd_strategy)
-    d = sub.add_parser("demo", help="quantize two real models on real data")
-    d.set_defaults(func=cmd_demo)
-    return p
-
-
 def main(argv=None) -> int:
-    from qstrat.errors import QstratError
+    """The ``qstrat`` command (the same as the launcher's)."""
+    from qstrat_cli import main as launch
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except QstratError as exc:
-        print(f"qstrat: error: {exc}", file=sys.stderr)
-        return 2
+    return launch(argv)
 
 
 if __name__ == "__main__":

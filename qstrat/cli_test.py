@@ -4,6 +4,7 @@ import json
 
 import keras
 import numpy as np
+import pytest
 
 from qstrat import cli, get_quantize_info
 
@@ -60,7 +61,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"not a zip")
     assert cli.main(["quantize", str(bad), "--calib", "x.npz"]) == 2
-    assert "cannot load the Keras model" in capsys.readouterr().err
+    assert "not a .keras model (a .keras file is a zip archive" in capsys.readouterr().err
     small_model(tmp_path / "m.keras")
     np.save(tmp_path / "c.npy", np.full((4, 8, 8, 1), np.nan, "float32"))
     assert cli.main(["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "c.npy")]) == 2
@@ -70,3 +71,108 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
         == 2
     )
     assert 'Did you mean "weight_bit"' in capsys.readouterr().err
+
+
+def _model_and_data(tmp_path):
+    small_model(tmp_path / "m.keras")
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype("float32"))
+    return ["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "c.npy")]
+
+
+def _no_temporary_files(folder):
+    return [p.name for p in folder.rglob("*") if "tmp" in p.name or p.name.startswith(".qstrat-")] == []
+
+
+@pytest.mark.parametrize(
+    "out,message",
+    [
+        ("missing/q.keras", "does not exist. Create it first"),
+        ("", "is a folder"),
+        ("q.h5", "Use --out q.keras"),
+        ("q", "Use --out q.keras"),
+    ],
+)
+def test_a_bad_out_path_is_refused_before_any_work(tmp_path, capsys, monkeypatch, out, message):
+    import qstrat
+
+    called = []
+    monkeypatch.setattr(qstrat.Quantizer, "quantize_model", lambda *a, **k: called.append(1))
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main([*_model_and_data(tmp_path), "--out", out or str(tmp_path)])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert called == []  # refused before quantizing
+    assert _no_temporary_files(tmp_path)
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path, capsys, monkeypatch):
+    import keras
+
+    args = _model_and_data(tmp_path)
+    out = tmp_path / "q.keras"
+    out.write_bytes(b"the user's earlier file")
+    saves = []
+
+    def failing_save(self, path, *a, **k):
+        saves.append(path)
+        with open(path, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.Model, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main([*args, "--out", str(out)])
+    assert saves, "the save was reached"
+    assert out.read_bytes() == b"the user's earlier file"
+    assert _no_temporary_files(tmp_path)
+
+
+def test_npz_arrays_are_matched_to_inputs_by_name(tmp_path, capsys):
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    x = keras.layers.Concatenate()([keras.layers.Dense(4)(a), keras.layers.Dense(4)(b)])
+    keras.Model([a, b], keras.layers.Dense(2)(x)).save(tmp_path / "two.keras")
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(16, 4)).astype("float32"), (100 * rng.normal(size=(16, 4))).astype("float32")
+    np.savez(tmp_path / "named.npz", b=B, a=A)
+    model = cli.load_model(str(tmp_path / "two.keras"))
+    got = cli.load_calib(str(tmp_path / "named.npz"), None, [t.name for t in model.inputs])
+    assert set(got) == {"a", "b"} and np.array_equal(got["a"], A) and np.array_equal(got["b"], B)
+    np.savez(tmp_path / "wrong.npz", x=A, y=B)
+    rc = cli.main(["quantize", str(tmp_path / "two.keras"), "--calib", str(tmp_path / "wrong.npz")])
+    assert rc == 2 and "the arrays are named x, y, but the model's inputs are a, b" in capsys.readouterr().err
+
+
+def test_two_arrays_for_a_one_input_model_is_a_clear_error(tmp_path, capsys):
+    small_model(tmp_path / "m.keras")
+    x = np.zeros((4, 8, 8, 1), "float32")
+    np.savez(tmp_path / "two.npz", x=x, y=np.zeros((4, 3), "float32"))
+    rc = cli.main(["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "two.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 arrays (x, y) for a model with one input" in err and "--calib-key" in err
+
+
+def test_custom_objects_are_loaded_from_module_and_name(tmp_path, capsys, monkeypatch):
+    (tmp_path / "userlayers.py").write_text(
+        "import keras\nclass Doubler(keras.layers.Layer):\n    def call(self, x):\n        return x * 2.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import userlayers
+
+    i = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, name="c")(userlayers.Doubler(name="dbl")(i))
+    keras.Model(i, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))).save(tmp_path / "m.keras")
+    np.save(tmp_path / "c.npy", np.ones((4, 8, 8, 1), "float32"))
+    args = ["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "c.npy")]
+    assert cli.main(args) == 2 and "--custom-objects" in capsys.readouterr().err
+    assert cli.main([*args, "--custom-objects", "userlayers:Doubler"]) == 0
+    assert cli.main([*args, "--custom-objects", "userlayers:Tripler"]) == 2
+    assert 'has no attribute "Tripler"' in capsys.readouterr().err
+
+
+def test_help_answers_without_importing_keras():
+    import subprocess
+    import sys
+
+    code = "import sys, qstrat_cli\ntry:\n    qstrat_cli.main(['--help'])\nexcept SystemExit:\n    pass\nprint('keras' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "usage: qstrat" in done.stdout and done.stdout.strip().endswith("False"), done.stdout + done.stderr
+    assert done.stderr == ""

@@ -8,6 +8,10 @@
   `digits_mobilenet()` are small CNNs trained on them (cached after the first call).
 - `rescale_channels_through_relu()`: a float-equivalent copy of a model whose
   channel ranges differ 100x (the cross-layer equalization benchmark).
+- `color_images()`: real RGB crops of scikit-image's and scikit-learn's sample
+  photographs; `real_statistics()` gives a random-weight network (a
+  keras.applications architecture built with ``weights=None``) the
+  BatchNormalization and Normalization statistics of those images.
 
 Used by the demo and the benchmarks; nothing here is needed to quantize your own model.
 """
@@ -112,6 +116,67 @@ def face_images(seed: int = 0):
             is_face.append(False)
     arr = np.stack(imgs).astype(np.float32)[..., None]
     return (arr - 0.5) * 2.0, np.array(is_face)
+
+
+_COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "colorwheel", "logo")
+
+
+def color_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` real RGB images (size x size, values in [0, 255]): random crops of the bundled photographs."""
+    from skimage import data as skdata
+    from skimage.transform import resize
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(im, np.float64) for im in load_sample_images().images]
+    for name in _COLOR_PHOTOS:
+        try:
+            im = np.asarray(getattr(skdata, name)(), np.float64)
+        except Exception:  # noqa: BLE001 - a sample that needs a download is skipped
+            continue
+        if im.ndim == 3 and im.shape[-1] >= 3:
+            photos.append(im[..., :3] * (255.0 if im.max() <= 1.0 else 1.0))
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.float32)
+    for k in range(n):
+        photo = photos[int(rng.integers(len(photos)))]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 4, min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = resize(photo[y : y + side, x : x + side], (size, size), anti_aliasing=True, preserve_range=True)
+        out[k] = crop[:, :, ::-1] if rng.random() < 0.5 else crop  # RGB or BGR: more variety
+    return np.clip(out, 0, 255)
+
+
+def real_statistics(model, images: np.ndarray, seed: int = 0):
+    """Give a random-weight model the normalization statistics real images produce (in place; returns it).
+
+    Every un-adapted ``Normalization`` layer is adapted to what reaches it;
+    every ``BatchNormalization`` gets random gamma and beta (as trained nets
+    have) and the moving mean and variance of its input over ``images``, set
+    in one pass (momentum 0, training mode), so each layer sees the
+    statistics its upstream layers really produce.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Normalization) and layer.input_mean is None:
+            feed = keras.Model(model.inputs, layer.input)
+            layer.adapt(np.asarray(feed.predict(images, verbose=0)))
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        if bn.gamma is not None:
+            bn.gamma.assign(rng.uniform(0.5, 1.5, bn.gamma.shape).astype("float32"))
+        if bn.beta is not None:
+            bn.beta.assign(rng.normal(0, 0.2, bn.beta.shape).astype("float32"))
+        bn.momentum = 0.0
+    try:
+        model(images, training=True)
+    finally:
+        for bn, m in zip(bns, momenta, strict=True):
+            bn.momentum = m
+    return model
 
 
 def digits():

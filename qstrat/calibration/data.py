@@ -1,9 +1,17 @@
-"""Calibration data: numpy arrays, tf.data, keras.utils.PyDataset and Python generators.
+"""Calibration data: arrays, tf.data, keras.utils.PyDataset and Python generators.
 
-`iterate_batches` yields lists of NumPy arrays, one per model input, checked
-against the model's input specs: rank, static dimensions, numeric dtype, and
-no NaN or Inf. It never materialises the dataset, so memory does not depend
-on its size.
+`iterate_batches` yields lists of NumPy arrays, one per model input, in the
+model's input order, checked against the model's input specs: rank, static
+dimensions, numeric dtype, and no NaN or Inf. It never materialises the
+dataset, so memory does not depend on its size.
+
+Inputs are matched the way ``model.predict`` matches them: a dict by input
+name (every name must be an input of the model, and every input must be
+given), a list or tuple by position. A dataset element may be the inputs
+themselves or an ``(x, y)`` / ``(x, y, sample_weight)`` tuple; for a model
+with several inputs, a tuple of one array per input is read as the inputs.
+Tensors of any backend (``tf.Tensor``, ``torch.Tensor``, JAX arrays) are
+read as arrays, never iterated sample by sample.
 """
 
 from __future__ import annotations
@@ -13,45 +21,91 @@ from typing import Any
 
 import numpy as np
 
-from qstrat.errors import CalibrationDataError
+from qstrat.errors import CalibrationDataError, did_you_mean
 
 
-def _first(obj):
-    """The model inputs of one dataset element: (x, y) and (x, y, w) tuples drop their targets."""
-    if isinstance(obj, tuple) and len(obj) in (2, 3):
-        return obj[0]
-    return obj
+def _is_arraylike(x) -> bool:
+    """An array or a backend tensor (not a container, not a dataset)."""
+    if isinstance(x, np.ndarray):
+        return True
+    if isinstance(x, (list, tuple, dict, str, bytes)):
+        return False
+    return hasattr(x, "shape") and hasattr(x, "dtype") and (hasattr(x, "__array__") or hasattr(x, "numpy"))
 
 
-def _as_list(x, n_inputs: int) -> list:
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if getattr(x, "requires_grad", False):  # a torch tensor in a graph
+        x = x.detach()
+    if hasattr(x, "cpu") and hasattr(x, "numpy"):  # torch, wherever it lives
+        x = x.cpu()
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+
+
+def _names(specs) -> str:
+    return ", ".join(f"'{s[0]}'" for s in specs)
+
+
+def _by_name(x: dict, specs, where: str) -> list:
+    """The values of dict ``x`` in the model's input order; unknown and missing names are errors."""
+    names = [s[0] for s in specs]
+    for key in x:
+        if key not in names:
+            hint = did_you_mean(str(key), names) or f"The model's inputs are {_names(specs)}."
+            raise CalibrationDataError(f"{where}: '{key}' is not an input of the model. {hint}")
+    missing = [n for n in names if n not in x]
+    if missing:
+        raise CalibrationDataError(
+            f"{where}: no data for input '{missing[0]}'. The model's inputs are {_names(specs)}; "
+            "give one array per input, keyed by input name."
+        )
+    return [x[n] for n in names]
+
+
+def model_inputs(x, specs, where: str) -> list:
+    """The model inputs in one element or bundle ``x``, as a list in the model's input order."""
+    n = len(specs)
     if isinstance(x, dict):
-        return list(x.values())
-    if isinstance(x, (list, tuple)) and n_inputs > 1:
-        return list(x)
+        return _by_name(x, specs, where)
+    if isinstance(x, (list, tuple)):
+        if n == 1 and len(x) == 1:
+            return [x[0]]
+        if n > 1:
+            return list(x)
     return [x]
 
 
-def _to_numpy(x):
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "numpy"):
-        return x.numpy()
-    import keras
+def split_element(element, specs) -> Any:
+    """The model inputs of one dataset element, dropping the targets of an ``(x, y[, w])`` tuple.
 
-    return keras.ops.convert_to_numpy(x)
+    For a model with n > 1 inputs, a tuple of exactly n arrays is the inputs
+    themselves (an ``(x, y)`` pair cannot be: one array is not n inputs).
+    """
+    n = len(specs)
+    if isinstance(element, (tuple, list)):
+        if n > 1 and len(element) == n and all(_is_arraylike(e) for e in element):
+            return element
+        if len(element) in (2, 3) and (n == 1 or not _is_arraylike(element[0])):
+            return element[0]
+    return element
 
 
-def check_batch(arrays: Sequence[np.ndarray], specs: Sequence[tuple], step: int) -> list[np.ndarray]:
-    """Check one batch against the model inputs ``specs`` [(name, shape, dtype)]."""
+def check_batch(arrays: Sequence[Any], specs: Sequence[tuple], step: int) -> list[np.ndarray]:
+    """Check one batch against the model inputs ``specs`` [(name, shape, dtype)]; cast to the input dtypes."""
     if len(arrays) != len(specs):
         raise CalibrationDataError(
             f"calibration batch {step}: {len(arrays)} input arrays for a model with {len(specs)} inputs "
-            f"({', '.join(s[0] for s in specs)}). Give one array per model input."
+            f"({_names(specs)}). Give one array per model input (a list in input order, or a dict by name)."
         )
     out = []
-    for arr, (name, shape, _dtype) in zip(arrays, specs, strict=True):
-        arr = _to_numpy(arr)
+    for arr, (name, shape, dtype) in zip(arrays, specs, strict=True):
         where = f"calibration batch {step}, input '{name}'"
+        if not _is_arraylike(arr):
+            raise CalibrationDataError(
+                f"{where}: expected an array, got {type(arr).__name__}. Give one array per model input."
+            )
+        arr = _to_numpy(arr)
         if arr.dtype.kind not in "fiub":
             raise CalibrationDataError(
                 f"{where}: expected numbers, got dtype {arr.dtype}. Convert it with .astype('float32')."
@@ -71,26 +125,72 @@ def check_batch(arrays: Sequence[np.ndarray], specs: Sequence[tuple], step: int)
             raise CalibrationDataError(
                 f"{where}: {bad} of {arr.size} values are NaN or Inf. Clean the data before calibrating."
             )
-        out.append(arr.astype(np.float32) if arr.dtype.kind != "f" else arr)
+        want_dtype = np.dtype(str(dtype)) if _numpy_dtype(dtype) else np.dtype("float32")
+        if want_dtype.kind in "iub" and arr.dtype.kind == "f":
+            raise CalibrationDataError(
+                f"{where}: the model reads {want_dtype} here (e.g. token ids), got floats ({arr.dtype}). "
+                f"Pass the data as integers, e.g. .astype('{want_dtype}')."
+            )
+        out.append(arr if arr.dtype == want_dtype else arr.astype(want_dtype))
     return out
+
+
+def _numpy_dtype(dtype) -> bool:
+    try:
+        np.dtype(str(dtype))
+    except TypeError:
+        return False
+    return True
+
+
+def check_count(value, name: str, allow_none: bool = False):
+    """A positive integer argument (``calib_batch_size``, ``calib_steps``), or a clear error."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        hint = f" Write {value} without quotes." if isinstance(value, str) and value.strip().isdigit() else ""
+        what = "a positive integer or None" if allow_none else "a positive integer"
+        raise CalibrationDataError(f"{name} must be {what}, got {value!r}.{hint}")
+    return int(value)
+
+
+def _array_bundle(data, specs) -> list[np.ndarray] | None:
+    """The data as one array per model input if it is arrays held in memory (not a dataset), else None."""
+    if _is_arraylike(data):
+        arrays = [data]
+    elif isinstance(data, dict) and data and all(_is_arraylike(v) for v in data.values()):
+        arrays = _by_name(data, specs, "calibration data")
+    elif isinstance(data, (list, tuple)) and data and all(_is_arraylike(v) for v in data):
+        arrays = list(data)
+    else:
+        return None
+    arrays = [_to_numpy(a) for a in arrays]
+    if any(a.ndim == 0 for a in arrays):
+        raise CalibrationDataError("calibration data: got a scalar; give arrays with a leading batch axis.")
+    if len(arrays) == len(specs):
+        lengths = {s[0]: len(a) for s, a in zip(specs, arrays, strict=True)}
+        if len(set(lengths.values())) > 1:
+            listed = ", ".join(f"'{k}' {v}" for k, v in lengths.items())
+            raise CalibrationDataError(
+                f"calibration data: the inputs have different numbers of samples ({listed}). "
+                "Give every model input the same number of samples."
+            )
+    return arrays
 
 
 def iterate_batches(
     data: Any, specs: Sequence[tuple], batch_size: int = 32, steps: int | None = None
 ) -> Iterator[list]:
     """Yield checked batches (lists of arrays, one per model input) from any supported source."""
-    if batch_size is None or batch_size < 1:
-        raise CalibrationDataError(f"calib_batch_size must be a positive integer, got {batch_size!r}.")
-    if steps is not None and steps < 1:
-        raise CalibrationDataError(f"calib_steps must be a positive integer or None, got {steps!r}.")
-    n_inputs = len(specs)
+    batch_size = check_count(batch_size, "calib_batch_size")
+    steps = check_count(steps, "calib_steps", allow_none=True)
     if data is None:
         raise CalibrationDataError(
             "no calibration data: pass calib_dataset (an array, a tf.data.Dataset, a PyDataset or a generator)."
         )
     count = 0
-    if isinstance(data, np.ndarray) or (isinstance(data, (list, tuple, dict)) and _is_array_bundle(data)):
-        arrays = _as_list(data, n_inputs)
+    arrays = _array_bundle(data, specs)
+    if arrays is not None:
         total = len(arrays[0])
         if total == 0:
             raise CalibrationDataError("calibration data is empty (0 samples).")
@@ -103,7 +203,7 @@ def iterate_batches(
     source = data
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and hasattr(data, "on_epoch_end"):  # PyDataset
         source = (data[i] for i in range(len(data)))
-    elif not hasattr(data, "__iter__"):
+    elif not hasattr(data, "__iter__") or isinstance(data, (str, bytes, dict)):
         raise CalibrationDataError(
             f"calibration data of type {type(data).__name__} is not supported. Use a numpy array, "
             "a tf.data.Dataset, a keras.utils.PyDataset or a generator of batches."
@@ -111,7 +211,8 @@ def iterate_batches(
     for element in source:
         if steps is not None and count >= steps:
             break
-        yield check_batch(_as_list(_first(element), n_inputs), specs, count)
+        where = f"calibration batch {count}"
+        yield check_batch(model_inputs(split_element(element, specs), specs, where), specs, count)
         count += 1
     if count == 0:
         raise CalibrationDataError("the calibration dataset yielded no batches.")
@@ -120,18 +221,17 @@ def iterate_batches(
 def count_batches(data: Any, batch_size: int, steps: int | None = None) -> int | None:
     """How many batches `iterate_batches` will yield, when that is known up front (else None)."""
     total = None
-    if isinstance(data, np.ndarray) and data.ndim > 0:
-        total = -(-len(data) // batch_size) if batch_size and batch_size > 0 else None
-    elif isinstance(data, (list, tuple, dict)) and _is_array_bundle(data):
-        first = next(iter(data.values() if isinstance(data, dict) else data))
-        total = -(-len(first) // batch_size) if batch_size and batch_size > 0 and first.ndim > 0 else None
-    elif hasattr(data, "__len__") and hasattr(data, "on_epoch_end"):  # PyDataset
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
+        first = None
+        if _is_arraylike(data):
+            first = data
+        elif isinstance(data, (list, tuple, dict)) and data:
+            values = list(data.values() if isinstance(data, dict) else data)
+            first = values[0] if all(_is_arraylike(v) for v in values) else None
+        if first is not None and len(getattr(first, "shape", ())) > 0:
+            total = -(-int(first.shape[0]) // batch_size)
+    if total is None and hasattr(data, "__len__") and hasattr(data, "on_epoch_end"):  # PyDataset
         total = len(data)
     if total is None:
         return steps
     return total if steps is None else min(total, steps)
-
-
-def _is_array_bundle(data) -> bool:
-    values = data.values() if isinstance(data, dict) else data
-    return all(isinstance(v, np.ndarray) for v in values) and len(values) > 0

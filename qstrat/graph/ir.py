@@ -58,6 +58,22 @@ class Node:
     def with_op(self, op) -> Node:
         return replace(self, op=op)
 
+    def output_dtype(self, index: int = 0) -> str:
+        """The dtype of output ``index`` as captured ("float32" for nodes a pass made)."""
+        dtypes = self.meta.get("dtypes") or ()
+        return dtypes[index] if index < len(dtypes) else "float32"
+
+    def input_dtype(self, index: int) -> str:
+        """The dtype of input ``index``, from the recorded call."""
+        if index < len(self.in_tensors) and getattr(self.in_tensors[index], "dtype", None) is not None:
+            return str(self.in_tensors[index].dtype)
+        return "float32"
+
+
+def is_float_dtype(dtype: str) -> bool:
+    """Floating-point tensors are quantized; integer and boolean ones never are."""
+    return "float" in str(dtype)
+
 
 @dataclass(frozen=True)
 class Graph:
@@ -101,6 +117,19 @@ def unique_name(name: str, taken: set[str], sep: str = "_") -> str:
         k += 1
     taken.add(name)
     return name
+
+
+def taken_names(graph: Graph, *models) -> set[str]:
+    """Every node and layer name in ``graph`` and every operation name in ``models``.
+
+    Layers and models qstrat makes take names outside this set, so they never
+    collide with the user's names, whatever those are.
+    """
+    names = {n.name for n in graph.nodes} | {n.layer_name for n in graph.nodes} | {graph.name}
+    for model in models:
+        names.add(model.name)
+        names.update(op.name for op in model.operations)
+    return names
 
 
 def views(graph: Graph):

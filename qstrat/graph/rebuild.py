@@ -1,8 +1,8 @@
 """`Graph` -> Keras model, replaying every node's recorded call on new tensors.
 
 ``copy_layers=True`` gives the new model its own layers (built from each
-layer's config, with its weights copied), so nothing done to the new model
-can touch the user's float model. Layers shared by several nodes stay
+layer's config, with its full state copied: weights, adapted statistics,
+assets), so nothing done to the new model can touch the user's float model. Layers shared by several nodes stay
 shared: one copy each.
 """
 
@@ -13,25 +13,111 @@ from collections.abc import Callable
 from qstrat.graph.ir import Graph, Node, TensorRef
 
 
-def copy_layer(layer, input_shape=None):
-    """A new layer with the same config and weights.
+def _clone(layer, dtype: str | None = None):
+    """A new, unbuilt layer of the same class and config (``dtype``: another dtype policy)."""
+    import keras
+
+    from qstrat.graph.capture import UnsupportedModelError
+
+    if type(layer) is keras.layers.Lambda:
+        # A Lambda's config holds its function as bytecode, which Keras refuses to
+        # deserialize by default; the layer is in memory, so make one around the same function.
+        return keras.layers.Lambda(
+            layer.function,
+            output_shape=layer._output_shape,
+            mask=layer.mask,
+            arguments=dict(layer.arguments),
+            name=layer.name,
+            dtype=dtype or layer.dtype_policy,
+        )
+    config = layer.get_config()
+    if dtype is not None:
+        config["dtype"] = dtype
+    try:
+        return layer.__class__.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the layer's config, said plainly
+        raise UnsupportedModelError(
+            f"cannot copy layer '{layer.name}' ({type(layer).__name__}) from its config: "
+            f"{type(exc).__name__}: {exc}. qstrat rebuilds every layer with from_config(get_config()); "
+            "make the layer's get_config() return every __init__ argument."
+        ) from None
+
+
+def has_state(layer) -> bool:
+    """Whether a layer carries state to copy: variables, or assets (a vocabulary, say)."""
+    return bool(layer.weights) or any(hasattr(sub, "save_assets") for sub in layer._flatten_layers())
+
+
+def copy_state(src, dst) -> None:
+    """Copy a built layer's full state into a built copy of it.
+
+    Each (sub)layer's own variables go through ``save_own_variables`` /
+    ``load_own_variables``, as ``.keras`` saving does, so state that lives
+    outside the variables is rebuilt too (an adapted Normalization recomputes
+    its mean and variance in ``load_own_variables``); assets go through a
+    temporary folder. Values are cast to the copy's variable dtypes.
+    """
+    srcs, dsts = list(src._flatten_layers()), list(dst._flatten_layers())
+    if len(srcs) != len(dsts):
+        dst.set_weights(src.get_weights())
+        for sub in dsts:
+            if hasattr(sub, "finalize_state"):
+                sub.finalize_state()
+        return
+    for a, b in zip(srcs, dsts, strict=True):
+        store: dict = {}
+        a.save_own_variables(store)
+        if store or b._trainable_variables or b._non_trainable_variables:
+            b.load_own_variables(store)
+        if hasattr(a, "save_assets") and hasattr(b, "load_assets"):
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="qstrat-assets-") as folder:
+                a.save_assets(folder)
+                b.load_assets(folder)
+
+
+class _Source:
+    """Holds the layer a copy takes its state from (a plain object, so Keras does not track it as a sublayer)."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+
+def copy_layer(layer, input_shape=None, dtype: str | None = None):
+    """A new layer with the same config and the same full state (weights, adapted statistics).
 
     With ``input_shape`` the copy is built and loaded at once; without it, its
-    weights (listed in the same order) go in right after its first call in
-    `rebuild`, which builds it.
+    state goes in right after its first call in `rebuild`, which builds it.
+    ``dtype`` gives the copy another dtype policy ("float16", ...); weights are cast.
     """
     import keras
 
     if not isinstance(layer, keras.layers.Layer):
         return layer  # a keras.ops operation holds no state
-    clone = layer.__class__.from_config(layer.get_config())
-    if layer.weights:
+    clone = _clone(layer, dtype)
+    if has_state(layer):
         if input_shape is not None:
             clone.build(input_shape)
-            clone.set_weights(layer.get_weights())
+            copy_state(layer, clone)
         else:
-            clone._qstrat_pending_weights = layer.get_weights()
+            clone._qstrat_pending_state = _Source(layer)
     return clone
+
+
+def _load_pending(op) -> None:
+    """Give every layer copied without a shape (here or inside a wrapper) its state, now that it is built."""
+    import keras
+
+    if not isinstance(op, keras.layers.Layer):
+        return
+    for sub in op._flatten_layers():
+        src = getattr(sub, "_qstrat_pending_state", None)
+        if src is not None:
+            del sub._qstrat_pending_state
+            copy_state(src.layer, sub)
 
 
 def rebuild(
@@ -76,10 +162,7 @@ def rebuild(
             out = op(*args, **kwargs)
         else:
             out = op(new_in[0] if len(new_in) == 1 else new_in)
-        pending = getattr(op, "_qstrat_pending_weights", None)
-        if pending is not None:
-            op.set_weights(pending)
-            del op._qstrat_pending_weights
+        _load_pending(op)
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         for i, t in enumerate(outs):
             tensors[(node.name, i)] = t

@@ -80,3 +80,16 @@ class StatsTap(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "bins_per_side": self.bins_per_side}
+
+
+class ChannelSums(keras.layers.Layer):
+    """Reduce a tensor to its per-channel sums (last axis) and the element count per channel."""
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        axes = tuple(range(len(x.shape) - 1))
+        count = ops.cast(ops.size(x) // ops.shape(x)[-1], "float32")
+        return [ops.sum(x, axis=axes), count]
+
+    def compute_output_spec(self, x):
+        return [keras.KerasTensor((x.shape[-1],), dtype="float32"), keras.KerasTensor((), dtype="float32")]

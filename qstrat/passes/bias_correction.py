@@ -30,7 +30,7 @@ import numpy as np
 
 from qstrat.calibration.data import iterate_batches
 from qstrat.errors import CalibrationDataError
-from qstrat.graph.ir import Graph, TensorRef
+from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
 from qstrat.layers import QuantizeWrapper
 
 
@@ -53,16 +53,16 @@ ONE_SHOT_MESSAGE = (
 )
 
 
-def _sums_model(inputs, tensors, name):
+def _sums_model(inputs, tensors, names):
     """A model that reduces each tensor to (per-channel sums, element count per channel) in the graph."""
     import keras
-    from keras import ops
+
+    from qstrat.layers.probe import ChannelSums
 
     outputs = []
     for t in tensors:
-        axes = tuple(range(len(t.shape) - 1))
-        outputs += [ops.sum(t, axis=axes), ops.sum(ops.ones_like(t[..., 0]))]
-    return keras.Model(inputs, outputs, name=name)
+        outputs += ChannelSums(name=unique_name("qstrat_channel_sums", names))(t)
+    return keras.Model(inputs, outputs, name=unique_name("qstrat_bias_correction_probe", names))
 
 
 def _channel_means(model, data, specs, batch_size, steps) -> list[np.ndarray]:
@@ -119,11 +119,16 @@ def correct_biases(qmodel, float_graph: Graph, data, steps=None, batch_size=32, 
     specs = input_specs(qmodel)
     # One probe, traced once, computes the float and the quantized layer outputs of the same batch,
     # so shuffled or augmented data cannot make the two means come from different samples.
-    float_model = rebuild(float_graph, outputs=[ref for _, ref, _ in targets])
+    # The float model is one operation of the probe, so its layers keep their names; the
+    # probe's own operations take names that nothing in either model has.
+    names = taken_names(float_graph, qmodel)
+    float_model = rebuild(
+        float_graph, outputs=[ref for _, ref, _ in targets], name=unique_name("qstrat_float_reference", names)
+    )
     inputs = list(qmodel.inputs)
     float_outs = float_model(inputs[0] if len(inputs) == 1 else inputs)
     float_outs = list(float_outs) if isinstance(float_outs, (list, tuple)) else [float_outs]
-    probe = _sums_model(inputs, float_outs + [w.output for w, _, _ in targets], "bias_correction_probe")
+    probe = _sums_model(inputs, float_outs + [w.output for w, _, _ in targets], names)
     n = len(targets)
     # Each pass corrects the targets of one level: those whose upstream targets were all
     # corrected by earlier passes, so no correction is measured twice.

@@ -14,6 +14,7 @@ import numpy as np
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import count_batches, iterate_batches
+from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import StatsTap
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
@@ -138,7 +139,8 @@ def _stats_probe(float_graph, keys):
     from qstrat.graph import rebuild
 
     refs = list(dict.fromkeys(ref for ref, _ in keys))
-    base = rebuild(float_graph, outputs=refs, name="calibration_probe")
+    names = taken_names(float_graph)
+    base = rebuild(float_graph, outputs=refs, name=unique_name("qstrat_calibration_probe", names))
     tensors = base.outputs if isinstance(base.outputs, list) else [base.outputs]
     by_ref = dict(zip(refs, tensors, strict=True))
     outputs = []
@@ -147,5 +149,5 @@ def _stats_probe(float_graph, keys):
         if mode == "raw":
             outputs.append(t)
         else:
-            outputs.extend(StatsTap(mode)(t))
-    return keras.Model(base.inputs, outputs, name="calibration_stats")
+            outputs.extend(StatsTap(mode, name=unique_name("qstrat_stats_tap", names))(t))
+    return keras.Model(base.inputs, outputs, name=unique_name("qstrat_calibration_stats", names))

@@ -20,14 +20,29 @@ from __future__ import annotations
 
 import enum
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 
-from qstrat.graph.ir import Graph, Node, TensorRef, unique_name, views
+from qstrat.errors import ConfigError, did_you_mean
+from qstrat.graph.ir import Graph, Node, TensorRef, is_float_dtype, taken_names, unique_name, views
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy, resolve_views
+from qstrat.strategy.match import weight_names
 
-CONV_LIKE = ("Conv2D", "DepthwiseConv2D", "Conv2DTranspose", "Dense", "SeparableConv2D", "Conv1D")
+CONV_LIKE = (
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "Dense",
+)
 ADD_LIKE = ("Add", "Multiply")
 RELU_LIKE_ACTS = ("relu", "relu6", "linear")
 
@@ -35,6 +50,26 @@ RELU_LIKE_ACTS = ("relu", "relu6", "linear")
 class Skip(str, enum.Enum):
     UNSUPPORTED_LAYER = "unsupported layer type: no pattern in the strategy matches it"
     NO_QUANTIZERS = "supported with no quantizer of its own (keeps its input's grid)"
+    INTEGER = "integer and boolean tensors are never quantized"
+    LAMBDA = "a Lambda layer runs its Python function as it is, in float: qstrat cannot see inside it"
+
+
+def _no_pattern_reason(node: Node, strategy: Strategy) -> str:
+    """Why no pattern matched: the strategy quantizes only some layers' inputs, or has no rule for this type."""
+    if node.type_name == "Lambda":
+        return Skip.LAMBDA.value
+    kinds = {t.target_type for p in strategy.patterns for t in p.quant_config}
+    if kinds and "output" not in kinds:
+        types = sorted({t for p in strategy.patterns for t in p.layer_type})
+        return (
+            "left in float: this strategy quantizes only the inputs and weights of "
+            f"{', '.join(types) or 'the layers its patterns name'} layers"
+        )
+    return (
+        f"{Skip.UNSUPPORTED_LAYER.value} ({node.type_name}), so it runs in float. To quantize it, add a pattern "
+        f'to layer_quantize_config with "layer_type": "{node.type_name}" and its quant_config '
+        "(README: Quantize strategies)"
+    )
 
 
 @dataclass
@@ -91,12 +126,73 @@ def _drop_output(cfg: LayerQuantConfig) -> LayerQuantConfig:
     return replace(cfg, targets=tuple(t for t in cfg.targets if t.target_type != "output"))
 
 
+def _check_dtypes(configs: dict[str, LayerQuantConfig]) -> None:
+    """A layer kept in float64 needs a backend that computes in float64."""
+    import keras
+
+    for cfg in configs.values():
+        if cfg.dtype != "float64" or keras.backend.backend() != "jax":
+            continue
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            raise ConfigError(
+                f"user_defined_quantize_config.layer_config.{cfg.layer_name}",
+                "float64 on JAX needs 64-bit mode, which is off, so the layer would silently compute in float32",
+                'Call jax.config.update("jax_enable_x64", True) before building the model, or use "float32".',
+            )
+
+
+def _warn_missing_weights(graph: Graph, configs: dict[str, LayerQuantConfig]) -> None:
+    """Warn, once per rule and name, about weight targets that name no weight of the layer ("kernal")."""
+    seen = set()
+    for node in graph.nodes:
+        for target, rule in configs[node.name].missing_weights:
+            key = (rule, target, node.type_name)
+            if key in seen:
+                continue
+            seen.add(key)
+            have = weight_names(node.op)
+            hint = did_you_mean(target, have) or ""
+            warnings.warn(
+                f'{rule} quantizes weight "{target}", but {node.type_name} layer "{node.layer_name}" has no '
+                f"weight of that name, so the target does nothing. {hint} "
+                f"Its weights: {', '.join(have) or 'none'}.".replace("  ", " "),
+                stacklevel=3,
+            )
+
+
+def _float_targets(node: Node, cfg: LayerQuantConfig) -> tuple[LayerQuantConfig, list[str]]:
+    """Drop the targets on integer or boolean tensors (token ids, masks): those are never quantized."""
+    keep, notes = [], []
+    for t in cfg.targets:
+        if t.target_type == "output" or (t.target_type == "input" and not node.inputs):
+            dtypes = [node.output_dtype(0)]
+        elif t.target_type == "input":
+            idx = range(len(node.inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
+            dtypes = [node.input_dtype(i) for i in idx if i < len(node.inputs)]
+        else:
+            dtypes = ["float32"]  # weights: the layer's own variables
+        if dtypes and not any(is_float_dtype(d) for d in dtypes):
+            notes.append(f"{t.target_name}: {dtypes[0]} tensor, not quantized ({Skip.INTEGER.value})")
+            continue
+        keep.append(t)
+    return replace(cfg, targets=tuple(keep)), notes
+
+
 def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
     """Resolve every node's quantizers and apply the strategy's fusion rules."""
     configs = resolve_views(strategy, views(graph), custom_types)
+    _check_dtypes(configs)
+    _warn_missing_weights(graph, configs)
     q = strategy.quantize
     report = QuantizeReport()
     notes: dict[str, list[str]] = {n.name: [] for n in graph.nodes}
+    dropped: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        cfg = configs[node.name]
+        if cfg.quantized and cfg.targets:
+            configs[node.name], dropped[node.name] = _float_targets(node, cfg)
 
     def has_output(name: str) -> bool:
         cfg = configs[name]
@@ -133,14 +229,18 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
         if not cfg.quantized:
             reason = cfg.skip_reason
             if reason and reason.startswith("no pattern"):
-                reason = Skip.UNSUPPORTED_LAYER.value
+                reason = _no_pattern_reason(node, strategy)
             report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", reason, notes=notes[node.name])
+        elif not cfg.targets and dropped.get(node.name):
+            report.layers[node.name] = LayerReport(
+                node.name, node.type_name, "skipped", f"{node.output_dtype(0)} tensor: {Skip.INTEGER.value}"
+            )
         elif not cfg.targets and not notes[node.name]:
             report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", Skip.NO_QUANTIZERS.value)
         else:
             targets = [f"{t.target_name} ({t.quantizer_type}, {t.params.get('bit_width', 8)}-bit)" for t in cfg.targets]
             report.layers[node.name] = LayerReport(
-                node.name, node.type_name, "quantized", None, targets, notes[node.name]
+                node.name, node.type_name, "quantized", None, targets, notes[node.name] + dropped.get(node.name, [])
             )
     return Annotation(configs, report)
 
@@ -161,7 +261,7 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
     renamed: dict[TensorRef, TensorRef] = {}
     quantized_refs: set[TensorRef] = set()
     taps: dict[int, list[TensorRef]] = {}  # FakeQuant -> the float tensors it quantizes
-    names = {n.name for n in graph.nodes}
+    names = taken_names(graph)
 
     def unique(name: str) -> str:
         return unique_name(name, names)
@@ -182,7 +282,7 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
         for t in (t for t in targets if t.target_type == "input" and node.inputs):
             idx = range(len(inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
             for i in idx:
-                if i >= len(inputs) or inputs[i] in quantized_refs:
+                if i >= len(inputs) or inputs[i] in quantized_refs or not is_float_dtype(node.input_dtype(i)):
                     continue
                 fq = fake_quant(t, f"{node.name}/input_{i}")
                 fq_node = Node(fq.name, fq, (inputs[i],))
@@ -191,17 +291,21 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
                 inputs[i] = TensorRef(fq_node.name, 0)
                 quantized_refs.add(inputs[i])
         op = node.op
+        if cfg.dtype is not None:  # layer_config keeps this layer in another float type
+            if id(node.op) not in wrappers:
+                wrappers[id(node.op)] = copy_layer(node.op, dtype=cfg.dtype)
+            op = wrappers[id(node.op)]
         weight_targets = {t.target_name: _spec(t) for t in targets if t.target_type in ("weight", "bias")}
         if weight_targets:
             if id(node.op) not in wrappers:
                 shape = node.in_tensors[0].shape if len(node.in_tensors) == 1 else None
                 wrappers[id(node.op)] = QuantizeWrapper(
-                    copy_layer(node.op, shape), weight_targets, name=f"quant_{node.layer_name}"
+                    copy_layer(node.op, shape), weight_targets, name=unique(f"quant_{node.layer_name}")
                 )
             op = wrappers[id(node.op)]
-        new = replace(node, op=op, inputs=tuple(inputs))
+        new = replace(node, op=op, inputs=tuple(inputs), meta=dict(node.meta))
         if op is not node.op:
-            new.meta["wrapped"] = True
+            new.meta["own_op"] = True  # a new layer of the quantized model: rebuild calls it as it is
         nodes.append(new)
         outputs = [t for t in targets if t.target_type == "output" or (t.target_type == "input" and not node.inputs)]
         if outputs:

@@ -257,19 +257,20 @@ def _walk(pattern: LayerPattern, path: str):
             yield from _walk(entry, f"{path}.layer_inputs[{i}]")
 
 
-def _check_patterns(patterns: tuple[LayerPattern, ...], path: str) -> None:
+def _check_patterns(patterns: tuple[LayerPattern, ...], where: list[str]) -> None:
+    """Unique names, known references, no cycles; ``where[i]`` is pattern i's JSON path."""
     names: dict[str, int] = {}
     for i, p in enumerate(patterns):
         if p.pattern_name in names:
             raise ConfigError(
-                f"{path}[{i}].pattern_name",
-                f'"{p.pattern_name}" is already the name of {path}[{names[p.pattern_name]}]',
+                f"{where[i]}.pattern_name",
+                f'"{p.pattern_name}" is already the name of {where[names[p.pattern_name]]}',
                 "Pattern names must be unique; rename one, or edit the first.",
             )
         names[p.pattern_name] = i
     refs: dict[str, set[str]] = {}
     for i, p in enumerate(patterns):
-        here = f"{path}[{i}]"
+        here = where[i]
         quantizer_names: dict[str, str] = {}
         shared: list[tuple[str, str]] = []
         for node, npath in _walk(p, here):
@@ -298,10 +299,10 @@ def _check_patterns(patterns: tuple[LayerPattern, ...], path: str) -> None:
                     f"Quantizers named in this pattern: {', '.join(quantizer_names) or 'none'}."
                 )
                 raise ConfigError(spath, f'no quantizer in this pattern is named "{name}"', hint)
-    _check_cycles(refs, names, path)
+    _check_cycles(refs, names, where)
 
 
-def _check_cycles(refs: dict[str, set[str]], names: dict[str, int], path: str) -> None:
+def _check_cycles(refs: dict[str, set[str]], names: dict[str, int], where: list[str]) -> None:
     state: dict[str, int] = {}
 
     def visit(n: str, stack: list[str]):
@@ -310,7 +311,7 @@ def _check_cycles(refs: dict[str, set[str]], names: dict[str, int], path: str) -
             if state.get(m) == 1:
                 cycle = stack[stack.index(m) :] + [m] if m in stack else [n, m]
                 raise ConfigError(
-                    f"{path}[{names[cycle[0]]}]",
+                    where[names[cycle[0]]],
                     "patterns refer to each other in a cycle: " + " -> ".join(cycle),
                     "A pattern cannot be its own (indirect) input; break the cycle.",
                 )
@@ -385,8 +386,12 @@ def _parse_input_config(d, path: str) -> InputQuantizeConfig:
     )
 
 
-def parse_strategy(data, path: str = "$", custom_types=None) -> Strategy:
-    """Validate a complete strategy dict (after merging) and freeze it."""
+def parse_strategy(data, path: str = "$", custom_types=None, pattern_paths=None) -> Strategy:
+    """Validate a complete strategy dict (after merging) and freeze it.
+
+    ``pattern_paths[i]``, when given and not None, is where pattern i came from
+    (the user's file and index): errors in it cite that, not the merged list.
+    """
     d = _obj(data, path)
     _known(d, path, TOP_KEYS)
     base = _str(d.get("base", ""), f"{path}.base", "a built-in strategy name")
@@ -397,11 +402,13 @@ def parse_strategy(data, path: str = "$", custom_types=None) -> Strategy:
     user = _parse_user(reg.get("user_defined_quantize_config", {}), f"{rpath}.user_defined_quantize_config")
     inputs = _parse_input_config(reg.get("input_quantize_config", {}), f"{rpath}.input_quantize_config")
     lpath = f"{rpath}.layer_quantize_config"
-    patterns = tuple(
-        _parse_pattern(v, f"{lpath}[{i}]", False, custom_types)
-        for i, v in enumerate(_list(reg.get("layer_quantize_config", []), lpath))
-    )
-    _check_patterns(patterns, lpath)
+    raw = _list(reg.get("layer_quantize_config", []), lpath)
+    where = [
+        (pattern_paths[i] if pattern_paths and i < len(pattern_paths) and pattern_paths[i] else f"{lpath}[{i}]")
+        for i in range(len(raw))
+    ]
+    patterns = tuple(_parse_pattern(v, where[i], False, custom_types) for i, v in enumerate(raw))
+    _check_patterns(patterns, where)
     comments = {"": _comment(d, path)} if "_comment" in d else {}
     return Strategy(
         base,
@@ -447,8 +454,16 @@ def read_strategy_file(path: str) -> dict[str, Any]:
         ) from None
 
 
-def _merge(base: dict, custom: Mapping, path: str) -> dict:
+def _merge(base: dict, custom: Mapping, path: str, pattern_paths: list | None = None) -> dict:
+    """``custom`` merged over ``base`` (a new dict).
+
+    ``pattern_paths``, if given, is kept aligned with the merged pattern list:
+    each pattern ``custom`` adds or replaces gets its path in ``custom``.
+    """
     out = copy.deepcopy(base)
+    if pattern_paths is not None:
+        n_base = len(base.get(REGISTRY, {}).get("layer_quantize_config", []) or [])
+        pattern_paths.extend([None] * (n_base - len(pattern_paths)))
     custom = _obj(custom, path)
     _known(custom, path, TOP_KEYS)
     for key, value in custom.items():
@@ -486,8 +501,12 @@ def _merge(base: dict, custom: Mapping, path: str) -> dict:
                         )
                         if at is None or name is None:
                             merged.append(copy.deepcopy(dict(pattern)))
+                            at = len(merged) - 1
                         else:
                             merged[at] = copy.deepcopy(dict(pattern))
+                        if pattern_paths is not None:
+                            pattern_paths.extend([None] * (len(merged) - len(pattern_paths)))
+                            pattern_paths[at] = f"{rpath}[{i}]"
                     oreg[rkey] = merged
                 else:
                     oreg[rkey] = copy.deepcopy(rval)
@@ -546,12 +565,13 @@ def load_strategy(
     if custom is not None and "base" in custom:
         base_name = custom["base"]
     data = _base_data(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
+    paths: list = []
     if custom is not None:
-        data = _merge(data, custom, cpath)
+        data = _merge(data, custom, cpath, paths)
         data["base"] = ALIASES.get(base_name, base_name)
     if overrides:
-        data = _merge(data, overrides_to_dict(overrides), "overrides")
-    return parse_strategy(data, cpath, custom_types)
+        data = _merge(data, overrides_to_dict(overrides), "overrides", paths)
+    return parse_strategy(data, cpath, custom_types, paths)
 
 
 def _read_custom(value) -> tuple[Mapping, str]:
@@ -606,4 +626,6 @@ def set_quantize_strategy(
         data = _base_data(new["base"], f"{cpath}.base")
     else:
         data = strategy.to_dict(2)
-    return parse_strategy(_merge(data, new, cpath), cpath, custom_types)
+    paths: list = []
+    merged = _merge(data, new, cpath, paths)
+    return parse_strategy(merged, cpath, custom_types, paths)

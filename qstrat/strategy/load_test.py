@@ -6,7 +6,7 @@ import os
 import pytest
 
 from qstrat.errors import ConfigError
-from qstrat.strategy import builtin_dict, dump_quantize_strategy, load_strategy, parse_strategy
+from qstrat.strategy import builtin_dict, dump_quantize_strategy, load_strategy, parse_strategy, set_quantize_strategy
 from qstrat.strategy.keys import SECTIONS
 
 pytestmark = pytest.mark.portable
@@ -292,3 +292,36 @@ def test_set_quantize_strategy_round_trips_every_verbosity(tmp_path):
         assert set_quantize_strategy(s, str(p)) == s
         assert set_quantize_strategy(load_strategy("pof2s"), json.loads(p.read_text())).user["weight_bit"] == 6
     assert set_quantize_strategy(s, {"base": "fs"}).base == "fs"
+
+
+def test_errors_in_a_users_patterns_cite_the_index_in_the_users_file(tmp_path):
+    bad_quantizer = {"type": "Pof2SQuantizer", "params": {"bit_width": "8"}}
+    user = {
+        "quantize_registry_config": {
+            "layer_quantize_config": [
+                {"pattern_name": "mine_a", "layer_type": "Conv2D", "quant_config": []},
+                {
+                    "pattern_name": "mine_b",
+                    "layer_type": "Conv2D",
+                    "quant_config": [
+                        {"target_name": "kernel", "target_type": "weight", "quantizer_config": bad_quantizer}
+                    ],
+                },
+            ]
+        }
+    }
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(
+        ConfigError, match=r"user\.json: \$\.quantize_registry_config\.layer_quantize_config\[1\]\.quant_config"
+    ):
+        load_strategy("pof2s", str(path))
+    # A pattern that replaces a built-in one by name is cited at its own index too.
+    user["quantize_registry_config"]["layer_quantize_config"][1]["pattern_name"] = "conv_dense"
+    with pytest.raises(
+        ConfigError, match=r"^\$\.quantize_registry_config\.layer_quantize_config\[1\]\.quant_config\[0\]"
+    ):
+        load_strategy("pof2s", user)
+    s = load_strategy("pof2s")
+    with pytest.raises(ConfigError, match=r"^\$\.quantize_registry_config\.layer_quantize_config\[1\]\."):
+        set_quantize_strategy(s, user)

@@ -177,6 +177,8 @@ class LayerQuantConfig:
     targets: tuple[ResolvedTarget, ...] = ()
     rules: tuple[str, ...] = ()
     skip_reason: str | None = None
+    dtype: str | None = None  # a float dtype the layer is kept in (layer_config)
+    missing_weights: tuple[tuple[str, str], ...] = ()  # (target_name, rule): no such attribute on the layer
 
     @property
     def quantized(self) -> bool:
@@ -339,7 +341,7 @@ def _resolve_one(
     precision = user["layer_config"].get(layer_name)
     if precision is not None and precision.startswith(("float", "bfloat")):
         return LayerQuantConfig(
-            name, (), tuple(rules), f"kept in {precision} by user_defined_quantize_config.layer_config"
+            name, (), tuple(rules), f"kept in {precision} by user_defined_quantize_config.layer_config", precision
         )
     drafts: dict[str, _Draft] = {}
     iq = strategy.input_quantize
@@ -367,12 +369,33 @@ def _resolve_one(
             if not d.disabled_by:
                 d.params["bit_width"] = bits
                 d.sources["bit_width"] = f"user_defined_quantize_config.layer_config.{layer_name}"
+    live = {t: d for t, d in drafts.items() if not d.disabled_by}
+    missing = tuple(
+        (t, d.sources.get("type", ""))
+        for t, d in live.items()
+        if d.target_type in ("weight", "bias") and layer is not None and not hasattr(layer, t)
+    )
     targets = tuple(
         ResolvedTarget(tname, d.target_type, d.qtype, dict(d.params), dict(d.sources), d.shared_key)
-        for tname, d in drafts.items()
-        if not d.disabled_by and (d.target_type not in ("weight", "bias") or _has_weight(layer, tname))
+        for tname, d in live.items()
+        if d.target_type not in ("weight", "bias") or _has_weight(layer, tname)
     )
-    return LayerQuantConfig(name, targets, tuple(rules))
+    return LayerQuantConfig(name, targets, tuple(rules), missing_weights=missing)
+
+
+def weight_names(layer) -> list[str]:
+    """The attribute names under which a layer holds its variables (for "did you mean" hints)."""
+    out = []
+    for attr in dir(layer):
+        if attr.startswith("_") or attr in ("weights", "variables", "trainable_weights", "non_trainable_weights"):
+            continue
+        try:
+            value = getattr(layer, attr)
+        except Exception:  # noqa: BLE001 - a property that fails is not a weight
+            continue
+        if hasattr(value, "assign") and hasattr(value, "shape") and hasattr(value, "path"):
+            out.append(attr)
+    return out
 
 
 def explain(strategy: Strategy, layer, model=None, custom_types=None) -> str:

@@ -1,0 +1,69 @@
+"""The ``qstrat`` command's launcher: arguments are parsed before anything heavy is imported.
+
+``qstrat --help`` (and any usage error) answers at once: Keras and its backend
+load only when a command runs, after TensorFlow's log level is set. The
+commands themselves live in `qstrat.cli`.
+
+qstrat quantize MODEL.keras --calib DATA.npz [--strategy pof2s|fs|tqt|FILE.json]
+                [--set weight_bit=4 ...] [--out OUT.keras] [--calib-steps N] [--batch-size B]
+                [--custom-objects module:Name ...]
+qstrat strategy show NAME [--verbose 0|1|2]
+qstrat strategy keys
+qstrat demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qstrat", description="Strategy-driven quantization for Keras 3.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="post-training quantization of a .keras model")
+    q.add_argument("model", help="the float model (.keras, or a legacy .h5/.hdf5)")
+    q.add_argument(
+        "--calib",
+        required=True,
+        help="calibration data: .npy, or .npz with one array per model input, named after the inputs",
+    )
+    q.add_argument("--calib-key", help="which array of the .npz to use (one-input models)")
+    q.add_argument("--strategy", default="pof2s", help="pof2s, fs, tqt, or a strategy JSON file")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy override, e.g. weight_bit=4")
+    q.add_argument("--calib-steps", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--out", help="where to write the quantized model (a .keras file; checked before any work)")
+    q.add_argument(
+        "--custom-objects",
+        action="append",
+        metavar="MODULE:NAME",
+        help="a custom layer class the model uses, e.g. mypkg.layers:MyConv (repeatable)",
+    )
+    q.set_defaults(command_name="quantize")
+    s = sub.add_parser("strategy", help="show a strategy or the pipeline keys")
+    s.add_argument("what", choices=["show", "keys"])
+    s.add_argument("name", nargs="?")
+    s.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
+    s.set_defaults(command_name="strategy")
+    d = sub.add_parser("demo", help="quantize two real models on real data")
+    d.set_defaults(command_name="demo")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads its backend
+    from qstrat import cli
+    from qstrat.errors import QstratError
+
+    try:
+        return getattr(cli, f"cmd_{args.command_name}")(args)
+    except QstratError as exc:
+        print(f"qstrat: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
