@@ -109,7 +109,7 @@ class Quantizer:
         qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
         calibrate_weights(qmodel)
         with quiet_probes():
-            calibrate_activations(
+            samples = calibrate_activations(
                 qmodel,
                 graph,
                 taps,
@@ -122,7 +122,7 @@ class Quantizer:
             self.bias_corrections = []
             if bias_corr:
                 self.bias_corrections = correct_biases(
-                    qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose
+                    qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples
                 )
         self.report = annotation.report
         return qmodel

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from qstrat.graph.ir import Graph, Node, TensorRef
 
 
@@ -67,6 +69,9 @@ def copy_state(src, dst) -> None:
     for a, b in zip(srcs, dsts, strict=True):
         store: dict = {}
         a.save_own_variables(store)
+        # Copies, never the source's buffers: on JAX a shared buffer is deleted when one
+        # model's predict donates it, which would break the user's model.
+        store = {k: np.array(v) for k, v in store.items()}
         if store or b._trainable_variables or b._non_trainable_variables:
             b.load_own_variables(store)
         if hasattr(a, "save_assets") and hasattr(b, "load_assets"):

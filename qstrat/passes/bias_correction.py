@@ -3,21 +3,31 @@
 Quantized weights and activations move the mean of a layer's output: for
 output channel c, ``E[y_q - y_f]_c`` over the calibration data is usually not
 zero, and every layer after it inherits the shift. This pass measures the
-shift on the quantized model against the float model and removes it, in
-passes over the calibration data: pass k corrects every layer whose corrected
-upstream layers were all handled by earlier passes, so each layer is measured
-with everything before it already corrected (a chain of n layers takes n
-passes; parallel branches share passes). The shift is removed:
+shift on the quantized model against the float model and removes it:
 
 - from the layer's bias, whose quantizer state is then recomputed;
 - or, for a layer with no bias followed by a BatchNormalization (the fs
   strategy keeps BN unfolded), from that BN: ``moving_mean += shift``.
 
-Each pass measures the float and the quantized outputs of the same batches
-(so shuffled or augmented data is fine); there is a pass per level, so the
-data must be re-iterable (an
-array, a tf.data.Dataset or a PyDataset). With a one-shot generator the API
-skips this pass with a warning that says how to get it.
+Each layer must be measured with every layer upstream of it already
+corrected, so the layers are grouped in levels (a layer's level is one more
+than the highest level upstream of it; parallel branches share a level).
+Measuring level after level on the whole data would cost a pass per level,
+which grows with depth. Instead the calibration samples are cut into one
+segment per level, in order: level 0 is measured on the first segment,
+corrected, then level 1 on the next segment, and so on. Every sample goes
+through the model once per pass, and the number of passes is fixed: the
+fewest (at most `MAX_PASSES`) that give each level `MIN_SAMPLES_PER_LEVEL`
+samples. Simultaneous updates of all levels, the obvious alternative,
+diverge: a shift corrected upstream would be corrected again downstream.
+Segments of in-memory arrays are drawn in a fixed random order, so sorted
+data (all of one class first) does not give each level one kind of sample;
+other sources are read in their own order.
+
+Each segment is measured on the float and the quantized model in one probe
+(so shuffled or augmented data is fine), which is why the data must be
+re-iterable (an array, a tf.data.Dataset or a PyDataset). With a one-shot
+generator the API skips this pass with a warning that says how to get it.
 The reference tool's version of this pass was disabled and added the shift
 instead of subtracting it; here a test checks the sign.
 """
@@ -47,8 +57,8 @@ def is_one_shot(data) -> bool:
 
 
 ONE_SHOT_MESSAGE = (
-    "bias correction (include_bias_corr) was skipped: it reads the calibration data once per corrected "
-    "layer, and a generator can be read only once. Pass an array, a tf.data.Dataset or a keras.utils.PyDataset "
+    "bias correction (include_bias_corr) was skipped: it reads the calibration data again after "
+    "calibration, and a generator can be read only once. Pass an array, a tf.data.Dataset or a keras.utils.PyDataset "
     "to get it, or set include_bias_corr=False to silence this warning."
 )
 
@@ -65,17 +75,78 @@ def _sums_model(inputs, tensors, names):
     return keras.Model(inputs, outputs, name=unique_name("qstrat_bias_correction_probe", names))
 
 
-def _channel_means(model, data, specs, batch_size, steps) -> list[np.ndarray]:
+MIN_SAMPLES_PER_LEVEL = 32
+MAX_PASSES = 3
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the calibration samples are cut into one segment per level."""
+
+    levels: int
+    samples: int  # in the calibration data
+    segment: int  # samples per level
+
+    @classmethod
+    def plan(cls, samples: int, levels: int) -> Schedule:
+        passes = min(MAX_PASSES, max(1, -(-MIN_SAMPLES_PER_LEVEL * levels // samples)))
+        return cls(levels, samples, max(1, passes * samples // levels))
+
+    @property
+    def passes(self) -> int:
+        """Passes over the data (the last one possibly partial)."""
+        return -(-self.segment * self.levels // self.samples)
+
+
+def _sample_stream(data, specs, batch_size, steps, samples, seed=0):
+    """Batches of the calibration data, cycled, for the passes of bias correction.
+
+    In-memory arrays come in a fixed random order (the same samples as
+    calibration used); other sources in their own order, re-read each pass.
+    """
+    from qstrat.calibration.data import _array_bundle, check_batch
+
+    arrays = _array_bundle(data, specs)
+    while True:
+        if arrays is not None:
+            order = np.random.default_rng(seed).permutation(samples)
+            for step, i in enumerate(range(0, samples, batch_size)):
+                yield check_batch([a[order[i : i + batch_size]] for a in arrays], specs, step)
+        else:
+            yield from iterate_batches(data, specs, batch_size, steps)
+
+
+def _segments(stream, schedule: Schedule):
+    """Per level, the list of batches (sliced where a segment ends) that make up its segment."""
+    pending: list = []
+    size = 0
+    for level in range(schedule.levels):
+        pieces = []
+        need = schedule.segment
+        while need > 0:
+            if not pending:
+                pending = next(stream)
+                size = len(pending[0])
+            take = min(need, size)
+            pieces.append([a[:take] for a in pending])
+            pending = [a[take:] for a in pending] if take < size else []
+            size -= take
+            need -= take
+        yield level, pieces
+
+
+def _channel_means(model, pieces, first: int, count: int) -> list[np.ndarray]:
+    """Per-channel means of the probe's outputs ``first .. first + count`` (sums, count pairs) over the pieces."""
     sums, counts = None, None
-    for batch in iterate_batches(data, specs, batch_size, steps):
-        outs = model.predict_on_batch(list(batch))
-        pairs = [(np.asarray(outs[i], np.float64), float(outs[i + 1])) for i in range(0, len(outs), 2)]
+    for piece in pieces:
+        outs = model.predict_on_batch(list(piece))
+        pairs = [(np.asarray(outs[2 * i], np.float64), float(outs[2 * i + 1])) for i in range(first, first + count)]
         if sums is None:
-            sums, counts = [np.zeros_like(s) for s, _ in pairs], [0.0] * len(pairs)
-        for i, (s, n) in enumerate(pairs):
-            sums[i] += s
+            sums, counts = [np.zeros_like(p) for p, _ in pairs], [0.0] * len(pairs)
+        for i, (total, n) in enumerate(pairs):
+            sums[i] += total
             counts[i] += n
-    return [s / n for s, n in zip(sums, counts, strict=True)]
+    return [total / n for total, n in zip(sums, counts, strict=True)]
 
 
 def _targets(qmodel, float_graph: Graph):
@@ -104,8 +175,14 @@ def _targets(qmodel, float_graph: Graph):
     return out
 
 
-def correct_biases(qmodel, float_graph: Graph, data, steps=None, batch_size=32, verbose=1) -> list[Correction]:
-    """Correct the output mean of every quantized conv/dense layer, level by level. Returns what changed."""
+def correct_biases(
+    qmodel, float_graph: Graph, data, steps=None, batch_size=32, verbose=1, samples: int | None = None
+) -> list[Correction]:
+    """Correct the output mean of every quantized conv/dense layer, level by level. Returns what changed.
+
+    ``samples``: how many samples the calibration data holds (as calibration
+    counted them); counted here with one read of the data when not given.
+    """
     import keras
 
     from qstrat.graph import rebuild
@@ -117,28 +194,36 @@ def correct_biases(qmodel, float_graph: Graph, data, steps=None, batch_size=32, 
     if not targets:
         return []
     specs = input_specs(qmodel)
+    if samples is None:
+        samples = sum(len(b[0]) for b in iterate_batches(data, specs, batch_size, steps))
     # One probe, traced once, computes the float and the quantized layer outputs of the same batch,
     # so shuffled or augmented data cannot make the two means come from different samples.
     # The float model is one operation of the probe, so its layers keep their names; the
     # probe's own operations take names that nothing in either model has.
     names = taken_names(float_graph, qmodel)
+    inputs = list(qmodel.inputs)
+    levels = _levels(float_graph, [ref.node for _, ref, _ in targets])
+    order = sorted(range(len(targets)), key=lambda k: levels[k])  # probe outputs grouped by level
+    targets, levels = [targets[k] for k in order], [levels[k] for k in order]
     float_model = rebuild(
         float_graph, outputs=[ref for _, ref, _ in targets], name=unique_name("qstrat_float_reference", names)
     )
-    inputs = list(qmodel.inputs)
     float_outs = float_model(inputs[0] if len(inputs) == 1 else inputs)
     float_outs = list(float_outs) if isinstance(float_outs, (list, tuple)) else [float_outs]
-    probe = _sums_model(inputs, float_outs + [w.output for w, _, _ in targets], names)
-    n = len(targets)
-    # Each pass corrects the targets of one level: those whose upstream targets were all
-    # corrected by earlier passes, so no correction is measured twice.
-    levels = _levels(float_graph, [ref.node for _, ref, _ in targets])
+    tensors = []
+    for f, (w, _, _) in zip(float_outs, targets, strict=True):
+        tensors += [f, w.output]
+    probe = _sums_model(inputs, tensors, names)
+    schedule = Schedule.plan(samples, max(levels) + 1)
+    stream = _sample_stream(data, specs, batch_size, steps, samples)
     done = []
-    bar = keras.utils.Progbar(max(levels) + 1, unit_name="pass", verbose=verbose) if verbose else None
-    for level in range(max(levels) + 1):
-        means = _channel_means(probe, data, specs, batch_size, steps)
-        for k in (k for k, lv in enumerate(levels) if lv == level):
-            done.append(_correct(targets[k], means[n + k] - means[k], _assign))
+    bar = keras.utils.Progbar(schedule.levels, unit_name="level", verbose=verbose) if verbose else None
+    for level, pieces in _segments(stream, schedule):
+        first = levels.index(level)
+        count = levels.count(level)
+        means = _channel_means(probe, pieces, 2 * first, 2 * count)
+        for j in range(count):
+            done.append(_correct(targets[first + j], means[2 * j + 1] - means[2 * j], _assign))
         if bar is not None:
             bar.update(level + 1)
     return done

@@ -89,3 +89,73 @@ def test_shuffled_data_corrects_on_the_samples_it_measures():
     after = qstrat.Quantizer(model, "pof2s").quantize_model(Shuffled(), verbose=0, **overrides)
     # Measured on all the data: correcting from 32 random samples per pass still helps.
     assert _mean_shift(model, after, x).max() < _mean_shift(model, before, x).max() / 2
+
+
+def test_the_schedule_reads_the_data_a_fixed_number_of_times_whatever_the_depth():
+    from qstrat.passes.bias_correction import MAX_PASSES, MIN_SAMPLES_PER_LEVEL, Schedule
+
+    for samples in (16, 100, 128, 1024, 5000):
+        for levels in (1, 5, 11, 53, 200):
+            s = Schedule.plan(samples, levels)
+            assert s.segment >= 1
+            assert s.segment * levels <= max(MAX_PASSES * samples, levels)  # never more than 3 passes' worth
+            if MIN_SAMPLES_PER_LEVEL * levels <= samples:
+                assert s.passes == 1  # enough data: one pass
+            if s.segment < MIN_SAMPLES_PER_LEVEL and levels <= samples:
+                assert s.segment * levels > (MAX_PASSES - 1) * samples  # short of data: all three passes used
+
+
+def _reference_corrections(qmodel, float_model, x, levels_of, segment, assign):
+    """The straightforward path: level by level, each on its segment of the fixed random order, through sub-models."""
+    from qstrat.layers import QuantizeWrapper
+
+    stream = np.concatenate([np.random.default_rng(0).permutation(len(x))] * 4)
+    wrappers = {w.layer.name: w for w in qmodel.layers if isinstance(w, QuantizeWrapper)}
+    shifts = {}
+    for level in range(max(levels_of.values()) + 1):
+        seg = x[stream[level * segment : (level + 1) * segment]]
+        for name in (n for n, lv in levels_of.items() if lv == level):
+            w = wrappers[name]
+            yq = ops.convert_to_numpy(keras.Model(qmodel.inputs, w.output)(seg)).astype(np.float64)
+            yf = ops.convert_to_numpy(keras.Model(float_model.inputs, float_model.get_layer(name).output)(seg))
+            shifts[name] = (yq - yf).reshape(-1, yq.shape[-1]).mean(0)
+            w.layer.bias.assign((w.layer.bias.numpy().astype(np.float64) - shifts[name]).astype("float32"))
+            assign(w.state["bias"], w.quantizers["bias"].state_from_tensor(w.layer.bias.numpy()))
+    return shifts, wrappers
+
+
+def test_corrections_match_a_straightforward_level_by_level_path():
+    from qstrat.passes.bias_correction import Schedule
+    from qstrat.passes.calibrate import _assign
+
+    i = keras.Input((8, 8, 3))
+    x = L.ReLU(name="r1")(L.Conv2D(6, 3, padding="same", name="c1")(i))
+    x = L.ReLU(name="r2")(L.Conv2D(6, 3, padding="same", name="c2")(x))
+    y = L.Conv2D(4, 1, name="c3")(x)
+    model = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D(name="gap")(y)))
+    data = _data(100)
+    overrides = {"weight_bit": 4, "include_cle": False, "include_bias_corr": False}
+    q = qstrat.Quantizer(model, "pof2s")
+    qmodel = q.quantize_model(data, verbose=0, **overrides)
+    ref_q = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, **overrides)
+    graph = q._optimized_graph(q._strategy(overrides))
+    done = correct_biases(qmodel, graph, data, None, 32, verbose=0, samples=len(data))
+    levels = {"c1": 0, "c2": 1, "c3": 2, "d": 3}
+    schedule = Schedule.plan(len(data), len(levels))
+    assert (schedule.passes, schedule.segment) == (2, 50)  # 32 samples per level: two passes over 100
+    shifts, ref_wrappers = _reference_corrections(ref_q, q.optimize_model(**overrides), data, levels, 50, _assign)
+    got = {c.layer: c.max_abs_shift for c in done}
+    assert set(got) == set(levels) and max(got.values()) > 1e-3
+    for name, shift in shifts.items():
+        # The same float32 outputs, summed in float32 per batch in the probe and in float64 here.
+        np.testing.assert_allclose(got[name], np.abs(shift).max(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            qmodel.get_layer(f"quant_{name}").layer.bias.numpy(),
+            ref_wrappers[name].layer.bias.numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        assert np.array_equal(
+            ops.convert_to_numpy(qmodel.get_layer(f"quant_{name}").state["bias"]["pos"]),
+            ops.convert_to_numpy(ref_wrappers[name].state["bias"]["pos"]),
+        )

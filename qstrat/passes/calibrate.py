@@ -92,7 +92,7 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
     pair_modes = [_mode(observers[id(fq)]) for fq in owners]
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
     probe = _stats_probe(float_graph, keys) if keys else None
-    batches = 0
+    batches = samples = 0
     bar = None
     if verbose:
         import keras
@@ -116,12 +116,13 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
                 else:
                     obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
         batches += 1
+        samples += len(batch[0])
         if bar is not None:
             bar.update(batches)
     for fq in fqs:
         if fq.name in taps:
             _assign(fq.state, fq.quantizer.state_from_stats(observers[id(fq)].result()))
-    return batches
+    return samples
 
 
 def _mode(obs) -> str:
