@@ -1,7 +1,7 @@
 """Coverage: every keras.applications architecture through quantize and save/load, for pof2s and fs.
 
 Each architecture that builds offline (``weights=None``) is built at a small
-input size (64x64, or the smallest of 75/96 it accepts), given the
+input size (32x32, or the smallest of 75/96 it accepts), given the
 BatchNormalization and Normalization statistics of real images
 (`qstrat.zoo.real_statistics` over crops of the bundled sample photographs,
 fed through the architecture's own ``preprocess_input``), then quantized with
@@ -24,8 +24,8 @@ growth stays with it). The table is printed, the rows go to
 ``bench/results/coverage.json``, and the support table is written to
 ``docs/coverage.md`` (generated: do not edit it by hand).
 
-Run: ``.venv/bin/python bench/coverage.py`` (all 40 architectures: about two
-hours on 2 cores); ``--only MobileNetV2 ResNet50`` for some.
+Run: ``.venv/bin/python bench/coverage.py`` (all 40 architectures: about an
+hour and a half on 2 cores); ``--only MobileNetV2 ResNet50`` for some.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 STRATEGIES = ("pof2s", "fs")
-SIZES = (64, 75, 96)  # tried in order: the first the architecture accepts
+SIZES = (32, 75, 96)  # tried in order: the first the architecture accepts
 N_CALIB, N_EVAL = 32, 32
 
 

@@ -107,16 +107,9 @@ def split_table(seeds=(0, 1, 2, 3, 4)) -> list[str]:
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
-    """n real 64x64 images: the bundled ones, flipped and shifted to make up the count."""
     from qstrat import zoo
 
-    base, _ = zoo.face_images()
-    rng = np.random.default_rng(seed)
-    out = []
-    while sum(len(b) for b in out) < n:
-        b = base[:, :, ::-1] if rng.random() < 0.5 else base
-        out.append(np.roll(b, int(rng.integers(-4, 5)), axis=2))
-    return np.concatenate(out)[:n]
+    return zoo.face_images_n(n, seed)
 
 
 def overhead_table(n: int = 1024, batch: int = 32, repeats: int = 3) -> list[str]:
@@ -233,6 +226,7 @@ def memory_table(counts=(256, 4096)) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--parts", type=int, nargs="*", default=[1, 2, 3, 4], help="which sections to run (default: all)")
     args = ap.parse_args()
     if args.worker:
         _worker(args.worker)
@@ -244,17 +238,20 @@ def main() -> None:
 
         tf.get_logger().setLevel("ERROR")  # each new model's first predict retraces: expected here
     print(f"qstrat bench/ptq.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores\n")
-    print("1. Accuracy (digits: 256 calibration digits; mini-Xception: 128 calibration images)")
-    print("\n".join(accuracy_table()))
-    print(
-        "\n2. mini-Xception top-1 agreement / SQNR over five calibration/evaluation splits (split 0 is the one above)"
-    )
-    print("\n".join(split_table()))
-    print("\n3. Calibration overhead (pof2s, mini-Xception)")
-    print("\n".join(overhead_table()))
-    print("\n4. Peak memory of quantize_model (pof2s, mini-Xception, streamed calibration)")
-    print("\n".join(memory_table()))
-
+    if 1 in args.parts:
+        print("1. Accuracy (digits: 256 calibration digits; mini-Xception: 128 calibration images)")
+        print("\n".join(accuracy_table()))
+    if 2 in args.parts:
+        print(
+            "\n2. mini-Xception top-1 agreement / SQNR over five calibration/evaluation splits (split 0 is the one above)"
+        )
+        print("\n".join(split_table()))
+    if 3 in args.parts:
+        print("\n3. Calibration overhead (pof2s, mini-Xception)")
+        print("\n".join(overhead_table()))
+    if 4 in args.parts:
+        print("\n4. Peak memory of quantize_model (pof2s, mini-Xception, streamed calibration)")
+        print("\n".join(memory_table()))
 
 if __name__ == "__main__":
     main()

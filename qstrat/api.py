@@ -21,6 +21,7 @@ from qstrat.passes.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_
 from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, insert
+from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
 
 
@@ -55,6 +56,8 @@ class Quantizer:
         self.report: QuantizeReport | None = None
         self.optimize_report: OptimizeReport | None = None
         self.bias_corrections: list[Correction] = []
+        # Of the last quantize_model: seconds per stage, and "data_passes" over the calibration data.
+        self.timings: dict[str, float] = {}
 
     def _strategy(self, overrides: Mapping[str, Any]) -> Strategy:
         if not overrides:
@@ -94,7 +97,7 @@ class Quantizer:
             calib_dataset: numpy array(s), tf.data.Dataset, keras.utils.PyDataset or a generator.
             calib_steps: batches to use (None: the whole dataset).
             calib_batch_size: batch size for numpy arrays.
-            verbose: 1 shows a progress bar.
+            verbose: 1 names each stage with its time and shows a bar for each pass over the data; 0 is silent.
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
         strategy = self._strategy(overrides)
@@ -102,29 +105,38 @@ class Quantizer:
         if bias_corr and is_one_shot(calib_dataset):
             warnings.warn(ONE_SHOT_MESSAGE, stacklevel=2)
             bias_corr = False
-        graph = self._optimized_graph(strategy)
+        progress = Progress(verbose)
+        with progress.stage("capture + optimize"):
+            graph = self._optimized_graph(strategy)
         _warn_unknown_layer_names(strategy, graph, self.optimize_report)
-        annotation = annotate(graph, strategy, self.custom_objects)
-        qgraph, taps = insert(graph, annotation)
-        qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
-        calibrate_weights(qmodel)
+        with progress.stage("annotate + insert + rebuild"):
+            annotation = annotate(graph, strategy, self.custom_objects)
+            qgraph, taps = insert(graph, annotation)
+            qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
+        with progress.stage("weight calibration"):
+            calibrate_weights(qmodel)
         with quiet_probes():
-            samples = calibrate_activations(
-                qmodel,
-                graph,
-                taps,
-                calib_dataset,
-                calib_steps,
-                calib_batch_size,
-                strategy.quantize["calib_position_policy"],
-                verbose,
-            )
+            with progress.stage("activation calibration"):
+                samples = calibrate_activations(
+                    qmodel,
+                    graph,
+                    taps,
+                    calib_dataset,
+                    calib_steps,
+                    calib_batch_size,
+                    strategy.quantize["calib_position_policy"],
+                    verbose,
+                    progress,
+                )
             self.bias_corrections = []
             if bias_corr:
-                self.bias_corrections = correct_biases(
-                    qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples
-                )
+                with progress.stage("bias correction"):
+                    self.bias_corrections = correct_biases(
+                        qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples, progress
+                    )
         self.report = annotation.report
+        progress.done("quantized")
+        self.timings = {**progress.times, "data_passes": progress.data_passes}
         return qmodel
 
     def dump_quantize_strategy(self, dump_file: str = "quantize_strategy.json", verbose: int = 0) -> str:

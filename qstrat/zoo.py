@@ -118,6 +118,17 @@ def face_images(seed: int = 0):
     return (arr - 0.5) * 2.0, np.array(is_face)
 
 
+def face_images_n(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` real 64x64 grayscale images for the emotion model: `face_images`, flipped and shifted to make up the count."""
+    base, _ = face_images()
+    rng = np.random.default_rng(seed)
+    out = []
+    while sum(len(b) for b in out) < n:
+        b = base[:, :, ::-1] if rng.random() < 0.5 else base
+        out.append(np.roll(b, int(rng.integers(-4, 5)), axis=2))
+    return np.concatenate(out)[:n]
+
+
 _COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "colorwheel", "logo")
 
 

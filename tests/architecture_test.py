@@ -10,6 +10,7 @@ import pathlib
 
 RANK = {
     "errors": 0,
+    "progress": 0,
     "quantizers": 1,
     "calibration": 2,
     "strategy": 3,

@@ -42,6 +42,7 @@ from qstrat.calibration.data import iterate_batches
 from qstrat.errors import CalibrationDataError
 from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
 from qstrat.layers import QuantizeWrapper
+from qstrat.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -176,15 +177,13 @@ def _targets(qmodel, float_graph: Graph):
 
 
 def correct_biases(
-    qmodel, float_graph: Graph, data, steps=None, batch_size=32, verbose=1, samples: int | None = None
+    qmodel, float_graph: Graph, data, steps=None, batch_size=32, verbose=1, samples: int | None = None, progress=None
 ) -> list[Correction]:
     """Correct the output mean of every quantized conv/dense layer, level by level. Returns what changed.
 
     ``samples``: how many samples the calibration data holds (as calibration
     counted them); counted here with one read of the data when not given.
     """
-    import keras
-
     from qstrat.graph import rebuild
     from qstrat.passes.calibrate import _assign, input_specs
 
@@ -217,15 +216,16 @@ def correct_biases(
     schedule = Schedule.plan(samples, max(levels) + 1)
     stream = _sample_stream(data, specs, batch_size, steps, samples)
     done = []
-    bar = keras.utils.Progbar(schedule.levels, unit_name="level", verbose=verbose) if verbose else None
+    progress = progress or Progress(verbose)
+    what = f"{len(targets)} layers in {schedule.levels} levels, {schedule.segment} samples each"
+    bar = progress.data_pass(schedule.levels, "level", schedule.passes, what)
     for level, pieces in _segments(stream, schedule):
         first = levels.index(level)
         count = levels.count(level)
         means = _channel_means(probe, pieces, 2 * first, 2 * count)
         for j in range(count):
             done.append(_correct(targets[first + j], means[2 * j + 1] - means[2 * j], _assign))
-        if bar is not None:
-            bar.update(level + 1)
+        bar.update(level + 1)
     return done
 
 

@@ -17,6 +17,7 @@ from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import StatsTap
+from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
 
@@ -64,7 +65,9 @@ def fake_quant_layers(qmodel) -> list[FakeQuant]:
     return [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
 
 
-def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1) -> int:
+def calibrate_activations(
+    qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1, progress=None
+) -> int:
     """Observe, over the data, the float tensors every FakeQuant quantizes, and set its state.
 
     Args:
@@ -93,11 +96,8 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
     probe = _stats_probe(float_graph, keys) if keys else None
     batches = samples = 0
-    bar = None
-    if verbose:
-        import keras
-
-        bar = keras.utils.Progbar(count_batches(data, batch_size, steps), unit_name="batch", verbose=verbose)
+    progress = progress or Progress(verbose)
+    bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what="activation statistics")
     for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
         if probe is not None:
             outs = probe.predict_on_batch(list(batch))  # the probe takes a list of inputs
@@ -117,8 +117,7 @@ def calibrate_activations(qmodel, float_graph, taps, data, steps=None, batch_siz
                     obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
         batches += 1
         samples += len(batch[0])
-        if bar is not None:
-            bar.update(batches)
+        bar.update(batches)
     for fq in fqs:
         if fq.name in taps:
             _assign(fq.state, fq.quantizer.state_from_stats(observers[id(fq)].result()))
