@@ -14,7 +14,8 @@ Prints, in one run:
    streaming pass over the data with every observer) divided by the wall time
    of a first ``model.predict`` on the same data (both include their one-time
    graph tracing), for No_OF, Min_MSE and Min_KL activations (pof2s,
-   mini-Xception, 1024 images, batch 32), then the time bias correction adds;
+   mini-Xception, 1024 images, batch 32) (``bench/speed.py`` times the whole
+   ``quantize_model`` call, bias correction included);
 4. peak memory of ``quantize_model`` with 256 and with 4096 calibration
    samples (a generator, so the dataset itself is never in memory), each in a
    fresh process: peak RSS minus the RSS before calibrating.
@@ -116,7 +117,6 @@ def overhead_table(n: int = 1024, batch: int = 32, repeats: int = 3) -> list[str
     import qstrat
     from qstrat import zoo
     from qstrat.api import _rebuild_quantized
-    from qstrat.passes.bias_correction import correct_biases
     from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
     from qstrat.passes.quantize import annotate, insert
 
@@ -158,11 +158,6 @@ def overhead_table(n: int = 1024, batch: int = 32, repeats: int = 3) -> list[str
         lines.append(
             f"{method:<18} {t_cal:>13.2f} {ratio:>6.2f} {'<= ' + format(target, 'g'):>7} {'PASS' if ratio <= target else 'FAIL'}"
         )
-    # Bias correction comes after calibration: one pass over the data per level of corrected layers.
-    t0 = time.perf_counter()
-    done = correct_biases(qmodel, graph, data, None, batch, verbose=0)
-    t_bc = time.perf_counter() - t0
-    lines.append(f"{'bias correction':<18} {t_bc:>13.2f} {t_bc / t_pred:>6.2f} {'-':>7} ({len(done)} layers corrected)")
     return lines
 
 
@@ -252,6 +247,7 @@ def main() -> None:
     if 4 in args.parts:
         print("\n4. Peak memory of quantize_model (pof2s, mini-Xception, streamed calibration)")
         print("\n".join(memory_table()))
+
 
 if __name__ == "__main__":
     main()
