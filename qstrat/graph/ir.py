@@ -75,6 +75,22 @@ def is_float_dtype(dtype: str) -> bool:
     return "float" in str(dtype)
 
 
+# Layers with a kernel, and a fused activation: conv of every rank and kind, and Dense.
+KERNEL_LAYERS = (
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "Dense",
+)
+
+
 @dataclass(frozen=True)
 class Graph:
     """Nodes in topological order, with the model's inputs and outputs."""

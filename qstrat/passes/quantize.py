@@ -24,25 +24,12 @@ import warnings
 from dataclasses import dataclass, field, replace
 
 from qstrat.errors import ConfigError, did_you_mean
-from qstrat.graph.ir import Graph, Node, TensorRef, is_float_dtype, taken_names, unique_name, views
+from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, taken_names, unique_name, views
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy, resolve_views
 from qstrat.strategy.match import weight_names
 
-CONV_LIKE = (
-    "Conv1D",
-    "Conv2D",
-    "Conv3D",
-    "DepthwiseConv1D",
-    "DepthwiseConv2D",
-    "SeparableConv1D",
-    "SeparableConv2D",
-    "Conv1DTranspose",
-    "Conv2DTranspose",
-    "Conv3DTranspose",
-    "Dense",
-)
 ADD_LIKE = ("Add", "Multiply")
 RELU_LIKE_ACTS = ("relu", "relu6", "linear")
 
@@ -206,7 +193,7 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
         nxt = sole_consumer(node)
         if nxt is None:
             continue
-        if node.type_name in CONV_LIKE:
+        if node.type_name in KERNEL_LAYERS:
             chain = [node]
             if nxt.type_name == "BatchNormalization" and q["no_quant_in_conv_bn_act"]:
                 after = sole_consumer(nxt)

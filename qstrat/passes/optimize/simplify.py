@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from qstrat.graph.ir import Graph, Node, TensorRef
+from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef
 from qstrat.graph.rewrite import Editor, built_layer, new_node
 from qstrat.passes.optimize.report import OptimizeReport
 
@@ -22,19 +22,6 @@ TRAINING_ONLY = (
     "GaussianNoise",
     "AlphaDropout",
     "ActivityRegularization",
-)
-WITH_ACTIVATION = (
-    "Conv1D",
-    "Conv2D",
-    "Conv3D",
-    "DepthwiseConv1D",
-    "DepthwiseConv2D",
-    "SeparableConv1D",
-    "SeparableConv2D",
-    "Conv1DTranspose",
-    "Conv2DTranspose",
-    "Conv3DTranspose",
-    "Dense",
 )
 
 
@@ -88,7 +75,7 @@ def separate_conv_act(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Gra
     ed = Editor(graph)
     linear: dict[int, object] = {}
     for node in ed.walk():
-        if node.type_name not in WITH_ACTIVATION:
+        if node.type_name not in KERNEL_LAYERS:
             continue
         act = node.op.get_config().get("activation", "linear")
         if act in ("linear", None):
@@ -178,7 +165,7 @@ def convert_relu6_to_relu(graph: Graph, cfg: Mapping, report: OptimizeReport) ->
             new = done.get(id(op)) or keras.layers.ReLU.from_config({**op.get_config(), "max_value": None})
         elif node.type_name == "Activation" and op.get_config().get("activation") == "relu6":
             new = done.get(id(op)) or keras.layers.Activation.from_config({**op.get_config(), "activation": "relu"})
-        elif node.type_name in WITH_ACTIVATION and op.get_config().get("activation") == "relu6":
+        elif node.type_name in KERNEL_LAYERS and op.get_config().get("activation") == "relu6":
             new = done.get(id(op)) or _with_config(node, node, activation="relu")
         if new is not None:
             done[id(op)] = new
