@@ -154,7 +154,7 @@ def check_count(value, name: str, allow_none: bool = False):
     return int(value)
 
 
-def _array_bundle(data, specs) -> list[np.ndarray] | None:
+def array_bundle(data, specs) -> list[np.ndarray] | None:
     """The data as one array per model input if it is arrays held in memory (not a dataset), else None."""
     if _is_arraylike(data):
         arrays = [data]
@@ -189,7 +189,7 @@ def iterate_batches(
             "no calibration data: pass calib_dataset (an array, a tf.data.Dataset, a PyDataset or a generator)."
         )
     count = 0
-    arrays = _array_bundle(data, specs)
+    arrays = array_bundle(data, specs)
     if arrays is not None:
         total = len(arrays[0])
         if total == 0:

@@ -105,9 +105,9 @@ def _sample_stream(data, specs, batch_size, steps, samples, seed=0):
     In-memory arrays come in a fixed random order (the same samples as
     calibration used); other sources in their own order, re-read each pass.
     """
-    from qstrat.calibration.data import _array_bundle, check_batch
+    from qstrat.calibration.data import array_bundle, check_batch
 
-    arrays = _array_bundle(data, specs)
+    arrays = array_bundle(data, specs)
     while True:
         if arrays is not None:
             order = np.random.default_rng(seed).permutation(samples)
