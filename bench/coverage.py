@@ -114,7 +114,7 @@ def run_one(name: str) -> dict:
             path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"qstrat-coverage-{os.getpid()}-{strategy}.keras")
             try:
                 qmodel.save(path)
-                again = keras.models.load_model(path)
+                again = qstrat.load_model(path)
                 reloaded = keras.ops.convert_to_numpy(again(evaluation))
                 r["reload_identical"] = bool(np.array_equal(out, reloaded))
             finally:

@@ -11,6 +11,7 @@ from qstrat.quantizers import (
     register_quantizer,
 )
 from qstrat.quantizers import Quantizer as BaseQuantizer
+from qstrat.saving import load_model
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "BaseQuantizer",
     "Quantizer",
     "get_quantize_info",
+    "load_model",
     "TQTQuantizer",
     "UnsupportedError",
     "register_quantizer",

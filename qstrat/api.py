@@ -8,6 +8,7 @@ calibrate it. The user's model is read, never changed.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -113,6 +114,7 @@ class Quantizer:
             annotation = annotate(graph, strategy, self.custom_objects)
             qgraph, taps = insert(graph, annotation)
             qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
+            _warn_deep(qgraph)
         with progress.stage("weight calibration"):
             calibrate_weights(qmodel)
         with quiet_probes():
@@ -157,6 +159,22 @@ def _refuse_quantized(graph: Graph) -> None:
             f"'{graph.name}' is already quantized: it holds {len(found)} qstrat quantizer layers "
             f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}). Quantize the float model instead; "
             "to change a quantized model's settings, quantize the float model again with the new strategy."
+        )
+
+
+# Frames keras.models.load_model uses besides one per layer of the longest path.
+_LOAD_FRAMES = 100
+
+
+def _warn_deep(qgraph: Graph) -> None:
+    """Say so when keras.models.load_model would pass Python's recursion limit on this model."""
+    depth, limit = qgraph.depth(), sys.getrecursionlimit()
+    if depth + _LOAD_FRAMES > limit:
+        warnings.warn(
+            f"the quantized model is {depth} layers deep (a FakeQuant follows most layers). keras.models.load_model "
+            f"maps a graph recursively and passes Python's recursion limit ({limit}) on it: load the saved model with "
+            f"qstrat.load_model(path), which makes room, or call sys.setrecursionlimit({2 * depth + 1000}) first.",
+            stacklevel=3,
         )
 
 

@@ -16,11 +16,11 @@ import json
 import os
 import sys
 import tempfile
-import zipfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError  # noqa: E402
+from qstrat.saving import load_model  # noqa: E402, F401 - the CLI loads models through it
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -89,30 +89,6 @@ def load_custom_objects(items: list[str] | None) -> dict[str, type]:
             raise QstratError(f'--custom-objects "{item}": module {module} has no attribute "{name}".')
         out[name] = getattr(mod, name)
     return out
-
-
-def load_model(path: str, custom_objects: dict | None = None):
-    """A Keras model from a .keras file (or a legacy .h5), with one clear error for any problem."""
-    import keras
-
-    if not os.path.exists(path):
-        raise QstratError(f"{path}: no such model file.")
-    if os.path.isdir(path):
-        raise QstratError(f"{path}: is a folder; give a .keras model file.")
-    if path.endswith(".keras") and not zipfile.is_zipfile(path):
-        raise QstratError(
-            f"{path}: not a .keras model (a .keras file is a zip archive; this one is not, so it is damaged "
-            "or in another format). Save the model again with model.save('model.keras')."
-        )
-    if not path.endswith((".keras", ".h5", ".hdf5")):
-        raise QstratError(f"{path}: unknown model format; give a .keras file (or a legacy .h5/.hdf5).")
-    try:
-        return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
-    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
-        hint = ""
-        if "Could not locate" in str(exc) or "Unknown layer" in str(exc):
-            hint = " It uses a custom class: pass it with --custom-objects module:Name."
-        raise QstratError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc}).{hint}") from None
 
 
 def load_calib(path: str, key: str | None, input_names: list[str]):

@@ -1,7 +1,7 @@
 """The import rule: a lower layer never imports a higher one.
 
 errors -> quantizers -> calibration -> strategy -> layers -> graph -> passes
--> export, inspect -> api -> cli; `zoo` and `demo` sit on top. A strategy
+-> export, inspect, saving -> api -> cli; `zoo` and `demo` sit on top. A strategy
 names its quantizers and validates their parameters, so it sits above them.
 """
 
@@ -10,6 +10,7 @@ import pathlib
 
 RANK = {
     "errors": 0,
+    "saving": 7,
     "progress": 0,
     "quantizers": 1,
     "calibration": 2,

@@ -343,3 +343,38 @@ def test_an_unmatched_layer_type_says_how_to_add_a_pattern():
     q.quantize_model(images(), verbose=0)
     reason = q.report.layers["gmp"].reason
     assert "GlobalMaxPooling2D" in reason and '"layer_type": "GlobalMaxPooling2D"' in reason
+
+
+# ---- deep graphs ------------------------------------------------------------------------------
+
+
+@portable
+def test_a_quantized_model_deeper_than_the_recursion_limit_builds_warns_and_reloads(tmp_path):
+    """Keras maps a graph recursively, one frame per layer of the longest path.
+
+    A quantized chain is 3x as deep as its float model (wrapper, FakeQuant). The
+    limit is set so that the float model fits and the quantized one does not,
+    as with EfficientNetV2L at Python's default limit of 1000.
+    """
+    import inspect
+    import sys
+
+    depth = 100
+    x = i = keras.Input((4,))
+    for k in range(depth):
+        x = L.Dense(4, activation="relu", name=f"d{k}")(x)
+    model = keras.Model(i, x)
+    data = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    before = sys.getrecursionlimit()
+    limit = len(inspect.stack(0)) + 2 * depth + 50  # room for the float model, not for 3x its depth
+    sys.setrecursionlimit(limit)
+    try:
+        with pytest.warns(UserWarning, match=r"layers deep .* qstrat.load_model\(path\)"):
+            qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, include_bias_corr=False)
+        assert sys.getrecursionlimit() == limit  # the room is given back
+        qmodel.save(tmp_path / "deep.keras")
+        again = qstrat.load_model(tmp_path / "deep.keras")
+    finally:
+        sys.setrecursionlimit(before)
+    assert len(qmodel.layers) > 2 * depth
+    np.testing.assert_array_equal(np_(again(data)), np_(qmodel(data)))

@@ -115,6 +115,13 @@ class Graph:
     def producers(self, node: Node) -> list[Node]:
         return [self._by_name[r.node] for r in node.inputs]
 
+    def depth(self) -> int:
+        """Nodes on the longest path from an input to an output (the depth Keras walks recursively)."""
+        longest: dict[str, int] = {}
+        for n in self.nodes:
+            longest[n.name] = 1 + max((longest[r.node] for r in n.inputs), default=0)
+        return max(longest.values(), default=0)
+
     def layers(self) -> list[Any]:
         """Distinct Keras layers (shared layers once), in order of first use."""
         seen, out = set(), []

@@ -8,7 +8,9 @@ shared: one copy each.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -174,8 +176,60 @@ def rebuild(
     inputs_by_name = {r.node: tensors[(r.node, 0)] for r in graph.inputs}
     model_inputs = [inputs_by_name[r.node] for r in graph.inputs]
     outputs = [tensors[(r.node, r.index)] for r in (graph.outputs if outputs is None else outputs)]
-    return keras.Model(
+    return functional_model(
         model_inputs if len(model_inputs) > 1 else model_inputs[0],
         outputs if len(outputs) > 1 else outputs[0],
         name=name or graph.name,
+        layers=len(graph.nodes),
     )
+
+
+# Frames Keras and its callers use besides one per layer, with room to spare.
+_FRAME_MARGIN = 1000
+
+
+@contextlib.contextmanager
+def recursion_room(layers: int) -> Iterator[None]:
+    """Room on the Python stack for Keras to walk a graph of ``layers`` layers.
+
+    Keras maps a functional graph (when it builds a model, and when it loads
+    one) with a recursive walk: one Python frame per layer on the longest path.
+    A quantized model is deeper than its float model (a FakeQuant after most
+    layers), so a float model of ~700 layers in a chain can give a quantized
+    one that passes Python's default limit of 1000. The limit is raised for
+    the walk and put back after.
+    """
+    before = sys.getrecursionlimit()
+    need = 2 * layers + _FRAME_MARGIN
+    if need > before:
+        sys.setrecursionlimit(need)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
+def functional_model(inputs, outputs, name: str, layers: int | None = None):
+    """``keras.Model(inputs, outputs)``, with room for deep graphs (``layers``: a bound on its depth)."""
+    import keras
+
+    if layers is None:
+        layers = _count_operations(outputs)
+    with recursion_room(layers):
+        return keras.Model(inputs, outputs, name=name)
+
+
+def _count_operations(outputs) -> int:
+    """How many operations lead to ``outputs`` (an iterative walk of their Keras history)."""
+    import keras
+
+    seen: set[int] = set()
+    stack = list(keras.tree.flatten(outputs))
+    while stack:
+        history = getattr(stack.pop(), "_keras_history", None)
+        if history is None or id(history.operation) in seen:
+            continue
+        seen.add(id(history.operation))
+        node = history.operation._inbound_nodes[history.node_index]
+        stack.extend(keras.tree.flatten(node.input_tensors))
+    return len(seen)

@@ -41,6 +41,7 @@ import numpy as np
 from qstrat.calibration.data import iterate_batches
 from qstrat.errors import CalibrationDataError
 from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
+from qstrat.graph.rebuild import functional_model
 from qstrat.layers import QuantizeWrapper
 from qstrat.progress import Progress
 
@@ -66,14 +67,12 @@ ONE_SHOT_MESSAGE = (
 
 def _sums_model(inputs, tensors, names):
     """A model that reduces each tensor to (per-channel sums, element count per channel) in the graph."""
-    import keras
-
     from qstrat.layers.probe import ChannelSums
 
     outputs = []
     for t in tensors:
         outputs += ChannelSums(name=unique_name("qstrat_channel_sums", names))(t)
-    return keras.Model(inputs, outputs, name=unique_name("qstrat_bias_correction_probe", names))
+    return functional_model(inputs, outputs, name=unique_name("qstrat_bias_correction_probe", names))
 
 
 MIN_SAMPLES_PER_LEVEL = 32

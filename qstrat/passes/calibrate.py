@@ -134,9 +134,8 @@ def _mode(obs) -> str:
 
 def _stats_probe(float_graph, keys):
     """A model from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics."""
-    import keras
-
     from qstrat.graph import rebuild
+    from qstrat.graph.rebuild import functional_model
 
     refs = list(dict.fromkeys(ref for ref, _ in keys))
     names = taken_names(float_graph)
@@ -150,4 +149,4 @@ def _stats_probe(float_graph, keys):
             outputs.append(t)
         else:
             outputs.extend(StatsTap(mode, name=unique_name("qstrat_stats_tap", names))(t))
-    return keras.Model(base.inputs, outputs, name=unique_name("qstrat_calibration_stats", names))
+    return functional_model(base.inputs, outputs, name=unique_name("qstrat_calibration_stats", names))
