@@ -259,7 +259,7 @@ def main() -> int:
         return row
 
     with ThreadPoolExecutor(args.jobs) as pool:  # each architecture in its own process
-        rows = list(pool.map(run, names))
+        rows = sorted(pool.map(run, names), key=lambda r: r["arch"])  # run heavy-last, reported by name
     print("\n".join(table(rows)))
     with open(os.path.join(results_dir, "coverage.json"), "w") as f:
         json.dump(rows, f, indent=1)
