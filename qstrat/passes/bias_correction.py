@@ -43,6 +43,7 @@ from qstrat.errors import CalibrationDataError
 from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
 from qstrat.graph.rebuild import functional_model
 from qstrat.layers import QuantizeWrapper
+from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
 
 
@@ -139,7 +140,7 @@ def _channel_means(model, pieces, first: int, count: int) -> list[np.ndarray]:
     """Per-channel means of the probe's outputs ``first .. first + count`` (sums, count pairs) over the pieces."""
     sums, counts = None, None
     for piece in pieces:
-        outs = model.predict_on_batch(list(piece))
+        outs = model(piece)
         pairs = [(np.asarray(outs[2 * i], np.float64), float(outs[2 * i + 1])) for i in range(first, first + count)]
         if sums is None:
             sums, counts = [np.zeros_like(p) for p, _ in pairs], [0.0] * len(pairs)
@@ -211,7 +212,7 @@ def correct_biases(
     tensors = []
     for f, (w, _, _) in zip(float_outs, targets, strict=True):
         tensors += [f, w.output]
-    probe = _sums_model(inputs, tensors, names)
+    probe = BatchRunner(_sums_model(inputs, tensors, names))
     schedule = Schedule.plan(samples, max(levels) + 1)
     stream = _sample_stream(data, specs, batch_size, steps, samples)
     done = []

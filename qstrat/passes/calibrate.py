@@ -17,6 +17,7 @@ from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import StatsTap
+from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
@@ -94,14 +95,13 @@ def calibrate_activations(
     # or (per-channel and per-batch observers) the tensor itself.
     pair_modes = [_mode(observers[id(fq)]) for fq in owners]
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
-    probe = _stats_probe(float_graph, keys) if keys else None
+    probe = BatchRunner(_stats_probe(float_graph, keys)) if keys else None
     batches = samples = 0
     progress = progress or Progress(verbose)
     bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what="activation statistics")
     for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
         if probe is not None:
-            outs = probe.predict_on_batch(list(batch))  # the probe takes a list of inputs
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            outs = probe(batch)
             results, i = {}, 0
             for ref, mode in keys:
                 width = {"raw": 1, "range": 3, "histogram": 4}[mode]

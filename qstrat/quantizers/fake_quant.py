@@ -35,6 +35,7 @@ def round_ops(u, mode: RoundMode):
     Starts from round-half-to-even, which every backend implements exactly, and
     moves ties: d = u - round(u) is exact (Sterbenz), and |d| == 0.5 marks a tie.
     (The tempting u - floor(u) is not exact for small negative u in float32.)
+    A tie u = k + 0.5 has |u| < 2^23, so u + 0.5 and u - 0.5 are exact.
     """
     mode = RoundMode(mode)
     if mode == RoundMode.FLOOR:
@@ -43,16 +44,13 @@ def round_ops(u, mode: RoundMode):
     if mode == RoundMode.HALF_TO_EVEN:
         return n
     d = u - n
-    down_tie = d == 0.5  # u = n + 0.5, rounded down
-    up_tie = d == -0.5  # u = n - 0.5, rounded up
     if mode == RoundMode.HALF_UP:
-        return ops.where(down_tie, n + 1.0, n)
+        return ops.where(d == 0.5, u + 0.5, n)  # rounded down to even: take the upper neighbour
+    tie = ops.abs(d) == 0.5
+    half = 0.5 * ops.sign(u)
     if mode == RoundMode.HALF_AWAY_FROM_ZERO:
-        n = ops.where(ops.logical_and(down_tie, u > 0), n + 1.0, n)
-        return ops.where(ops.logical_and(up_tie, u < 0), n - 1.0, n)
-    # HALF_TO_ZERO
-    n = ops.where(ops.logical_and(down_tie, u < 0), n + 1.0, n)
-    return ops.where(ops.logical_and(up_tie, u > 0), n - 1.0, n)
+        return ops.where(tie, u + half, n)
+    return ops.where(tie, u - half, n)  # HALF_TO_ZERO
 
 
 def expand(param, ndim: int, axis: int | None):
@@ -79,33 +77,40 @@ def affine_fake_quant(x, scale, zero_point, qmin: int, qmax: int, round_mode, ax
     ndim = len(x.shape)
     s = ops.cast(expand(scale, ndim, axis), x.dtype)
     zp = ops.cast(expand(zero_point, ndim, axis), x.dtype)
-    return _affine(x, s, zp, float(qmin), float(qmax), RoundMode(round_mode))
+    return _affine(x, s, 1.0 / s, zp, float(qmin), float(qmax), RoundMode(round_mode))
 
 
-def _affine(x, s, zp, qmin, qmax, round_mode):
+def _affine(x, s, inv, zp, qmin, qmax, round_mode):
+    """The grid round trip; ``inv`` is 1 / s, ``zp`` None for a zero point that is 0 by construction.
+
+    Inference pays only for the forward ops: the clipped-STE mask is computed
+    in the gradient function, when a gradient is asked for.
+    """
+
     @ops.custom_gradient
-    def fq(x, s, zp):
-        inv = 1.0 / s
-        n = round_ops(x * inv, round_mode) + zp
+    def fq(x, s, inv):
+        n = round_ops(x * inv, round_mode)
+        if zp is not None:
+            n = n + zp
         q = ops.clip(n, qmin, qmax)
-        y = (q - zp) * s
-        inside = ops.cast(ops.logical_and(n >= qmin, n <= qmax), x.dtype)
+        y = (q if zp is None else q - zp) * s
 
         def grad(*args, upstream=None):
             dy = _grad_args(args, upstream)
-            return dy * inside, ops.zeros_like(s), ops.zeros_like(zp)
+            inside = ops.cast(ops.logical_and(n >= qmin, n <= qmax), dy.dtype)
+            return dy * inside, ops.zeros_like(s), ops.zeros_like(inv)
 
         return y, grad
 
-    return fq(x, s, zp)
+    return fq(x, s, inv)
 
 
-def pof2_fake_quant(x, pos, qmin: int, qmax: int, round_mode, axis=None, zero_point=0.0):
-    """Power-of-2 fake quantization: scale 2^-pos, exact at every step."""
+def pof2_fake_quant(x, pos, qmin: int, qmax: int, round_mode, axis=None, zero_point=None):
+    """Power-of-2 fake quantization: scale 2^-pos, exact at every step (``zero_point`` None: symmetric)."""
     ndim = len(x.shape)
     p = ops.cast(expand(pos, ndim, axis), x.dtype)
-    zp = ops.cast(expand(zero_point, ndim, axis), x.dtype)
-    return _affine(x, pow2(-p), zp, float(qmin), float(qmax), RoundMode(round_mode))
+    zp = None if zero_point is None else ops.cast(expand(zero_point, ndim, axis), x.dtype)
+    return _affine(x, pow2(-p), pow2(p), zp, float(qmin), float(qmax), RoundMode(round_mode))
 
 
 def tqt_position(log_th, bit_width: int, unsigned: bool):

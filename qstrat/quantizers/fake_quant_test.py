@@ -57,7 +57,9 @@ def test_round_modes_at_ties_and_between(mode):
     near = np.concatenate([ties - 1e-3, ties + 1e-3, [0.49999997, -0.49999997, 2.5000002, -2.5000002]]).astype(
         np.float32
     )
-    u = np.concatenate([ties, near])
+    # The largest float32 ties (2^23 - 0.5) and integers past 2^23, where the tie fix must not move anything.
+    far = np.array([4194304.5, -4194304.5, 8388607.5, -8388607.5, 8388609.0, -16777218.0], np.float32)
+    u = np.concatenate([ties, near, far])
     got = np_(fq.round_ops(ops.convert_to_tensor(u), mode))
     assert np.array_equal(got, ref.round_np(u, mode).astype(np.float32))
 

@@ -148,7 +148,7 @@ class Pof2SQuantizer(_Pof2Positions):
 
     def __call__(self, x, state: Mapping[str, Any], training: bool = False):
         g = self.grid
-        zp = state.get("zero_point", 0.0)
+        zp = state.get("zero_point")
         return fq.pof2_fake_quant(
             x,
             ops.convert_to_tensor(state["pos"]),
@@ -156,7 +156,7 @@ class Pof2SQuantizer(_Pof2Positions):
             g.qmax,
             self.params.round_mode,
             self.axis,
-            ops.convert_to_tensor(zp),
+            None if zp is None else ops.convert_to_tensor(zp),
         )
 
     def reference(self, x, state) -> np.ndarray:
