@@ -18,7 +18,7 @@ from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.passes.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot
+from qstrat.passes.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
 from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, insert
@@ -118,6 +118,7 @@ class Quantizer:
         with progress.stage("weight calibration"):
             calibrate_weights(qmodel)
         with quiet_probes():
+            bc_plan = make_plan(qmodel, graph, calib_dataset, calib_steps, calib_batch_size) if bias_corr else None
             with progress.stage("activation calibration"):
                 samples = calibrate_activations(
                     qmodel,
@@ -129,12 +130,13 @@ class Quantizer:
                     strategy.quantize["calib_position_policy"],
                     verbose,
                     progress,
+                    bc_plan.float_side if bc_plan else None,
                 )
             self.bias_corrections = []
-            if bias_corr:
+            if bc_plan:
                 with progress.stage("bias correction"):
                     self.bias_corrections = correct_biases(
-                        qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples, progress
+                        qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples, progress, bc_plan
                     )
         self.report = annotation.report
         progress.done("quantized")

@@ -93,3 +93,16 @@ class ChannelSums(keras.layers.Layer):
 
     def compute_output_spec(self, x):
         return [keras.KerasTensor((x.shape[-1],), dtype="float32"), keras.KerasTensor((), dtype="float32")]
+
+
+class SampleChannelSums(keras.layers.Layer):
+    """Reduce a tensor to per-sample channel sums (batch, C) and the element count per channel per sample."""
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        axes = tuple(range(1, len(x.shape) - 1))
+        count = ops.cast(ops.size(x) // (ops.shape(x)[0] * ops.shape(x)[-1]), "float32")
+        return [ops.sum(x, axis=axes) if axes else x, count]
+
+    def compute_output_spec(self, x):
+        return [keras.KerasTensor((x.shape[0], x.shape[-1]), dtype="float32"), keras.KerasTensor((), dtype="float32")]

@@ -61,3 +61,18 @@ def test_probe_model_with_taps():
     m = keras.Model(i, out)
     counts, k, lo, hi = m.predict_on_batch(np.ones((3, 10), "float32"))
     assert counts.shape == (512,) and counts.sum() == 12
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 6, 7, 3), (2, 5, 3)])
+def test_channel_sums_per_batch_and_per_sample(shape):
+    from qstrat.layers.probe import ChannelSums, SampleChannelSums
+
+    # Small integers: every sum is exact in float32, so the in-graph sums must equal NumPy's exactly.
+    x = np.random.default_rng(0).integers(-8, 8, size=shape).astype("float32")
+    per_sample, count = (ops.convert_to_numpy(t) for t in SampleChannelSums()(ops.convert_to_tensor(x)))
+    axes = tuple(range(1, len(shape) - 1))
+    np.testing.assert_array_equal(per_sample, x.sum(axis=axes) if axes else x)
+    assert count == np.prod(shape[1:-1], dtype=int)
+    total, n = (ops.convert_to_numpy(t) for t in ChannelSums()(ops.convert_to_tensor(x)))
+    np.testing.assert_array_equal(total, x.reshape(-1, shape[-1]).sum(0))
+    assert n == np.prod(shape[:-1], dtype=int)

@@ -24,9 +24,12 @@ Segments of in-memory arrays are drawn in a fixed random order, so sorted
 data (all of one class first) does not give each level one kind of sample;
 other sources are read in their own order.
 
-Each segment is measured on the float and the quantized model in one probe
-(so shuffled or augmented data is fine), which is why the data must be
-re-iterable (an array, a tf.data.Dataset or a PyDataset). With a one-shot
+For in-memory arrays, the float side of every segment is gathered during
+the calibration pass (`FloatSide`: per-sample channel sums of each target's
+float output, added to the segments that sample falls in), so the passes
+here run only the quantized model. Other sources are measured on the float
+and the quantized model in one probe (so shuffled or augmented data is fine).
+Either way the data must be re-iterable (an array, a tf.data.Dataset or a PyDataset). With a one-shot
 generator the API skips this pass with a warning that says how to get it.
 The reference tool's version of this pass was disabled and added the shift
 instead of subtracting it; here a test checks the sign.
@@ -99,7 +102,7 @@ class Schedule:
         return -(-self.segment * self.levels // self.samples)
 
 
-def _sample_stream(data, specs, batch_size, steps, samples, seed=0):
+def _sample_stream(data, specs, batch_size, steps, samples):
     """Batches of the calibration data, cycled, for the passes of bias correction.
 
     In-memory arrays come in a fixed random order (the same samples as
@@ -110,7 +113,7 @@ def _sample_stream(data, specs, batch_size, steps, samples, seed=0):
     arrays = array_bundle(data, specs)
     while True:
         if arrays is not None:
-            order = np.random.default_rng(seed).permutation(samples)
+            order = _order(samples)
             for step, i in enumerate(range(0, samples, batch_size)):
                 yield check_batch([a[order[i : i + batch_size]] for a in arrays], specs, step)
         else:
@@ -176,44 +179,121 @@ def _targets(qmodel, float_graph: Graph):
     return out
 
 
+@dataclass
+class Plan:
+    """What bias correction will measure: targets grouped by level, the schedule, the sample order."""
+
+    targets: list  # (wrapper, float TensorRef, BN layer or None), sorted by level
+    levels: list[int]
+    schedule: Schedule
+    float_side: FloatSide | None = None  # in-memory arrays: float sums gathered by calibration
+
+
+def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Plan | None:
+    """The plan for ``qmodel``, or None when no layer can be corrected.
+
+    For in-memory arrays the sample count is known up front, so the plan
+    carries a `FloatSide` for the calibration pass to fill.
+    """
+    from qstrat.calibration.data import array_bundle
+    from qstrat.passes.calibrate import input_specs
+
+    targets = _targets(qmodel, float_graph)
+    if not targets:
+        return None
+    levels = _levels(float_graph, [ref.node for _, ref, _ in targets])
+    order = sorted(range(len(targets)), key=lambda k: levels[k])  # probe outputs grouped by level
+    targets, levels = [targets[k] for k in order], [levels[k] for k in order]
+    arrays = None if is_one_shot(data) else array_bundle(data, input_specs(qmodel))
+    if arrays is None:
+        return Plan(targets, levels, Schedule(max(levels) + 1, 0, 0))
+    samples = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
+    schedule = Schedule.plan(samples, max(levels) + 1)
+    return Plan(targets, levels, schedule, FloatSide([ref for _, ref, _ in targets], levels, schedule))
+
+
+class FloatSide:
+    """Per target, the float output's channel sums over its level's segments, gathered during calibration.
+
+    The quantized passes read the samples in a fixed random order (seed 0),
+    cycled: stream position t is sample ``order[t mod samples]``, and level L
+    owns positions [L * segment, (L + 1) * segment). Calibration reads the
+    samples in their own order; `update` adds each sample's sums to the levels
+    whose segments hold one of its appearances.
+    """
+
+    def __init__(self, refs: list[TensorRef], levels: list[int], schedule: Schedule):
+        self.refs = refs
+        self.levels = np.asarray(levels)
+        self.schedule = schedule
+        order = _order(schedule.samples)
+        self.position = np.empty(schedule.samples, np.int64)
+        self.position[order] = np.arange(schedule.samples)
+        self.sums: list = [None] * len(levels)
+        self.counts = np.zeros(len(levels))
+        self.seen = 0
+
+    def update(self, first: int, outputs: list) -> None:
+        """``outputs``: per target, (per-sample channel sums (batch, C), elements per channel per sample)."""
+        s = self.schedule
+        n = len(outputs[0])
+        positions = self.position[first : first + n]
+        for k in range(s.passes):
+            level_of = (k * s.samples + positions) // s.segment  # levels >= s.levels own nothing
+            for j, level in enumerate(self.levels):
+                rows = level_of == level
+                if not rows.any():
+                    continue
+                total = np.sum(np.asarray(outputs[2 * j])[rows], axis=0, dtype=np.float64)
+                self.sums[j] = total if self.sums[j] is None else self.sums[j] + total
+                self.counts[j] += float(np.count_nonzero(rows)) * float(outputs[2 * j + 1])
+        self.seen += n
+
+    def means(self, first: int, count: int) -> list[np.ndarray]:
+        if self.seen != self.schedule.samples:
+            raise RuntimeError(
+                f"bias correction planned for {self.schedule.samples} samples, calibration saw {self.seen}"
+            )
+        return [self.sums[j] / self.counts[j] for j in range(first, first + count)]
+
+
+def _order(samples: int) -> np.ndarray:
+    """The fixed random order in which bias correction reads in-memory samples."""
+    return np.random.default_rng(0).permutation(samples)
+
+
 def correct_biases(
-    qmodel, float_graph: Graph, data, steps=None, batch_size=32, verbose=1, samples: int | None = None, progress=None
+    qmodel,
+    float_graph: Graph,
+    data,
+    steps=None,
+    batch_size=32,
+    verbose=1,
+    samples: int | None = None,
+    progress=None,
+    plan: Plan | None = None,
 ) -> list[Correction]:
     """Correct the output mean of every quantized conv/dense layer, level by level. Returns what changed.
 
     ``samples``: how many samples the calibration data holds (as calibration
     counted them); counted here with one read of the data when not given.
+    ``plan``: from `make_plan`, its `FloatSide` filled by the calibration pass
+    (made here, without one, when not given).
     """
-    from qstrat.graph import rebuild
     from qstrat.passes.calibrate import _assign, input_specs
 
     if is_one_shot(data):
         raise CalibrationDataError(ONE_SHOT_MESSAGE.replace("was skipped", "cannot run"))
-    targets = _targets(qmodel, float_graph)
-    if not targets:
+    plan = plan or make_plan(qmodel, float_graph, None)
+    if plan is None:
         return []
     specs = input_specs(qmodel)
     if samples is None:
         samples = sum(len(b[0]) for b in iterate_batches(data, specs, batch_size, steps))
-    # One probe, traced once, computes the float and the quantized layer outputs of the same batch,
-    # so shuffled or augmented data cannot make the two means come from different samples.
-    # The float model is one operation of the probe, so its layers keep their names; the
-    # probe's own operations take names that nothing in either model has.
-    names = taken_names(float_graph, qmodel)
-    inputs = list(qmodel.inputs)
-    levels = _levels(float_graph, [ref.node for _, ref, _ in targets])
-    order = sorted(range(len(targets)), key=lambda k: levels[k])  # probe outputs grouped by level
-    targets, levels = [targets[k] for k in order], [levels[k] for k in order]
-    float_model = rebuild(
-        float_graph, outputs=[ref for _, ref, _ in targets], name=unique_name("qstrat_float_reference", names)
-    )
-    float_outs = float_model(inputs[0] if len(inputs) == 1 else inputs)
-    float_outs = list(float_outs) if isinstance(float_outs, (list, tuple)) else [float_outs]
-    tensors = []
-    for f, (w, _, _) in zip(float_outs, targets, strict=True):
-        tensors += [f, w.output]
-    probe = BatchRunner(_sums_model(inputs, tensors, names))
-    schedule = Schedule.plan(samples, max(levels) + 1)
+    targets, levels = plan.targets, plan.levels
+    float_side = plan.float_side
+    schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1)
+    probe = BatchRunner(_probe(qmodel, float_graph, targets, paired=float_side is None))
     stream = _sample_stream(data, specs, batch_size, steps, samples)
     done = []
     progress = progress or Progress(verbose)
@@ -222,11 +302,42 @@ def correct_biases(
     for level, pieces in _segments(stream, schedule):
         first = levels.index(level)
         count = levels.count(level)
-        means = _channel_means(probe, pieces, 2 * first, 2 * count)
+        if float_side is None:
+            means = _channel_means(probe, pieces, 2 * first, 2 * count)
+            shifts = [means[2 * j + 1] - means[2 * j] for j in range(count)]
+        else:
+            quantized = _channel_means(probe, pieces, first, count)
+            shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
         for j in range(count):
-            done.append(_correct(targets[first + j], means[2 * j + 1] - means[2 * j], _assign))
+            done.append(_correct(targets[first + j], shifts[j], _assign))
         bar.update(level + 1)
     return done
+
+
+def _probe(qmodel, float_graph: Graph, targets, paired: bool):
+    """Channel sums of every target's quantized output; with ``paired``, its float output's first.
+
+    Paired, one probe computes the float and the quantized outputs of the same
+    batch, so shuffled or augmented data cannot make the two means come from
+    different samples. The float model is one operation of the probe, so its
+    layers keep their names; the probe's own operations take names that
+    nothing in either model has.
+    """
+    from qstrat.graph import rebuild
+
+    names = taken_names(float_graph, qmodel)
+    inputs = list(qmodel.inputs)
+    if not paired:
+        return _sums_model(inputs, [w.output for w, _, _ in targets], names)
+    float_model = rebuild(
+        float_graph, outputs=[ref for _, ref, _ in targets], name=unique_name("qstrat_float_reference", names)
+    )
+    float_outs = float_model(inputs[0] if len(inputs) == 1 else inputs)
+    float_outs = list(float_outs) if isinstance(float_outs, (list, tuple)) else [float_outs]
+    tensors = []
+    for f, (w, _, _) in zip(float_outs, targets, strict=True):
+        tensors += [f, w.output]
+    return _sums_model(inputs, tensors, names)
 
 
 def _levels(graph: Graph, target_nodes: list[str]) -> list[int]:

@@ -124,7 +124,10 @@ def _reference_corrections(qmodel, float_model, x, levels_of, segment, assign):
     return shifts, wrappers
 
 
-def test_corrections_match_a_straightforward_level_by_level_path():
+@pytest.mark.parametrize("path", ["paired probe", "float side from calibration"])
+def test_corrections_match_a_straightforward_level_by_level_path(path):
+    """Paired: the pass alone, float and quantized in one probe (any data source). Float side: the API's
+    path for arrays, the float sums gathered by the calibration pass and only the quantized model here."""
     from qstrat.passes.bias_correction import Schedule
     from qstrat.passes.calibrate import _assign
 
@@ -136,10 +139,14 @@ def test_corrections_match_a_straightforward_level_by_level_path():
     data = _data(100)
     overrides = {"weight_bit": 4, "include_cle": False, "include_bias_corr": False}
     q = qstrat.Quantizer(model, "pof2s")
-    qmodel = q.quantize_model(data, verbose=0, **overrides)
+    if path == "paired probe":
+        qmodel = q.quantize_model(data, verbose=0, **overrides)
+        graph = q._optimized_graph(q._strategy(overrides))
+        done = correct_biases(qmodel, graph, data, None, 32, verbose=0, samples=len(data))
+    else:
+        qmodel = q.quantize_model(data, verbose=0, **{**overrides, "include_bias_corr": True})
+        done = q.bias_corrections
     ref_q = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, **overrides)
-    graph = q._optimized_graph(q._strategy(overrides))
-    done = correct_biases(qmodel, graph, data, None, 32, verbose=0, samples=len(data))
     levels = {"c1": 0, "c2": 1, "c3": 2, "d": 3}
     schedule = Schedule.plan(len(data), len(levels))
     assert (schedule.passes, schedule.segment) == (2, 50)  # 32 samples per level: two passes over 100
@@ -147,7 +154,7 @@ def test_corrections_match_a_straightforward_level_by_level_path():
     got = {c.layer: c.max_abs_shift for c in done}
     assert set(got) == set(levels) and max(got.values()) > 1e-3
     for name, shift in shifts.items():
-        # The same float32 outputs, summed in float32 per batch in the probe and in float64 here.
+        # The same float32 outputs, summed in float32 in the probe (per batch, or per sample) and in float64 here.
         np.testing.assert_allclose(got[name], np.abs(shift).max(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
             qmodel.get_layer(f"quant_{name}").layer.bias.numpy(),

@@ -16,7 +16,7 @@ from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.layers.probe import StatsTap
+from qstrat.layers.probe import SampleChannelSums, StatsTap
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
@@ -67,7 +67,7 @@ def fake_quant_layers(qmodel) -> list[FakeQuant]:
 
 
 def calibrate_activations(
-    qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1, progress=None
+    qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1, progress=None, float_side=None
 ) -> int:
     """Observe, over the data, the float tensors every FakeQuant quantizes, and set its state.
 
@@ -95,7 +95,8 @@ def calibrate_activations(
     # or (per-channel and per-batch observers) the tensor itself.
     pair_modes = [_mode(observers[id(fq)]) for fq in owners]
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
-    probe = BatchRunner(_stats_probe(float_graph, keys)) if keys else None
+    side_refs = list(float_side.refs) if float_side is not None else []
+    probe = BatchRunner(_stats_probe(float_graph, keys, side_refs)) if keys or side_refs else None
     batches = samples = 0
     progress = progress or Progress(verbose)
     bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what="activation statistics")
@@ -115,6 +116,8 @@ def calibrate_activations(
                     obs.update_range(got[0], got[1], int(got[2]))
                 else:
                     obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
+            if side_refs:
+                float_side.update(samples, outs[i:])
         batches += 1
         samples += len(batch[0])
         bar.update(batches)
@@ -132,12 +135,15 @@ def _mode(obs) -> str:
     return "raw"
 
 
-def _stats_probe(float_graph, keys):
-    """A model from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics."""
+def _stats_probe(float_graph, keys, side_refs=()):
+    """A model from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics.
+
+    Then, per tensor of ``side_refs``, its per-sample channel sums and their element count.
+    """
     from qstrat.graph import rebuild
     from qstrat.graph.rebuild import functional_model
 
-    refs = list(dict.fromkeys(ref for ref, _ in keys))
+    refs = list(dict.fromkeys([ref for ref, _ in keys] + list(side_refs)))
     names = taken_names(float_graph)
     base = rebuild(float_graph, outputs=refs, name=unique_name("qstrat_calibration_probe", names))
     tensors = base.outputs if isinstance(base.outputs, list) else [base.outputs]
@@ -149,4 +155,6 @@ def _stats_probe(float_graph, keys):
             outputs.append(t)
         else:
             outputs.extend(StatsTap(mode, name=unique_name("qstrat_stats_tap", names))(t))
+    for ref in side_refs:
+        outputs.extend(SampleChannelSums(name=unique_name("qstrat_sample_sums", names))(by_ref[ref]))
     return functional_model(base.inputs, outputs, name=unique_name("qstrat_calibration_stats", names))

@@ -32,20 +32,24 @@ from qstrat.quantizers.reference import BF16_MAX, FP16_MAX
 def round_ops(u, mode: RoundMode):
     """Round with the given tie rule, exactly.
 
-    Starts from round-half-to-even, which every backend implements exactly, and
-    moves ties: d = u - round(u) is exact (Sterbenz), and |d| == 0.5 marks a tie.
-    (The tempting u - floor(u) is not exact for small negative u in float32.)
-    A tie u = k + 0.5 has |u| < 2^23, so u + 0.5 and u - 0.5 are exact.
+    HALF_UP is floor(u) + [u - floor(u) >= 0.5] (see below). The other tie
+    rules start from round-half-to-even, which every backend implements
+    exactly, and move ties: d = u - round(u) is exact (Sterbenz), and
+    |d| == 0.5 marks a tie; a tie u = k + 0.5 has |u| < 2^23, so u + 0.5 and
+    u - 0.5 are exact. (floor(u + 0.5) is not: 0.49999997 + 0.5 rounds to 1.)
     """
     mode = RoundMode(mode)
     if mode == RoundMode.FLOOR:
         return ops.floor(u)
+    if mode == RoundMode.HALF_UP:
+        # u - floor(u) is exact (Sterbenz) except for u in (-0.5, 0), where it is
+        # 1 + u > 0.5 rounded to float32: still >= 0.5, so the decision is exact.
+        f = ops.floor(u)
+        return f + ops.cast(u - f >= 0.5, u.dtype)
     n = ops.round(u)
     if mode == RoundMode.HALF_TO_EVEN:
         return n
     d = u - n
-    if mode == RoundMode.HALF_UP:
-        return ops.where(d == 0.5, u + 0.5, n)  # rounded down to even: take the upper neighbour
     tie = ops.abs(d) == 0.5
     half = 0.5 * ops.sign(u)
     if mode == RoundMode.HALF_AWAY_FROM_ZERO:

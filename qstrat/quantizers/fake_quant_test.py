@@ -59,6 +59,8 @@ def test_round_modes_at_ties_and_between(mode):
     )
     # The largest float32 ties (2^23 - 0.5) and integers past 2^23, where the tie fix must not move anything.
     far = np.array([4194304.5, -4194304.5, 8388607.5, -8388607.5, 8388609.0, -16777218.0], np.float32)
+    # Small negatives, where u - floor(u) = 1 + u is rounded: the decision must still be exact.
+    far = np.concatenate([far, np.array([-1e-9, -1e-30, -0.25, -0.50000006, -0.99999994, -0.5], np.float32)])
     u = np.concatenate([ties, near, far])
     got = np_(fq.round_ops(ops.convert_to_tensor(u), mode))
     assert np.array_equal(got, ref.round_np(u, mode).astype(np.float32))
