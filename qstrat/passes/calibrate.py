@@ -16,7 +16,7 @@ from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.layers.probe import SampleChannelSums, StatsTap
+from qstrat.layers.probe import SampleChannelSums, StatsTaps
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
@@ -95,6 +95,7 @@ def calibrate_activations(
     # or (per-channel and per-batch observers) the tensor itself.
     pair_modes = [_mode(observers[id(fq)]) for fq in owners]
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
+    keys.sort(key=lambda key: key[1] != "raw")  # the probe's order: raw tensors, then the taps' statistics
     side_refs = list(float_side.refs) if float_side is not None else []
     probe = BatchRunner(_stats_probe(float_graph, keys, side_refs)) if keys or side_refs else None
     batches = samples = 0
@@ -138,6 +139,9 @@ def _mode(obs) -> str:
 def _stats_probe(float_graph, keys, side_refs=()):
     """A model from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics.
 
+    ``keys`` lists the "raw" tensors first; the statistics of all the others
+    come from one `StatsTaps` layer.
+
     Then, per tensor of ``side_refs``, its per-sample channel sums and their element count.
     """
     from qstrat.graph import rebuild
@@ -148,13 +152,11 @@ def _stats_probe(float_graph, keys, side_refs=()):
     base = rebuild(float_graph, outputs=refs, name=unique_name("qstrat_calibration_probe", names))
     tensors = base.outputs if isinstance(base.outputs, list) else [base.outputs]
     by_ref = dict(zip(refs, tensors, strict=True))
-    outputs = []
-    for ref, mode in keys:
-        t = by_ref[ref]
-        if mode == "raw":
-            outputs.append(t)
-        else:
-            outputs.extend(StatsTap(mode, name=unique_name("qstrat_stats_tap", names))(t))
+    outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
+    tapped = [(ref, mode) for ref, mode in keys if mode != "raw"]
+    if tapped:
+        taps = StatsTaps([mode for _, mode in tapped], name=unique_name("qstrat_stats_taps", names))
+        outputs += taps([by_ref[ref] for ref, _ in tapped])
     for ref in side_refs:
         outputs.extend(SampleChannelSums(name=unique_name("qstrat_sample_sums", names))(by_ref[ref]))
     return functional_model(base.inputs, outputs, name=unique_name("qstrat_calibration_stats", names))
