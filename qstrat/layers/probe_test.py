@@ -84,7 +84,9 @@ def test_stats_taps_give_each_tensor_what_its_own_tap_gives():
     xs = CASES[:4] + CASES[6:8]
     kinds = ["histogram", "range", "histogram", "histogram", "range", "histogram"]
     together = [ops.convert_to_numpy(t) for t in StatsTaps(kinds)([ops.convert_to_tensor(x) for x in xs])]
-    alone = [ops.convert_to_numpy(t) for x, k in zip(xs, kinds) for t in StatsTap(k)(ops.convert_to_tensor(x))]
+    alone = [
+        ops.convert_to_numpy(t) for x, k in zip(xs, kinds, strict=True) for t in StatsTap(k)(ops.convert_to_tensor(x))
+    ]
     assert len(together) == len(alone) == 4 * 4 + 2 * 3
     for a, b in zip(together, alone, strict=True):
         assert np.array_equal(a, b)

@@ -28,9 +28,10 @@ For in-memory arrays, the float side of every segment is gathered during
 the calibration pass (`FloatSide`: per-sample channel sums of each target's
 float output, added to the segments that sample falls in), so the passes
 here run only the quantized model. Other sources are measured on the float
-and the quantized model in one probe (so shuffled or augmented data is fine).
-Either way the data must be re-iterable (an array, a tf.data.Dataset or a PyDataset). With a one-shot
-generator the API skips this pass with a warning that says how to get it.
+and the quantized model in one probe (so shuffled or augmented data is
+fine). Either way the data must be re-iterable (an array, a
+tf.data.Dataset or a PyDataset). With a one-shot generator the API skips
+this pass with a warning that says how to get it.
 The reference tool's version of this pass was disabled and added the shift
 instead of subtracting it; here a test checks the sign.
 """
