@@ -47,6 +47,7 @@ from qstrat.errors import CalibrationDataError
 from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
 from qstrat.graph.rebuild import functional_model
 from qstrat.layers import QuantizeWrapper
+from qstrat.passes.frozen import Frozen
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
 
@@ -294,7 +295,8 @@ def correct_biases(
     targets, levels = plan.targets, plan.levels
     float_side = plan.float_side
     schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1)
-    probe = BatchRunner(_probe(qmodel, float_graph, targets, paired=float_side is None))
+    frozen = Frozen(qmodel)
+    probe = BatchRunner(_probe(frozen, float_graph, targets, paired=float_side is None))
     stream = _sample_stream(data, specs, batch_size, steps, samples)
     done = []
     progress = progress or Progress(verbose)
@@ -311,33 +313,38 @@ def correct_biases(
             shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
         for j in range(count):
             done.append(_correct(targets[first + j], shifts[j], _assign))
+            wrapper, _, bn = targets[first + j]
+            frozen.sync(wrapper if bn is None else bn)
         bar.update(level + 1)
     return done
 
 
-def _probe(qmodel, float_graph: Graph, targets, paired: bool):
+def _probe(frozen: Frozen, float_graph: Graph, targets, paired: bool):
     """Channel sums of every target's quantized output; with ``paired``, its float output's first.
 
-    Paired, one probe computes the float and the quantized outputs of the same
-    batch, so shuffled or augmented data cannot make the two means come from
+    The quantized outputs come from the frozen copy of the quantized model
+    (weights fake-quantized once: a smaller graph, the same values). Paired,
+    one probe computes the float and the quantized outputs of the same batch,
+    so shuffled or augmented data cannot make the two means come from
     different samples. The float model is one operation of the probe, so its
     layers keep their names; the probe's own operations take names that
     nothing in either model has.
     """
     from qstrat.graph import rebuild
 
-    names = taken_names(float_graph, qmodel)
-    inputs = list(qmodel.inputs)
+    names = taken_names(float_graph, frozen.model)
+    inputs = list(frozen.model.inputs)
+    quantized = [frozen.layer(w).output for w, _, _ in targets]
     if not paired:
-        return _sums_model(inputs, [w.output for w, _, _ in targets], names)
+        return _sums_model(inputs, quantized, names)
     float_model = rebuild(
         float_graph, outputs=[ref for _, ref, _ in targets], name=unique_name("qstrat_float_reference", names)
     )
     float_outs = float_model(inputs[0] if len(inputs) == 1 else inputs)
     float_outs = list(float_outs) if isinstance(float_outs, (list, tuple)) else [float_outs]
     tensors = []
-    for f, (w, _, _) in zip(float_outs, targets, strict=True):
-        tensors += [f, w.output]
+    for f, q in zip(float_outs, quantized, strict=True):
+        tensors += [f, q]
     return _sums_model(inputs, tensors, names)
 
 

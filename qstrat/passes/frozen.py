@@ -1,0 +1,59 @@
+"""A copy of a quantized model whose weights are fake-quantized once, for passes that only run it.
+
+A `QuantizeWrapper` fake-quantizes its weights on every call, which is most
+of a quantized model's graph: a traced probe of it takes seconds longer to
+trace than the float model's, and every batch pays for the weight ops again.
+A pass that runs the model without changing its weights (bias correction
+changes only biases, and BN means) can run `Frozen.model` instead: each
+wrapper becomes a plain copy of its layer holding the wrapper's quantized
+weights, every other layer a copy of itself (FakeQuant state included). The
+outputs are the quantized model's, bit for bit: the same kernels see the same
+values. `sync` carries a change made to the quantized model over.
+"""
+
+from __future__ import annotations
+
+from qstrat.graph import capture, rebuild
+from qstrat.graph.ir import taken_names, unique_name
+from qstrat.graph.rebuild import copy_layer
+from qstrat.layers import QuantizeWrapper
+
+
+class Frozen:
+    """``Frozen(qmodel).model``: ``qmodel`` with its wrappers' weights fake-quantized once."""
+
+    def __init__(self, qmodel):
+        self._copies: dict[int, object] = {}
+        self._wrappers: dict[int, QuantizeWrapper] = {}
+
+        def op_for(node):
+            op = node.op
+            if id(op) not in self._copies:
+                if isinstance(op, QuantizeWrapper):
+                    self._copies[id(op)] = copy_layer(op.layer)
+                    self._wrappers[id(op)] = op
+                else:
+                    self._copies[id(op)] = copy_layer(op)
+            return self._copies[id(op)]
+
+        graph = capture(qmodel)
+        name = unique_name(f"{qmodel.name}_frozen", taken_names(graph, qmodel))
+        self.model = rebuild(graph, op_for=op_for, name=name)
+        for wrapper in self._wrappers.values():
+            self.sync(wrapper)
+
+    def layer(self, layer):
+        """The copy standing for ``layer`` of the quantized model (a wrapper: its plain layer)."""
+        return self._copies[id(layer)]
+
+    def sync(self, layer) -> None:
+        """Copy ``layer``'s current values over: a wrapper's quantized weights, any other layer's weights."""
+        import keras
+
+        copy = self._copies[id(layer)]
+        if isinstance(layer, QuantizeWrapper):
+            for attr in layer.quantizers:
+                getattr(copy, attr).assign(keras.ops.convert_to_numpy(layer.quantized_weight(attr)))
+            return
+        for src, dst in zip(layer.weights, copy.weights, strict=True):
+            dst.assign(keras.ops.convert_to_numpy(src))

@@ -1,0 +1,35 @@
+"""Frozen: the quantized model with its weights fake-quantized once gives the same outputs, bit for bit."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import qstrat
+from qstrat.layers import QuantizeWrapper
+from qstrat.passes.frozen import Frozen
+
+pytestmark = pytest.mark.portable
+L = keras.layers
+
+
+@pytest.mark.parametrize("strategy", ["pof2s", "fs"])
+def test_frozen_copy_gives_the_quantized_outputs_and_follows_changes(strategy):
+    i = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(i)
+    x = L.ReLU(name="r1")(L.BatchNormalization(name="bn1")(x))
+    x = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    model = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.default_rng(0).uniform(0, 4, size=(40, 8, 8, 3)).astype("float32")
+    qmodel = qstrat.Quantizer(model, strategy).quantize_model(data, verbose=0, include_bias_corr=False, weight_bit=4)
+    frozen = Frozen(qmodel)
+    np.testing.assert_array_equal(ops.convert_to_numpy(frozen.model(data)), ops.convert_to_numpy(qmodel(data)))
+    assert not any(isinstance(layer, QuantizeWrapper) for layer in frozen.model.layers)
+
+    # A weight changed in the quantized model reaches the copy with sync, and only then.
+    dense = qmodel.get_layer("quant_d")
+    dense.layer.kernel.assign(-dense.layer.kernel.numpy())
+    before = ops.convert_to_numpy(frozen.model(data))
+    assert not np.array_equal(before, ops.convert_to_numpy(qmodel(data)))
+    frozen.sync(dense)
+    np.testing.assert_array_equal(ops.convert_to_numpy(frozen.model(data)), ops.convert_to_numpy(qmodel(data)))
