@@ -183,12 +183,11 @@ def _targets(qmodel, float_graph: Graph):
 
 @dataclass
 class Plan:
-    """What bias correction will measure: targets grouped by level, the schedule, the sample order."""
+    """What bias correction will measure: targets grouped by level, and for arrays the float side to gather."""
 
     targets: list  # (wrapper, float TensorRef, BN layer or None), sorted by level
     levels: list[int]
-    schedule: Schedule
-    float_side: FloatSide | None = None  # in-memory arrays: float sums gathered by calibration
+    float_side: FloatSide | None = None  # in-memory arrays: float sums gathered by calibration (with the schedule)
 
 
 def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Plan | None:
@@ -208,10 +207,10 @@ def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Pl
     targets, levels = [targets[k] for k in order], [levels[k] for k in order]
     arrays = None if is_one_shot(data) else array_bundle(data, input_specs(qmodel))
     if arrays is None:
-        return Plan(targets, levels, Schedule(max(levels) + 1, 0, 0))
+        return Plan(targets, levels)
     samples = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
     schedule = Schedule.plan(samples, max(levels) + 1)
-    return Plan(targets, levels, schedule, FloatSide([ref for _, ref, _ in targets], levels, schedule))
+    return Plan(targets, levels, FloatSide([ref for _, ref, _ in targets], levels, schedule))
 
 
 class FloatSide:

@@ -1,0 +1,82 @@
+"""Where a quantize_model call's fixed cost goes: the first call (trace) of each probe, and per-batch costs.
+
+For one model, calibration size and strategy (defaults, bias correction on),
+in one run: every probe qstrat runs (`qstrat.passes.runner.BatchRunner`) is
+timed call by call, so its first call (tracing, plus one batch) shows apart
+from the rest; and a warm batch of 32 through the float model and through the
+quantized model shows what the FakeQuant layers cost per batch.
+
+Run: ``.venv/bin/python bench/traces.py --model mobilenet_v2 --samples 1024``
+(models as in bench/speed.py; about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _warm_batch_s(runner, batch, repeats=10) -> float:
+    import numpy as np
+
+    runner(batch)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        runner(batch)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--strategy", default="pof2s")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    from speed import load
+
+    import qstrat
+    from qstrat.passes import runner
+
+    calls: list[tuple[int, int, float]] = []
+    plain_call = runner.BatchRunner.__call__
+
+    def timed(self, batch):
+        t = time.perf_counter()
+        out = plain_call(self, batch)
+        calls.append((id(self), len(batch[0]), time.perf_counter() - t))
+        return out
+
+    net, x = load(args.model, args.samples)
+    runner.BatchRunner.__call__ = timed
+    q = qstrat.Quantizer(net, args.strategy)
+    t = time.perf_counter()
+    qmodel = q.quantize_model(x, calib_batch_size=32, verbose=0)
+    total = time.perf_counter() - t
+    runner.BatchRunner.__call__ = plain_call
+    print(f"{args.model}, {args.samples} samples, {args.strategy}: quantize_model {total:.2f} s")
+    for k, probe in enumerate(dict.fromkeys(c[0] for c in calls)):
+        mine = [c for c in calls if c[0] == probe]
+        what = "calibration probe" if k == 0 else "bias-correction probe"
+        print(
+            f"  {what}: {len(mine)} calls; first (trace + 1 batch) {mine[0][2]:.2f} s, "
+            f"the other {len(mine) - 1} {sum(c[2] for c in mine[1:]):.2f} s"
+        )
+    batch = [x[:32]]
+    float_s = _warm_batch_s(runner.BatchRunner(net), batch)
+    quant_s = _warm_batch_s(runner.BatchRunner(qmodel), batch)
+    print(f"  warm batch of 32: float {1e3 * float_s:.1f} ms, quantized {1e3 * quant_s:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
