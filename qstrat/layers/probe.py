@@ -1,4 +1,4 @@
-"""`StatsTap`: a layer that reduces an activation to calibration statistics inside the model.
+"""`StatsTaps`: a layer that reduces activations to calibration statistics inside the model.
 
 Calibration only needs each activation's range (min/max) or its aligned
 histogram, not the activation itself. Computing them in the probe model's
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from qstrat.quantizers.stats import EMPTY_EXPONENT
@@ -41,65 +42,69 @@ def _pow2(e):
 
 
 def _stats(xs, kinds, bins_per_side: int) -> list:
-    """Per tensor, ``[min, max, size]`` (kind "range") or ``[counts, exponent, min, max]`` ("histogram").
+    """Packed statistics of every tensor: ``[lo (T,), hi (T,), size (T,)]``, then ``[counts (H, 2n), k (H,)]``
+    for the H tensors of kind "histogram", in order.
 
-    The exponent and bin-scale arithmetic runs once, on the vector of every
-    histogram tensor's extremes, which keeps the probe graph small (its trace
-    time grows with its op count).
+    Everything is computed for all tensors at once where it can be (one
+    stack of extremes, one exponent computation, one unstack of the scales),
+    and packed into few outputs: the probe graph stays small, and its trace
+    time grows with its op count.
     """
     n = bins_per_side
     xs = [ops.cast(x, "float32") for x in xs]
     los, his = [ops.min(x) for x in xs], [ops.max(x) for x in xs]
-    out: list = [[lo, hi, ops.cast(ops.size(x), "int32")] for x, lo, hi in zip(xs, los, his, strict=True)]
+    lo, hi = ops.stack(los), ops.stack(his)
+    out = [lo, hi, ops.stack([ops.cast(ops.size(x), "int32") for x in xs])]
     hist = [i for i, kind in enumerate(kinds) if kind == "histogram"]
     if not hist:
-        return [t for o in out for t in o]
-    amax = ops.maximum(-ops.stack([los[i] for i in hist]), ops.stack([his[i] for i in hist]))
+        return out
+    index = ops.convert_to_tensor(hist, "int32")
+    amax = ops.maximum(-ops.take(lo, index), ops.take(hi, index))
     # Exponents below -114 would overflow the float32 multiplier; such tiny
     # tensors get coarser bins, reported with the exponent actually used.
     e = _exponent(amax)
     ks = ops.where(amax > 0, ops.maximum(e, -114.0), e)
     scales = ops.where(amax > 0, _pow2(float(math.log2(n)) - ks), ops.ones_like(ks))
-    for j, i in enumerate(hist):
+    counts = []
+    for i, scale in zip(hist, ops.unstack(scales, len(hist)), strict=True):
         # No clip needed: k comes from this tensor's own extremes, so every index is in [0, 2n).
-        idx = ops.cast(ops.floor(ops.reshape(xs[i], (-1,)) * scales[j]), "int32") + n
+        idx = ops.cast(ops.floor(ops.reshape(xs[i], (-1,)) * scale), "int32") + n
         if keras.backend.backend() == "jax":
             # JAX's bincount needs a concrete length under jit; segment_sum takes a static one.
-            counts = ops.segment_sum(ops.ones_like(idx), idx, num_segments=2 * n)
+            counts.append(ops.segment_sum(ops.ones_like(idx), idx, num_segments=2 * n))
         else:  # bincount: as fast as NumPy's on TensorFlow, 7x faster than segment_sum there
-            counts = ops.cast(ops.bincount(idx, minlength=2 * n), "int32")
-        out[i] = [counts, ks[j], los[i], his[i]]
-    return [t for o in out for t in o]
+            counts.append(ops.bincount(idx, minlength=2 * n))
+    return out + [ops.cast(ops.stack(counts), "int32"), ks]
 
 
-def _spec(kind: str, bins_per_side: int) -> list:
-    scalar = keras.KerasTensor((), dtype="float32")
-    if kind != "histogram":
-        return [scalar, keras.KerasTensor((), dtype="float32"), keras.KerasTensor((), dtype="int32")]
-    counts = keras.KerasTensor((2 * bins_per_side,), dtype="int32")
-    return [counts, keras.KerasTensor((), dtype="float32"), scalar, keras.KerasTensor((), dtype="float32")]
+def _spec(kinds, bins_per_side: int) -> list:
+    t, h = len(kinds), kinds.count("histogram")
+    out = [keras.KerasTensor((t,), dtype="float32"), keras.KerasTensor((t,), dtype="float32")]
+    out.append(keras.KerasTensor((t,), dtype="int32"))
+    if h:
+        out += [keras.KerasTensor((h, 2 * bins_per_side), dtype="int32"), keras.KerasTensor((h,), dtype="float32")]
+    return out
 
 
-class StatsTap(keras.layers.Layer):
-    """Reduce a tensor to ``[min, max, size]`` or to ``[counts, exponent, min, max]`` (kind "histogram")."""
-
-    def __init__(self, kind: str, bins_per_side: int = 8192, **kwargs):
-        super().__init__(**kwargs)
-        self.kind = kind
-        self.bins_per_side = bins_per_side
-
-    def call(self, x):
-        return _stats([x], [self.kind], self.bins_per_side)
-
-    def compute_output_spec(self, x):
-        return _spec(self.kind, self.bins_per_side)
-
-    def get_config(self):
-        return {**super().get_config(), "kind": self.kind, "bins_per_side": self.bins_per_side}
+def unpack_stats(outs, kinds) -> list[list]:
+    """Per tensor, from `StatsTaps`' packed outputs (NumPy): ``[min, max, size]`` or ``[counts, exponent, min, max]``."""
+    lo, hi, size = (np.asarray(o) for o in outs[:3])
+    counts, ks = (np.asarray(o) for o in outs[3:5]) if len(outs) > 3 else (None, None)
+    per, h = [], 0
+    for i, kind in enumerate(kinds):
+        if kind == "histogram":
+            per.append([counts[h], ks[h], lo[i], hi[i]])
+            h += 1
+        else:
+            per.append([lo[i], hi[i], size[i]])
+    return per
 
 
 class StatsTaps(keras.layers.Layer):
-    """`StatsTap` for many tensors at once: their outputs, concatenated in order, from one small graph."""
+    """Reduce each tensor to its range (kind "range") or its aligned histogram (kind "histogram"), packed.
+
+    Outputs: see `_stats`; `unpack_stats` gives each tensor's statistics.
+    """
 
     def __init__(self, kinds: list[str], bins_per_side: int = 8192, **kwargs):
         super().__init__(**kwargs)
@@ -110,33 +115,65 @@ class StatsTaps(keras.layers.Layer):
         return _stats(list(xs), self.kinds, self.bins_per_side)
 
     def compute_output_spec(self, xs):
-        return [t for kind in self.kinds for t in _spec(kind, self.bins_per_side)]
+        return _spec(self.kinds, self.bins_per_side)
 
     def get_config(self):
         return {**super().get_config(), "kinds": self.kinds, "bins_per_side": self.bins_per_side}
 
 
+def tap_stats(x, kind: str, bins_per_side: int = 8192) -> list:
+    """One tensor's statistics, ``[min, max, size]`` or ``[counts, exponent, min, max]`` (NumPy)."""
+    outs = StatsTaps([kind], bins_per_side)([x])
+    return unpack_stats([ops.convert_to_numpy(o) for o in outs], [kind])[0]
+
+
+def _per_channel_count(x, leading: int):
+    """Elements per channel of ``x`` past its first ``leading`` axes: static when the shape says it."""
+    dims = x.shape[leading:-1]
+    if all(d is not None for d in dims):
+        return float(np.prod(dims, dtype=np.int64))
+    shape = ops.shape(x)
+    count = ops.cast(ops.size(x), "float32") / ops.cast(shape[-1], "float32")
+    for axis in range(leading):
+        count = count / ops.cast(shape[axis], "float32")
+    return count
+
+
+def _counts(xs, leading: int):
+    counts = [_per_channel_count(x, leading) for x in xs]
+    if all(isinstance(c, float) for c in counts):
+        return ops.convert_to_tensor(np.asarray(counts, np.float32))
+    return ops.stack([ops.cast(c, "float32") for c in counts])
+
+
+def split_channels(packed, channels: list[int]) -> list[np.ndarray]:
+    """`ChannelSums` / `SampleChannelSums` output sums (concatenated on the last axis), one array per tensor."""
+    return np.split(np.asarray(packed), np.cumsum(channels)[:-1], axis=-1)
+
+
 class ChannelSums(keras.layers.Layer):
-    """Reduce a tensor to its per-channel sums (last axis) and the element count per channel."""
+    """Reduce each tensor to its per-channel sums (last axis): ``[sums (sum of C,), elements per channel (T,)]``."""
 
-    def call(self, x):
-        x = ops.cast(x, "float32")
-        axes = tuple(range(len(x.shape) - 1))
-        count = ops.cast(ops.size(x) // ops.shape(x)[-1], "float32")
-        return [ops.sum(x, axis=axes), count]
+    def call(self, xs):
+        sums = [ops.sum(ops.cast(x, "float32"), axis=tuple(range(len(x.shape) - 1))) for x in xs]
+        return [ops.concatenate(sums, axis=0), _counts(xs, 0)]
 
-    def compute_output_spec(self, x):
-        return [keras.KerasTensor((x.shape[-1],), dtype="float32"), keras.KerasTensor((), dtype="float32")]
+    def compute_output_spec(self, xs):
+        c = sum(x.shape[-1] for x in xs)
+        return [keras.KerasTensor((c,), dtype="float32"), keras.KerasTensor((len(xs),), dtype="float32")]
 
 
 class SampleChannelSums(keras.layers.Layer):
-    """Reduce a tensor to per-sample channel sums (batch, C) and the element count per channel per sample."""
+    """Per-sample channel sums of each tensor: ``[sums (batch, sum of C), elements per channel per sample (T,)]``."""
 
-    def call(self, x):
-        x = ops.cast(x, "float32")
-        axes = tuple(range(1, len(x.shape) - 1))
-        count = ops.cast(ops.size(x) // (ops.shape(x)[0] * ops.shape(x)[-1]), "float32")
-        return [ops.sum(x, axis=axes) if axes else x, count]
+    def call(self, xs):
+        sums = []
+        for x in xs:
+            x = ops.cast(x, "float32")
+            axes = tuple(range(1, len(x.shape) - 1))
+            sums.append(ops.sum(x, axis=axes) if axes else x)
+        return [ops.concatenate(sums, axis=1), _counts(xs, 1)]
 
-    def compute_output_spec(self, x):
-        return [keras.KerasTensor((x.shape[0], x.shape[-1]), dtype="float32"), keras.KerasTensor((), dtype="float32")]
+    def compute_output_spec(self, xs):
+        c = sum(x.shape[-1] for x in xs)
+        return [keras.KerasTensor((xs[0].shape[0], c), dtype="float32"), keras.KerasTensor((len(xs),), dtype="float32")]

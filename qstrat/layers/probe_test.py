@@ -1,4 +1,4 @@
-"""StatsTap computes, inside the model, exactly the statistics the NumPy observers compute."""
+"""StatsTaps computes, inside the model, exactly the statistics the NumPy observers compute."""
 
 import keras
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver
-from qstrat.layers.probe import StatsTap
+from qstrat.layers.probe import StatsTaps, tap_stats, unpack_stats
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE, bin_counts, histogram_of_rows
 
 pytestmark = pytest.mark.portable
@@ -26,7 +26,7 @@ CASES = [
 
 @pytest.mark.parametrize("x", CASES)
 def test_in_graph_histogram_is_bit_identical(x):
-    counts, k, lo, hi = (ops.convert_to_numpy(t) for t in StatsTap("histogram")(ops.convert_to_tensor(x)))
+    counts, k, lo, hi = tap_stats(ops.convert_to_tensor(x), "histogram")
     direct = histogram_of_rows(x.reshape(1, -1)).channel(0)
     if np.abs(x).max() > 0:
         # Below 2^-114 the in-graph bins are coarser (a float32 multiplier limit): the exponent says so.
@@ -45,9 +45,9 @@ def test_observers_take_precomputed_statistics():
     for x in xs:
         a.update(x)
         m1.update(x)
-        counts, k, lo, hi = (ops.convert_to_numpy(t) for t in StatsTap("histogram")(ops.convert_to_tensor(x)))
+        counts, k, lo, hi = tap_stats(ops.convert_to_tensor(x), "histogram")
         b.update_histogram(counts, int(k), lo, hi, x.size)
-        lo, hi, size = (ops.convert_to_numpy(t) for t in StatsTap("range")(ops.convert_to_tensor(x)))
+        lo, hi, size = tap_stats(ops.convert_to_tensor(x), "range")
         assert int(size) == x.size
         m2.update_range(lo, hi, int(size))
     ra, rb = a.result(), b.result()
@@ -57,36 +57,51 @@ def test_observers_take_precomputed_statistics():
 
 def test_probe_model_with_taps():
     i = keras.Input((10,))
-    out = StatsTap("histogram", bins_per_side=256)(keras.layers.Dense(4)(i))
+    x = keras.layers.Dense(4)(i)
+    out = StatsTaps(["range", "histogram"], bins_per_side=256)([i, x])
     m = keras.Model(i, out)
-    counts, k, lo, hi = m.predict_on_batch(np.ones((3, 10), "float32"))
+    (lo, hi, size), (counts, k, _, _) = unpack_stats(
+        m.predict_on_batch(np.ones((3, 10), "float32")), ["range", "histogram"]
+    )
     assert counts.shape == (512,) and counts.sum() == 12
+    assert float(lo) == float(hi) == 1.0 and int(size) == 30
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (4, 6, 7, 3), (2, 5, 3)])
-def test_channel_sums_per_batch_and_per_sample(shape):
-    from qstrat.layers.probe import ChannelSums, SampleChannelSums
+def test_channel_sums_per_batch_and_per_sample():
+    from qstrat.layers.probe import ChannelSums, SampleChannelSums, split_channels
 
     # Small integers: every sum is exact in float32, so the in-graph sums must equal NumPy's exactly.
-    x = np.random.default_rng(0).integers(-8, 8, size=shape).astype("float32")
-    per_sample, count = (ops.convert_to_numpy(t) for t in SampleChannelSums()(ops.convert_to_tensor(x)))
-    axes = tuple(range(1, len(shape) - 1))
-    np.testing.assert_array_equal(per_sample, x.sum(axis=axes) if axes else x)
-    assert count == np.prod(shape[1:-1], dtype=int)
-    total, n = (ops.convert_to_numpy(t) for t in ChannelSums()(ops.convert_to_tensor(x)))
-    np.testing.assert_array_equal(total, x.reshape(-1, shape[-1]).sum(0))
-    assert n == np.prod(shape[:-1], dtype=int)
+    shapes = [(4, 3), (4, 6, 7, 5), (4, 5, 2)]
+    xs = [np.random.default_rng(k).integers(-8, 8, size=shape).astype("float32") for k, shape in enumerate(shapes)]
+    channels = [shape[-1] for shape in shapes]
+    per_sample, counts = (ops.convert_to_numpy(t) for t in SampleChannelSums()([ops.convert_to_tensor(x) for x in xs]))
+    totals, ns = (ops.convert_to_numpy(t) for t in ChannelSums()([ops.convert_to_tensor(x) for x in xs]))
+    for x, got, count, total, n in zip(
+        xs, split_channels(per_sample, channels), counts, split_channels(totals, channels), ns, strict=True
+    ):
+        axes = tuple(range(1, x.ndim - 1))
+        np.testing.assert_array_equal(got, x.sum(axis=axes) if axes else x)
+        assert count == np.prod(x.shape[1:-1], dtype=int)
+        np.testing.assert_array_equal(total, x.reshape(-1, x.shape[-1]).sum(0))
+        assert n == np.prod(x.shape[:-1], dtype=int)
 
 
-def test_stats_taps_give_each_tensor_what_its_own_tap_gives():
-    from qstrat.layers.probe import StatsTaps
+def test_channel_counts_of_tensors_with_unknown_dimensions_come_from_the_graph():
+    from qstrat.layers.probe import ChannelSums
 
+    i = keras.Input((None, 3))
+    m = keras.Model(i, ChannelSums()([i]))
+    _, n = m.predict_on_batch(np.ones((2, 7, 3), "float32"))
+    assert float(n[0]) == 14
+
+
+def test_stats_taps_give_each_tensor_what_it_gives_alone():
     xs = CASES[:4] + CASES[6:8]
     kinds = ["histogram", "range", "histogram", "histogram", "range", "histogram"]
-    together = [ops.convert_to_numpy(t) for t in StatsTaps(kinds)([ops.convert_to_tensor(x) for x in xs])]
-    alone = [
-        ops.convert_to_numpy(t) for x, k in zip(xs, kinds, strict=True) for t in StatsTap(k)(ops.convert_to_tensor(x))
-    ]
-    assert len(together) == len(alone) == 4 * 4 + 2 * 3
+    outs = StatsTaps(kinds)([ops.convert_to_tensor(x) for x in xs])
+    together = unpack_stats([ops.convert_to_numpy(t) for t in outs], kinds)
+    alone = [tap_stats(ops.convert_to_tensor(x), k) for x, k in zip(xs, kinds, strict=True)]
+    assert [len(t) for t in together] == [4, 3, 4, 4, 3, 4]
     for a, b in zip(together, alone, strict=True):
-        assert np.array_equal(a, b)
+        for u, v in zip(a, b, strict=True):
+            assert np.array_equal(u, v)

@@ -72,12 +72,10 @@ ONE_SHOT_MESSAGE = (
 
 
 def _sums_model(inputs, tensors, names):
-    """A model that reduces each tensor to (per-channel sums, element count per channel) in the graph."""
+    """A model that reduces the tensors to their per-channel sums and element counts in the graph (`ChannelSums`)."""
     from qstrat.layers.probe import ChannelSums
 
-    outputs = []
-    for t in tensors:
-        outputs += ChannelSums(name=unique_name("qstrat_channel_sums", names))(t)
+    outputs = ChannelSums(name=unique_name("qstrat_channel_sums", names))(tensors)
     return functional_model(inputs, outputs, name=unique_name("qstrat_bias_correction_probe", names))
 
 
@@ -141,18 +139,16 @@ def _segments(stream, schedule: Schedule):
         yield level, pieces
 
 
-def _channel_means(model, pieces, first: int, count: int) -> list[np.ndarray]:
-    """Per-channel means of the probe's outputs ``first .. first + count`` (sums, count pairs) over the pieces."""
+def _channel_means(model, pieces, channels: list[int]) -> list[np.ndarray]:
+    """Per tensor of the probe (``channels`` each), its per-channel mean over the pieces."""
+    from qstrat.layers.probe import split_channels
+
     sums, counts = None, None
     for piece in pieces:
-        outs = model(piece)
-        pairs = [(np.asarray(outs[2 * i], np.float64), float(outs[2 * i + 1])) for i in range(first, first + count)]
-        if sums is None:
-            sums, counts = [np.zeros_like(p) for p, _ in pairs], [0.0] * len(pairs)
-        for i, (total, n) in enumerate(pairs):
-            sums[i] += total
-            counts[i] += n
-    return [total / n for total, n in zip(sums, counts, strict=True)]
+        packed, n = model(piece)
+        sums = np.asarray(packed, np.float64) + (0.0 if sums is None else sums)
+        counts = np.asarray(n, np.float64) + (0.0 if counts is None else counts)
+    return [total / n for total, n in zip(split_channels(sums, channels), counts, strict=True)]
 
 
 def _targets(qmodel, float_graph: Graph):
@@ -210,7 +206,8 @@ def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Pl
         return Plan(targets, levels)
     samples = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
     schedule = Schedule.plan(samples, max(levels) + 1)
-    return Plan(targets, levels, FloatSide([ref for _, ref, _ in targets], levels, schedule))
+    refs = [ref for _, ref, _ in targets]
+    return Plan(targets, levels, FloatSide(refs, [w.output.shape[-1] for w, _, _ in targets], levels, schedule))
 
 
 class FloatSide:
@@ -223,8 +220,9 @@ class FloatSide:
     whose segments hold one of its appearances.
     """
 
-    def __init__(self, refs: list[TensorRef], levels: list[int], schedule: Schedule):
+    def __init__(self, refs: list[TensorRef], channels: list[int], levels: list[int], schedule: Schedule):
         self.refs = refs
+        self.channels = channels
         self.levels = np.asarray(levels)
         self.schedule = schedule
         order = _order(schedule.samples)
@@ -235,8 +233,11 @@ class FloatSide:
         self.seen = 0
 
     def update(self, first: int, outputs: list) -> None:
-        """``outputs``: per target, (per-sample channel sums (batch, C), elements per channel per sample)."""
+        """``outputs``: `SampleChannelSums` of the targets (per-sample sums (batch, sum of C), counts (targets,))."""
+        from qstrat.layers.probe import split_channels
+
         s = self.schedule
+        sums, counts = split_channels(outputs[0], self.channels), np.asarray(outputs[1])
         n = len(outputs[0])
         positions = self.position[first : first + n]
         for k in range(s.passes):
@@ -245,9 +246,9 @@ class FloatSide:
                 rows = level_of == level
                 if not rows.any():
                     continue
-                total = np.sum(np.asarray(outputs[2 * j])[rows], axis=0, dtype=np.float64)
+                total = np.sum(sums[j][rows], axis=0, dtype=np.float64)
                 self.sums[j] = total if self.sums[j] is None else self.sums[j] + total
-                self.counts[j] += float(np.count_nonzero(rows)) * float(outputs[2 * j + 1])
+                self.counts[j] += float(np.count_nonzero(rows)) * float(counts[j])
         self.seen += n
 
     def means(self, first: int, count: int) -> list[np.ndarray]:
@@ -294,6 +295,7 @@ def correct_biases(
     targets, levels = plan.targets, plan.levels
     float_side = plan.float_side
     schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1)
+    channels = [wrapper.output.shape[-1] for wrapper, _, _ in targets]
     frozen = Frozen(qmodel)
     probe = BatchRunner(_probe(frozen, float_graph, targets, paired=float_side is None))
     stream = _sample_stream(data, specs, batch_size, steps, samples)
@@ -305,10 +307,10 @@ def correct_biases(
         first = levels.index(level)
         count = levels.count(level)
         if float_side is None:
-            means = _channel_means(probe, pieces, 2 * first, 2 * count)
-            shifts = [means[2 * j + 1] - means[2 * j] for j in range(count)]
+            means = _channel_means(probe, pieces, [c for c in channels for _ in range(2)])
+            shifts = [means[2 * j + 1] - means[2 * j] for j in range(first, first + count)]
         else:
-            quantized = _channel_means(probe, pieces, first, count)
+            quantized = _channel_means(probe, pieces, channels)[first : first + count]
             shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
         for j in range(count):
             done.append(_correct(targets[first + j], shifts[j], _assign))

@@ -16,7 +16,7 @@ from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.layers.probe import SampleChannelSums, StatsTaps
+from qstrat.layers.probe import SampleChannelSums, StatsTaps, unpack_stats
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
@@ -101,13 +101,17 @@ def calibrate_activations(
     batches = samples = 0
     progress = progress or Progress(verbose)
     bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what="activation statistics")
+    raw = [key for key in keys if key[1] == "raw"]
+    tapped = [key for key in keys if key[1] != "raw"]
+    kinds = [mode for _, mode in tapped]
     for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
         if probe is not None:
             outs = probe(batch)
-            results, i = {}, 0
-            for ref, mode in keys:
-                width = {"raw": 1, "range": 3, "histogram": 4}[mode]
-                results[(ref, mode)] = outs[i : i + width]
+            results = {key: [out] for key, out in zip(raw, outs[: len(raw)], strict=True)}
+            i = len(raw)
+            if tapped:
+                width = 5 if "histogram" in kinds else 3
+                results.update(zip(tapped, unpack_stats(outs[i : i + width], kinds), strict=True))
                 i += width
             for fq, ref, mode in zip(owners, refs, pair_modes, strict=True):
                 obs, got = observers[id(fq)], results[(ref, mode)]
@@ -142,7 +146,7 @@ def _stats_probe(float_graph, keys, side_refs=()):
     ``keys`` lists the "raw" tensors first; the statistics of all the others
     come from one `StatsTaps` layer.
 
-    Then, per tensor of ``side_refs``, its per-sample channel sums and their element count.
+    Then, for the tensors of ``side_refs``, their per-sample channel sums (`SampleChannelSums`).
     """
     from qstrat.graph import rebuild
     from qstrat.graph.rebuild import functional_model
@@ -157,6 +161,7 @@ def _stats_probe(float_graph, keys, side_refs=()):
     if tapped:
         taps = StatsTaps([mode for _, mode in tapped], name=unique_name("qstrat_stats_taps", names))
         outputs += taps([by_ref[ref] for ref, _ in tapped])
-    for ref in side_refs:
-        outputs.extend(SampleChannelSums(name=unique_name("qstrat_sample_sums", names))(by_ref[ref]))
+    if side_refs:
+        sums = SampleChannelSums(name=unique_name("qstrat_sample_sums", names))
+        outputs += sums([by_ref[ref] for ref in side_refs])
     return functional_model(base.inputs, outputs, name=unique_name("qstrat_calibration_stats", names))

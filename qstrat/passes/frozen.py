@@ -6,17 +6,49 @@ trace than the float model's, and every batch pays for the weight ops again.
 A pass that runs the model without changing its weights (bias correction
 changes only biases, and BN means) can run `Frozen.model` instead: each
 wrapper becomes a plain copy of its layer holding the wrapper's quantized
-weights, every other layer a copy of itself (FakeQuant state included). The
-outputs are the quantized model's, bit for bit: the same kernels see the same
-values. `sync` carries a change made to the quantized model over.
+weights, each FakeQuant a `Fixed` layer with its quantizer's state as
+constants, every other layer a copy of itself. The outputs are the quantized
+model's, bit for bit: the same kernels see the same values. `sync` carries a
+change made to the quantized model's weights over (the passes that run the
+copy leave activation quantizers as they are).
 """
 
 from __future__ import annotations
 
+import keras
+import numpy as np
+
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.graph.rebuild import copy_layer
-from qstrat.layers import QuantizeWrapper
+from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.quantizers.fake_quant import forward_only
+
+
+class Fixed(keras.layers.Layer):
+    """A FakeQuant's forward computation with its state as constants: no variables, no gate, no gradient.
+
+    A FakeQuant reads its state from variables, passes its input through a
+    gate (so it can be turned off) and defines a gradient; a pass that only
+    runs the model needs none of it, and each costs graph ops to trace and,
+    for the gate, a full pass over the tensor per batch. A disabled FakeQuant
+    becomes the identity, as it computes.
+    """
+
+    def __init__(self, fake_quant: FakeQuant, **kwargs):
+        super().__init__(name=fake_quant.name, dtype=fake_quant.dtype_policy, **kwargs)
+        self.quantizer = fake_quant.quantizer
+        self.active = float(keras.ops.convert_to_numpy(fake_quant.enabled)) > 0.5
+        self.values = {k: np.asarray(keras.ops.convert_to_numpy(v)) for k, v in fake_quant.state.items()}
+
+    def call(self, inputs):
+        if not self.active:
+            return inputs
+        with forward_only():
+            return self.quantizer(inputs, self.values, training=False)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 class Frozen:
@@ -32,6 +64,8 @@ class Frozen:
                 if isinstance(op, QuantizeWrapper):
                     self._copies[id(op)] = copy_layer(op.layer)
                     self._wrappers[id(op)] = op
+                elif isinstance(op, FakeQuant):
+                    self._copies[id(op)] = Fixed(op)
                 else:
                     self._copies[id(op)] = copy_layer(op)
             return self._copies[id(op)]
@@ -48,8 +82,6 @@ class Frozen:
 
     def sync(self, layer) -> None:
         """Copy ``layer``'s current values over: a wrapper's quantized weights, any other layer's weights."""
-        import keras
-
         copy = self._copies[id(layer)]
         if isinstance(layer, QuantizeWrapper):
             for attr in layer.quantizers:

@@ -6,14 +6,14 @@ import pytest
 from keras import ops
 
 import qstrat
-from qstrat.layers import QuantizeWrapper
+from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.frozen import Frozen
 
 pytestmark = pytest.mark.portable
 L = keras.layers
 
 
-@pytest.mark.parametrize("strategy", ["pof2s", "fs"])
+@pytest.mark.parametrize("strategy", ["pof2s", "fs", "tqt"])
 def test_frozen_copy_gives_the_quantized_outputs_and_follows_changes(strategy):
     i = keras.Input((8, 8, 3))
     x = L.Conv2D(6, 3, padding="same", name="c1")(i)
@@ -22,6 +22,9 @@ def test_frozen_copy_gives_the_quantized_outputs_and_follows_changes(strategy):
     model = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D(name="gap")(x)))
     data = np.random.default_rng(0).uniform(0, 4, size=(40, 8, 8, 3)).astype("float32")
     qmodel = qstrat.Quantizer(model, strategy).quantize_model(data, verbose=0, include_bias_corr=False, weight_bit=4)
+    qmodel.get_layer("quant_c1").enabled["kernel"].assign(0.0)  # one quantizer off: the copy must follow
+    [fq] = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant) and layer.target.startswith("dw")]
+    fq.enabled.assign(0.0)
     frozen = Frozen(qmodel)
     np.testing.assert_array_equal(ops.convert_to_numpy(frozen.model(data)), ops.convert_to_numpy(qmodel(data)))
     assert not any(isinstance(layer, QuantizeWrapper) for layer in frozen.model.layers)

@@ -30,7 +30,7 @@ class BatchRunner:
             def run(*xs):
                 return model(xs[0] if single else list(xs), training=False)
 
-            self._fn = tf.function(run, input_signature=specs)
+            self._fn = tf.function(run, input_signature=specs, autograph=False)
 
     def __call__(self, batch: list[np.ndarray]) -> list[np.ndarray]:
         if self._fn is None:

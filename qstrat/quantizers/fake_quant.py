@@ -21,6 +21,8 @@ Portability rules learned the hard way (see the environment notes):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 from keras import ops
@@ -72,6 +74,31 @@ def pow2(k):
     return ops.power(2.0, k)
 
 
+_FORWARD_ONLY = contextvars.ContextVar("qstrat_forward_only", default=False)
+
+
+@contextlib.contextmanager
+def forward_only():
+    """Build the kernels without their custom gradients, for graphs that are only ever run forward.
+
+    The forward values are the same ops; the graph is smaller (quicker to trace)
+    and a gradient through it would be wrong, so only passes that never
+    differentiate (bias correction's frozen probe) use it.
+    """
+    token = _FORWARD_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY.reset(token)
+
+
+def _custom_gradient(f):
+    """``ops.custom_gradient(f)``; inside `forward_only`, f's forward value alone."""
+    if _FORWARD_ONLY.get():
+        return lambda *args: f(*args)[0]
+    return ops.custom_gradient(f)
+
+
 def _grad_args(args, upstream):
     return args[0] if upstream is None else upstream
 
@@ -91,7 +118,7 @@ def _affine(x, s, inv, zp, qmin, qmax, round_mode):
     in the gradient function, when a gradient is asked for.
     """
 
-    @ops.custom_gradient
+    @_custom_gradient
     def fq(x, s, inv):
         n = round_ops(x * inv, round_mode)
         if zp is not None:
@@ -135,7 +162,7 @@ def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, 
     fqmin, fqmax = float(qmin), float(qmax)
     ln2 = math.log(2.0)
 
-    @ops.custom_gradient
+    @_custom_gradient
     def fq(x, lt):
         pos = tqt_position(lt, bit_width, unsigned)
         s = pow2(-pos)
@@ -157,7 +184,7 @@ def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, 
 def _with_clipped_ste(x, forward, lo: float, hi: float):
     """forward(x), with gradient 1 where lo <= x <= hi and 0 elsewhere."""
 
-    @ops.custom_gradient
+    @_custom_gradient
     def f(x):
         y = forward(x)
         inside = ops.cast(ops.logical_and(x >= lo, x <= hi), x.dtype)
