@@ -43,7 +43,7 @@ def _pow2(e):
 
 def _stats(xs, kinds, bins_per_side: int) -> list:
     """Packed statistics of every tensor: ``[lo (T,), hi (T,), size (T,)]``, then ``[counts (H, 2n), k (H,)]``
-    for the H tensors of kind "histogram", in order.
+    for the H tensors of kind "histogram", in order (their size is reported as 0).
 
     Everything is computed for all tensors at once where it can be (one
     stack of extremes, one exponent computation, one unstack of the scales),
@@ -54,7 +54,12 @@ def _stats(xs, kinds, bins_per_side: int) -> list:
     xs = [ops.cast(x, "float32") for x in xs]
     los, his = [ops.min(x) for x in xs], [ops.max(x) for x in xs]
     lo, hi = ops.stack(los), ops.stack(his)
-    out = [lo, hi, ops.stack([ops.cast(ops.size(x), "int32") for x in xs])]
+    # Element counts matter only for ranges (a histogram's is the sum of its counts).
+    sizes = [
+        ops.cast(ops.size(x), "int32") if kind == "range" else ops.zeros((), "int32")
+        for x, kind in zip(xs, kinds, strict=True)
+    ]
+    out = [lo, hi, ops.stack(sizes) if "range" in kinds else ops.zeros((len(xs),), "int32")]
     hist = [i for i, kind in enumerate(kinds) if kind == "histogram"]
     if not hist:
         return out
@@ -69,12 +74,22 @@ def _stats(xs, kinds, bins_per_side: int) -> list:
     for i, scale in zip(hist, ops.unstack(scales, len(hist)), strict=True):
         # No clip needed: k comes from this tensor's own extremes, so every index is in [0, 2n).
         idx = ops.cast(ops.floor(ops.reshape(xs[i], (-1,)) * scale), "int32") + n
-        if keras.backend.backend() == "jax":
-            # JAX's bincount needs a concrete length under jit; segment_sum takes a static one.
-            counts.append(ops.segment_sum(ops.ones_like(idx), idx, num_segments=2 * n))
-        else:  # bincount: as fast as NumPy's on TensorFlow, 7x faster than segment_sum there
-            counts.append(ops.bincount(idx, minlength=2 * n))
+        counts.append(_bincount(idx, 2 * n))
     return out + [ops.cast(ops.stack(counts), "int32"), ks]
+
+
+def _bincount(idx, length: int):
+    """Counts of each value of ``idx`` (all in [0, length)), as one kernel on every backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # The kernel itself: tf.math.bincount adds a handful of ops to size its output.
+        return tf.raw_ops.DenseBincount(input=idx, size=length, weights=tf.constant([], tf.int32), binary_output=False)
+    if backend == "jax":
+        # JAX's bincount needs a concrete length under jit; segment_sum takes a static one.
+        return ops.segment_sum(ops.ones_like(idx), idx, num_segments=length)
+    return ops.bincount(idx, minlength=length)
 
 
 def _spec(kinds, bins_per_side: int) -> list:
@@ -127,40 +142,25 @@ def tap_stats(x, kind: str, bins_per_side: int = 8192) -> list:
     return unpack_stats([ops.convert_to_numpy(o) for o in outs], [kind])[0]
 
 
-def _per_channel_count(x, leading: int):
-    """Elements per channel of ``x`` past its first ``leading`` axes: static when the shape says it."""
-    dims = x.shape[leading:-1]
+def _per_channel_count(x):
+    """Elements per channel per sample of ``x``: static when the shape says it."""
+    dims = x.shape[1:-1]
     if all(d is not None for d in dims):
         return float(np.prod(dims, dtype=np.int64))
     shape = ops.shape(x)
-    count = ops.cast(ops.size(x), "float32") / ops.cast(shape[-1], "float32")
-    for axis in range(leading):
-        count = count / ops.cast(shape[axis], "float32")
-    return count
+    return ops.cast(ops.size(x) // (shape[0] * shape[-1]), "float32")
 
 
-def _counts(xs, leading: int):
-    counts = [_per_channel_count(x, leading) for x in xs]
+def _counts(xs):
+    counts = [_per_channel_count(x) for x in xs]
     if all(isinstance(c, float) for c in counts):
         return ops.convert_to_tensor(np.asarray(counts, np.float32))
     return ops.stack([ops.cast(c, "float32") for c in counts])
 
 
 def split_channels(packed, channels: list[int]) -> list[np.ndarray]:
-    """`ChannelSums` / `SampleChannelSums` output sums (concatenated on the last axis), one array per tensor."""
+    """`SampleChannelSums`' sums (concatenated on the last axis), one array per tensor."""
     return np.split(np.asarray(packed), np.cumsum(channels)[:-1], axis=-1)
-
-
-class ChannelSums(keras.layers.Layer):
-    """Reduce each tensor to its per-channel sums (last axis): ``[sums (sum of C,), elements per channel (T,)]``."""
-
-    def call(self, xs):
-        sums = [ops.sum(ops.cast(x, "float32"), axis=tuple(range(len(x.shape) - 1))) for x in xs]
-        return [ops.concatenate(sums, axis=0), _counts(xs, 0)]
-
-    def compute_output_spec(self, xs):
-        c = sum(x.shape[-1] for x in xs)
-        return [keras.KerasTensor((c,), dtype="float32"), keras.KerasTensor((len(xs),), dtype="float32")]
 
 
 class SampleChannelSums(keras.layers.Layer):
@@ -172,7 +172,7 @@ class SampleChannelSums(keras.layers.Layer):
             x = ops.cast(x, "float32")
             axes = tuple(range(1, len(x.shape) - 1))
             sums.append(ops.sum(x, axis=axes) if axes else x)
-        return [ops.concatenate(sums, axis=1), _counts(xs, 1)]
+        return [ops.concatenate(sums, axis=1), _counts(xs)]
 
     def compute_output_spec(self, xs):
         c = sum(x.shape[-1] for x in xs)

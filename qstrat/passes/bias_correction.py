@@ -72,10 +72,10 @@ ONE_SHOT_MESSAGE = (
 
 
 def _sums_model(inputs, tensors, names):
-    """A model that reduces the tensors to their per-channel sums and element counts in the graph (`ChannelSums`)."""
-    from qstrat.layers.probe import ChannelSums
+    """A model that reduces the tensors to per-sample channel sums and element counts in the graph."""
+    from qstrat.layers.probe import SampleChannelSums
 
-    outputs = ChannelSums(name=unique_name("qstrat_channel_sums", names))(tensors)
+    outputs = SampleChannelSums(name=unique_name("qstrat_channel_sums", names))(tensors)
     return functional_model(inputs, outputs, name=unique_name("qstrat_bias_correction_probe", names))
 
 
@@ -146,8 +146,9 @@ def _channel_means(model, pieces, channels: list[int]) -> list[np.ndarray]:
     sums, counts = None, None
     for piece in pieces:
         packed, n = model(piece)
-        sums = np.asarray(packed, np.float64) + (0.0 if sums is None else sums)
-        counts = np.asarray(n, np.float64) + (0.0 if counts is None else counts)
+        batch = np.sum(packed, axis=0, dtype=np.float64)
+        sums = batch if sums is None else sums + batch
+        counts = len(packed) * np.asarray(n, np.float64) + (0.0 if counts is None else counts)
     return [total / n for total, n in zip(split_channels(sums, channels), counts, strict=True)]
 
 

@@ -25,6 +25,8 @@ import contextlib
 import contextvars
 import math
 
+import keras
+import numpy as np
 from keras import ops
 
 from qstrat.quantizers.grid import BFP_BLOCK_SIZE, BFP_MANTISSA_BITS, RoundMode
@@ -99,6 +101,30 @@ def _custom_gradient(f):
     return ops.custom_gradient(f)
 
 
+def state_value(v):
+    """A quantizer state value for the kernels: a tensor, or NumPy as given (a frozen copy's constants)."""
+    return v if isinstance(v, np.ndarray) else ops.convert_to_tensor(v)
+
+
+def _constant(x, param, ndim: int, axis: int | None):
+    """``param`` as a float32 NumPy array shaped to broadcast against x, when it can be a graph constant.
+
+    That is inside `forward_only`, for NumPy state and a float32 x: the
+    scale arithmetic is then done here once, in the same IEEE float32 as the
+    kernels would do it, instead of as ops in every traced graph. Else None.
+    """
+    if not (_FORWARD_ONLY.get() and isinstance(param, np.ndarray)):
+        return None
+    if keras.backend.standardize_dtype(x.dtype) != "float32":
+        return None
+    param = np.asarray(param, np.float32)
+    if axis is None or param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return param.reshape(shape)
+
+
 def _grad_args(args, upstream):
     return args[0] if upstream is None else upstream
 
@@ -106,6 +132,9 @@ def _grad_args(args, upstream):
 def affine_fake_quant(x, scale, zero_point, qmin: int, qmax: int, round_mode, axis=None):
     """y = (clip(R(x / scale) + zp, qmin, qmax) - zp) * scale, with a clipped STE."""
     ndim = len(x.shape)
+    s, zp = _constant(x, scale, ndim, axis), _constant(x, zero_point, ndim, axis)
+    if s is not None and zp is not None:
+        return _affine(x, s, np.float32(1.0) / s, zp, float(qmin), float(qmax), RoundMode(round_mode))
     s = ops.cast(expand(scale, ndim, axis), x.dtype)
     zp = ops.cast(expand(zero_point, ndim, axis), x.dtype)
     return _affine(x, s, 1.0 / s, zp, float(qmin), float(qmax), RoundMode(round_mode))
@@ -139,9 +168,17 @@ def _affine(x, s, inv, zp, qmin, qmax, round_mode):
 def pof2_fake_quant(x, pos, qmin: int, qmax: int, round_mode, axis=None, zero_point=None):
     """Power-of-2 fake quantization: scale 2^-pos, exact at every step (``zero_point`` None: symmetric)."""
     ndim = len(x.shape)
+    round_mode = RoundMode(round_mode)
+    p = _constant(x, pos, ndim, axis)
+    zp = None if zero_point is None else _constant(x, zero_point, ndim, axis)
+    # 2^p for integer p in [-126, 126] is an exact normal float32 (ldexp); other positions keep the ops.
+    if p is not None and (zero_point is None or zp is not None) and np.all((np.abs(p) <= 126) & (p == np.round(p))):
+        k = p.astype(np.int32)
+        one = np.float32(1.0)
+        return _affine(x, np.ldexp(one, -k), np.ldexp(one, k), zp, float(qmin), float(qmax), round_mode)
     p = ops.cast(expand(pos, ndim, axis), x.dtype)
     zp = None if zero_point is None else ops.cast(expand(zero_point, ndim, axis), x.dtype)
-    return _affine(x, pow2(-p), pow2(p), zp, float(qmin), float(qmax), RoundMode(round_mode))
+    return _affine(x, pow2(-p), pow2(p), zp, float(qmin), float(qmax), round_mode)
 
 
 def tqt_position(log_th, bit_width: int, unsigned: bool):

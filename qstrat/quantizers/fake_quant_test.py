@@ -144,6 +144,35 @@ def test_per_channel_matches_twin_on_every_axis(axis):
     assert np.array_equal(got, ref.affine_fake_quant_np(x, scale, zp, grid, "HALF_TO_EVEN", axis % 4))
 
 
+@pytest.mark.parametrize("mode", [RoundMode.HALF_UP, RoundMode.HALF_TO_EVEN])
+def test_forward_only_kernels_with_constant_state_give_the_twins_bits(mode):
+    # Inside forward_only, NumPy state becomes graph constants (scales computed in NumPy): same bits.
+    grid = int_grid(8)
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(5, 7, 4)) * 8).astype(np.float32)
+    for pos in (np.float32(3), np.array([-2, 0, 5, 126], np.float32)):
+        xs = x if pos.ndim == 0 else x * np.ldexp(np.float32(1), -pos.astype(np.int32))
+        axis = None if pos.ndim == 0 else -1
+        with fq.forward_only():
+            got = np_(fq.pof2_fake_quant(ops.convert_to_tensor(xs), pos, grid.qmin, grid.qmax, mode, axis))
+        assert np.array_equal(got, ref.pof2_fake_quant_np(xs, pos, grid, mode, None if axis is None else 2)), pos
+    for pos in (np.float32(127), np.float32(-127)):  # 2^-127 is subnormal: these keep the kernel's own ops
+        with fq.forward_only():
+            got = np_(fq.pof2_fake_quant(ops.convert_to_tensor(x), pos, grid.qmin, grid.qmax, mode))
+        want = np_(fq.pof2_fake_quant(ops.convert_to_tensor(x), ops.convert_to_tensor(pos), grid.qmin, grid.qmax, mode))
+        assert np.array_equal(got, want)
+    zp = np.array([0, 3, -7, 12], np.float32)
+    with fq.forward_only():
+        got = np_(fq.pof2_fake_quant(ops.convert_to_tensor(x), np.float32(4), grid.qmin, grid.qmax, mode, None, zp[1]))
+    assert np.array_equal(got, ref.pof2_fake_quant_np(x, 4.0, grid, mode, None, zp[1]))
+    scale = np.array([0.0213, 0.1, 1 / 3, 0.00731], np.float32)
+    ties = (np.arange(-40, 40)[:, None] + 0.5) * scale  # ties up to the float rounding of x * (1 / s)
+    xs = np.concatenate([x.reshape(-1, 4), ties.astype(np.float32)])
+    with fq.forward_only():
+        got = np_(fq.affine_fake_quant(ops.convert_to_tensor(xs), scale, zp, grid.qmin, grid.qmax, mode, -1))
+    assert np.array_equal(got, ref.affine_fake_quant_np(xs, scale, zp, grid, mode, 1))
+
+
 @given(
     bits=st.integers(1, 16),
     unsigned=st.booleans(),

@@ -83,8 +83,8 @@ class _FloatScale(Quantizer):
     def __call__(self, x, state: Mapping[str, Any], training: bool = False):
         p = self.params
         g = self.grid
-        s = ops.convert_to_tensor(state["scale"])
-        zp = ops.convert_to_tensor(state["zero_point"])
+        s = fq.state_value(state["scale"])
+        zp = fq.state_value(state["zero_point"])
         return fq.affine_fake_quant(x, s, zp, g.qmin, g.qmax, p.round_mode, self.axis)
 
     def reference(self, x, state) -> np.ndarray:
@@ -127,8 +127,8 @@ class FSQuantizer(_FloatScale):
         import keras
 
         g = self.grid
-        s = ops.convert_to_tensor(state["scale"])
-        zp = ops.convert_to_tensor(state["zero_point"])
+        s = fq.state_value(state["scale"])
+        zp = fq.state_value(state["zero_point"])
         lo, hi = (g.qmin - zp) * s, (g.qmax - zp) * s
         axis = self.axis
         if axis is not None and axis % len(x.shape) != len(x.shape) - 1:

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from keras import ops
 
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.quantizers import fake_quant as fq
@@ -151,12 +150,12 @@ class Pof2SQuantizer(_Pof2Positions):
         zp = state.get("zero_point")
         return fq.pof2_fake_quant(
             x,
-            ops.convert_to_tensor(state["pos"]),
+            fq.state_value(state["pos"]),
             g.qmin,
             g.qmax,
             self.params.round_mode,
             self.axis,
-            None if zp is None else ops.convert_to_tensor(zp),
+            None if zp is None else fq.state_value(zp),
         )
 
     def reference(self, x, state) -> np.ndarray:
