@@ -84,13 +84,8 @@ class Frozen:
         """Copy ``layer``'s current values over: a wrapper's quantized weights, any other layer's weights."""
         copy = self._copies[id(layer)]
         if isinstance(layer, QuantizeWrapper):
-            # The NumPy twin gives the kernel's bits (tests hold the two equal) without eager ops.
-            for attr, q in layer.quantizers.items():
-                w = keras.ops.convert_to_numpy(getattr(layer.layer, attr))
-                if float(keras.ops.convert_to_numpy(layer.enabled[attr])) > 0.5:
-                    state = {k: keras.ops.convert_to_numpy(v) for k, v in layer.state[attr].items()}
-                    w = q.reference(w, state)
-                getattr(copy, attr).assign(w)
+            for attr in layer.quantizers:
+                getattr(copy, attr).assign(keras.ops.convert_to_numpy(layer.quantized_weight(attr)))
             return
         for src, dst in zip(layer.weights, copy.weights, strict=True):
             dst.assign(keras.ops.convert_to_numpy(src))
