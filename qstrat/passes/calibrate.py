@@ -126,10 +126,29 @@ def calibrate_activations(
         batches += 1
         samples += len(batch[0])
         bar.update(batches)
-    for fq in fqs:
-        if fq.name in taps:
-            _assign(fq.state, fq.quantizer.state_from_stats(observers[id(fq)].result()))
+    done = [fq for fq in fqs if fq.name in taps]
+    for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
+        _assign(fq.state, state)
     return samples
+
+
+def _states_from_stats(fqs, observers) -> list[dict]:
+    """Each FakeQuant's state from its observer, the searches (Min_MSE, ...) spread over the CPU cores.
+
+    The searches are NumPy on arrays large enough that NumPy releases the GIL,
+    so threads run them in parallel; each result is the same as alone.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(fq):
+        return fq.quantizer.state_from_stats(observers[id(fq)].result())
+
+    workers = min(len(fqs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [one(fq) for fq in fqs]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, fqs))
 
 
 def _mode(obs) -> str:

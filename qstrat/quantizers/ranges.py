@@ -26,7 +26,7 @@ FS_MSE_CANDIDATES = 32  # clipping thresholds per search stage: coarse, then 32 
 FS_MSE_ROUNDS = 2  # coordinate-descent rounds over (lo, hi) for asymmetric ranges
 KL_MAX_BINS = 2048  # the |x| histogram is coarsened to at most this many bins for KL
 SEARCH_BINS_PER_SIDE = 2048  # float-scale MSE searches run on a histogram coarsened to this
-_CHUNK_ELEMENTS = 1 << 15  # candidates x bins evaluated at once: bounds the search's temporaries
+_CHUNK_ELEMENTS = 1 << 19  # candidates x bins evaluated at once: bounds the search's temporaries
 
 
 # ---- power-of-2 positions ---------------------------------------------------
@@ -136,25 +136,29 @@ def expected_sq_error(hist: Histogram, scale, zero_point, grid: IntGrid, round_m
         return np.zeros(np.shape(scale))
     w = float(hist.width)
     n = hist.bins_per_side
-    a = (nz - n).astype(np.float64) * w
-    # The outermost bins are narrowed to the exact observed extremes.
-    b = a + w
-    a = np.maximum(a, float(hist.min))
-    b = np.minimum(b, float(hist.max))
+    # Bin i spans edges i and i + 1; neighbouring bins share an edge, so the
+    # antiderivative is evaluated once per distinct edge, plus the two
+    # outermost edges, narrowed to the exact observed extremes.
+    edges, where = np.unique(np.concatenate([nz, nz + 1]), return_inverse=True)
+    values = (edges - n).astype(np.float64) * w
+    values = np.concatenate([values, [max(values[where[0]], float(hist.min))]])
+    values = np.concatenate([values, [min(values[where[-1]], float(hist.max))]])
+    ia, ib = where[: nz.size].copy(), where[nz.size :].copy()
+    ia[0], ib[-1] = len(values) - 2, len(values) - 1
     c = counts[nz].astype(np.float64)
     scales = np.asarray(scale, dtype=np.float64).reshape(-1)
     zps = np.broadcast_to(np.asarray(zero_point, dtype=np.float64).reshape(-1), scales.shape)
     delta = 0.5 if RoundMode(round_mode) == RoundMode.FLOOR else 0.0
     out = np.empty(scales.shape)
-    step = max(1, _CHUNK_ELEMENTS // max(nz.size, 1))  # bounded temporaries: memory independent of K
+    step = max(1, _CHUNK_ELEMENTS // max(len(values), 1))  # bounded temporaries: memory independent of K
     for i in range(0, scales.size, step):
         s = scales[i : i + step].reshape(-1, 1)
         zp = zps[i : i + step].reshape(-1, 1)
         kmin, kmax = grid.qmin - zp, grid.qmax - zp
-        ua, ub = a / s, b / s
+        u = values / s
+        m = _sq_error_antiderivative(u, kmin, kmax, delta)
+        ua, ub, ma, mb = u[:, ia], u[:, ib], m[:, ia], m[:, ib]
         width = ub - ua
-        ma = _sq_error_antiderivative(ua, kmin, kmax, delta)
-        mb = _sq_error_antiderivative(ub, kmin, kmax, delta)
         point = width <= 0  # a bin holding one exact value (min == max)
         point_err = (ua - np.clip(round_np(ua, round_mode), kmin, kmax)) ** 2 if np.any(point) else 0.0
         per_bin = np.where(point, point_err, (mb - ma) / np.where(point, 1.0, width)) * s**2
