@@ -15,10 +15,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from qstrat.graph.ir import Graph, Node, TensorRef
+from qstrat.graph.rewrite import refill, unfilled
 
 
-def _clone(layer, dtype: str | None = None):
-    """A new, unbuilt layer of the same class and config (``dtype``: another dtype policy)."""
+def _clone(layer, dtype: str | None = None, fill_zeros: bool = False):
+    """A new, unbuilt layer of the same class and config (``dtype``: another dtype policy).
+
+    ``fill_zeros``: its variables start at zero (their values are about to be replaced; see `unfilled`).
+    """
     import keras
 
     from qstrat.graph.capture import UnsupportedModelError
@@ -38,7 +42,7 @@ def _clone(layer, dtype: str | None = None):
     if dtype is not None:
         config["dtype"] = dtype
     try:
-        return layer.__class__.from_config(config)
+        return unfilled(layer.__class__, config) if fill_zeros else layer.__class__.from_config(config)
     except Exception as exc:  # noqa: BLE001 - any failure here is the layer's config, said plainly
         raise UnsupportedModelError(
             f"cannot copy layer '{layer.name}' ({type(layer).__name__}) from its config: "
@@ -104,11 +108,12 @@ def copy_layer(layer, input_shape=None, dtype: str | None = None):
 
     if not isinstance(layer, keras.layers.Layer):
         return layer  # a keras.ops operation holds no state
-    clone = _clone(layer, dtype)
+    clone = _clone(layer, dtype, fill_zeros=has_state(layer))
     if has_state(layer):
         if input_shape is not None:
             clone.build(input_shape)
             copy_state(layer, clone)
+            refill(clone)
         else:
             clone._qstrat_pending_state = _Source(layer)
     return clone
@@ -125,6 +130,7 @@ def _load_pending(op) -> None:
         if src is not None:
             del sub._qstrat_pending_state
             copy_state(src.layer, sub)
+            refill(sub)
 
 
 def rebuild(

@@ -26,11 +26,54 @@ def symbolic(shape, dtype="float32"):
 
 def built_layer(cls, config: dict, input_shape=None, weights=None):
     """A layer made from ``config``; built for ``input_shape`` and loaded with ``weights`` when given."""
-    layer = cls.from_config(config)
-    if weights is not None:
-        layer.build(tuple(input_shape))
-        layer.set_weights([w for w in weights])
+    if weights is None:
+        return cls.from_config(config)
+    layer = unfilled(cls, config)
+    layer.build(tuple(input_shape))
+    layer.set_weights([w for w in weights])
+    refill(layer)
     return layer
+
+
+class _Held:
+    """A plain holder (Keras does not track what it holds)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def unfilled(cls, config: dict):
+    """``cls.from_config(config)``, but its variables start at zero when it is built.
+
+    For a layer whose every value is set right after it is built: drawing
+    random initial values costs seconds on a large model. `refill` puts the
+    config's own initializers back (so the layer's config is unchanged). A
+    layer that refuses zero initializers is made from its config as it is.
+    """
+    keys = [k for k, v in config.items() if k.endswith("_initializer") and v is not None]
+    if not keys:
+        return cls.from_config(config)
+    try:
+        layer = cls.from_config({**config, **dict.fromkeys(keys, "zeros")})
+    except Exception:  # noqa: BLE001 - the layer's own config below
+        return cls.from_config(config)
+    layer._qstrat_initializers = _Held({k: config[k] for k in keys})
+    return layer
+
+
+def refill(layer) -> None:
+    """Give a layer made by `unfilled` its config's initializers back (once it holds its values)."""
+    import keras
+
+    held = getattr(layer, "_qstrat_initializers", None)
+    if held is None:
+        return
+    del layer._qstrat_initializers
+    for key, value in held.value.items():
+        if hasattr(layer, key):
+            setattr(layer, key, keras.initializers.get(value))
 
 
 class Editor:

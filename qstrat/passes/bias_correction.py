@@ -316,7 +316,10 @@ def correct_biases(
         for j in range(count):
             done.append(_correct(targets[first + j], shifts[j], _assign))
             wrapper, _, bn = targets[first + j]
-            frozen.sync(wrapper if bn is None else bn)
+            if bn is None:
+                frozen.sync(wrapper, ["bias"])  # only the bias changed: the kernel's copy stands
+            else:
+                frozen.sync(bn)
         bar.update(level + 1)
     return done
 

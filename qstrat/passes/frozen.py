@@ -80,12 +80,16 @@ class Frozen:
         """The copy standing for ``layer`` of the quantized model (a wrapper: its plain layer)."""
         return self._copies[id(layer)]
 
-    def sync(self, layer) -> None:
-        """Copy ``layer``'s current values over: a wrapper's quantized weights, any other layer's weights."""
+    def sync(self, layer, attrs=None) -> None:
+        """Copy ``layer``'s current values over: a wrapper's quantized weights (those named in ``attrs``, or
+        all), any other layer's weights."""
         copy = self._copies[id(layer)]
         if isinstance(layer, QuantizeWrapper):
-            for attr in layer.quantizers:
-                getattr(copy, attr).assign(keras.ops.convert_to_numpy(layer.quantized_weight(attr)))
+            for attr in layer.quantizers if attrs is None else attrs:
+                if attr in layer.quantizers:
+                    getattr(copy, attr).assign(keras.ops.convert_to_numpy(layer.quantized_weight(attr)))
+                else:
+                    getattr(copy, attr).assign(keras.ops.convert_to_numpy(getattr(layer.layer, attr)))
             return
         for src, dst in zip(layer.weights, copy.weights, strict=True):
             dst.assign(keras.ops.convert_to_numpy(src))

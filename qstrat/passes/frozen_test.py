@@ -42,3 +42,12 @@ def test_frozen_copy_gives_the_quantized_outputs_and_follows_changes(strategy):
     assert not np.array_equal(before, ops.convert_to_numpy(qmodel(data)))
     frozen.sync(dense)
     np.testing.assert_array_equal(ops.convert_to_numpy(frozen.model(data)), ops.convert_to_numpy(qmodel(data)))
+
+    # Syncing named weights copies those alone.
+    dense.layer.bias.assign(dense.layer.bias.numpy() + 0.5)
+    dense.layer.kernel.assign(-dense.layer.kernel.numpy())
+    frozen.sync(dense, ["bias"])
+    got = frozen.layer(dense)
+    bias = dense.quantized_weight("bias") if "bias" in dense.quantizers else dense.layer.bias
+    np.testing.assert_array_equal(ops.convert_to_numpy(got.bias), ops.convert_to_numpy(bias))
+    assert not np.array_equal(ops.convert_to_numpy(got.kernel), ops.convert_to_numpy(dense.quantized_weight("kernel")))
