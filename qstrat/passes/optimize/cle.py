@@ -36,7 +36,7 @@ import numpy as np
 
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
-from qstrat.passes.optimize.channels import per_in_channel, per_out_channel, scale_in, scale_out, shift_through
+from qstrat.passes.optimize.channels import DEPTHWISE, scale_in, scale_out, shift_through
 from qstrat.passes.optimize.report import OptimizeReport
 
 ENDS = ("Conv1D", "Conv2D", "DepthwiseConv2D", "Dense")
@@ -53,6 +53,46 @@ class _Pair:
 
 def _np(v) -> np.ndarray:
     return np.asarray(v.numpy(), dtype=np.float64)  # Variable.numpy(): no NumPy 2 copy warning
+
+
+class _Ranges:
+    """A kernel's channel ranges under the scales applied so far, without rescaling the kernel each step.
+
+    The kernel is reduced once to the max and the sum of |w| over its taps
+    for every (input channel, output channel); scaling input channel i by
+    a_i and output channel o by b_o scales those entries by a_i * b_o, so
+    every range a step needs follows from the reduction and the two scale
+    vectors. The kernel itself is scaled once, at the end.
+    """
+
+    def __init__(self, type_name: str, kernel: np.ndarray, bias: np.ndarray | None):
+        self.depthwise = type_name in DEPTHWISE
+        taps = np.abs(kernel).reshape(-1, kernel.shape[-2], kernel.shape[-1])  # (taps, in, out or multiplier)
+        self.max, self.sum, self.taps = taps.max(0), taps.sum(0), taps.shape[0]
+        self.bias = None if bias is None else np.abs(bias)
+        self.in_scale = np.ones(kernel.shape[-2])
+        outs = kernel.shape[-2] * kernel.shape[-1] if self.depthwise else kernel.shape[-1]
+        self.out_scale = np.ones(outs)
+
+    def out_ranges(self, use_max: bool):
+        """(r(H), max(H)) per output channel, H = |kernel| as (taps, out) plus the bias as one more row."""
+        m, s = self.max * self.in_scale[:, None], self.sum * self.in_scale[:, None]
+        if self.depthwise:  # output channel (i, k) sees input channel i alone
+            m, s, rows = m.reshape(-1), s.reshape(-1), self.taps
+        else:
+            m, s, rows = m.max(0), s.sum(0), self.taps * self.max.shape[0]
+        m, s = m * self.out_scale, s * self.out_scale
+        if self.bias is not None:
+            b = self.bias * self.out_scale
+            m, s, rows = np.maximum(m, b), s + b, rows + 1
+        return (m if use_max else s / rows), m
+
+    def in_ranges(self, use_max: bool):
+        """(r(T), max(T)) per input channel, T = |kernel| as (taps, in)."""
+        b = self.out_scale.reshape(self.max.shape) if self.depthwise else self.out_scale[None, :]
+        m = (self.max * b).max(1) * self.in_scale
+        s = (self.sum * b).sum(1) * self.in_scale
+        return (m if use_max else s / (self.taps * self.max.shape[1])), m
 
 
 def _act_kind(node: Node, to_relu6: bool) -> str | None:
@@ -124,36 +164,35 @@ def cross_layer_equalization(graph: Graph, cfg: Mapping, report: OptimizeReport)
 
     weights: dict[str, dict[str, np.ndarray]] = {}
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    ranges: dict[str, _Ranges] = {}
     for name in {p.head for p in pairs} | {p.tail for p in pairs}:
         layer = ed.node(name).op
-        kernel = _np(layer.kernel)
-        w = {"kernel": kernel}
-        w["bias"] = _np(layer.bias) if layer.use_bias else None
+        w = {"kernel": _np(layer.kernel), "bias": _np(layer.bias) if layer.use_bias else None}
         weights[name] = w
+        ranges[name] = _Ranges(ed.node(name).type_name, w["kernel"], w["bias"])
         if "bn_stats" in ed.node(name).meta:
             stats[name] = tuple(np.asarray(a, np.float64) for a in ed.node(name).meta["bn_stats"])
 
     total = {p.head: np.ones(1) for p in pairs}
     for _ in range(steps):
         for p in pairs:
-            h, t = weights[p.head], weights[p.tail]
-            htype = ed.node(p.head).type_name
-            H = np.abs(per_out_channel(htype, h["kernel"]))
-            if h["bias"] is not None:
-                H = np.vstack([H, np.abs(h["bias"])[None, :]])
-            T = np.abs(per_in_channel(t["kernel"]))
-            rh, rt = (H.max(0), T.max(0)) if use_max else (H.mean(0), T.mean(0))
+            h, t = ranges[p.head], ranges[p.tail]
+            rh, hmax = h.out_ranges(use_max)
+            rt, tmax = t.in_ranges(use_max)
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = np.sqrt(rt / rh)
             s = np.clip(np.nan_to_num(s, nan=1.0, posinf=10.0), 0.1, 10.0)
-            s[H.max(0) + T.max(0) < threshold] = 1.0
-            h["kernel"] = scale_out(htype, h["kernel"], s)
-            if h["bias"] is not None:
-                h["bias"] = h["bias"] * s
-            t["kernel"] = scale_in(t["kernel"], 1.0 / s)
+            s[hmax + tmax < threshold] = 1.0
+            h.out_scale = h.out_scale * s
+            t.in_scale = t.in_scale * (1.0 / s)
             total[p.head] = total[p.head] * s
             if p.head in stats:
                 stats[p.head] = (stats[p.head][0] * s, stats[p.head][1] * s)
+    for name, w in weights.items():
+        r = ranges[name]
+        w["kernel"] = scale_out(ed.node(name).type_name, scale_in(w["kernel"], r.in_scale), r.out_scale)
+        if w["bias"] is not None:
+            w["bias"] = w["bias"] * r.out_scale
 
     for p in pairs:
         s = total[p.head]
