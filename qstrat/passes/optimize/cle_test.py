@@ -122,3 +122,33 @@ def test_bias_absorption_skips_a_padded_tail():
     cross_layer_equalization(fold_conv_bn(capture(model), cfg, report), cfg, report)
     (event,) = report.of("cle_bias_absorption")
     assert event.kind == "skipped" and "zero padding" in event.detail
+
+
+@pytest.mark.parametrize(
+    "type_name, shape", [("Conv2D", (3, 3, 4, 6)), ("DepthwiseConv2D", (3, 3, 4, 2)), ("Dense", (5, 7))]
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_channel_ranges_follow_the_scales_as_if_the_kernel_were_scaled(type_name, shape, with_bias):
+    from qstrat.passes.optimize.channels import scale_in, scale_out
+    from qstrat.passes.optimize.cle import _Ranges
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=shape)
+    bias = (
+        rng.normal(size=shape[-2] * shape[-1] if type_name == "DepthwiseConv2D" else shape[-1]) if with_bias else None
+    )
+    r = _Ranges(type_name, kernel, bias)
+    r.in_scale = rng.uniform(0.1, 10, size=r.in_scale.shape)
+    r.out_scale = rng.uniform(0.1, 10, size=r.out_scale.shape)
+    scaled = scale_out(type_name, scale_in(kernel, r.in_scale), r.out_scale)
+    H = np.abs(per_out_channel(type_name, scaled))
+    if with_bias:
+        H = np.vstack([H, np.abs(bias * r.out_scale)[None, :]])
+    T = np.abs(per_in_channel(scaled))
+    for use_max, reduce in ((True, np.max), (False, np.mean)):
+        rh, hmax = r.out_ranges(use_max)
+        rt, tmax = r.in_ranges(use_max)
+        np.testing.assert_allclose(rh, reduce(H, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(rt, reduce(T, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(hmax, H.max(0), rtol=1e-12)
+        np.testing.assert_allclose(tmax, T.max(0), rtol=1e-12)
