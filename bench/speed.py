@@ -17,7 +17,7 @@ keras.applications MobileNetV2 (alpha 0.35, 96x96) and ResNet50 (64x64) with
 random weights and the BatchNormalization statistics of real images.
 Targets are printed beside each ratio.
 
-Run: ``.venv/bin/python bench/speed.py`` (about 30 minutes on 2 cores);
+Run: ``.venv/bin/python bench/speed.py`` (about 15 minutes on 2 cores);
 ``--models digits_cnn fer --sizes 128`` for a part.
 """
 
