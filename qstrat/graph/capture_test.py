@@ -48,7 +48,8 @@ def test_multi_input_multi_output_shared_layer_and_ops():
     assert "shared" in names and "shared@1" in names  # one node per call
     assert g.node("shared").op is g.node("shared@1").op
     assert [r.node for r in g.inputs] == ["a", "b"]
-    assert {"multiply", "relu"} <= set(names)  # keras.ops are nodes too
+    # keras.ops are nodes too (Keras numbers op names process-wide: "multiply", "multiply_3", ...)
+    assert {"multiply", "relu"} <= {n.rsplit("_", 1)[0] if n.rsplit("_", 1)[-1].isdigit() else n for n in names}
     r = rebuild(g)
     xs = [rand(2, 6), rand(2, 6, seed=1)]
     assert same_outputs(m, r, xs)

@@ -55,11 +55,13 @@ def _stats(xs, kinds, bins_per_side: int) -> list:
     los, his = [ops.min(x) for x in xs], [ops.max(x) for x in xs]
     lo, hi = ops.stack(los), ops.stack(his)
     # Element counts matter only for ranges (a histogram's is the sum of its counts).
-    sizes = [
-        ops.cast(ops.size(x), "int32") if kind == "range" else ops.zeros((), "int32")
-        for x, kind in zip(xs, kinds, strict=True)
-    ]
-    out = [lo, hi, ops.stack(sizes) if "range" in kinds else ops.zeros((len(xs),), "int32")]
+    if "range" in kinds:
+        zero = ops.zeros((), "int32")
+        pairs = zip(xs, kinds, strict=True)
+        sizes = ops.stack([ops.cast(ops.size(x), "int32") if kind == "range" else zero for x, kind in pairs])
+    else:
+        sizes = ops.zeros((len(xs),), "int32")
+    out = [lo, hi, sizes]
     hist = [i for i, kind in enumerate(kinds) if kind == "histogram"]
     if not hist:
         return out

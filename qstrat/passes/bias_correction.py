@@ -186,6 +186,11 @@ class Plan:
     levels: list[int]
     float_side: FloatSide | None = None  # in-memory arrays: float sums gathered by calibration (with the schedule)
 
+    @property
+    def channels(self) -> list[int]:
+        """Output channels of each target."""
+        return [wrapper.output.shape[-1] for wrapper, _, _ in self.targets]
+
 
 def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Plan | None:
     """The plan for ``qmodel``, or None when no layer can be corrected.
@@ -207,8 +212,9 @@ def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Pl
         return Plan(targets, levels)
     samples = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
     schedule = Schedule.plan(samples, max(levels) + 1)
-    refs = [ref for _, ref, _ in targets]
-    return Plan(targets, levels, FloatSide(refs, [w.output.shape[-1] for w, _, _ in targets], levels, schedule))
+    plan = Plan(targets, levels)
+    plan.float_side = FloatSide([ref for _, ref, _ in targets], plan.channels, levels, schedule)
+    return plan
 
 
 class FloatSide:
@@ -296,7 +302,7 @@ def correct_biases(
     targets, levels = plan.targets, plan.levels
     float_side = plan.float_side
     schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1)
-    channels = [wrapper.output.shape[-1] for wrapper, _, _ in targets]
+    channels = plan.channels
     frozen = Frozen(qmodel)
     probe = BatchRunner(_probe(frozen, float_graph, targets, paired=float_side is None))
     stream = _sample_stream(data, specs, batch_size, steps, samples)
