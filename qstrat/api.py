@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from qstrat.calibration.data import check_count
 from qstrat.errors import ConfigError, did_you_mean
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
@@ -101,6 +102,8 @@ class Quantizer:
             verbose: 1 names each stage with its time and shows a bar for each pass over the data; 0 is silent.
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
+        calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
+        calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
         strategy = self._strategy(overrides)
         bias_corr = strategy.refine["include_bias_corr"]
         if bias_corr and is_one_shot(calib_dataset):

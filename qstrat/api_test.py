@@ -222,7 +222,7 @@ def test_progress_names_each_stage_and_counts_the_passes_over_the_data(setup, ca
     assert set(stages + ("bias correction",)) <= set(q.timings)
     graph = q._optimized_graph(q.strategy)
     targets = _targets(qmodel, graph)
-    passes = Schedule.plan(len(data), 1 + max(_levels(graph, [ref.node for _, ref, _ in targets]))).passes
+    passes = Schedule.plan(len(data), 1 + max(_levels(graph, [ref.node for _, ref, _ in targets])), 16).passes
     assert q.timings["data_passes"] == 1 + passes  # one calibration pass, then bias correction's
     q.quantize_model(data, calib_batch_size=16, verbose=1)
     out = capsys.readouterr().out

@@ -119,6 +119,16 @@ def copy_layer(layer, input_shape=None, dtype: str | None = None):
     return clone
 
 
+def built_copy(layer):
+    """`copy_layer`, built at once with the shapes ``layer`` was built with (its build config)."""
+    clone = _clone(layer, fill_zeros=has_state(layer))
+    clone.build_from_config(layer.get_build_config())
+    if has_state(layer):
+        copy_state(layer, clone)
+        refill(clone)
+    return clone
+
+
 def _load_pending(op) -> None:
     """Give every layer copied without a shape (here or inside a wrapper) its state, now that it is built."""
     import keras
@@ -131,6 +141,78 @@ def _load_pending(op) -> None:
             del sub._qstrat_pending_state
             copy_state(src.layer, sub)
             refill(sub)
+
+
+def copier() -> Callable[[Node], object]:
+    """An ``op_for`` that gives each layer one copy (see `copy_layer`); Keras inputs and plain ops stay."""
+    copies: dict[int, object] = {}
+
+    def op_for(node: Node):
+        if type(node.op).__name__ == "InputLayer":
+            return node.op
+        if id(node.op) not in copies:
+            copies[id(node.op)] = copy_layer(node.op)
+        return copies[id(node.op)]
+
+    return op_for
+
+
+def _needed(graph: Graph, outputs) -> set[str]:
+    """The nodes that ``outputs`` depend on (themselves included)."""
+    need, stack = set(), [r.node for r in outputs]
+    while stack:
+        name = stack.pop()
+        if name not in need:
+            need.add(name)
+            stack.extend(r.node for r in graph.node(name).inputs)
+    return need
+
+
+def replay(graph: Graph, op_for: Callable[[Node], object], inputs: list, outputs, on_call=None) -> list:
+    """The tensors ``outputs`` of ``graph`` computed from ``inputs`` (one per ``graph.inputs``): every node they
+    need calls ``op_for(node)`` with the node's recorded arguments, in order.
+
+    On Keras inputs this builds a model's graph (`rebuild`); on backend tensors
+    inside a traced function it is the computation itself, with no Keras model
+    built around it. ``on_call(op)`` runs after each call.
+    """
+    tensors: dict = {(r.node, r.index): t for r, t in zip(graph.inputs, inputs, strict=True)}
+    need = _needed(graph, outputs)
+    for node in graph.nodes:
+        if node.name not in need or (node.name, 0) in tensors:
+            continue
+        op = op_for(node)
+        new_in = [tensors[(r.node, r.index)] for r in node.inputs]
+        if node.arguments is not None:
+            args, kwargs = node.arguments.fill_in({id(t): n for t, n in zip(node.in_tensors, new_in, strict=True)})
+            out = op(*args, **kwargs)
+        else:
+            out = op(new_in[0] if len(new_in) == 1 else new_in)
+        if on_call is not None:
+            on_call(op)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        for i, t in enumerate(outs):
+            tensors[(node.name, i)] = t
+    return [tensors[(r.node, r.index)] for r in outputs]
+
+
+def run_graph(graph: Graph, inputs: list, outputs, symbolic: bool) -> list:
+    """``graph``'s tensors ``outputs`` from ``inputs``: by its own layers on backend tensors (a traced probe
+    only reads them), by copies of them on Keras inputs (a call there is recorded in the layer)."""
+    if symbolic:
+        return replay(graph, copier(), inputs, outputs, on_call=_load_pending)
+    return replay(graph, lambda node: node.op, inputs, outputs)
+
+
+def input_tensors(graph: Graph) -> list:
+    """New Keras inputs like the graph's (shape, dtype, name), in its order."""
+    import keras
+
+    specs = [graph.node(r.node).op.output for r in graph.inputs]
+    return [
+        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=graph.node(r.node).op.name)
+        for r, t in zip(graph.inputs, specs, strict=True)
+    ]
 
 
 def rebuild(
@@ -148,43 +230,12 @@ def rebuild(
         copy_layers: give the model fresh copies of the layers.
         outputs: tensors to output instead of the graph's outputs (a probe).
     """
-    import keras
-
-    copies: dict[int, object] = {}
-
-    def default_op(node: Node):
-        if not copy_layers or type(node.op).__name__ == "InputLayer":
-            return node.op
-        if id(node.op) not in copies:
-            copies[id(node.op)] = copy_layer(node.op)
-        return copies[id(node.op)]
-
-    op_for = op_for or default_op
-    tensors: dict = {}
-    model_inputs = []
-    for node in graph.nodes:
-        if type(node.op).__name__ == "InputLayer" and not node.inputs:
-            spec = node.op.output
-            t = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=node.op.name)
-            tensors[(node.name, 0)] = t
-            continue
-        op = op_for(node)
-        new_in = [tensors[(r.node, r.index)] for r in node.inputs]
-        if node.arguments is not None:
-            args, kwargs = node.arguments.fill_in({id(t): n for t, n in zip(node.in_tensors, new_in, strict=True)})
-            out = op(*args, **kwargs)
-        else:
-            out = op(new_in[0] if len(new_in) == 1 else new_in)
-        _load_pending(op)
-        outs = list(out) if isinstance(out, (list, tuple)) else [out]
-        for i, t in enumerate(outs):
-            tensors[(node.name, i)] = t
-    inputs_by_name = {r.node: tensors[(r.node, 0)] for r in graph.inputs}
-    model_inputs = [inputs_by_name[r.node] for r in graph.inputs]
-    outputs = [tensors[(r.node, r.index)] for r in (graph.outputs if outputs is None else outputs)]
+    op_for = op_for or (copier() if copy_layers else (lambda node: node.op))
+    inputs = input_tensors(graph)
+    outs = replay(graph, op_for, inputs, graph.outputs if outputs is None else outputs, on_call=_load_pending)
     return functional_model(
-        model_inputs if len(model_inputs) > 1 else model_inputs[0],
-        outputs if len(outputs) > 1 else outputs[0],
+        inputs if len(inputs) > 1 else inputs[0],
+        outs if len(outs) > 1 else outs[0],
         name=name or graph.name,
         layers=len(graph.nodes),
     )

@@ -73,3 +73,23 @@ def test_a_layer_that_refuses_zero_initializers_is_copied_from_its_own_config():
     copy = copy_layer(layer, input_shape=(None, 3))
     _same_values(layer, copy)
     assert copy.get_config() == layer.get_config()
+
+
+def test_replaying_a_graph_on_tensors_computes_the_model_and_leaves_its_layers_as_they_were():
+    from qstrat.graph.rebuild import built_copy, run_graph
+
+    a, b = keras.Input((6, 6, 2), name="a"), keras.Input((3,), name="b")
+    x = L.GlobalAveragePooling2D(name="gap")(L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="c")(a)))
+    unused = L.Dense(2, name="unused")(b)
+    model = keras.Model([a, b], [L.Dense(2, name="d")(L.Concatenate(name="cat")([x, L.Dense(4, name="e")(b)])), unused])
+    model.get_layer("bn").moving_mean.assign(np.arange(4, dtype="float32"))
+    graph = capture(model)
+    data = [np.random.default_rng(0).normal(size=(5, 6, 6, 2)).astype("float32"), np.ones((5, 3), "float32")]
+    calls = {layer.name: len(layer._inbound_nodes) for layer in model.layers}
+
+    out = run_graph(graph, [ops.convert_to_tensor(t) for t in data], [graph.outputs[0]], symbolic=False)
+    np.testing.assert_array_equal(ops.convert_to_numpy(out[0]), ops.convert_to_numpy(model(data)[0]))
+    assert {layer.name: len(layer._inbound_nodes) for layer in model.layers} == calls  # no call recorded
+    copy = built_copy(model.get_layer("bn"))
+    assert copy.built and copy is not model.get_layer("bn")
+    _same_values(model.get_layer("bn"), copy)

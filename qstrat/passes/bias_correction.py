@@ -15,10 +15,14 @@ than the highest level upstream of it; parallel branches share a level).
 Measuring level after level on the whole data would cost a pass per level,
 which grows with depth. Instead the calibration samples are cut into one
 segment per level, in order: level 0 is measured on the first segment,
-corrected, then level 1 on the next segment, and so on. Every sample goes
-through the model once per pass, and the number of passes is fixed: the
-fewest (at most `MAX_PASSES`) that give each level `MIN_SAMPLES_PER_LEVEL`
-samples. Simultaneous updates of all levels, the obvious alternative,
+corrected, then level 1 on the next segment, and so on. The number of passes
+is fixed: the fewest (at most `MAX_PASSES`) that give each level
+`MIN_SAMPLES_PER_LEVEL` samples. A level needs no more than
+`MAX_SAMPLES_PER_LEVEL`: the shift is the mean of a difference between the
+quantized and the float output of the same samples, which varies far less
+from sample to sample than either output, so a large calibration set is only
+partly read here (the levels then share less than one pass). Segments of in-memory arrays are whole
+batches where the sizes allow it, so no batch is run in pieces. Simultaneous updates of all levels, the obvious alternative,
 diverge: a shift corrected upstream would be corrected again downstream.
 Segments of in-memory arrays are drawn in a fixed random order, so sorted
 data (all of one class first) does not give each level one kind of sample;
@@ -45,10 +49,9 @@ import numpy as np
 from qstrat.calibration.data import iterate_batches
 from qstrat.errors import CalibrationDataError
 from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
-from qstrat.graph.rebuild import functional_model
 from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import Frozen
-from qstrat.passes.runner import BatchRunner
+from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
 
 
@@ -71,15 +74,8 @@ ONE_SHOT_MESSAGE = (
 )
 
 
-def _sums_model(inputs, tensors, names):
-    """A model that reduces the tensors to per-sample channel sums and element counts in the graph."""
-    from qstrat.layers.probe import SampleChannelSums
-
-    outputs = SampleChannelSums(name=unique_name("qstrat_channel_sums", names))(tensors)
-    return functional_model(inputs, outputs, name=unique_name("qstrat_bias_correction_probe", names))
-
-
 MIN_SAMPLES_PER_LEVEL = 32
+MAX_SAMPLES_PER_LEVEL = 64
 MAX_PASSES = 3
 
 
@@ -92,9 +88,15 @@ class Schedule:
     segment: int  # samples per level
 
     @classmethod
-    def plan(cls, samples: int, levels: int) -> Schedule:
+    def plan(cls, samples: int, levels: int, batch_size: int = 1) -> Schedule:
+        """The fewest passes that give each level `MIN_SAMPLES_PER_LEVEL`, at most `MAX_SAMPLES_PER_LEVEL`
+        samples each; a whole number of batches of ``batch_size`` when that keeps the minimum."""
         passes = min(MAX_PASSES, max(1, -(-MIN_SAMPLES_PER_LEVEL * levels // samples)))
-        return cls(levels, samples, max(1, passes * samples // levels))
+        segment = max(1, min(MAX_SAMPLES_PER_LEVEL, passes * samples // levels))
+        whole = segment // batch_size * batch_size
+        if whole >= min(segment, MIN_SAMPLES_PER_LEVEL):
+            segment = whole
+        return cls(levels, samples, segment)
 
     @property
     def passes(self) -> int:
@@ -106,18 +108,21 @@ def _sample_stream(data, specs, batch_size, steps, samples):
     """Batches of the calibration data, cycled, for the passes of bias correction.
 
     In-memory arrays come in a fixed random order (the same samples as
-    calibration used); other sources in their own order, re-read each pass.
+    calibration used), every batch full; other sources in their own order,
+    re-read each pass.
     """
     from qstrat.calibration.data import array_bundle, check_batch
 
     arrays = array_bundle(data, specs)
-    while True:
-        if arrays is not None:
-            order = _order(samples)
-            for step, i in enumerate(range(0, samples, batch_size)):
-                yield check_batch([a[order[i : i + batch_size]] for a in arrays], specs, step)
-        else:
+    if arrays is None:
+        while True:
             yield from iterate_batches(data, specs, batch_size, steps)
+    # Stream position t is sample order[t mod samples]: whole batches across the ends of passes.
+    order, start = _order(samples), 0
+    while True:
+        rows = order[np.arange(start, start + batch_size) % samples]
+        yield check_batch([a[rows] for a in arrays], specs, start // batch_size)
+        start += batch_size
 
 
 def _segments(stream, schedule: Schedule):
@@ -211,7 +216,7 @@ def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Pl
     if arrays is None:
         return Plan(targets, levels)
     samples = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
-    schedule = Schedule.plan(samples, max(levels) + 1)
+    schedule = Schedule.plan(samples, max(levels) + 1, batch_size)
     plan = Plan(targets, levels)
     plan.float_side = FloatSide([ref for _, ref, _ in targets], plan.channels, levels, schedule)
     return plan
@@ -301,10 +306,10 @@ def correct_biases(
         samples = sum(len(b[0]) for b in iterate_batches(data, specs, batch_size, steps))
     targets, levels = plan.targets, plan.levels
     float_side = plan.float_side
-    schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1)
+    schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1, batch_size)
     channels = plan.channels
     frozen = Frozen(qmodel)
-    probe = BatchRunner(_probe(frozen, float_graph, targets, paired=float_side is None))
+    probe = _probe(frozen, float_graph, targets, paired=float_side is None)
     stream = _sample_stream(data, specs, batch_size, steps, samples)
     done = []
     progress = progress or Progress(verbose)
@@ -330,33 +335,40 @@ def correct_biases(
     return done
 
 
-def _probe(frozen: Frozen, float_graph: Graph, targets, paired: bool):
+def _probe(frozen: Frozen, float_graph: Graph, targets, paired: bool) -> BatchRunner:
     """Channel sums of every target's quantized output; with ``paired``, its float output's first.
 
     The quantized outputs come from the frozen copy of the quantized model
     (weights fake-quantized once: a smaller graph, the same values). Paired,
     one probe computes the float and the quantized outputs of the same batch,
     so shuffled or augmented data cannot make the two means come from
-    different samples. The float model is one operation of the probe, so its
-    layers keep their names; the probe's own operations take names that
-    nothing in either model has.
+    different samples. In a Keras model (backends other than TensorFlow) the
+    float model is one operation of the probe, so its layers keep their
+    names; the probe's own operations take names that nothing in either
+    model has.
     """
     from qstrat.graph import rebuild
+    from qstrat.graph.rebuild import run_graph
+    from qstrat.layers.probe import SampleChannelSums
 
-    names = taken_names(float_graph, frozen.model)
-    inputs = list(frozen.model.inputs)
-    quantized = [frozen.layer(w).output for w, _, _ in targets]
-    if not paired:
-        return _sums_model(inputs, quantized, names)
-    float_model = rebuild(
-        float_graph, outputs=[ref for _, ref, _ in targets], name=unique_name("qstrat_float_reference", names)
-    )
-    float_outs = float_model(inputs[0] if len(inputs) == 1 else inputs)
-    float_outs = list(float_outs) if isinstance(float_outs, (list, tuple)) else [float_outs]
-    tensors = []
-    for f, q in zip(float_outs, quantized, strict=True):
-        tensors += [f, q]
-    return _sums_model(inputs, tensors, names)
+    names = taken_names(float_graph, frozen.qmodel)
+    sums = SampleChannelSums(name=unique_name("qstrat_channel_sums", names))
+    refs = [frozen.ref(w) for w, _, _ in targets]
+    float_refs = [ref for _, ref, _ in targets]
+
+    def body(inputs, symbolic):
+        quantized = frozen.outputs(inputs, refs, symbolic)
+        if not paired:
+            return sums(quantized)
+        if symbolic:
+            float_model = rebuild(float_graph, outputs=float_refs, name=unique_name("qstrat_float_reference", names))
+            floats = float_model(inputs[0] if len(inputs) == 1 else inputs)
+            floats = list(floats) if isinstance(floats, (list, tuple)) else [floats]
+        else:
+            floats = run_graph(float_graph, inputs, float_refs, symbolic)
+        return sums([t for pair in zip(floats, quantized, strict=True) for t in pair])
+
+    return graph_probe(frozen.graph, body, unique_name("qstrat_bias_correction_probe", names))
 
 
 def _levels(graph: Graph, target_nodes: list[str]) -> list[int]:

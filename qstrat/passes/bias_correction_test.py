@@ -92,17 +92,23 @@ def test_shuffled_data_corrects_on_the_samples_it_measures():
 
 
 def test_the_schedule_reads_the_data_a_fixed_number_of_times_whatever_the_depth():
-    from qstrat.passes.bias_correction import MAX_PASSES, MIN_SAMPLES_PER_LEVEL, Schedule
+    from qstrat.passes.bias_correction import MAX_PASSES, MAX_SAMPLES_PER_LEVEL, MIN_SAMPLES_PER_LEVEL, Schedule
 
-    for samples in (16, 100, 128, 1024, 5000):
+    for samples in (16, 100, 128, 1000, 1024, 5000):
         for levels in (1, 5, 11, 53, 200):
-            s = Schedule.plan(samples, levels)
-            assert s.segment >= 1
-            assert s.segment * levels <= max(MAX_PASSES * samples, levels)  # never more than 3 passes' worth
-            if MIN_SAMPLES_PER_LEVEL * levels <= samples:
-                assert s.passes == 1  # enough data: one pass
-            if s.segment < MIN_SAMPLES_PER_LEVEL and levels <= samples:
-                assert s.segment * levels > (MAX_PASSES - 1) * samples  # short of data: all three passes used
+            for batch in (1, 10, 32, 64):
+                s = Schedule.plan(samples, levels, batch)
+                assert 1 <= s.segment <= MAX_SAMPLES_PER_LEVEL
+                assert s.segment * levels <= max(MAX_PASSES * samples, levels)  # never more than 3 passes' worth
+                if MIN_SAMPLES_PER_LEVEL * levels <= samples:
+                    assert s.passes == 1  # enough data: one pass
+                    assert s.segment >= MIN_SAMPLES_PER_LEVEL
+                if s.segment < MIN_SAMPLES_PER_LEVEL and levels <= samples:
+                    assert s.segment * levels > (MAX_PASSES - 1) * samples  # short of data: all three passes used
+                if s.segment // batch * batch >= MIN_SAMPLES_PER_LEVEL:
+                    assert s.segment % batch == 0  # whole batches where that keeps the minimum
+    assert Schedule.plan(1024, 11, 32).segment == 64  # 93 samples a level would do; 64 are enough
+    assert Schedule.plan(1024, 53, 32) == Schedule(53, 1024, 32)  # 38 a level in two passes: 32 in 1.7
 
 
 def _reference_corrections(qmodel, float_model, x, levels_of, segment, assign):
@@ -148,9 +154,9 @@ def test_corrections_match_a_straightforward_level_by_level_path(path):
         done = q.bias_corrections
     ref_q = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, **overrides)
     levels = {"c1": 0, "c2": 1, "c3": 2, "d": 3}
-    schedule = Schedule.plan(len(data), len(levels))
-    assert (schedule.passes, schedule.segment) == (2, 50)  # 32 samples per level: two passes over 100
-    shifts, ref_wrappers = _reference_corrections(ref_q, q.optimize_model(**overrides), data, levels, 50, _assign)
+    schedule = Schedule.plan(len(data), len(levels), 32)
+    assert (schedule.passes, schedule.segment) == (2, 32)  # 32 samples per level, one batch: two passes over 100
+    shifts, ref_wrappers = _reference_corrections(ref_q, q.optimize_model(**overrides), data, levels, 32, _assign)
     got = {c.layer: c.max_abs_shift for c in done}
     assert set(got) == set(levels) and max(got.values()) > 1e-3
     for name, shift in shifts.items():

@@ -17,7 +17,7 @@ from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import SampleChannelSums, StatsTaps, unpack_stats
-from qstrat.passes.runner import BatchRunner
+from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
@@ -97,7 +97,7 @@ def calibrate_activations(
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
     keys.sort(key=lambda key: key[1] != "raw")  # the probe's order: raw tensors, then the taps' statistics
     side_refs = list(float_side.refs) if float_side is not None else []
-    probe = BatchRunner(_stats_probe(float_graph, keys, side_refs)) if keys or side_refs else None
+    probe = _stats_probe(float_graph, keys, side_refs) if keys or side_refs else None
     batches = samples = 0
     progress = progress or Progress(verbose)
     bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what="activation statistics")
@@ -159,28 +159,29 @@ def _mode(obs) -> str:
     return "raw"
 
 
-def _stats_probe(float_graph, keys, side_refs=()):
-    """A model from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics.
+def _stats_probe(float_graph, keys, side_refs=()) -> BatchRunner:
+    """A probe from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics.
 
     ``keys`` lists the "raw" tensors first; the statistics of all the others
     come from one `StatsTaps` layer.
 
     Then, for the tensors of ``side_refs``, their per-sample channel sums (`SampleChannelSums`).
     """
-    from qstrat.graph import rebuild
-    from qstrat.graph.rebuild import functional_model
+    from qstrat.graph.rebuild import run_graph
 
     refs = list(dict.fromkeys([ref for ref, _ in keys] + list(side_refs)))
     names = taken_names(float_graph)
-    base = rebuild(float_graph, outputs=refs, name=unique_name("qstrat_calibration_probe", names))
-    tensors = base.outputs if isinstance(base.outputs, list) else [base.outputs]
-    by_ref = dict(zip(refs, tensors, strict=True))
-    outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
     tapped = [(ref, mode) for ref, mode in keys if mode != "raw"]
-    if tapped:
-        taps = StatsTaps([mode for _, mode in tapped], name=unique_name("qstrat_stats_taps", names))
-        outputs += taps([by_ref[ref] for ref, _ in tapped])
-    if side_refs:
-        sums = SampleChannelSums(name=unique_name("qstrat_sample_sums", names))
-        outputs += sums([by_ref[ref] for ref in side_refs])
-    return functional_model(base.inputs, outputs, name=unique_name("qstrat_calibration_stats", names))
+    taps = StatsTaps([mode for _, mode in tapped], name=unique_name("qstrat_stats_taps", names)) if tapped else None
+    sums = SampleChannelSums(name=unique_name("qstrat_sample_sums", names)) if side_refs else None
+
+    def body(inputs, symbolic):
+        by_ref = dict(zip(refs, run_graph(float_graph, inputs, refs, symbolic), strict=True))
+        outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
+        if taps is not None:
+            outputs += taps([by_ref[ref] for ref, _ in tapped])
+        if sums is not None:
+            outputs += sums([by_ref[ref] for ref in side_refs])
+        return outputs
+
+    return graph_probe(float_graph, body, unique_name("qstrat_calibration_stats", names))

@@ -4,23 +4,28 @@ A `QuantizeWrapper` fake-quantizes its weights on every call, which is most
 of a quantized model's graph: a traced probe of it takes seconds longer to
 trace than the float model's, and every batch pays for the weight ops again.
 A pass that runs the model without changing its weights (bias correction
-changes only biases, and BN means) can run `Frozen.model` instead: each
+changes only biases, and BN means) can run the frozen copy instead: each
 wrapper becomes a plain copy of its layer holding the wrapper's quantized
 weights, each FakeQuant a `Fixed` layer with its quantizer's state as
-constants, every other layer a copy of itself. The outputs are the quantized
-model's, bit for bit: the same kernels see the same values. `sync` carries a
-change made to the quantized model's weights over (the passes that run the
-copy leave activation quantizers as they are).
+constants. The other layers are the quantized model's own in a traced probe
+(`Frozen.outputs` on backend tensors: a traced call only reads them), or
+copies of them in a Keras model (`Frozen.model`, and `Frozen.outputs` on
+Keras inputs). The outputs are the quantized model's, bit for bit: the same
+kernels see the same values. `sync` carries a change made to the quantized
+model's weights over (the passes that run the copy leave activation
+quantizers as they are).
 """
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import keras
 import numpy as np
 
-from qstrat.graph import capture, rebuild
-from qstrat.graph.ir import taken_names, unique_name
-from qstrat.graph.rebuild import copy_layer
+from qstrat.graph import capture
+from qstrat.graph.ir import TensorRef, taken_names, unique_name
+from qstrat.graph.rebuild import _load_pending, built_copy, copy_layer, functional_model, input_tensors, replay
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.quantizers.fake_quant import forward_only
 
@@ -38,8 +43,8 @@ class Fixed(keras.layers.Layer):
     def __init__(self, fake_quant: FakeQuant, **kwargs):
         super().__init__(name=fake_quant.name, dtype=fake_quant.dtype_policy, **kwargs)
         self.quantizer = fake_quant.quantizer
-        self.active = float(keras.ops.convert_to_numpy(fake_quant.enabled)) > 0.5
-        self.values = {k: np.asarray(keras.ops.convert_to_numpy(v)) for k, v in fake_quant.state.items()}
+        self.active = float(_numpy(fake_quant.enabled)) > 0.5
+        self.values = {k: _numpy(v) for k, v in fake_quant.state.items()}
 
     def call(self, inputs):
         if not self.active:
@@ -51,45 +56,91 @@ class Fixed(keras.layers.Layer):
         return input_shape
 
 
+def _numpy(v) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(v))
+
+
+def quantized_once(wrapper: QuantizeWrapper, attr: str) -> np.ndarray:
+    """``wrapper.quantized_weight(attr)`` as NumPy, bit for bit, computed as a `Fixed` layer computes.
+
+    The state goes in as constants (`forward_only`): a handful of eager ops,
+    where the wrapper's own path builds its gate and custom gradient on every
+    call, which for a few hundred weights took most of a second.
+    """
+    w = _numpy(getattr(wrapper.layer, attr))
+    if float(_numpy(wrapper.enabled[attr])) <= 0.5:
+        return w
+    values = {k: _numpy(v) for k, v in wrapper.state[attr].items()}
+    with forward_only():
+        return _numpy(wrapper.quantizers[attr](keras.ops.convert_to_tensor(w), values, training=False))
+
+
 class Frozen:
-    """``Frozen(qmodel).model``: ``qmodel`` with its wrappers' weights fake-quantized once."""
+    """``qmodel`` with its wrappers' weights fake-quantized once."""
 
     def __init__(self, qmodel):
-        self._copies: dict[int, object] = {}
-        self._wrappers: dict[int, QuantizeWrapper] = {}
+        self.qmodel = qmodel
+        self.graph = capture(qmodel)
+        self._copies: dict[int, object] = {}  # wrappers: a copy of their layer; FakeQuants: a Fixed
+        self._symbolic: dict[int, object] = {}  # other layers: their copies, once a Keras model is made
+        self._refs: dict[int, TensorRef] = {}
+        for node in self.graph.nodes:
+            op = node.op
+            self._refs.setdefault(id(op), TensorRef(node.name, 0))
+            if id(op) in self._copies:
+                continue
+            if isinstance(op, QuantizeWrapper):
+                self._copies[id(op)] = built_copy(op.layer)
+                self.sync(op)
+            elif isinstance(op, FakeQuant):
+                self._copies[id(op)] = Fixed(op)
 
+    def ref(self, layer) -> TensorRef:
+        """The output of ``layer`` (of the quantized model, called once) in `graph`."""
+        return self._refs[id(layer)]
+
+    def _op_for(self, symbolic: bool):
         def op_for(node):
             op = node.op
-            if id(op) not in self._copies:
-                if isinstance(op, QuantizeWrapper):
-                    self._copies[id(op)] = copy_layer(op.layer)
-                    self._wrappers[id(op)] = op
-                elif isinstance(op, FakeQuant):
-                    self._copies[id(op)] = Fixed(op)
-                else:
-                    self._copies[id(op)] = copy_layer(op)
-            return self._copies[id(op)]
+            if id(op) in self._copies:
+                return self._copies[id(op)]
+            if not symbolic or type(op).__name__ == "InputLayer":
+                return op
+            if id(op) not in self._symbolic:
+                self._symbolic[id(op)] = copy_layer(op)
+            return self._symbolic[id(op)]
 
-        graph = capture(qmodel)
-        name = unique_name(f"{qmodel.name}_frozen", taken_names(graph, qmodel))
-        self.model = rebuild(graph, op_for=op_for, name=name)
-        for wrapper in self._wrappers.values():
-            self.sync(wrapper)
+        return op_for
+
+    def outputs(self, inputs: list, refs: list[TensorRef], symbolic: bool) -> list:
+        """The tensors ``refs`` of the frozen copy from ``inputs``: backend tensors in a traced probe
+        (``symbolic`` False), or Keras inputs to make a model."""
+        return replay(self.graph, self._op_for(symbolic), inputs, refs, on_call=_load_pending if symbolic else None)
+
+    @cached_property
+    def model(self):
+        """The frozen copy as a Keras model."""
+        inputs = input_tensors(self.graph)
+        outs = self.outputs(inputs, list(self.graph.outputs), symbolic=True)
+        name = unique_name(f"{self.qmodel.name}_frozen", taken_names(self.graph, self.qmodel))
+        return functional_model(inputs if len(inputs) > 1 else inputs[0], outs if len(outs) > 1 else outs[0], name)
 
     def layer(self, layer):
-        """The copy standing for ``layer`` of the quantized model (a wrapper: its plain layer)."""
-        return self._copies[id(layer)]
+        """The layer standing for ``layer`` of the quantized model (a wrapper: the copy of its layer)."""
+        return self._copies.get(id(layer), self._symbolic.get(id(layer), layer))
 
     def sync(self, layer, attrs=None) -> None:
         """Copy ``layer``'s current values over: a wrapper's quantized weights (those named in ``attrs``, or
-        all), any other layer's weights."""
-        copy = self._copies[id(layer)]
+        all), any other layer's weights (where a Keras model of the copy has its own copy of the layer)."""
         if isinstance(layer, QuantizeWrapper):
+            copy = self._copies[id(layer)]
             for attr in layer.quantizers if attrs is None else attrs:
                 if attr in layer.quantizers:
-                    getattr(copy, attr).assign(keras.ops.convert_to_numpy(layer.quantized_weight(attr)))
+                    getattr(copy, attr).assign(quantized_once(layer, attr))
                 else:
                     getattr(copy, attr).assign(keras.ops.convert_to_numpy(getattr(layer.layer, attr)))
             return
-        for src, dst in zip(layer.weights, copy.weights, strict=True):
-            dst.assign(keras.ops.convert_to_numpy(src))
+        copy = self._symbolic.get(id(layer))
+        if copy is not None:
+            for src, dst in zip(layer.weights, copy.weights, strict=True):
+                dst.assign(keras.ops.convert_to_numpy(src))
