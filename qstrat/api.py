@@ -19,10 +19,10 @@ from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.passes.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
 from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, insert
+from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
 

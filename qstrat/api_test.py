@@ -212,7 +212,8 @@ def test_optimize_model_returns_an_independent_float_equivalent_model(setup):
 
 
 def test_progress_names_each_stage_and_counts_the_passes_over_the_data(setup, capsys):
-    from qstrat.passes.bias_correction import Schedule, _levels, _targets
+    from qstrat.passes.refine.bias_correction import _levels, _targets
+    from qstrat.passes.refine.schedule import Schedule
 
     model, data = setup[0], setup[1]
     q = qstrat.Quantizer(model, "pof2s")

@@ -157,29 +157,33 @@ def copier() -> Callable[[Node], object]:
     return op_for
 
 
-def _needed(graph: Graph, outputs) -> set[str]:
-    """The nodes that ``outputs`` depend on (themselves included)."""
-    need, stack = set(), [r.node for r in outputs]
+def needed(graph: Graph, outputs, known=()) -> set[str]:
+    """The nodes that compute ``outputs`` from the graph's inputs, or from the tensors ``known`` where given."""
+    known = set(known)
+    need, stack = set(), [r for r in outputs if r not in known]
     while stack:
-        name = stack.pop()
-        if name not in need:
-            need.add(name)
-            stack.extend(r.node for r in graph.node(name).inputs)
+        ref = stack.pop()
+        if ref.node not in need:
+            need.add(ref.node)
+            stack.extend(r for r in graph.node(ref.node).inputs if r not in known)
     return need
 
 
-def replay(graph: Graph, op_for: Callable[[Node], object], inputs: list, outputs, on_call=None) -> list:
-    """The tensors ``outputs`` of ``graph`` computed from ``inputs`` (one per ``graph.inputs``): every node they
-    need calls ``op_for(node)`` with the node's recorded arguments, in order.
+def replay(graph: Graph, op_for: Callable[[Node], object], inputs, outputs, on_call=None) -> list:
+    """The tensors ``outputs`` of ``graph`` computed from ``inputs``: one tensor per ``graph.inputs``, or
+    ``{TensorRef: tensor}`` for any tensors of the graph. Every node they need calls ``op_for(node)`` with the
+    node's recorded arguments, in order.
 
     On Keras inputs this builds a model's graph (`rebuild`); on backend tensors
     inside a traced function it is the computation itself, with no Keras model
     built around it. ``on_call(op)`` runs after each call.
     """
-    tensors: dict = {(r.node, r.index): t for r, t in zip(graph.inputs, inputs, strict=True)}
-    need = _needed(graph, outputs)
+    if not isinstance(inputs, dict):
+        inputs = dict(zip(graph.inputs, inputs, strict=True))
+    tensors: dict = {(r.node, r.index): t for r, t in inputs.items()}
+    need = needed(graph, outputs, inputs)
     for node in graph.nodes:
-        if node.name not in need or (node.name, 0) in tensors:
+        if node.name not in need:
             continue
         op = op_for(node)
         new_in = [tensors[(r.node, r.index)] for r in node.inputs]

@@ -99,7 +99,9 @@ class Frozen:
         """The output of ``layer`` (of the quantized model, called once) in `graph`."""
         return self._refs[id(layer)]
 
-    def _op_for(self, symbolic: bool):
+    def op_for(self, symbolic: bool):
+        """What each node of `graph` calls (see `outputs`)."""
+
         def op_for(node):
             op = node.op
             if id(op) in self._copies:
@@ -115,7 +117,7 @@ class Frozen:
     def outputs(self, inputs: list, refs: list[TensorRef], symbolic: bool) -> list:
         """The tensors ``refs`` of the frozen copy from ``inputs``: backend tensors in a traced probe
         (``symbolic`` False), or Keras inputs to make a model."""
-        return replay(self.graph, self._op_for(symbolic), inputs, refs, on_call=_load_pending if symbolic else None)
+        return replay(self.graph, self.op_for(symbolic), inputs, refs, on_call=_load_pending if symbolic else None)
 
     @cached_property
     def model(self):

@@ -8,7 +8,7 @@ from keras import ops
 import qstrat
 from qstrat.errors import CalibrationDataError
 from qstrat.graph import capture
-from qstrat.passes.bias_correction import correct_biases
+from qstrat.passes.refine.bias_correction import correct_biases
 
 pytestmark = pytest.mark.portable
 L = keras.layers
@@ -58,7 +58,7 @@ def test_a_generator_skips_bias_correction_with_a_warning():
 
 
 def test_parallel_branches_share_a_pass():
-    from qstrat.passes.bias_correction import _levels
+    from qstrat.passes.refine.bias_correction import _levels
 
     i = keras.Input((6, 6, 2))
     a, b = L.Conv2D(3, 1, name="a")(i), L.Conv2D(3, 3, padding="same", name="b")(i)
@@ -91,26 +91,6 @@ def test_shuffled_data_corrects_on_the_samples_it_measures():
     assert _mean_shift(model, after, x).max() < _mean_shift(model, before, x).max() / 2
 
 
-def test_the_schedule_reads_the_data_a_fixed_number_of_times_whatever_the_depth():
-    from qstrat.passes.bias_correction import MAX_PASSES, MAX_SAMPLES_PER_LEVEL, MIN_SAMPLES_PER_LEVEL, Schedule
-
-    for samples in (16, 100, 128, 1000, 1024, 5000):
-        for levels in (1, 5, 11, 53, 200):
-            for batch in (1, 10, 32, 64):
-                s = Schedule.plan(samples, levels, batch)
-                assert 1 <= s.segment <= MAX_SAMPLES_PER_LEVEL
-                assert s.segment * levels <= max(MAX_PASSES * samples, levels)  # never more than 3 passes' worth
-                if MIN_SAMPLES_PER_LEVEL * levels <= samples:
-                    assert s.passes == 1  # enough data: one pass
-                    assert s.segment >= MIN_SAMPLES_PER_LEVEL
-                if s.segment < MIN_SAMPLES_PER_LEVEL and levels <= samples:
-                    assert s.segment * levels > (MAX_PASSES - 1) * samples  # short of data: all three passes used
-                if s.segment // batch * batch >= MIN_SAMPLES_PER_LEVEL:
-                    assert s.segment % batch == 0  # whole batches where that keeps the minimum
-    assert Schedule.plan(1024, 11, 32).segment == 64  # 93 samples a level would do; 64 are enough
-    assert Schedule.plan(1024, 53, 32) == Schedule(53, 1024, 32)  # 38 a level in two passes: 32 in 1.7
-
-
 def _reference_corrections(qmodel, float_model, x, levels_of, segment, assign):
     """The straightforward path: level by level, each on its segment of the fixed random order, through sub-models."""
     from qstrat.layers import QuantizeWrapper
@@ -130,12 +110,17 @@ def _reference_corrections(qmodel, float_model, x, levels_of, segment, assign):
     return shifts, wrappers
 
 
-@pytest.mark.parametrize("path", ["paired probe", "float side from calibration"])
-def test_corrections_match_a_straightforward_level_by_level_path(path):
+@pytest.mark.parametrize("path", ["paired probe", "float side from calibration", "float side, one stage a level"])
+def test_corrections_match_a_straightforward_level_by_level_path(path, monkeypatch):
     """Paired: the pass alone, float and quantized in one probe (any data source). Float side: the API's
-    path for arrays, the float sums gathered by the calibration pass and only the quantized model here."""
-    from qstrat.passes.bias_correction import Schedule
+    path for arrays, the float sums gathered by the calibration pass and only the quantized model here
+    (on TensorFlow, also cut into stages that compute each level's layers only: `StagedSums`)."""
+    from qstrat.passes import staged
     from qstrat.passes.calibrate import _assign
+    from qstrat.passes.refine.schedule import Schedule
+
+    if path.endswith("one stage a level"):
+        monkeypatch.setattr(staged, "MIN_LEVELS_PER_STAGE", 1)
 
     i = keras.Input((8, 8, 3))
     x = L.ReLU(name="r1")(L.Conv2D(6, 3, padding="same", name="c1")(i))

@@ -11,31 +11,21 @@ shift on the quantized model against the float model and removes it:
 
 Each layer must be measured with every layer upstream of it already
 corrected, so the layers are grouped in levels (a layer's level is one more
-than the highest level upstream of it; parallel branches share a level).
-Measuring level after level on the whole data would cost a pass per level,
-which grows with depth. Instead the calibration samples are cut into one
-segment per level, in order: level 0 is measured on the first segment,
-corrected, then level 1 on the next segment, and so on. The number of passes
-is fixed: the fewest (at most `MAX_PASSES`) that give each level
-`MIN_SAMPLES_PER_LEVEL` samples. A level needs no more than
-`MAX_SAMPLES_PER_LEVEL`: the shift is the mean of a difference between the
-quantized and the float output of the same samples, which varies far less
-from sample to sample than either output, so a large calibration set is only
-partly read here (the levels then share less than one pass). Segments of in-memory arrays are whole
-batches where the sizes allow it, so no batch is run in pieces. Simultaneous updates of all levels, the obvious alternative,
-diverge: a shift corrected upstream would be corrected again downstream.
-Segments of in-memory arrays are drawn in a fixed random order, so sorted
-data (all of one class first) does not give each level one kind of sample;
-other sources are read in their own order.
+than the highest level upstream of it; parallel branches share a level),
+and the calibration samples are cut into one segment per level
+(`qstrat.passes.refine.schedule`): a fixed number of passes over the data,
+whatever the depth. Simultaneous updates of all levels, the obvious
+alternative, diverge: a shift corrected upstream would be corrected again
+downstream.
 
-For in-memory arrays, the float side of every segment is gathered during
-the calibration pass (`FloatSide`: per-sample channel sums of each target's
-float output, added to the segments that sample falls in), so the passes
-here run only the quantized model. Other sources are measured on the float
-and the quantized model in one probe (so shuffled or augmented data is
-fine). Either way the data must be re-iterable (an array, a
-tf.data.Dataset or a PyDataset). With a one-shot generator the API skips
-this pass with a warning that says how to get it.
+For in-memory arrays the float side comes from the calibration pass, so the
+passes here run only the quantized model: its frozen copy, on TensorFlow cut
+into stages so that a level's batches run only the layers up to that level
+(`qstrat.passes.staged`). Other sources are measured on the float and the
+quantized model in one probe (so shuffled or augmented data is fine).
+Either way the data must be re-iterable (an array, a tf.data.Dataset or a
+PyDataset). With a one-shot generator the API skips this pass with a
+warning that says how to get it.
 The reference tool's version of this pass was disabled and added the shift
 instead of subtracting it; here a test checks the sign.
 """
@@ -51,6 +41,7 @@ from qstrat.errors import CalibrationDataError
 from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
 from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import Frozen
+from qstrat.passes.refine.schedule import FloatSide, Schedule, _sample_stream, _segments
 from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
 
@@ -72,76 +63,6 @@ ONE_SHOT_MESSAGE = (
     "calibration, and a generator can be read only once. Pass an array, a tf.data.Dataset or a keras.utils.PyDataset "
     "to get it, or set include_bias_corr=False to silence this warning."
 )
-
-
-MIN_SAMPLES_PER_LEVEL = 32
-MAX_SAMPLES_PER_LEVEL = 64
-MAX_PASSES = 3
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How the calibration samples are cut into one segment per level."""
-
-    levels: int
-    samples: int  # in the calibration data
-    segment: int  # samples per level
-
-    @classmethod
-    def plan(cls, samples: int, levels: int, batch_size: int = 1) -> Schedule:
-        """The fewest passes that give each level `MIN_SAMPLES_PER_LEVEL`, at most `MAX_SAMPLES_PER_LEVEL`
-        samples each; a whole number of batches of ``batch_size`` when that keeps the minimum."""
-        passes = min(MAX_PASSES, max(1, -(-MIN_SAMPLES_PER_LEVEL * levels // samples)))
-        segment = max(1, min(MAX_SAMPLES_PER_LEVEL, passes * samples // levels))
-        whole = segment // batch_size * batch_size
-        if whole >= min(segment, MIN_SAMPLES_PER_LEVEL):
-            segment = whole
-        return cls(levels, samples, segment)
-
-    @property
-    def passes(self) -> int:
-        """Passes over the data (the last one possibly partial)."""
-        return -(-self.segment * self.levels // self.samples)
-
-
-def _sample_stream(data, specs, batch_size, steps, samples):
-    """Batches of the calibration data, cycled, for the passes of bias correction.
-
-    In-memory arrays come in a fixed random order (the same samples as
-    calibration used), every batch full; other sources in their own order,
-    re-read each pass.
-    """
-    from qstrat.calibration.data import array_bundle, check_batch
-
-    arrays = array_bundle(data, specs)
-    if arrays is None:
-        while True:
-            yield from iterate_batches(data, specs, batch_size, steps)
-    # Stream position t is sample order[t mod samples]: whole batches across the ends of passes.
-    order, start = _order(samples), 0
-    while True:
-        rows = order[np.arange(start, start + batch_size) % samples]
-        yield check_batch([a[rows] for a in arrays], specs, start // batch_size)
-        start += batch_size
-
-
-def _segments(stream, schedule: Schedule):
-    """Per level, the list of batches (sliced where a segment ends) that make up its segment."""
-    pending: list = []
-    size = 0
-    for level in range(schedule.levels):
-        pieces = []
-        need = schedule.segment
-        while need > 0:
-            if not pending:
-                pending = next(stream)
-                size = len(pending[0])
-            take = min(need, size)
-            pieces.append([a[:take] for a in pending])
-            pending = [a[take:] for a in pending] if take < size else []
-            size -= take
-            need -= take
-        yield level, pieces
 
 
 def _channel_means(model, pieces, channels: list[int]) -> list[np.ndarray]:
@@ -222,60 +143,6 @@ def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Pl
     return plan
 
 
-class FloatSide:
-    """Per target, the float output's channel sums over its level's segments, gathered during calibration.
-
-    The quantized passes read the samples in a fixed random order (seed 0),
-    cycled: stream position t is sample ``order[t mod samples]``, and level L
-    owns positions [L * segment, (L + 1) * segment). Calibration reads the
-    samples in their own order; `update` adds each sample's sums to the levels
-    whose segments hold one of its appearances.
-    """
-
-    def __init__(self, refs: list[TensorRef], channels: list[int], levels: list[int], schedule: Schedule):
-        self.refs = refs
-        self.channels = channels
-        self.levels = np.asarray(levels)
-        self.schedule = schedule
-        order = _order(schedule.samples)
-        self.position = np.empty(schedule.samples, np.int64)
-        self.position[order] = np.arange(schedule.samples)
-        self.sums: list = [None] * len(levels)
-        self.counts = np.zeros(len(levels))
-        self.seen = 0
-
-    def update(self, first: int, outputs: list) -> None:
-        """``outputs``: `SampleChannelSums` of the targets (per-sample sums (batch, sum of C), counts (targets,))."""
-        from qstrat.layers.probe import split_channels
-
-        s = self.schedule
-        sums, counts = split_channels(outputs[0], self.channels), np.asarray(outputs[1])
-        n = len(outputs[0])
-        positions = self.position[first : first + n]
-        for k in range(s.passes):
-            level_of = (k * s.samples + positions) // s.segment  # levels >= s.levels own nothing
-            for j, level in enumerate(self.levels):
-                rows = level_of == level
-                if not rows.any():
-                    continue
-                total = np.sum(sums[j][rows], axis=0, dtype=np.float64)
-                self.sums[j] = total if self.sums[j] is None else self.sums[j] + total
-                self.counts[j] += float(np.count_nonzero(rows)) * float(counts[j])
-        self.seen += n
-
-    def means(self, first: int, count: int) -> list[np.ndarray]:
-        if self.seen != self.schedule.samples:
-            raise RuntimeError(
-                f"bias correction planned for {self.schedule.samples} samples, calibration saw {self.seen}"
-            )
-        return [self.sums[j] / self.counts[j] for j in range(first, first + count)]
-
-
-def _order(samples: int) -> np.ndarray:
-    """The fixed random order in which bias correction reads in-memory samples."""
-    return np.random.default_rng(0).permutation(samples)
-
-
 def correct_biases(
     qmodel,
     float_graph: Graph,
@@ -309,7 +176,8 @@ def correct_biases(
     schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1, batch_size)
     channels = plan.channels
     frozen = Frozen(qmodel)
-    probe = _probe(frozen, float_graph, targets, paired=float_side is None)
+    staged = _staged(frozen, targets, levels) if float_side is not None else None
+    probe = _probe(frozen, float_graph, targets, paired=float_side is None) if staged is None else None
     stream = _sample_stream(data, specs, batch_size, steps, samples)
     done = []
     progress = progress or Progress(verbose)
@@ -321,8 +189,16 @@ def correct_biases(
         if float_side is None:
             means = _channel_means(probe, pieces, [c for c in channels for _ in range(2)])
             shifts = [means[2 * j + 1] - means[2 * j] for j in range(first, first + count)]
-        else:
+        elif staged is None:
             quantized = _channel_means(probe, pieces, channels)[first : first + count]
+            shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
+        else:  # the stage of this level's targets, and the stages before it
+            stage = staged.stage_of_level[level]
+            mine = staged.targets[stage]
+            quantized = _channel_means(
+                lambda piece, stage=stage: staged(piece, stage), pieces, [channels[i] for i in mine]
+            )
+            quantized = quantized[first - mine[0] : first - mine[0] + count]
             shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
         for j in range(count):
             done.append(_correct(targets[first + j], shifts[j], _assign))
@@ -333,6 +209,18 @@ def correct_biases(
                 frozen.sync(bn)
         bar.update(level + 1)
     return done
+
+
+def _staged(frozen: Frozen, targets, levels):
+    """On TensorFlow, the frozen copy cut into stages along the levels (`StagedSums`); else None."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from qstrat.passes.staged import StagedSums, stage_count
+
+    refs = [frozen.ref(w) for w, _, _ in targets]
+    return StagedSums(frozen.graph, frozen.op_for(False), refs, levels, stage_count(max(levels) + 1))
 
 
 def _probe(frozen: Frozen, float_graph: Graph, targets, paired: bool) -> BatchRunner:

@@ -1,0 +1,1 @@
+"""Refine: passes on the calibrated quantized model (bias correction)."""
