@@ -1,7 +1,8 @@
 """Where a quantize_model call's fixed cost goes: the first call (trace) of each probe, and per-batch costs.
 
 For one model, calibration size and strategy (defaults, bias correction on),
-in one run: every probe qstrat runs (`qstrat.passes.runner.BatchRunner`) is
+in one run: every probe qstrat runs (`qstrat.passes.runner.BatchRunner`, and
+bias correction's stages, `qstrat.passes.staged.StagedSums`, per stage) is
 timed call by call, so its first call (tracing, plus one batch) shows apart
 from the rest; and a warm batch of 32 through the float model and through the
 quantized model shows what the FakeQuant layers cost per batch.
@@ -45,32 +46,37 @@ def main() -> int:
     from speed import load
 
     import qstrat
-    from qstrat.passes import runner
+    from qstrat.passes import runner, staged
 
-    calls: list[tuple[int, int, float]] = []
-    plain_call = runner.BatchRunner.__call__
+    calls: list[tuple[object, float]] = []  # (what ran: a probe, or a stage of one, seconds)
+    plain_call, plain_staged = runner.BatchRunner.__call__, staged.StagedSums.__call__
 
     def timed(self, batch):
         t = time.perf_counter()
         out = plain_call(self, batch)
-        calls.append((id(self), len(batch[0]), time.perf_counter() - t))
+        calls.append((id(self), time.perf_counter() - t))
+        return out
+
+    def timed_staged(self, batch, stage):
+        t = time.perf_counter()
+        out = plain_staged(self, batch, stage)
+        calls.append(((id(self), stage), time.perf_counter() - t))
         return out
 
     net, x = load(args.model, args.samples)
-    runner.BatchRunner.__call__ = timed
+    runner.BatchRunner.__call__, staged.StagedSums.__call__ = timed, timed_staged
     q = qstrat.Quantizer(net, args.strategy)
     t = time.perf_counter()
     qmodel = q.quantize_model(x, calib_batch_size=32, verbose=0)
     total = time.perf_counter() - t
-    runner.BatchRunner.__call__ = plain_call
+    runner.BatchRunner.__call__, staged.StagedSums.__call__ = plain_call, plain_staged
     print(f"{args.model}, {args.samples} samples, {args.strategy}: quantize_model {total:.2f} s")
     for k, probe in enumerate(dict.fromkeys(c[0] for c in calls)):
-        mine = [c for c in calls if c[0] == probe]
-        what = "calibration probe" if k == 0 else "bias-correction probe"
-        print(
-            f"  {what}: {len(mine)} calls; first (trace + 1 batch) {mine[0][2]:.2f} s, "
-            f"the other {len(mine) - 1} {sum(c[2] for c in mine[1:]):.2f} s"
-        )
+        mine = [c[1] for c in calls if c[0] == probe]
+        what = "calibration probe" if k == 0 else "bias correction"
+        if isinstance(probe, tuple):
+            what += f", up to stage {probe[1]}"
+        print(f"  {what}: {len(mine)} calls; first (trace + 1 batch) {mine[0]:.2f} s, the other {sum(mine[1:]):.2f} s")
     batch = [x[:32]]
     float_s = _warm_batch_s(runner.BatchRunner(net), batch)
     quant_s = _warm_batch_s(runner.BatchRunner(qmodel), batch)

@@ -140,8 +140,8 @@ def test_corrections_match_a_straightforward_level_by_level_path(path, monkeypat
     ref_q = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, **overrides)
     levels = {"c1": 0, "c2": 1, "c3": 2, "d": 3}
     schedule = Schedule.plan(len(data), len(levels), 32)
-    assert (schedule.passes, schedule.segment) == (2, 32)  # 32 samples per level, one batch: two passes over 100
-    shifts, ref_wrappers = _reference_corrections(ref_q, q.optimize_model(**overrides), data, levels, 32, _assign)
+    assert (schedule.passes, schedule.segment) == (2, 50)  # 32 samples per level: two passes over 100
+    shifts, ref_wrappers = _reference_corrections(ref_q, q.optimize_model(**overrides), data, levels, 50, _assign)
     got = {c.layer: c.max_abs_shift for c in done}
     assert set(got) == set(levels) and max(got.values()) > 1e-3
     for name, shift in shifts.items():

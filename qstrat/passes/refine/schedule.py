@@ -10,9 +10,9 @@ is fixed: the fewest (at most `MAX_PASSES`) that give each level
 `MAX_SAMPLES_PER_LEVEL`: the shift is the mean of a difference between the
 quantized and the float output of the same samples, which varies far less
 from sample to sample than either output, so a large calibration set is only
-partly read (the levels then share less than one pass). Segments of
-in-memory arrays are whole batches where the sizes allow it, so no batch is
-run in pieces. Segments of in-memory arrays are drawn in a fixed random
+partly read (the levels then share less than one pass). Segments are whole
+batches where that costs at most a quarter of a level's samples, so no
+batch is run in pieces. Segments of in-memory arrays are drawn in a fixed random
 order, so sorted data (all of one class first) does not give each level one
 kind of sample; other sources are read in their own order.
 
@@ -46,11 +46,12 @@ class Schedule:
     @classmethod
     def plan(cls, samples: int, levels: int, batch_size: int = 1) -> Schedule:
         """The fewest passes that give each level `MIN_SAMPLES_PER_LEVEL`, at most `MAX_SAMPLES_PER_LEVEL`
-        samples each; a whole number of batches of ``batch_size`` when that keeps the minimum."""
+        samples each; rounded down to whole batches of ``batch_size`` when that keeps the minimum and
+        three quarters of the samples (fewer samples per level measure the shifts less well)."""
         passes = min(MAX_PASSES, max(1, -(-MIN_SAMPLES_PER_LEVEL * levels // samples)))
         segment = max(1, min(MAX_SAMPLES_PER_LEVEL, passes * samples // levels))
         whole = segment // batch_size * batch_size
-        if whole >= min(segment, MIN_SAMPLES_PER_LEVEL):
+        if whole >= min(segment, MIN_SAMPLES_PER_LEVEL) and 4 * whole >= 3 * segment:
             segment = whole
         return cls(levels, samples, segment)
 

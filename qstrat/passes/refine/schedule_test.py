@@ -19,7 +19,9 @@ def test_the_schedule_reads_the_data_a_fixed_number_of_times_whatever_the_depth(
                     assert s.segment >= MIN_SAMPLES_PER_LEVEL
                 if s.segment < MIN_SAMPLES_PER_LEVEL and levels <= samples:
                     assert s.segment * levels > (MAX_PASSES - 1) * samples  # short of data: all three passes used
-                if s.segment // batch * batch >= MIN_SAMPLES_PER_LEVEL:
-                    assert s.segment % batch == 0  # whole batches where that keeps the minimum
+                whole = s.segment // batch * batch
+                if s.segment % batch:  # not whole batches: those would lose the minimum or a quarter
+                    assert whole < MIN_SAMPLES_PER_LEVEL or 4 * whole < 3 * s.segment
     assert Schedule.plan(1024, 11, 32).segment == 64  # 93 samples a level would do; 64 are enough
     assert Schedule.plan(1024, 53, 32) == Schedule(53, 1024, 32)  # 38 a level in two passes: 32 in 1.7
+    assert Schedule.plan(256, 5, 32).segment == 51  # 32 would drop 19 of 51 samples a level
