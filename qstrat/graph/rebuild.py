@@ -129,7 +129,7 @@ def built_copy(layer):
     return clone
 
 
-def _load_pending(op) -> None:
+def load_pending(op) -> None:
     """Give every layer copied without a shape (here or inside a wrapper) its state, now that it is built."""
     import keras
 
@@ -204,7 +204,7 @@ def run_graph(graph: Graph, inputs: list, outputs, symbolic: bool) -> list:
     """``graph``'s tensors ``outputs`` from ``inputs``: by its own layers on backend tensors (a traced probe
     only reads them), by copies of them on Keras inputs (a call there is recorded in the layer)."""
     if symbolic:
-        return replay(graph, copier(), inputs, outputs, on_call=_load_pending)
+        return replay(graph, copier(), inputs, outputs, on_call=load_pending)
     return replay(graph, lambda node: node.op, inputs, outputs)
 
 
@@ -236,7 +236,7 @@ def rebuild(
     """
     op_for = op_for or (copier() if copy_layers else (lambda node: node.op))
     inputs = input_tensors(graph)
-    outs = replay(graph, op_for, inputs, graph.outputs if outputs is None else outputs, on_call=_load_pending)
+    outs = replay(graph, op_for, inputs, graph.outputs if outputs is None else outputs, on_call=load_pending)
     return functional_model(
         inputs if len(inputs) > 1 else inputs[0],
         outs if len(outs) > 1 else outs[0],

@@ -25,7 +25,7 @@ import numpy as np
 
 from qstrat.graph import capture
 from qstrat.graph.ir import TensorRef, taken_names, unique_name
-from qstrat.graph.rebuild import _load_pending, built_copy, copy_layer, functional_model, input_tensors, replay
+from qstrat.graph.rebuild import built_copy, copy_layer, functional_model, input_tensors, load_pending, replay
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.quantizers.fake_quant import forward_only
 
@@ -63,9 +63,8 @@ def _numpy(v) -> np.ndarray:
 def quantized_once(wrapper: QuantizeWrapper, attr: str) -> np.ndarray:
     """``wrapper.quantized_weight(attr)`` as NumPy, bit for bit, computed as a `Fixed` layer computes.
 
-    The state goes in as constants (`forward_only`): a handful of eager ops,
-    where the wrapper's own path builds its gate and custom gradient on every
-    call, which for a few hundred weights took most of a second.
+    The state goes in as constants (`forward_only`): fewer eager ops than the
+    wrapper's own path, which also builds its gate and custom gradient.
     """
     w = _numpy(getattr(wrapper.layer, attr))
     if float(_numpy(wrapper.enabled[attr])) <= 0.5:
@@ -117,7 +116,7 @@ class Frozen:
     def outputs(self, inputs: list, refs: list[TensorRef], symbolic: bool) -> list:
         """The tensors ``refs`` of the frozen copy from ``inputs``: backend tensors in a traced probe
         (``symbolic`` False), or Keras inputs to make a model."""
-        return replay(self.graph, self.op_for(symbolic), inputs, refs, on_call=_load_pending if symbolic else None)
+        return replay(self.graph, self.op_for(symbolic), inputs, refs, on_call=load_pending if symbolic else None)
 
     @cached_property
     def model(self):

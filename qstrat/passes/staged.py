@@ -71,13 +71,12 @@ class StagedSums:
             nodes.append(upto - done)
             done |= upto
         later_inputs = [{r for n in graph.nodes if n.name in ns for r in n.inputs} for ns in nodes]
+        order = _order(graph)
         self._fns, self._takes, self._hands = [], [], []
         for g in range(stages):
             produced_before = set().union(*nodes[:g]) if g else set()
-            takes = sorted(
-                {r for r in later_inputs[g] if r.node in produced_before or r in graph.inputs}, key=_order(graph)
-            )
-            hands = sorted({r for s in later_inputs[g + 1 :] for r in s if r.node in nodes[g]}, key=_order(graph))
+            takes = sorted({r for r in later_inputs[g] if r.node in produced_before or r in graph.inputs}, key=order)
+            hands = sorted({r for s in later_inputs[g + 1 :] for r in s if r.node in nodes[g]}, key=order)
             outs = [refs[i] for i in self.targets[g]]
             sums = SampleChannelSums(name=f"qstrat_stage_sums_{g}")
 
