@@ -8,7 +8,8 @@ from the rest; and a warm batch of 32 through the float model and through the
 quantized model shows what the FakeQuant layers cost per batch.
 
 Run: ``.venv/bin/python bench/traces.py --model mobilenet_v2 --samples 1024``
-(models as in bench/speed.py; about a minute).
+(models as in bench/speed.py; about a minute). ``--max-stages 1`` runs bias
+correction's frozen copy whole for every level, to compare with its stages.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> int:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--strategy", default="pof2s")
+    p.add_argument("--max-stages", type=int, default=None, help="bias correction's stages at most (default: qstrat's)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     from speed import load
@@ -63,6 +65,8 @@ def main() -> int:
         calls.append(((id(self), stage), time.perf_counter() - t))
         return out
 
+    if args.max_stages is not None:
+        staged.MAX_STAGES = args.max_stages
     net, x = load(args.model, args.samples)
     runner.BatchRunner.__call__, staged.StagedSums.__call__ = timed, timed_staged
     q = qstrat.Quantizer(net, args.strategy)
@@ -70,7 +74,8 @@ def main() -> int:
     qmodel = q.quantize_model(x, calib_batch_size=32, verbose=0)
     total = time.perf_counter() - t
     runner.BatchRunner.__call__, staged.StagedSums.__call__ = plain_call, plain_staged
-    print(f"{args.model}, {args.samples} samples, {args.strategy}: quantize_model {total:.2f} s")
+    print(f"{args.model}, {args.samples} samples, {args.strategy}: quantize_model {total:.2f} s", end="")
+    print(f", bias correction {q.timings['bias correction']:.2f} s" if "bias correction" in q.timings else "")
     for k, probe in enumerate(dict.fromkeys(c[0] for c in calls)):
         mine = [c[1] for c in calls if c[0] == probe]
         what = "calibration probe" if k == 0 else "bias correction"
