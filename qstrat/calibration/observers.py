@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -154,12 +155,28 @@ def minmax_estimate(rows: np.ndarray):
     return rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class MovingAverageStats(RangeStats):
+    """A moving average's debiased range, and the accumulators that continue it.
+
+    ``min == biased_min / (1 - decay**steps)`` (and so for max): ``steps`` is
+    the number of batches averaged. A quantizer that keeps averaging after
+    calibration (MAFS while training) starts from these instead of from the
+    debiased range, so the count carries over.
+    """
+
+    biased_min: np.ndarray
+    biased_max: np.ndarray
+    steps: int
+
+
 class MovingAverageObserver(Observer):
     """Exponential moving average of a per-batch range, debiased (Adam-style).
 
     After n batches with per-batch estimates r_1..r_n:
         b_n = d * b_(n-1) + (1 - d) * r_n,   result = b_n / (1 - d^n).
     ``merge(other)`` is exact algebra: b = d^(n_other) * b_self + b_other.
+    ``result()`` is a `MovingAverageStats`: the range plus b_n and n.
 
     Args:
         decay: the EMA decay d in (0, 1).
@@ -203,10 +220,17 @@ class MovingAverageObserver(Observer):
             self.channels = self.channels or other.channels
         return self
 
-    def result(self) -> RangeStats:
+    def result(self) -> MovingAverageStats:
         self._need_data()
         debias = 1.0 - self.decay**self.steps
-        return RangeStats(self._squeeze(self.biased_min / debias), self._squeeze(self.biased_max / debias), self.count)
+        return MovingAverageStats(
+            self._squeeze(self.biased_min / debias),
+            self._squeeze(self.biased_max / debias),
+            self.count,
+            self._squeeze(self.biased_min.copy()),
+            self._squeeze(self.biased_max.copy()),
+            self.steps,
+        )
 
 
 class HistogramObserver(Observer):

@@ -9,14 +9,12 @@ from qstrat.quantizers.base import (
     POSITION_POLICIES,
     Quantizer,
     StateSpec,
-    get_quantizer_class,
-    register_quantizer,
-    registered_quantizers,
 )
 from qstrat.quantizers.float_scale import FSQuantizer, MAFSQuantizer
 from qstrat.quantizers.grid import DataFormat, IntGrid, Method, RoundMode, int_grid
 from qstrat.quantizers.params import QuantizerParams
 from qstrat.quantizers.pof2 import Pof2SQuantizer, TQTQuantizer
+from qstrat.quantizers.registry import get_quantizer_class, register_quantizer, registered_quantizers
 from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats
 
 __all__ = [

@@ -1,13 +1,21 @@
-"""The quantizer base class and the quantizer registry.
+"""The quantizer base class and the quantizer protocol.
 
 A quantizer is a small, immutable description of one fake-quantization
-rule: validated parameters plus the math to
+rule: validated parameters plus the math. A quantizer class, built in or a
+user's, defines (see `Quantizer` and README "Custom quantizers"):
 
-- shape its state (``state_spec``) and create it on a Keras layer (``build``);
-- fake-quantize a tensor with that state in keras.ops (``__call__``), and the
-  same in NumPy (``reference``);
-- say what it needs to see during calibration (``observer_spec``) and turn
-  what was seen into state (``state_from_stats``, ``state_from_tensor``).
+- ``state_spec(shape)``: the state a tensor of that shape needs (required);
+- ``__call__(x, state, training)``: fake-quantize in keras.ops (required);
+- ``state_from_tensor(tensor)``: state of a weight or bias target from its
+  values (required);
+- ``state_from_stats(stats)``: state of an activation or input target from the
+  statistics ``observer_spec`` asked for (required);
+- ``observer_spec``, ``reference`` (the NumPy twin), ``describe``, ``_check``:
+  optional, with defaults.
+
+`qstrat.quantizers.registry.register_quantizer` checks a class against
+this protocol when it is registered, so a missing method is a `ConfigError`
+at import time, not a failure in the middle of ``quantize_model``.
 
 Quantizer state is plain data (NumPy arrays, or Keras variables inside a
 layer); the quantizer object itself holds none, so one quantizer can serve
@@ -28,47 +36,36 @@ from qstrat.quantizers.grid import DataFormat, IntGrid, Method
 from qstrat.quantizers.params import QuantizerParams, parse_params
 from qstrat.quantizers.stats import Histogram, ObserverSpec, histogram_of_rows, move_axis_last
 
-_REGISTRY: dict[str, type[Quantizer]] = {}
-
-
-def register_quantizer(cls=None, *, name: str | None = None, replace: bool = False):
-    """Class decorator: make a quantizer class available by name in strategies.
-
-    Example:
-        @register_quantizer
-        class MyQuantizer(Quantizer):
-            ...
-    """
-
-    def add(klass):
-        key = name or klass.__name__
-        if key in _REGISTRY and _REGISTRY[key] is not klass and not replace:
-            raise ConfigError(
-                "register_quantizer",
-                f'a quantizer named "{key}" is already registered ({_REGISTRY[key].__module__})',
-                "Pick another name, or pass replace=True to override it on purpose.",
-            )
-        if not (isinstance(klass, type) and issubclass(klass, Quantizer)):
-            raise ConfigError("register_quantizer", f"{klass!r} is not a Quantizer subclass")
-        klass.type_name = key
-        _REGISTRY[key] = klass
-        return klass
-
-    return add(cls) if cls is not None else add
-
-
-def get_quantizer_class(name: str, path: str = "type") -> type[Quantizer]:
-    """Look a quantizer class up by its registered name."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        hint = did_you_mean(str(name), _REGISTRY) or f"Registered quantizers: {', '.join(sorted(_REGISTRY))}."
-        if isinstance(name, str):
-            hint += " Custom quantizers must be registered with qstrat.register_quantizer first."
-        raise ConfigError.expected(path, "a registered quantizer type", name, hint)
-    return _REGISTRY[name]
-
-
-def registered_quantizers() -> dict[str, type[Quantizer]]:
-    return dict(_REGISTRY)
+# What every quantizer class must define, and what qstrat uses each for.
+REQUIRED_METHODS: dict[str, str] = {
+    "state_spec": (
+        "state_spec(self, shape) -> {key: StateSpec}: the state a tensor of this shape needs "
+        "(the layer holding the quantizer creates it as Keras weights); {} for none"
+    ),
+    "__call__": (
+        "__call__(self, x, state, training=False): x fake-quantized with keras.ops, same shape and dtype; "
+        "state maps each key of state_spec to a Keras variable or a NumPy array"
+    ),
+    "state_from_tensor": (
+        "state_from_tensor(self, tensor) -> {key: np.ndarray}: calibrates weight and bias targets "
+        "from the weight's own values"
+    ),
+    "state_from_stats": (
+        "state_from_stats(self, stats) -> {key: np.ndarray}: calibrates activation and model-input targets "
+        "from the statistics observer_spec asked for (RangeStats by default)"
+    ),
+}
+# Methods qstrat calls, with how it calls them: a class's own version must accept these arguments.
+_CALLS: dict[str, tuple[tuple, dict]] = {
+    "state_spec": (("shape",), {}),
+    "__call__": (("x", "state"), {"training": False}),
+    "state_from_tensor": (("tensor",), {}),
+    "state_from_stats": (("stats",), {}),
+    "observer_spec": (("policy",), {}),
+    "reference": (("x", "state"), {}),
+    "describe": (("state",), {}),
+    "_check": (("path",), {}),
+}
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,70 @@ DEFAULT_POSITION_POLICY = "global"
 
 
 class Quantizer:
-    """Base class of all quantizers. Subclasses set the class attributes and the math."""
+    """Base class of all quantizers: parameters, state, fake quantization and calibration.
+
+    Why: every quantizer, built in or a user's, is driven the same way by
+    the strategy, the quantize pass, calibration and saving, so a registered
+    class works anywhere a strategy names it.
+
+    A subclass sets the class attributes:
+
+    - ``accepted``: the parameter names it takes, from `QuantizerParams`
+      (``bit_width``, ``per_channel``, ``channel_axis``, ``round_mode``, ...);
+    - ``defaults``: its own defaults for some of them;
+    - ``data_formats``: the ``data_format`` values it supports.
+
+    It must define (`register_quantizer` refuses a class without them):
+
+    - ``state_spec(shape) -> {key: StateSpec}``: its state for a tensor of
+      ``shape``. The layer holding the quantizer (`FakeQuant`,
+      `QuantizeWrapper`) creates each entry as a Keras weight, trainable or
+      not, so it is saved with the model;
+    - ``__call__(x, state, training=False)``: x fake-quantized, in keras.ops,
+      with the same shape and dtype. ``state`` maps each key to a Keras
+      variable (in a layer) or a NumPy array (frozen copies), so pass each
+      value through ``ops.convert_to_tensor`` first;
+    - ``state_from_tensor(tensor) -> {key: ndarray}``: the state for a weight or
+      bias target, from the weight as a NumPy array (also re-run on biases
+      after bias correction);
+    - ``state_from_stats(stats) -> {key: ndarray}``: the state for an activation
+      or model-input target, from what its observer saw: `RangeStats` for the
+      "minmax" and "ema" observers, `Histogram` for "histogram", an int array
+      for "votes".
+
+    State dicts hold a value for every key of ``state_spec``, shaped as its
+    StateSpec. All four are required, wherever a strategy puts the quantizer:
+    a registered class can be named for any target, and checking at
+    registration keeps the error out of ``quantize_model``.
+
+    Optional, with defaults:
+
+    - ``observer_spec(policy)``: which statistics to collect for activations.
+      The default asks for min/max (`RangeStats`) when ``method`` is No_OF (the
+      default, and always when the class does not accept ``method``), a
+      `Histogram` for the other methods, per channel along ``channel_axis``
+      when ``per_channel``, and nothing for float data formats. Return None to
+      skip calibration: the state keeps its StateSpec initial values;
+    - ``reference(x, state)``: the NumPy twin, for tests; none by default;
+    - ``describe(state)``: what `get_quantize_info` reports; the default lists
+      the common parameters and the state;
+    - ``_check(path)``: rules across parameters; raise `ConfigError` under ``path``.
+
+    Do not define ``__init__``: strategies and saved models rebuild a
+    quantizer from its parameters with `from_params`, which does not call it.
+
+    Example:
+        >>> @register_quantizer
+        ... class SignQuantizer(Quantizer):
+        ...     def state_spec(self, shape):
+        ...         return {}
+        ...     def __call__(self, x, state, training=False):
+        ...         return ops.sign(x)
+        ...     def state_from_tensor(self, tensor):
+        ...         return {}
+        ...     def state_from_stats(self, stats):
+        ...         return {}
+    """
 
     type_name: ClassVar[str] = "Quantizer"
     accepted: ClassVar[tuple[str, ...]] = ()
@@ -109,7 +169,7 @@ class Quantizer:
         return obj
 
     def _check(self, path: str) -> None:
-        """Quantizer-specific parameter rules; raise ConfigError."""
+        """Optional: rules across this quantizer's parameters; raise ConfigError under ``path``."""
 
     # ---- config ---------------------------------------------------------------
 
@@ -160,8 +220,9 @@ class Quantizer:
 
     # ---- state ----------------------------------------------------------------------
 
-    def state_spec(self, shape) -> dict[str, StateSpec]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def state_spec(self, shape) -> dict[str, StateSpec]:
+        """Required: the state for a tensor of ``shape``, as ``{key: StateSpec}`` ({} for none)."""
+        raise self._missing("state_spec")
 
     def initial_state(self, shape) -> dict[str, np.ndarray]:
         return {k: np.full(s.shape, s.initial, dtype=s.dtype) for k, s in self.state_spec(shape).items()}
@@ -181,16 +242,25 @@ class Quantizer:
             )
         return out
 
-    def __call__(self, x, state: Mapping[str, Any], training: bool = False):  # pragma: no cover
-        raise NotImplementedError
+    def __call__(self, x, state: Mapping[str, Any], training: bool = False):
+        """Required: ``x`` fake-quantized with ``state``, in keras.ops (same shape and dtype)."""
+        raise self._missing("__call__")
 
-    def reference(self, x, state: Mapping[str, Any]) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+    def reference(self, x, state: Mapping[str, Any]) -> np.ndarray:
+        """Optional: the NumPy twin of ``__call__``, bit for bit; tests compare the two."""
+        raise UnsupportedError(f"{self.type_name} has no NumPy twin: define reference(self, x, state).")
 
     # ---- calibration ------------------------------------------------------------------
 
     def observer_spec(self, policy: str | None = None) -> ObserverSpec | None:
-        """What to observe during calibration; None when the quantizer needs no data."""
+        """Optional: what to observe of an activation during calibration; None when no data is needed.
+
+        ``policy`` is the strategy's ``calib_position_policy`` ("global" or
+        "batch_vote"); a quantizer without positions can ignore it. The
+        default: min/max (`RangeStats`) for method No_OF, a `Histogram`
+        otherwise, per channel along ``channel_axis`` when ``per_channel``;
+        None for float data formats, whose state needs no data.
+        """
         _check_policy(policy)
         p = self.params
         if p.data_format.is_float:
@@ -199,14 +269,23 @@ class Quantizer:
             return ObserverSpec("minmax", self.axis)
         return ObserverSpec("histogram", self.axis)
 
-    def state_from_stats(self, stats) -> dict[str, np.ndarray]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def state_from_stats(self, stats) -> dict[str, np.ndarray]:
+        """Required: activation or input state from the statistics `observer_spec` asked for."""
+        raise self._missing("state_from_stats")
 
-    def state_from_tensor(self, tensor) -> dict[str, np.ndarray]:  # pragma: no cover - interface
-        raise NotImplementedError
+    def state_from_tensor(self, tensor) -> dict[str, np.ndarray]:
+        """Required: weight or bias state from the weight's values (a NumPy array)."""
+        raise self._missing("state_from_tensor")
+
+    def _missing(self, method: str) -> UnsupportedError:
+        # Reached only by a subclass that was never registered: registration refuses it.
+        return UnsupportedError(
+            f"{type(self).__name__} does not define {method}; every quantizer must: {REQUIRED_METHODS[method]}. "
+            "Register the class with qstrat.register_quantizer, which checks this."
+        )
 
     def describe(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """Human-readable parameters and state, for reports and quantize info."""
+        """Optional: human-readable parameters and state, for reports and `get_quantize_info`."""
         p = self.params
         info: dict[str, Any] = {
             "quantizer": self.type_name,

@@ -10,6 +10,36 @@ Gradients:
 - TQT also returns the gradient of its log2 threshold (Jain et al. 2020);
 - scale, zero point and position get no gradient.
 
+Bit widths above 24 (float32). At every width up to 32 a float32 kernel
+returns the float32 nearest to the exact grid value (ties to even),
+``round32(clip(R(u), qmin - zp, qmax - zp) * scale)`` computed exactly, as
+`reference.py` specifies: bit for bit, saturated values included, for integer
+zero points (as the quantizers make them) and positive normal scales; the
+sign of a zero result is left open. Up to 2^24 + 1 levels (24 bits) every
+integer the formula touches is a float32 and the plain float32 formula is
+that. Wider grids end on integers float32 does not hold (2^31 - 1 is not a
+float32; its nearest is 2^31), so the kernels make sure of it:
+
+- ``R(u)`` of a float32 ``u`` is a float32 (|u| >= 2^23 is an integer already),
+  and rounding to float32 is monotone, so it commutes with the clip:
+  round32(clip(n, L, H) * s) = clip(round32(n * s), round32(L * s), round32(H * s))
+  for s > 0. The kernels clip ``n * s`` (one float32 product) to those two bounds.
+- Symmetric power-of-2 grids: the bounds are qmin and qmax rounded to float32
+  (2^31 - 1 -> 2^31, so a clipped value reads as 2^31 * step, the float32
+  nearest to (2^31 - 1) * step). No extra ops.
+- With a zero point, L = qmin - zp and H = qmax - zp are integers up to 2^32:
+  they are carried exactly as two float32 limbs, and round32(L * s) is formed
+  from an exact limb product rounded once (`exact32.times_scale`): about a hundred
+  small float32 ops on the per-channel vectors, traced only on these grids.
+  Inside `forward_only` with NumPy state they are computed once, in NumPy.
+- The straight-through mask (qmin <= R(u) + zp <= qmax) is exact too: it
+  compares with the float32s nearest inside the grid, or uses the limbs'
+  exact residuals.
+
+float64 inputs hold every integer of a 32-bit grid, so the plain formula is
+exact there. float16 and bfloat16 inputs get the plain formula in their own
+type, exact only while the grid's integers fit it.
+
 Portability rules learned the hard way (see the environment notes):
 - variables go through ``ops.convert_to_tensor`` before any op (JAX ``clip``,
   torch ``custom_gradient``);
@@ -29,6 +59,17 @@ import keras
 import numpy as np
 from keras import ops
 
+from qstrat.quantizers.exact32 import (
+    NumPyMath,
+    OpsMath,
+    floor_log2,
+    grid_bounds,
+    is_wide,
+    limbs,
+    nearest,
+    pow2,
+    times_scale,
+)
 from qstrat.quantizers.grid import BFP_BLOCK_SIZE, BFP_MANTISSA_BITS, RoundMode
 from qstrat.quantizers.reference import BF16_MAX, FP16_MAX
 
@@ -69,11 +110,6 @@ def expand(param, ndim: int, axis: int | None):
     shape = [1] * ndim
     shape[axis % ndim] = -1
     return ops.reshape(param, shape)
-
-
-def pow2(k):
-    """2^k for integer-valued k, exact on every backend (checked by tests)."""
-    return ops.power(2.0, k)
 
 
 _FORWARD_ONLY = contextvars.ContextVar("qstrat_forward_only", default=False)
@@ -132,32 +168,40 @@ def _grad_args(args, upstream):
 def affine_fake_quant(x, scale, zero_point, qmin: int, qmax: int, round_mode, axis=None):
     """y = (clip(R(x / scale) + zp, qmin, qmax) - zp) * scale, with a clipped STE."""
     ndim = len(x.shape)
+    round_mode = RoundMode(round_mode)
     s, zp = _constant(x, scale, ndim, axis), _constant(x, zero_point, ndim, axis)
     if s is not None and zp is not None:
-        return _affine(x, s, np.float32(1.0) / s, zp, float(qmin), float(qmax), RoundMode(round_mode))
-    s = ops.cast(expand(scale, ndim, axis), x.dtype)
-    zp = ops.cast(expand(zero_point, ndim, axis), x.dtype)
-    return _affine(x, s, 1.0 / s, zp, float(qmin), float(qmax), RoundMode(round_mode))
+        inv = np.float32(1.0) / s
+    else:
+        s = ops.cast(expand(scale, ndim, axis), x.dtype)
+        zp = ops.cast(expand(zero_point, ndim, axis), x.dtype)
+        inv = 1.0 / s
+    if is_wide(x, qmin, qmax):
+        return _wide_affine(x, s, inv, zp, qmin, qmax, round_mode, pof2=False)
+    return _affine(x, s, inv, zp, qmin, qmax, round_mode)
 
 
-def _affine(x, s, inv, zp, qmin, qmax, round_mode):
+def _affine(x, s, inv, zp, qmin: int, qmax: int, round_mode):
     """The grid round trip; ``inv`` is 1 / s, ``zp`` None for a zero point that is 0 by construction.
 
-    Inference pays only for the forward ops: the clipped-STE mask is computed
-    in the gradient function, when a gradient is asked for.
+    Exact for every grid when ``zp`` is None, and for grids of at most 2^24 + 1
+    levels otherwise (`_wide_affine` takes the rest). Inference pays only for
+    the forward ops: the clipped-STE mask is computed in the gradient
+    function, when a gradient is asked for.
     """
+    (cmin, cmax), (mmin, mmax) = grid_bounds(x.dtype, qmin, qmax)
 
     @_custom_gradient
     def fq(x, s, inv):
         n = round_ops(x * inv, round_mode)
         if zp is not None:
             n = n + zp
-        q = ops.clip(n, qmin, qmax)
+        q = ops.clip(n, cmin, cmax)
         y = (q if zp is None else q - zp) * s
 
         def grad(*args, upstream=None):
             dy = _grad_args(args, upstream)
-            inside = ops.cast(ops.logical_and(n >= qmin, n <= qmax), dy.dtype)
+            inside = ops.cast(ops.logical_and(n >= mmin, n <= mmax), dy.dtype)
             return dy * inside, ops.zeros_like(s), ops.zeros_like(inv)
 
         return y, grad
@@ -175,10 +219,55 @@ def pof2_fake_quant(x, pos, qmin: int, qmax: int, round_mode, axis=None, zero_po
     if p is not None and (zero_point is None or zp is not None) and np.all((np.abs(p) <= 126) & (p == np.round(p))):
         k = p.astype(np.int32)
         one = np.float32(1.0)
-        return _affine(x, np.ldexp(one, -k), np.ldexp(one, k), zp, float(qmin), float(qmax), round_mode)
-    p = ops.cast(expand(pos, ndim, axis), x.dtype)
-    zp = None if zero_point is None else ops.cast(expand(zero_point, ndim, axis), x.dtype)
-    return _affine(x, pow2(-p), pow2(p), zp, float(qmin), float(qmax), round_mode)
+        s, inv = np.ldexp(one, -k), np.ldexp(one, k)
+    else:
+        p = ops.cast(expand(pos, ndim, axis), x.dtype)
+        zp = None if zero_point is None else ops.cast(expand(zero_point, ndim, axis), x.dtype)
+        s, inv = pow2(-p), pow2(p)
+    if zp is not None and is_wide(x, qmin, qmax):
+        return _wide_affine(x, s, inv, zp, qmin, qmax, round_mode, pof2=True)
+    return _affine(x, s, inv, zp, qmin, qmax, round_mode)
+
+
+# ---- grids wider than float32's integers --------------------------------------------------------
+
+
+def _wide_affine(x, s, inv, zp, qmin: int, qmax: int, round_mode, pof2: bool):
+    """The grid round trip with a zero point on a grid wider than 2^24 + 1 levels (float32 x).
+
+    y = clip(round32(n * s), round32(L * s), round32(H * s)), with L = qmin - zp
+    and H = qmax - zp exact (see the module docstring); for power-of-2 scales
+    round32(L * s) = round32(L) * s, so n is clipped to round32(L), round32(H)
+    and multiplied afterwards. ``s``, ``inv`` and ``zp`` are all NumPy
+    (inside `forward_only`: the bounds are computed here, once) or all tensors.
+    """
+    m = NumPyMath if isinstance(zp, np.ndarray) and isinstance(s, np.ndarray) else OpsMath
+    lo_h, lo_l = limbs(m, qmin, zp)
+    hi_h, hi_l = limbs(m, qmax, zp)
+    lo, lo_r = nearest(m, lo_h, lo_l)
+    hi, hi_r = nearest(m, hi_h, hi_l)
+    if not pof2:
+        y_lo, y_hi = times_scale(m, lo_h, lo_l, s), times_scale(m, hi_h, hi_l, s)
+
+    @_custom_gradient
+    def fq(x, s, inv):
+        n = round_ops(x * inv, round_mode)
+        if pof2:
+            y = ops.minimum(ops.maximum(n, lo), hi) * s
+        else:
+            y = ops.minimum(ops.maximum(n * s, y_lo), y_hi)
+
+        def grad(*args, upstream=None):
+            dy = _grad_args(args, upstream)
+            # n >= L exactly: above round32(L), or equal to it where round32(L) >= L; likewise n <= H.
+            ge = ops.logical_or(n > lo, ops.logical_and(n == lo, lo_r <= 0.0))
+            le = ops.logical_or(n < hi, ops.logical_and(n == hi, hi_r >= 0.0))
+            inside = ops.cast(ops.logical_and(ge, le), dy.dtype)
+            return dy * inside, ops.zeros_like(s), ops.zeros_like(inv)
+
+        return y, grad
+
+    return fq(x, s, inv)
 
 
 def tqt_position(log_th, bit_width: int, unsigned: bool):
@@ -196,7 +285,7 @@ def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, 
     """
     round_mode = RoundMode(round_mode)
     lt = ops.cast(ops.convert_to_tensor(log_th), x.dtype)
-    fqmin, fqmax = float(qmin), float(qmax)
+    (cmin, cmax), (mmin, mmax) = grid_bounds(x.dtype, qmin, qmax)  # exact above 24 bits too (see _affine)
     ln2 = math.log(2.0)
 
     @_custom_gradient
@@ -204,9 +293,9 @@ def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, 
         pos = tqt_position(lt, bit_width, unsigned)
         s = pow2(-pos)
         n = round_ops(x * pow2(pos), round_mode)
-        q = ops.clip(n, fqmin, fqmax)
+        q = ops.clip(n, cmin, cmax)
         y = q * s
-        inside = ops.logical_and(n >= fqmin, n <= fqmax)
+        inside = ops.logical_and(n >= mmin, n <= mmax)
 
         def grad(*args, upstream=None):
             dy = _grad_args(args, upstream)
@@ -252,13 +341,6 @@ def bf16_fake_quant(x):
     return _with_clipped_ste(x, forward, -BF16_MAX, BF16_MAX)
 
 
-def _floor_log2(m):
-    """floor(log2 m) for m > 0, corrected to be exact where log2 rounds across an integer."""
-    e = ops.floor(ops.log2(m))
-    e = ops.where(pow2(e) > m, e - 1.0, e)
-    return ops.where(pow2(e + 1.0) <= m, e + 1.0, e)
-
-
 def bfp16_fake_quant(x, axis: int = -1, round_mode=RoundMode.HALF_TO_EVEN):
     """Block floating point: 8 values along ``axis`` share an exponent; 7-bit magnitudes.
 
@@ -280,7 +362,7 @@ def bfp16_fake_quant(x, axis: int = -1, round_mode=RoundMode.HALF_TO_EVEN):
         blocks = ops.reshape(moved, lead + ((c + pad) // BFP_BLOCK_SIZE, BFP_BLOCK_SIZE))
         m = ops.max(ops.abs(blocks), axis=-1, keepdims=True)
         safe = ops.where(m > 0, m, ops.ones_like(m))
-        step = pow2(_floor_log2(safe) - float(BFP_MANTISSA_BITS - 1))
+        step = pow2(floor_log2(safe) - float(BFP_MANTISSA_BITS - 1))
         lim = float(2**BFP_MANTISSA_BITS - 1)
         y = ops.clip(round_ops(blocks * (1.0 / step), round_mode), -lim, lim) * step
         y = ops.where(m > 0, y, ops.zeros_like(y))

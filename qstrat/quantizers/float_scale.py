@@ -21,10 +21,11 @@ from qstrat.errors import UnsupportedError
 from qstrat.quantizers import fake_quant as fq
 from qstrat.quantizers import ranges
 from qstrat.quantizers import reference as ref
-from qstrat.quantizers.base import Quantizer, StateSpec, _check_policy, register_quantizer
-from qstrat.quantizers.grid import DataFormat, Method
+from qstrat.quantizers.base import Quantizer, StateSpec, _check_policy, _to_numpy
+from qstrat.quantizers.grid import DataFormat, Method, float32_inside
 from qstrat.quantizers.params import COMMON_PARAMS
-from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats, histogram_of_rows
+from qstrat.quantizers.registry import register_quantizer
+from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats, histogram_of_rows, move_axis_last
 
 
 class _FloatScale(Quantizer):
@@ -164,12 +165,44 @@ _FLOAT_FORMATS = {
 class MAFSQuantizer(_FloatScale):
     """Float-scale quantizer whose range is a moving average over batches.
 
-    During calibration each batch gives a range by ``method`` (min/max for
-    No_OF; a histogram search for the others) and the range is an exponential
-    moving average of those, with decay ``ema_decay`` and zero-debiasing.
+    Why: a single batch's min/max jitters from batch to batch; averaging the
+    ranges gives a range that follows the data without jumping with outliers.
+    This is the reference tool's MAFS: ``min``/``max`` are exponential moving
+    averages with zero-debiasing (TensorFlow's
+    ``assign_moving_average(zero_debias=True)``), then float-scale fake quant.
+
+    The moving average runs over calibration batches and, with
+    ``training=True`` (``model.fit``), over every training batch; with
+    ``training=False`` the state is read only. The state carries the average:
+
+    - ``biased_min``, ``biased_max``: the accumulators b_n, per channel when per_channel;
+    - ``steps``: n, the number of batches averaged (calibration's count carries over);
+    - ``scale``, ``zero_point``: from the debiased range b_n / (1 - d^n), as FS
+      computes them; inference reads only these.
+
+    In calibration each batch's range is by ``method`` (min/max for No_OF; a
+    histogram search for the others), averaged in float64. In training it is
+    the batch's min/max (as in the reference tool), averaged in float32 as
+    ``b <- b - (b - r) * (1 - d)`` (TensorFlow's form: 1 - d is held to float32
+    precision even for d near 1), debiased by ``-expm1(n * log(d))`` (no
+    cancellation for small n), with scale and zero point derived in float32.
+    `reference_train` is the NumPy twin of a training step.
+
+    Example:
+        >>> fq = FakeQuant({"type": "MAFSQuantizer", "params": {"ema_decay": 0.99}})  # qstrat.layers
+        >>> y = fq(x, training=True)   # as in model.fit: updates the average, quantizes with it
+        >>> y = fq(x)                  # inference: the frozen range
     """
 
     accepted = COMMON_PARAMS + ("ema_decay",)
+
+    def state_spec(self, shape) -> dict[str, StateSpec]:
+        ch = self.channels(shape)
+        spec = super().state_spec(shape)
+        spec.update({k: StateSpec(ch, 0.0) for k in _EMA_KEYS})
+        # float32 counts exactly to 2^24 batches; by then d^n is 0 for any usable decay.
+        spec["steps"] = StateSpec((), 0.0)
+        return spec
 
     def observer_spec(self, policy: str | None = None) -> ObserverSpec | None:
         _check_policy(policy)
@@ -183,3 +216,147 @@ class MAFSQuantizer(_FloatScale):
                 return np.atleast_1d(lo), np.atleast_1d(hi)
 
         return ObserverSpec("ema", self.axis, decay=p.ema_decay, estimate=estimate)
+
+    # ---- calibration ------------------------------------------------------------------
+
+    def state_from_tensor(self, tensor) -> dict[str, np.ndarray]:
+        lo, hi = self._range_from_tensor(tensor)
+        return {**self.state_from_range(lo, hi), **self._one_batch(lo, hi)}
+
+    def state_from_stats(self, stats) -> dict[str, np.ndarray]:
+        state = super().state_from_stats(stats)  # scale and zero point of the debiased range, as before
+        if hasattr(stats, "steps"):
+            # The ema observer's MovingAverageStats (qstrat.calibration.observers): continue its average.
+            return {
+                **state,
+                "biased_min": np.asarray(stats.biased_min, np.float32),
+                "biased_max": np.asarray(stats.biased_max, np.float32),
+                "steps": np.asarray(stats.steps, np.float32),
+            }
+        if isinstance(stats, RangeStats):
+            return {**state, **self._one_batch(stats.min, stats.max)}
+        return {**state, **self._one_batch(*self._range_from_histogram(stats))}
+
+    def _one_batch(self, lo, hi) -> dict[str, np.ndarray]:
+        """The accumulators of an average of one batch whose range is (lo, hi)."""
+        omd = 1.0 - self.params.ema_decay
+        return {
+            "biased_min": np.asarray(omd * np.asarray(lo, np.float64), np.float32),
+            "biased_max": np.asarray(omd * np.asarray(hi, np.float64), np.float32),
+            "steps": np.asarray(1.0, np.float32),
+        }
+
+    # ---- training -----------------------------------------------------------------------
+
+    def __call__(self, x, state: Mapping[str, Any], training: bool = False):
+        if not training:
+            return super().__call__(x, state, training)
+        missing = [k for k in (*_EMA_KEYS, "steps", "scale", "zero_point") if not hasattr(state[k], "assign")]
+        if missing:
+            raise UnsupportedError(
+                f"{self.type_name}: training=True updates the moving average in the state, but "
+                f"{', '.join(missing)} are not variables. Call it with a layer's state "
+                "(FakeQuant, QuantizeWrapper), or with training=False."
+            )
+        ndim = len(x.shape)
+        batch = ops.cast(ops.stop_gradient(x), "float32")
+        if self.axis is None:
+            lo, hi = ops.min(batch), ops.max(batch)
+        else:
+            others = tuple(i for i in range(ndim) if i != self.axis % ndim)
+            lo, hi = ops.min(batch, axis=others), ops.max(batch, axis=others)
+        omd, log_d = (ops.convert_to_tensor(c) for c in self._ema_constants())
+        b_lo = ops.convert_to_tensor(state["biased_min"])
+        b_hi = ops.convert_to_tensor(state["biased_max"])
+        b_lo = b_lo - (b_lo - lo) * omd
+        b_hi = b_hi - (b_hi - hi) * omd
+        n = ops.convert_to_tensor(state["steps"]) + ops.convert_to_tensor(np.float32(1.0))
+        w = -ops.expm1(n * log_d)
+        s, zp = self._scale_zp(ops, b_lo / w, b_hi / w)
+        for key, value in (("biased_min", b_lo), ("biased_max", b_hi), ("steps", n), ("scale", s), ("zero_point", zp)):
+            state[key].assign(value)
+        g = self.grid
+        return fq.affine_fake_quant(x, s, zp, g.qmin, g.qmax, self.params.round_mode, self.axis)
+
+    def _ema_constants(self):
+        """(1 - d, log d) as float32: the effective decay is exactly 1 - (1 - d) of the float32 1 - d."""
+        omd = np.float32(1.0 - self.params.ema_decay)
+        return omd, np.float32(np.log1p(-np.float64(omd)))
+
+    def _scale_zp(self, m, lo, hi):
+        """Scale and zero point of a range, in float32 with the array module ``m`` (keras.ops or NumPy).
+
+        The same formulas as `ranges.symmetric_scale` / `ranges.asymmetric_scale_zp`,
+        with divisions by constants written as products with their float32
+        reciprocals, which every backend computes the same way.
+        """
+        p, g = self.params, self.grid
+        f32 = np.float32
+        lo, hi = m.minimum(lo, f32(0.0)), m.maximum(hi, f32(0.0))
+        if p.symmetry:
+            s = m.zeros_like(hi)
+            if g.qmin < 0:
+                s = m.maximum(s, lo * f32(1.0 / g.qmin))
+            if g.qmax > 0:
+                s = m.maximum(s, hi * f32(1.0 / g.qmax))
+            s = m.maximum(s, f32(p.epsilon))
+            return s, m.zeros_like(s)
+        s = m.maximum((hi - lo) * f32(1.0 / (g.qmax - g.qmin)), f32(p.epsilon))
+        zlo, zhi = float32_inside(g)  # the float32 grid ends themselves up to 24 bits; inside the grid above
+        zp = m.clip(m.round(f32(g.qmin) - lo / s), f32(zlo), f32(zhi))
+        return s, zp
+
+    def reference_train(self, x, state) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The NumPy twin of ``__call__(x, state, training=True)``: (output, updated state).
+
+        Float32 throughout, the same operations in the same order as the keras
+        version; ``state`` is not modified.
+        """
+        x = np.asarray(x)
+        rows = move_axis_last(x.astype(np.float32), self.axis)
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        if self.axis is None:
+            lo, hi = lo[0], hi[0]
+        omd, log_d = self._ema_constants()
+        b_lo, b_hi = (np.asarray(state[k], np.float32) for k in _EMA_KEYS)
+        b_lo = np.float32(b_lo - (b_lo - lo) * omd)
+        b_hi = np.float32(b_hi - (b_hi - hi) * omd)
+        n = np.float32(np.float32(state["steps"]) + np.float32(1.0))
+        w = -np.expm1(n * log_d)
+        s, zp = self._scale_zp(_NumPyOps, b_lo / w, b_hi / w)
+        new = {"scale": s, "zero_point": zp, "biased_min": b_lo, "biased_max": b_hi, "steps": n}
+        new = {k: np.asarray(v, np.float32) for k, v in new.items()}
+        return self.reference(x, new), new
+
+    def moving_range(self, state) -> tuple[np.ndarray, np.ndarray] | None:
+        """The debiased range (min, max) the state holds, in float32 as training computes it; None before any batch."""
+        n = np.float32(_numpy(state["steps"]))
+        if n == 0:
+            return None
+        w = -np.expm1(n * self._ema_constants()[1])
+        return tuple(np.asarray(_numpy(state[k]), np.float32) / w for k in _EMA_KEYS)
+
+    def describe(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        info = super().describe(state)
+        rng = self.moving_range(state)
+        if rng is not None:
+            info["min"], info["max"] = rng[0].tolist(), rng[1].tolist()
+        return info
+
+
+# The moving average's biased accumulators, for the low and the high end of the range.
+_EMA_KEYS = ("biased_min", "biased_max")
+
+
+class _NumPyOps:
+    """The few keras.ops names `MAFSQuantizer._scale_zp` uses, as float32 NumPy."""
+
+    minimum = staticmethod(np.minimum)
+    maximum = staticmethod(np.maximum)
+    zeros_like = staticmethod(np.zeros_like)
+    clip = staticmethod(np.clip)
+    round = staticmethod(np.rint)
+
+
+def _numpy(v) -> np.ndarray:
+    return v if isinstance(v, np.ndarray) else np.asarray(_to_numpy(v))

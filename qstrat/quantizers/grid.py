@@ -7,12 +7,19 @@ Grid rules (DPU conventions, bit-width agnostic):
     signed:              [-2^(b-1), 2^(b-1) - 1]
     signed, narrow:      [-2^(b-1) + 1, 2^(b-1) - 1]
     unsigned:            [0, 2^b - 1]
+
+Integer grids go up to 32 bits (an int32 bias, as the DPU and ONNX QDQ keep
+it); the float data formats are 16 bits. Strategies allow more than 16 bits
+only for bias targets (`qstrat.strategy.load`). Above 24 bits a float32 cannot
+hold every integer of the grid: `fake_quant` says what the kernels return there.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class RoundMode(str, enum.Enum):
@@ -58,7 +65,8 @@ LEGACY_ROUND_CODES = {0: "HALF_TO_EVEN", 1: "HALF_UP", 2: "HALF_AWAY_FROM_ZERO",
 LEGACY_METHOD_CODES = {0: "No_OF", 1: "Min_MSE", 2: "Min_KL", 3: "Percentile"}
 
 MIN_BIT_WIDTH = 1
-MAX_BIT_WIDTH = 16
+MAX_BIT_WIDTH = 32  # int32; only bias targets may use more than 16 (see the strategy rule)
+MAX_TENSOR_BIT_WIDTH = 16  # the widest grid a strategy allows for weights, activations and inputs
 BFP_BLOCK_SIZE = 8  # values per shared exponent in BFP16
 BFP_MANTISSA_BITS = 7  # magnitude bits per value in BFP16 (plus a sign bit)
 
@@ -85,8 +93,33 @@ def int_grid(bit_width: int, unsigned: bool = False, narrow_range: bool = False)
         IntGrid(qmin=-127, qmax=127)
         >>> int_grid(4, unsigned=True)
         IntGrid(qmin=0, qmax=15)
+        >>> int_grid(32)
+        IntGrid(qmin=-2147483648, qmax=2147483647)
     """
     if unsigned:
         return IntGrid(0, 2**bit_width - 1)
     half = 2 ** (bit_width - 1)
     return IntGrid(-half + 1 if narrow_range else -half, half - 1)
+
+
+def float32_inside(grid: IntGrid) -> tuple[float, float]:
+    """The float32s nearest inside the grid: (smallest float32 >= qmin, largest float32 <= qmax).
+
+    Why: above 24 bits the grid ends need not be float32s (2^31 - 1 rounds up
+    to 2^31, off the grid). For a float32 n, qmin <= n <= qmax exactly when
+    these bounds hold it; and a float32 value kept inside them (a zero point
+    in float32 state) stays on the grid. Up to 24 bits they are qmin and qmax.
+
+    Example:
+        >>> float32_inside(int_grid(8))
+        (-128.0, 127.0)
+        >>> float32_inside(int_grid(32))
+        (-2147483648.0, 2147483520.0)
+    """
+    lo, hi = np.float32(grid.qmin), np.float32(grid.qmax)
+    # Compare as Python float and int, exactly (a float32 against an int would round the int).
+    if float(lo) < grid.qmin:
+        lo = np.nextafter(lo, np.float32(np.inf))
+    if float(hi) > grid.qmax:
+        hi = np.nextafter(hi, np.float32(-np.inf))
+    return float(lo), float(hi)

@@ -4,6 +4,11 @@ The names and value spellings are the seed's (``bit_width``, ``round_mode:
 "HALF_UP"``, ``method: "Min_MSE"``, ...). Each quantizer class says which of
 them it accepts; anything else is an error with a "did you mean" hint.
 Downstream code reads `QuantizerParams` and never re-validates.
+
+``bit_width`` is 1 to 32 for the integer formats (INT, UINT) and 16 for the
+float formats; the framework quantizer (Keras' fake_quant_with_min_max_vars,
+TensorFlow's FakeQuant op) takes 2 to 16. Which targets may go above 16 is a
+strategy rule, not a quantizer one: only biases (`qstrat.strategy.load`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from qstrat.quantizers.grid import (
     LEGACY_METHOD_CODES,
     LEGACY_ROUND_CODES,
     MAX_BIT_WIDTH,
+    MAX_TENSOR_BIT_WIDTH,
     MIN_BIT_WIDTH,
     DataFormat,
     IntGrid,
@@ -98,6 +104,11 @@ def _int(path, value, lo=None, hi=None):
     return value
 
 
+def check_bit_width(path: str, value, max_bit_width: int = MAX_BIT_WIDTH) -> int:
+    """``value`` as a bit width in [1, max_bit_width], or a ConfigError saying what to write."""
+    return _int(path, value, MIN_BIT_WIDTH, max_bit_width)
+
+
 def _bool(path, value):
     if not isinstance(value, bool):
         hint = "Write true or false without quotes." if isinstance(value, (str, int)) else None
@@ -169,7 +180,7 @@ def parse_params(
     values: dict[str, Any] = {}
     for name, value in merged.items():
         if name == "bit_width":
-            values[name] = _int(p(name), value, MIN_BIT_WIDTH, MAX_BIT_WIDTH)
+            values[name] = check_bit_width(p(name), value)
         elif name in ("channel_axis",):
             values[name] = _int(p(name), value)
         elif name in ("min_quantize_pos", "max_quantize_pos"):
@@ -241,9 +252,9 @@ def _check_combination(q: QuantizerParams, path: str, accepted) -> None:
                 f'the framework quantizer rounds HALF_UP only, got "{q.round_mode.value}"',
                 'Set round_mode to "HALF_UP", or use_framework_quantizer to false.',
             )
-        if q.bit_width < 2:
+        if not 2 <= q.bit_width <= MAX_TENSOR_BIT_WIDTH:
             raise ConfigError(
                 f"{path}.bit_width",
-                f"the framework quantizer needs bit_width 2 to 16, got {q.bit_width}",
-                "Set use_framework_quantizer to false for 1-bit grids.",
+                f"the framework quantizer needs bit_width 2 to {MAX_TENSOR_BIT_WIDTH}, got {q.bit_width}",
+                f"Set use_framework_quantizer to false for {'1-bit' if q.bit_width < 2 else 'wider'} grids.",
             )

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.portable
 ALL = [Pof2SQuantizer, FSQuantizer, MAFSQuantizer, TQTQuantizer]
 
 
-@pytest.mark.parametrize("bits", range(1, 17))
+@pytest.mark.parametrize("bits", range(1, 33))
 def test_int_grid_for_every_bit_width(bits):
     g = int_grid(bits)
     assert (g.qmin, g.qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
@@ -63,15 +63,16 @@ def test_values_are_parsed_into_enums():
 @pytest.mark.parametrize(
     "cls,kw,match",
     [
-        (Pof2SQuantizer, {"bit_width": 0}, r"Pof2SQuantizer\.bit_width: expected an integer in \[1, 16\], got 0\."),
-        (Pof2SQuantizer, {"bit_width": 17}, r"bit_width: expected an integer in \[1, 16\], got 17"),
+        (Pof2SQuantizer, {"bit_width": 0}, r"Pof2SQuantizer\.bit_width: expected an integer in \[1, 32\], got 0\."),
+        (Pof2SQuantizer, {"bit_width": 33}, r"bit_width: expected an integer in \[1, 32\], got 33"),
         (
             Pof2SQuantizer,
             {"bit_width": "8"},
-            r'bit_width: expected an integer in \[1, 16\], got "8" \(a string\)\. Write 8 without quotes\.',
+            r'bit_width: expected an integer in \[1, 32\], got "8" \(a string\)\. Write 8 without quotes\.',
         ),
         (Pof2SQuantizer, {"bit_width": 8.0}, r"Write 8 without a decimal point"),
-        (Pof2SQuantizer, {"bit_width": True}, r"expected an integer in \[1, 16\], got true"),
+        (Pof2SQuantizer, {"bit_width": True}, r"expected an integer in \[1, 32\], got true"),
+        (FSQuantizer, {"data_format": "FP16", "bit_width": 32}, r'data_format "FP16" stores 16 bits per value'),
         (
             Pof2SQuantizer,
             {"round_mode": "HALF_EVEN"},
@@ -124,6 +125,11 @@ def test_values_are_parsed_into_enums():
             {"use_framework_quantizer": True, "round_mode": "HALF_UP", "bit_width": 1},
             r"framework quantizer needs bit_width 2 to 16",
         ),
+        (
+            FSQuantizer,
+            {"use_framework_quantizer": True, "round_mode": "HALF_UP", "bit_width": 17},
+            r"framework quantizer needs bit_width 2 to 16, got 17\. Set use_framework_quantizer to false for wider",
+        ),
     ],
 )
 def test_invalid_parameters_are_named(cls, kw, match):
@@ -135,7 +141,7 @@ def test_errors_can_be_located_under_a_json_path():
     path = "$.quantize_registry_config.layer_quantize_config[3].quant_config[0].quantizer_config.params"
     with pytest.raises(ConfigError) as info:
         Pof2SQuantizer.from_params({"bit_width": "8"}, path)
-    assert str(info.value).startswith(path + '.bit_width: expected an integer in [1, 16], got "8"')
+    assert str(info.value).startswith(path + '.bit_width: expected an integer in [1, 32], got "8"')
     moved = ConfigError("bit_width", "bad").with_prefix("$.a")
     assert moved.path == "$.a.bit_width" and str(moved) == "$.a.bit_width: bad."
 

@@ -30,10 +30,10 @@ from qstrat.quantizers.base import (
     Quantizer,
     StateSpec,
     _check_policy,
-    register_quantizer,
 )
 from qstrat.quantizers.grid import Method
 from qstrat.quantizers.params import COMMON_PARAMS
+from qstrat.quantizers.registry import register_quantizer
 from qstrat.quantizers.stats import Histogram, ObserverSpec, RangeStats, histogram_of_rows, move_axis_last
 
 
@@ -54,7 +54,7 @@ class _Pof2Positions(Quantizer):
             )
         else:
             pos = ranges.nonoverflow_pos(lo, hi, self.grid, p.symmetry, p.epsilon, self._pos_range)
-        zp = ranges.pof2_zero_point(lo, pos, self.grid, p.symmetry)
+        zp = ranges.pof2_zero_point(lo, pos, self.grid, p.symmetry, hi)
         shape_like = 0.0 if self.axis is None else lo
         return self._shape_like_stats(pos, shape_like), self._shape_like_stats(zp, shape_like)
 
@@ -65,7 +65,7 @@ class _Pof2Positions(Quantizer):
         if isinstance(stats, RangeStats):
             lo, hi = np.asarray(stats.min, np.float64), np.asarray(stats.max, np.float64)
             pos = ranges.nonoverflow_pos(lo, hi, self.grid, p.symmetry, p.epsilon, self._pos_range)
-            return pos, ranges.pof2_zero_point(lo, pos, self.grid, p.symmetry)
+            return pos, ranges.pof2_zero_point(lo, pos, self.grid, p.symmetry, hi)
         if isinstance(stats, Histogram):
             if p.method == Method.MIN_MSE:
                 pos = np.array(
@@ -74,11 +74,11 @@ class _Pof2Positions(Quantizer):
                         for h in stats.channels()
                     ]
                 )
-                lo = np.atleast_1d(stats.min)
+                lo, hi = np.atleast_1d(stats.min), np.atleast_1d(stats.max)
             else:
                 lo, hi = self._ranges_from_histogram(stats)
                 pos = ranges.nonoverflow_pos(lo, hi, self.grid, p.symmetry, p.epsilon, self._pos_range)
-            zp = ranges.pof2_zero_point(lo, pos, self.grid, p.symmetry)
+            zp = ranges.pof2_zero_point(lo, pos, self.grid, p.symmetry, hi)
             return self._shape_like_stats(pos, stats.min), self._shape_like_stats(zp, stats.min)
         raise UnsupportedError(f"{self.type_name}: cannot use statistics of type {type(stats).__name__}.")
 

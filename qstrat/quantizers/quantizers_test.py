@@ -15,6 +15,8 @@ from qstrat.quantizers import (
     TQTQuantizer,
     get_quantizer_class,
     register_quantizer,
+    registered_quantizers,
+    registry,
 )
 from qstrat.quantizers.grid import int_grid
 
@@ -154,7 +156,13 @@ def test_describe_reports_parameters_and_state():
     assert isinstance(info["pos"], float)
 
 
-def test_registry_lookup_and_custom_quantizers():
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Classes a test registers leave the registry when it ends."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def test_registry_lookup_and_custom_quantizers(scratch_registry):
     assert get_quantizer_class("Pof2SQuantizer") is Pof2SQuantizer
     with pytest.raises(ConfigError, match='Did you mean "FSQuantizer"'):
         get_quantizer_class("FsQuantizer")
@@ -171,12 +179,90 @@ def test_registry_lookup_and_custom_quantizers():
         def __call__(self, x, state, training=False):
             return ops.sign(x)
 
+        def state_from_tensor(self, tensor):
+            return {}
+
+        def state_from_stats(self, stats):
+            return {}
+
     assert get_quantizer_class("TernaryTestQuantizer") is Ternary
     assert Ternary().get_config() == {"bit_width": 8}
     with pytest.raises(ConfigError, match="already registered"):
-        register_quantizer(name="TernaryTestQuantizer")(type("Other", (Quantizer,), {}))
+        register_quantizer(name="TernaryTestQuantizer")(type("Other", (Ternary,), {}))
     with pytest.raises(ConfigError, match="not a Quantizer subclass"):
         register_quantizer(name="Bogus")(int)
+
+
+def _unregistered(name):
+    """Registering ``name`` must fail: it must not be in the registry afterwards."""
+    assert name not in registered_quantizers()
+
+
+def test_registration_refuses_a_class_missing_required_methods(scratch_registry):
+    class Half(Quantizer):
+        def state_spec(self, shape):
+            return {}
+
+        def __call__(self, x, state, training=False):
+            return ops.multiply(x, 0.5)
+
+    with pytest.raises(ConfigError) as err:
+        register_quantizer(name="HalfMissingTest")(Half)
+    msg = str(err.value)
+    assert msg.startswith("register_quantizer(HalfMissingTest): Half does not define state_from_tensor and ")
+    assert "state_from_stats, which every quantizer must" in msg
+    assert "calibrates weight and bias targets" in msg  # what each missing method is for
+    assert "calibrates activation and model-input targets" in msg
+    assert "state_spec(" not in msg and "__call__(" not in msg  # only the missing ones are listed
+    _unregistered("HalfMissingTest")
+
+    with pytest.raises(
+        ConfigError, match=r"does not define state_spec, __call__, state_from_tensor and state_from_stats"
+    ):
+        register_quantizer(type("Empty", (Quantizer,), {}))
+    _unregistered("Empty")
+
+
+def test_registration_refuses_methods_qstrat_cannot_call(scratch_registry):
+    def make(**methods):
+        base = {
+            "state_spec": lambda self, shape: {},
+            "__call__": lambda self, x, state, training=False: x,
+            "state_from_tensor": lambda self, tensor: {},
+            "state_from_stats": lambda self, stats: {},
+        }
+        return type("Custom", (Quantizer,), {**base, **methods})
+
+    with pytest.raises(
+        ConfigError, match=r"Custom.__call__\(x, state\) cannot be called as __call__\(x, state, training=False\)"
+    ):
+        register_quantizer(name="NoTrainingArgTest")(make(__call__=lambda self, x, state: x))
+    with pytest.raises(ConfigError, match=r"observer_spec\(\) cannot be called as observer_spec\(policy\)"):
+        register_quantizer(name="NoPolicyArgTest")(make(observer_spec=lambda self: None))
+    with pytest.raises(ConfigError, match="defines __init__, which qstrat does not call"):
+        register_quantizer(name="InitTest")(make(__init__=lambda self, **p: None))
+    with pytest.raises(ConfigError, match=r"accepted: .*got bit_widht, .*Did you mean \"bit_width\"\?"):
+        register_quantizer(name="TypoTest")(make(accepted=("bit_widht",)))
+    with pytest.raises(ConfigError, match=r"defaults: defaults set per_channel, which the class does not accept"):
+        register_quantizer(name="StrayDefaultTest")(make(accepted=("bit_width",), defaults={"per_channel": True}))
+    with pytest.raises(ConfigError, match=r"defaults.bit_width: expected an integer in \[1, \d+\], got 0"):
+        register_quantizer(name="BadDefaultTest")(make(accepted=("bit_width",), defaults={"bit_width": 0}))
+    for name in ("NoTrainingArgTest", "NoPolicyArgTest", "InitTest", "TypoTest", "StrayDefaultTest", "BadDefaultTest"):
+        _unregistered(name)
+    # Extra optional arguments are fine, and so is a complete class.
+    ok = make(__call__=lambda self, x, state, training=False, extra=None: x)
+    assert register_quantizer(name="CompleteTest")(ok) is ok and get_quantizer_class("CompleteTest") is ok
+
+
+def test_an_unregistered_incomplete_subclass_says_what_is_missing_when_used():
+    class Bare(Quantizer):
+        pass
+
+    q = Bare()
+    with pytest.raises(UnsupportedError, match="Bare does not define state_from_stats; every quantizer must"):
+        q.state_from_stats(None)
+    with pytest.raises(UnsupportedError, match="no NumPy twin"):
+        q.reference(np.zeros(2), {})
 
 
 def test_unsigned_grid_clips_negatives_to_zero():

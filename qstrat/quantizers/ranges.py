@@ -11,13 +11,17 @@ All NumPy, all per channel where the quantizer is per channel.
   each bin, integrated in closed form (`expected_sq_error`).
 - Min_KL: TensorRT-style entropy calibration over the |x| histogram.
 - Percentile: clip where the CDF reaches ``method_percentile``.
+
+Bit widths up to 32: everything runs in float64 and int64, which hold every
+integer of such grids; zero points are chosen among float32s
+(`float32_zero_point`), as the state stores them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from qstrat.quantizers.grid import IntGrid, RoundMode
+from qstrat.quantizers.grid import IntGrid, RoundMode, float32_inside
 from qstrat.quantizers.reference import affine_fake_quant_np, round_np
 from qstrat.quantizers.stats import Histogram
 
@@ -50,13 +54,41 @@ def symmetric_scale(lo, hi, grid: IntGrid, epsilon: float) -> np.ndarray:
     return np.maximum(s, epsilon)
 
 
+def float32_zero_point(zp, grid: IntGrid, lo=None, hi=None, scale=None) -> np.ndarray:
+    """Integer zero points as float32 state can hold them, chosen so the range stays on the grid.
+
+    Up to 24 bits every zero point is a float32 and this changes nothing. On
+    wider grids a zero point moves to a neighbouring float32 (at most 128
+    levels away at 2^31): the nearest one, or, when that would leave ``lo`` or
+    ``hi`` more than half a step off the grid (as rounding the zero point
+    itself may) and the other neighbour would not, that one. Choosing here,
+    where the range methods measure their error, keeps what they measure equal
+    to what the state does, instead of the state rounding it when it is stored.
+    """
+    zp = np.asarray(zp, np.float64)
+    inside = float32_inside(grid)
+    f = zp.astype(np.float32)
+    near = np.clip(f, *inside).astype(np.float64)
+    if lo is None or np.array_equal(near, zp):
+        return near
+    s = np.asarray(scale, np.float64)
+    # Levels the zero point may take with lo and hi at most half a step outside the grid.
+    least = grid.qmin - np.minimum(np.asarray(lo, np.float64), 0.0) / s - 0.5
+    most = grid.qmax - np.maximum(np.asarray(hi, np.float64), 0.0) / s + 0.5
+    other = np.where(f > zp, np.nextafter(f, np.float32(-np.inf)), np.nextafter(f, np.float32(np.inf)))
+    other = np.clip(other, *inside).astype(np.float64)
+    fits = (near >= least) & (near <= most)
+    other_fits = (other >= least) & (other <= most)
+    return np.where(~fits & other_fits, other, near)
+
+
 def asymmetric_scale_zp(lo, hi, grid: IntGrid, epsilon: float):
     """Scale and integer zero point mapping [min(lo,0), max(hi,0)] onto the grid."""
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     s = np.maximum((hi - lo) / (grid.qmax - grid.qmin), epsilon)
     zp = np.clip(np.rint(grid.qmin - lo / s), grid.qmin, grid.qmax)
-    return s, zp
+    return s, float32_zero_point(zp, grid, lo, hi, s)
 
 
 def nonoverflow_pos(lo, hi, grid: IntGrid, symmetric: bool, epsilon: float, pos_range):
@@ -68,13 +100,14 @@ def nonoverflow_pos(lo, hi, grid: IntGrid, symmetric: bool, epsilon: float, pos_
     return np.clip(floor_neg_log2(s), pos_range[0], pos_range[1])
 
 
-def pof2_zero_point(lo, pos, grid: IntGrid, symmetric: bool) -> np.ndarray:
-    """Zero point for an asymmetric power-of-2 grid (0 when symmetric)."""
+def pof2_zero_point(lo, pos, grid: IntGrid, symmetric: bool, hi=None) -> np.ndarray:
+    """Zero point for an asymmetric power-of-2 grid (0 when symmetric); ``hi`` helps pick it above 24 bits."""
     if symmetric:
         return np.zeros_like(np.asarray(pos, dtype=np.float64))
     s = np.ldexp(1.0, -np.asarray(pos, dtype=np.int64))
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
-    return np.clip(np.rint(grid.qmin - lo / s), grid.qmin, grid.qmax)
+    zp = np.clip(np.rint(grid.qmin - lo / s), grid.qmin, grid.qmax)
+    return float32_zero_point(zp, grid, lo, 0.0 if hi is None else hi, s)
 
 
 def tensor_sse(x2d: np.ndarray, scale, zp, grid: IntGrid, round_mode) -> np.ndarray:
@@ -90,7 +123,7 @@ def pof2_mse_pos_tensor(x2d, lo, hi, grid, symmetric, round_mode, epsilon, pos_r
     best_pos, best_err = p0.copy(), np.full(p0.shape, np.inf)
     for d in range(MSE_POS_CANDIDATES):
         pos = np.minimum(p0 + d, pos_range[1])
-        zp = pof2_zero_point(lo, pos, grid, symmetric)
+        zp = pof2_zero_point(lo, pos, grid, symmetric, hi)
         err = tensor_sse(x2d, np.ldexp(1.0, -pos), zp, grid, round_mode)
         better = err < best_err
         best_pos = np.where(better, pos, best_pos)
@@ -170,7 +203,7 @@ def pof2_mse_pos_hist(hist: Histogram, grid, symmetric, round_mode, epsilon, pos
     """Min_MSE position from a histogram: pos0 .. pos0 + 4, ties to the lowest."""
     p0 = int(nonoverflow_pos(hist.min, hist.max, grid, symmetric, epsilon, pos_range))
     cands = np.minimum(p0 + np.arange(MSE_POS_CANDIDATES), pos_range[1])
-    zps = pof2_zero_point(hist.min, cands, grid, symmetric)
+    zps = pof2_zero_point(hist.min, cands, grid, symmetric, hist.max)
     err = expected_sq_error(coarsened(hist, SEARCH_BINS_PER_SIDE), np.ldexp(1.0, -cands), zps, grid, round_mode)
     return int(cands[int(np.argmin(err))])
 

@@ -10,8 +10,20 @@ Conventions (shared by both implementations):
                                         by a scalar into this, so all backends
                                         agree on it)
     q = clip(R(u) + zero_point, qmin, qmax)
-    y = (q - zero_point) * scale       (in the dtype of x)
+    y = (q - zero_point) * scale       computed exactly, then rounded once to
+                                       the dtype of x (nearest, ties to even)
 For power-of-2 quantizers scale = 2^-pos, so every step is exact.
+
+The last line is the spec at every bit width, 32 included: y is the float
+nearest to the exact grid value. Up to 24 bits (float32) every integer
+involved is a float32, so evaluating the formula in float32 gives exactly
+that. Above 24 bits the grid ends (2^31 - 1, say) and q - zero_point need
+not be float32 numbers; the twin then works in integers: R(u) of a float32 u
+has at most 24 significant bits, so R(u) * scale is exact in float64 and is
+rounded once, and a clipped value's (q - zero_point) * scale is rounded from
+an exact int64 product (`round_product`). Zero points are integers (every
+built-in quantizer makes them so). The sign of a zero result is not part of
+the spec (R(-0.3) may be -0.0 or 0.0).
 """
 
 from __future__ import annotations
@@ -46,16 +58,65 @@ def expand(param, ndim: int, axis: int | None) -> np.ndarray:
     return param.reshape(shape)
 
 
+def round_product(t, scale, dtype=np.float32) -> np.ndarray:
+    """t * scale rounded once to ``dtype`` (nearest, ties to even), for integer-valued t.
+
+    float32: exact for |t| < 2^39, by integer arithmetic. With scale = m 2^k
+    (m a 24-bit integer), t * m is an int64; it is rounded to 24 significant
+    bits, ties to even, and scaled back. Overflow gives inf, like IEEE
+    float32 arithmetic. float64: t * scale in float64 is that rounding
+    already (t is exact in float64). Other dtypes, or a t that is not an
+    integer: the float64 product, cast.
+
+    Example:
+        >>> round_product(2**31 - 1, np.float32(1.5))    # (2^31 - 1) * 1.5 rounds to 1.5 * 2^31
+        array(3.2212255e+09, dtype=float32)
+    """
+    t = np.asarray(t, dtype=np.float64)
+    s = np.asarray(scale, dtype=dtype)
+    dtype = np.dtype(dtype)
+    if dtype == np.float64:
+        return t * s
+    s64 = s.astype(np.float64)
+    if dtype != np.float32 or not np.all(t == np.round(t)) or np.any(np.abs(t) >= 2.0**39):
+        return (t * s64).astype(dtype)
+    f, e = np.frexp(s64)  # s = f * 2^e, f in [0.5, 1): m = f * 2^24 is an integer
+    m = (f * 2.0**24).astype(np.int64)
+    n = np.abs(t).astype(np.int64) * m  # < 2^63: exact
+    _, bits = np.frexp(n.astype(np.float64))  # n's bit length, or one more where float64 rounded n up
+    bits = np.where((n > 0) & (np.right_shift(n, np.maximum(bits - 1, 0)) == 0), bits - 1, bits)
+    shift = np.maximum(bits - 24, 0).astype(np.int64)
+    kept = np.right_shift(n, shift)
+    rest = n - np.left_shift(kept, shift)
+    half = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift - 1, 0)), 1)
+    up = (shift > 0) & ((rest > half) | ((rest == half) & (kept % 2 == 1)))
+    kept = kept + up
+    with np.errstate(over="ignore"):
+        y = np.ldexp(kept.astype(np.float64), (shift + e - 24).astype(np.int64)).astype(np.float32)
+    return np.where(t < 0, -y, y).astype(np.float32)
+
+
 def affine_fake_quant_np(x, scale, zero_point, grid: IntGrid, round_mode, axis=None):
-    """Quantize to the integer grid and dequantize: the twin of `fake_quant.affine_fake_quant`."""
+    """Quantize to the integer grid and dequantize: the twin of `fake_quant.affine_fake_quant`.
+
+    y = round_to_dtype(clip(R(u), qmin - zp, qmax - zp) * scale), the clip and
+    the product exact (see the module docstring).
+    """
     x = np.asarray(x)
     dt = x.dtype.type if np.issubdtype(x.dtype, np.floating) else np.float32
     x = x.astype(dt)
     s = expand(np.asarray(scale, dtype=dt), x.ndim, axis)
     zp = expand(np.asarray(zero_point, dtype=np.float64), x.ndim, axis)
     u = x * (dt(1) / s)
-    q = np.clip(round_np(u, round_mode) + zp, grid.qmin, grid.qmax)
-    return ((q - zp).astype(dt) * s).astype(dt)
+    n = round_np(u, round_mode)
+    lo, hi = grid.qmin - zp, grid.qmax - zp  # exact: integers below 2^53
+    # n = R(u) has no more significant bits than u, so n * scale is exact in float64 (float32 x),
+    # or its float64 rounding (float64 x): one rounding to dt either way.
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = (n * s.astype(np.float64)).astype(dt)
+    y = np.where(n < lo, round_product(lo, s, dt), y)
+    y = np.where(n > hi, round_product(hi, s, dt), y)
+    return y.astype(dt)
 
 
 def pof2_scale_np(pos, dtype=np.float32) -> np.ndarray:

@@ -27,8 +27,8 @@ from typing import Any
 
 from qstrat.errors import ConfigError, did_you_mean
 from qstrat.quantizers import get_quantizer_class
-from qstrat.quantizers.grid import DataFormat
-from qstrat.quantizers.params import PARAM_NAMES, parse_params
+from qstrat.quantizers.grid import MAX_BIT_WIDTH, MAX_TENSOR_BIT_WIDTH, DataFormat
+from qstrat.quantizers.params import PARAM_NAMES, check_bit_width, parse_params
 from qstrat.strategy.keys import (
     HANDY_KEYS,
     LAYER_CONFIG_DTYPES,
@@ -126,8 +126,9 @@ def check_key_value(spec: KeySpec, value, path: str):
         if spec.name == "quantize_with_xcompiler" and value:
             raise ConfigError(
                 path,
-                "qstrat does not call the Vitis AI compiler, got true",
-                "Set quantize_with_xcompiler to false; the refine stage applies the compiler's position constraints itself.",
+                "quantize_with_xcompiler needs the external Vitis AI compiler, which qstrat does not call, got true",
+                "Set quantize_with_xcompiler to false. The DPU compiler's position constraints (adjust_dpu_*, "
+                "align_*) are to be applied by qstrat's refine stage instead, which does not apply them yet.",
             )
         return value
     if kind == "enum":
@@ -158,8 +159,37 @@ def check_key_value(spec: KeySpec, value, path: str):
 # ---- quantizer configs -------------------------------------------------------------
 
 
-def parse_quantizer(value, path: str) -> QuantizerSpec:
-    """``{"name", "type", "params"}`` (or ``quantizer_type``/``quantizer_params``), checked by the quantizer."""
+_TARGET_WORDS = {"output": "output (activation)"}
+
+
+def check_target_bit_width(target_type: str, value, path: str, hint: str = "") -> None:
+    """The strategy's bit-width rule: bias targets take 1 to 32 bits, every other target 1 to 16.
+
+    Why: an int32 bias is what the DPU and ONNX QDQ use, while 32-bit weights,
+    activations or inputs would only simulate a float model with a grid float32
+    cannot hold. ``hint`` is added to the error's own (where the value came from).
+    """
+    if target_type == "bias":
+        return
+    try:
+        check_bit_width(path, value, MAX_TENSOR_BIT_WIDTH)
+    except ConfigError as exc:
+        wide = isinstance(value, int) and not isinstance(value, bool) and value > MAX_TENSOR_BIT_WIDTH
+        rule = (
+            f"Only bias targets go up to {MAX_BIT_WIDTH} bits; {_TARGET_WORDS.get(target_type, target_type)} "
+            f"targets take 1 to {MAX_TENSOR_BIT_WIDTH}."
+            if wide
+            else ""
+        )
+        text = " ".join(t for t in (exc.hint, rule, hint) if t)
+        raise ConfigError(exc.path, exc.problem, text or None) from None
+
+
+def parse_quantizer(value, path: str, target_type: str | None = None) -> QuantizerSpec:
+    """``{"name", "type", "params"}`` (or ``quantizer_type``/``quantizer_params``), checked by the quantizer.
+
+    ``target_type``, when given, also applies `check_target_bit_width` to ``bit_width``.
+    """
     d = _obj(value, path)
     _known(d, path, QUANTIZER_KEYS)
     for a, b in (("type", "quantizer_type"), ("params", "quantizer_params")):
@@ -172,6 +202,8 @@ def parse_quantizer(value, path: str) -> QuantizerSpec:
     qtype = _str(d[type_key], f"{path}.{type_key}", "a quantizer type name")
     cls = get_quantizer_class(qtype, f"{path}.{type_key}")
     params = _obj(d.get(params_key, {}), f"{path}.{params_key}")
+    if target_type is not None and "bit_width" in params:
+        check_target_bit_width(target_type, params["bit_width"], f"{path}.{params_key}.bit_width")
     cls.from_params(params, f"{path}.{params_key}")  # raises ConfigError with the full path
     name = _str(d.get("name", ""), f"{path}.name", "a quantizer name (a string)")
     return QuantizerSpec(qtype, freeze(_json_value(dict(params), f"{path}.{params_key}")), name, _comment(d, path))
@@ -211,7 +243,7 @@ def _parse_target(value, path: str) -> QuantTarget:
     if "quantizer_config" not in d:
         raise ConfigError(path, 'missing key "quantizer_config"', 'Give a quantizer, or "shared_quantizer": "<name>".')
     q = d["quantizer_config"]
-    return QuantTarget(name, ttype, None if q is None else parse_quantizer(q, f"{path}.quantizer_config"))
+    return QuantTarget(name, ttype, None if q is None else parse_quantizer(q, f"{path}.quantizer_config", ttype))
 
 
 def _parse_pattern(value, path: str, nested: bool, custom_types) -> LayerPattern | PatternRef:
@@ -347,7 +379,9 @@ def check_user_value(key: str, value, path: str):
     if key in HANDY_KEYS:
         if value is None:
             return None
-        param = HANDY_KEYS[key][1]
+        target, param = HANDY_KEYS[key]
+        if param == "bit_width":  # weight_bit, activation_bit, input_bit: 1 to 16; bias_bit: 1 to 32
+            check_target_bit_width(target, value, path)
         try:  # the quantizer parameter rules apply to the value the key sets
             parse_params(key, {param: value}, PARAM_NAMES, {}, tuple(DataFormat))
         except ConfigError as exc:
@@ -381,7 +415,7 @@ def _parse_input_config(d, path: str) -> InputQuantizeConfig:
     q = d.get("quantizer_config")
     return InputQuantizeConfig(
         _str_list(d.get("input_layers", []), f"{path}.input_layers"),
-        None if q is None else parse_quantizer(q, f"{path}.quantizer_config"),
+        None if q is None else parse_quantizer(q, f"{path}.quantizer_config", "input"),
         _comment(d, path),
     )
 

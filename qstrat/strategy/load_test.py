@@ -158,7 +158,7 @@ def test_error_names_the_json_path_value_and_fix():
         ),
         (
             {"quantize_pipeline_config": {"quantize_with_xcompiler": True}},
-            r"qstrat does not call the Vitis AI compiler",
+            r"needs the external Vitis AI compiler, which qstrat does not call",
         ),
         (
             {"quantize_pipline_config": {}},

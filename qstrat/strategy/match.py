@@ -35,6 +35,7 @@ from qstrat.errors import ConfigError
 from qstrat.quantizers import Quantizer, get_quantizer_class
 from qstrat.strategy.keys import HANDY_KEYS
 from qstrat.strategy.layer_types import resolve_layer_class
+from qstrat.strategy.load import check_target_bit_width
 from qstrat.strategy.schema import LayerPattern, PatternRef, QuantTarget, Strategy, thaw
 
 RELU_ACTIVATIONS = ("relu", "relu6")
@@ -319,6 +320,18 @@ def _apply_handy(strategy: Strategy, drafts: dict, layer) -> None:
             d.sources[param] = f"user_defined_quantize_config.{key}"
 
 
+def _check_bit_width(layer_name: str, target_name: str, d: _Draft) -> None:
+    """Raise ConfigError where a target other than a bias ends up above 16 bits.
+
+    Every rule was checked when loaded; this catches what they combine into
+    (a weight sharing a bias's quantizer, a custom quantizer class's default).
+    """
+    bits = d.params.get("bit_width", get_quantizer_class(d.qtype).defaults.get("bit_width"))
+    if bits is not None:
+        source = d.sources.get("bit_width", f"the {d.qtype} default")
+        check_target_bit_width(d.target_type, bits, f"{layer_name}.{target_name}.bit_width", f"Set by {source}.")
+
+
 def _has_weight(layer, attr: str) -> bool:
     """A weight target applies only where the layer has that weight (Conv2D(use_bias=False) has no bias)."""
     if layer is None or not getattr(layer, "built", False):
@@ -370,6 +383,8 @@ def _resolve_one(
                 d.params["bit_width"] = bits
                 d.sources["bit_width"] = f"user_defined_quantize_config.layer_config.{layer_name}"
     live = {t: d for t, d in drafts.items() if not d.disabled_by}
+    for tname, d in live.items():
+        _check_bit_width(name, tname, d)
     missing = tuple(
         (t, d.sources.get("type", ""))
         for t, d in live.items()

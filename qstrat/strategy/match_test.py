@@ -247,6 +247,12 @@ def test_custom_quantizer_and_custom_layer_classes_in_a_strategy():
         def __call__(self, x, state, training=False):
             return ops.multiply(x, 0.5)
 
+        def state_from_tensor(self, tensor):
+            return {}
+
+        def state_from_stats(self, stats):
+            return {}
+
     class Gate(keras.layers.Layer):
         def call(self, x):
             return x
