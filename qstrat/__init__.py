@@ -2,7 +2,7 @@
 
 import qstrat.layers  # noqa: F401 - registers the quantized layers for keras.saving
 from qstrat.api import Quantizer, get_quantize_info
-from qstrat.errors import CalibrationDataError, ConfigError, QstratError, UnsupportedError
+from qstrat.errors import CalibrationDataError, ConfigError, PendingKeyWarning, QstratError, UnsupportedError
 from qstrat.quantizers import (
     FSQuantizer,
     MAFSQuantizer,
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "FSQuantizer",
     "MAFSQuantizer",
+    "PendingKeyWarning",
     "Pof2SQuantizer",
     "QstratError",
     "BaseQuantizer",

@@ -14,17 +14,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from qstrat.calibration.data import check_count
-from qstrat.errors import ConfigError, did_you_mean
+from qstrat.errors import ConfigError, PendingKeyWarning, did_you_mean
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
 from qstrat.passes.optimize import OptimizeReport, optimize
-from qstrat.passes.quantize import QuantizeReport, annotate, insert
+from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, insert
 from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
+from qstrat.strategy.keys import pending_settings
 
 
 class Quantizer:
@@ -96,7 +97,8 @@ class Quantizer:
         """Post-training quantization: returns the calibrated quantized Keras model.
 
         Args:
-            calib_dataset: numpy array(s), tf.data.Dataset, keras.utils.PyDataset or a generator.
+            calib_dataset: numpy array(s), tf.data.Dataset, keras.utils.PyDataset or a generator
+                (not needed with ``convert_datatype``, which only casts).
             calib_steps: batches to use (None: the whole dataset).
             calib_batch_size: batch size for numpy arrays.
             verbose: 1 names each stage with its time and shows a bar for each pass over the data; 0 is silent.
@@ -105,6 +107,9 @@ class Quantizer:
         calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
         calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
         strategy = self._strategy(overrides)
+        _warn_pending(strategy)
+        if strategy.quantize["convert_datatype"]:
+            return self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
         bias_corr = strategy.refine["include_bias_corr"]
         if bias_corr and is_one_shot(calib_dataset):
             warnings.warn(ONE_SHOT_MESSAGE, stacklevel=2)
@@ -146,6 +151,19 @@ class Quantizer:
         self.timings = {**progress.times, "data_passes": progress.data_passes}
         return qmodel
 
+    def _converted(self, strategy: Strategy, dtype: str, progress: Progress):
+        """``convert_datatype``: the optimized model (BatchNormalization folded first) cast to ``dtype``; no data needed."""
+        with progress.stage("capture + optimize"):
+            graph, self.optimize_report = optimize(capture(self.model), {**strategy.optimize, "fold_conv_bn": True})
+        with progress.stage("annotate + insert + rebuild"):
+            annotation = cast_annotation(graph, dtype)
+            qgraph, _ = insert(graph, annotation)
+            model = _rebuild_quantized(qgraph, f"{self.model.name}_{dtype}")
+        self.report, self.bias_corrections = annotation.report, []
+        progress.done(f"cast to {dtype}")
+        self.timings = {**progress.times, "data_passes": progress.data_passes}
+        return model
+
     def dump_quantize_strategy(self, dump_file: str = "quantize_strategy.json", verbose: int = 0) -> str:
         return dump_quantize_strategy(self.strategy, dump_file, verbose)
 
@@ -183,10 +201,28 @@ def _warn_deep(qgraph: Graph) -> None:
         )
 
 
+def _warn_pending(strategy: Strategy) -> None:
+    """One warning per call listing the strategy's keys that are set but do not act yet."""
+    lines = pending_settings(
+        {
+            "optimize_pipeline_config": strategy.optimize,
+            "quantize_pipeline_config": strategy.quantize,
+            "refine_pipeline_config": strategy.refine,
+        }
+    )
+    if lines:
+        warnings.warn(
+            f"{len(lines)} strategy key(s) are set but have no effect yet; the model is quantized without them:\n  "
+            + "\n  ".join(lines),
+            PendingKeyWarning,
+            stacklevel=3,
+        )
+
+
 def _warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeReport | None) -> None:
-    """Warn about names in ignore_layers / layer_config that no layer of the optimized model answers to."""
+    """Warn about names in the partition keys that no layer of the optimized model answers to."""
     known = {n.layer_name for n in graph.nodes} | {n.meta["origin"] for n in graph.nodes if n.meta.get("origin")}
-    for key in ("ignore_layers", "layer_config"):
+    for key in ("input_layers", "output_layers", "ignore_layers", "layer_config"):
         for name in strategy.user[key]:
             if name in known:
                 continue
@@ -226,12 +262,13 @@ def get_quantize_info(qmodel) -> dict[str, dict[str, dict[str, Any]]]:
                 kind = "bias" if attr == "bias" else "weight"
                 entry[attr] = {"target_type": kind, **_describe(q, layer.state[attr])}
         elif isinstance(layer, FakeQuant):
-            owner, _, what = (layer.target or layer.name).partition("/")
-            kind = "input" if what.startswith("input") or not what else "output"
-            info.setdefault(owner, {})[what or "output"] = {
-                "target_type": kind,
-                **_describe(layer.quantizer, layer.state),
-            }
+            for target in [layer.target or layer.name, *layer.more_targets]:
+                owner, _, what = target.partition("/")
+                kind = "input" if what.startswith("input") or not what else "output"
+                info.setdefault(owner, {})[what or "output"] = {
+                    "target_type": kind,
+                    **_describe(layer.quantizer, layer.state),
+                }
     return info
 
 

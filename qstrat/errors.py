@@ -87,3 +87,7 @@ class CalibrationDataError(QstratError, ValueError):
 
 class UnsupportedError(QstratError, ValueError):
     """A request is well formed but qstrat cannot do it (say, a statistic for an empty observer)."""
+
+
+class PendingKeyWarning(UserWarning):
+    """A strategy key is set, but qstrat does not act on it yet (the warning says what is missing)."""

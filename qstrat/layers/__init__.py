@@ -2,6 +2,15 @@
 
 from qstrat.layers.fake_quant import FakeQuant, make_quantizer, quantizer_config, set_quantizers_enabled
 from qstrat.layers.scale_shift import ScaleShift
+from qstrat.layers.shared_state import QuantState
 from qstrat.layers.wrapper import QuantizeWrapper
 
-__all__ = ["FakeQuant", "QuantizeWrapper", "ScaleShift", "make_quantizer", "quantizer_config", "set_quantizers_enabled"]
+__all__ = [
+    "FakeQuant",
+    "QuantState",
+    "QuantizeWrapper",
+    "ScaleShift",
+    "make_quantizer",
+    "quantizer_config",
+    "set_quantizers_enabled",
+]

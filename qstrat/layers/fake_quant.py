@@ -43,12 +43,14 @@ class FakeQuant(keras.layers.Layer):
     Args:
         quantizer: ``{"type": "Pof2SQuantizer", "params": {...}}``.
         target: what it quantizes, for reports (e.g. ``"conv1/output"``).
+        more_targets: the other targets that share it (``shared_quantizer``), one per further call.
     """
 
-    def __init__(self, quantizer: Mapping[str, Any], target: str = "", **kwargs):
+    def __init__(self, quantizer: Mapping[str, Any], target: str = "", more_targets=(), **kwargs):
         super().__init__(**kwargs)
         self.quantizer_spec = dict(quantizer)
         self.target = target
+        self.more_targets = list(more_targets)
         self.quantizer = make_quantizer(self.quantizer_spec, self.name)
 
     def build(self, input_shape):
@@ -66,7 +68,12 @@ class FakeQuant(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "quantizer": self.quantizer_spec, "target": self.target}
+        return {
+            **super().get_config(),
+            "quantizer": self.quantizer_spec,
+            "target": self.target,
+            "more_targets": self.more_targets,
+        }
 
 
 def set_quantizers_enabled(model, enabled: bool) -> int:

@@ -15,6 +15,7 @@ import keras
 
 from qstrat.errors import ConfigError
 from qstrat.layers.fake_quant import _gate, make_quantizer
+from qstrat.layers.shared_state import shared_state_from_config
 
 
 @keras.saving.register_keras_serializable(package="qstrat")
@@ -25,9 +26,17 @@ class QuantizeWrapper(keras.layers.Layer):
         layer: the layer to wrap (the wrapper owns it; pass a copy).
         weight_quantizers: ``{attribute: {"type": ..., "params": ...}}``, e.g.
             ``{"kernel": ..., "bias": ...}``; the attribute names a variable of the layer.
+        shared_states: ``{attribute: QuantState}`` for the targets whose quantizer
+            state is shared with other targets (`qstrat.layers.shared_state`).
     """
 
-    def __init__(self, layer, weight_quantizers: Mapping[str, Mapping[str, Any]], **kwargs):
+    def __init__(
+        self,
+        layer,
+        weight_quantizers: Mapping[str, Mapping[str, Any]],
+        shared_states: Mapping[str, Any] | None = None,
+        **kwargs,
+    ):
         if isinstance(layer, Mapping):
             layer = keras.saving.deserialize_keras_object(layer)
         kwargs.setdefault("name", f"quant_{layer.name}")
@@ -35,6 +44,10 @@ class QuantizeWrapper(keras.layers.Layer):
         self.layer = layer
         self.weight_quantizers = {k: dict(v) for k, v in weight_quantizers.items()}
         self.quantizers = {k: make_quantizer(v, f"{self.name}.{k}") for k, v in self.weight_quantizers.items()}
+        self.shared_states = {
+            attr: shared_state_from_config(s, f"{self.name}.{attr}") if isinstance(s, Mapping) else s
+            for attr, s in (shared_states or {}).items()
+        }
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -50,7 +63,15 @@ class QuantizeWrapper(keras.layers.Layer):
                     f"Its weights: {have}.",
                 )
             self._targets[id(var)] = attr
-            self.state[attr] = q.build(self, var.shape, attr)
+            shared = self.shared_states.get(attr)
+            if shared is None:
+                self.state[attr] = q.build(self, var.shape, attr)
+            else:
+                if shared.built:
+                    shared.check_shape(var.shape, f"{self.layer.name}.{attr}")
+                else:
+                    shared.build(var.shape)
+                self.state[attr] = shared.state
             self.enabled[attr] = self.add_weight(
                 name=f"{attr}_enabled", shape=(), initializer=keras.initializers.Constant(1.0), trainable=False
             )
@@ -82,4 +103,5 @@ class QuantizeWrapper(keras.layers.Layer):
             **super().get_config(),
             "layer": keras.saving.serialize_keras_object(self.layer),
             "weight_quantizers": self.weight_quantizers,
+            "shared_states": {a: keras.saving.serialize_keras_object(s) for a, s in self.shared_states.items()},
         }

@@ -14,6 +14,7 @@ import numpy as np
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import count_batches, iterate_batches
+from qstrat.errors import ConfigError
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import SampleChannelSums, StatsTaps, unpack_stats
@@ -54,12 +55,54 @@ def _assign(state: dict, values: dict) -> None:
         state[key].assign(np.asarray(value, dtype=state[key].dtype))
 
 
-def calibrate_weights(qmodel) -> None:
-    """Set the state of every weight quantizer from the weight it quantizes."""
+def weight_groups(qmodel) -> list[list[tuple[QuantizeWrapper, str]]]:
+    """The weight and bias targets, grouped by the state they use: one target each, or all that share one."""
+    groups: dict[int, list] = {}
     for layer in qmodel.layers:
         if isinstance(layer, QuantizeWrapper):
-            for attr, q in layer.quantizers.items():
-                _assign(layer.state[attr], q.state_from_tensor(getattr(layer.layer, attr).numpy()))
+            for attr in layer.quantizers:
+                shared = layer.shared_states.get(attr)
+                groups.setdefault(id(shared) if shared is not None else id(layer.state[attr]), []).append((layer, attr))
+    return list(groups.values())
+
+
+def joint_tensor(tensors: list[np.ndarray], axis: int | None, where: str = "shared_quantizer") -> np.ndarray:
+    """One tensor holding the values of all ``tensors``, for a state they share.
+
+    Per tensor (``axis`` None): all values in one vector. Per channel: each
+    tensor's channels side by side on ``axis``, so channel c of the result
+    holds channel c of every tensor.
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    if axis is None:
+        return np.concatenate([np.ravel(t) for t in tensors])
+    counts = {t.shape[axis] for t in tensors}
+    if len(counts) > 1:
+        raise ConfigError(
+            where,
+            f"a shared per-channel quantizer needs targets with one channel count, got {sorted(counts)}",
+            "Share a per-tensor quantizer instead, or stop sharing.",
+        )
+    rows = np.concatenate([np.moveaxis(t, axis, -1).reshape(-1, t.shape[axis]) for t in tensors])
+    ndim = max(2, axis + 1 if axis >= 0 else -axis)
+    rows = rows.reshape(rows.shape + (1,) * (ndim - 2))
+    return np.moveaxis(rows, 1, axis % ndim)
+
+
+def calibrate_weight_group(group: list[tuple[QuantizeWrapper, str]]) -> None:
+    """Set the state of one group of `weight_groups` from the weights it quantizes (all of them when shared)."""
+    wrapper, attr = group[0]
+    q = wrapper.quantizers[attr]
+    tensors = [np.asarray(getattr(w.layer, a).numpy()) for w, a in group]
+    where = f"{wrapper.layer.name}.{attr}"
+    _assign(wrapper.state[attr], q.state_from_tensor(joint_tensor(tensors, q.axis, where)))
+
+
+def calibrate_weights(qmodel) -> None:
+    """Set the state of every weight quantizer from the weight it quantizes (the weights, when shared)."""
+    for group in weight_groups(qmodel):
+        calibrate_weight_group(group)
 
 
 def fake_quant_layers(qmodel) -> list[FakeQuant]:

@@ -13,7 +13,8 @@ quantized, or skipped with a stated reason.
   from ``input_quantize_config``);
 - input targets get a `FakeQuant` node on that input, unless the producer's
   output is quantized already;
-- targets sharing a quantizer share one `FakeQuant` layer.
+- tensor targets sharing a quantizer share one `FakeQuant` layer; weight and
+  bias targets sharing one share one `QuantState` (its variables).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from dataclasses import dataclass, field, replace
 from qstrat.errors import ConfigError, did_you_mean
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, taken_names, unique_name, views
 from qstrat.graph.rebuild import copy_layer
-from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.layers import FakeQuant, QuantizeWrapper, QuantState
 from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy, resolve_views
+from qstrat.strategy.keys import HANDY_KEYS
 from qstrat.strategy.match import weight_names
+from qstrat.strategy.schema import thaw
 
 ADD_LIKE = ("Add", "Multiply")
 RELU_LIKE_ACTS = ("relu", "relu6", "linear")
@@ -149,6 +152,22 @@ def _warn_missing_weights(graph: Graph, configs: dict[str, LayerQuantConfig]) ->
             )
 
 
+def _warn_unused_handy_keys(strategy: Strategy, configs: dict[str, LayerQuantConfig]) -> None:
+    """Warn about each handy key (``weight_bit``, ...) that is set but sets no quantizer of this model."""
+    used = {src for cfg in configs.values() for t in cfg.targets for src in t.sources.values()}
+    for key, (target_type, param) in HANDY_KEYS.items():
+        value = strategy.user[key]
+        if value is None or f"user_defined_quantize_config.{key}" in used:
+            continue
+        warnings.warn(
+            f"user_defined_quantize_config.{key} = {value!r} sets no quantizer of this model, so it does nothing: "
+            f"no {target_type} target here has a quantizer with the parameter {param!r}"
+            + (" (unsigned outputs apply only after ReLU-like layers)" if key == "activation_unsigned" else "")
+            + ", or a rule by layer name sets it instead. See qstrat.strategy.explain for what sets each parameter.",
+            stacklevel=3,
+        )
+
+
 def _float_targets(node: Node, cfg: LayerQuantConfig) -> tuple[LayerQuantConfig, list[str]]:
     """Drop the targets on integer or boolean tensors (token ids, masks): those are never quantized."""
     keep, notes = [], []
@@ -167,9 +186,69 @@ def _float_targets(node: Node, cfg: LayerQuantConfig) -> tuple[LayerQuantConfig,
     return replace(cfg, targets=tuple(keep)), notes
 
 
+def _named(graph: Graph, names) -> set[str]:
+    """The nodes whose layer (or the layer they came from in optimize) has one of ``names``."""
+    names = set(names)
+    return {n.name for n in graph.nodes if n.layer_name in names or n.meta.get("origin") in names}
+
+
+def _scope(graph: Graph, strategy: Strategy) -> tuple[set[str], set[str]]:
+    """(nodes outside the part to quantize, input layers that read from outside) for input_layers / output_layers.
+
+    As the reference defines the part: walk back from the output layers (the
+    model's outputs when none are named) through producers, stopping at the input
+    layers (which are part of it). Nodes the walk does not reach stay in float.
+    """
+    user = strategy.user
+    if not user["input_layers"] and not user["output_layers"]:
+        return set(), set()
+    starts = _named(graph, user["input_layers"])
+    if user["output_layers"]:
+        ends = _named(graph, user["output_layers"])
+        if not ends:
+            known = [n.layer_name for n in graph.nodes]
+            raise ConfigError(
+                "user_defined_quantize_config.output_layers",
+                f"no layer of the optimized model is named {', '.join(map(repr, user['output_layers']))}, "
+                "so nothing would be quantized",
+                did_you_mean(user["output_layers"][0], known) or f"Its layers: {', '.join(known[:12])}, ...",
+            )
+    else:
+        ends = {r.node for r in graph.outputs}
+    inside, todo = set(), list(ends)
+    while todo:
+        name = todo.pop()
+        if name in inside:
+            continue
+        inside.add(name)
+        if name not in starts:
+            todo.extend(r.node for r in graph.node(name).inputs)
+    outside = {n.name for n in graph.nodes} - inside
+    return outside, {n for n in starts & inside if any(r.node in outside for r in graph.node(n).inputs)}
+
+
+def _limit_to_scope(graph: Graph, strategy: Strategy, configs: dict[str, LayerQuantConfig]) -> None:
+    """Leave the nodes outside input_layers..output_layers in float; quantize what enters the part."""
+    outside, starts = _scope(graph, strategy)
+    reason = "outside the part between user_defined_quantize_config.input_layers and output_layers"
+    for name in outside:
+        configs[name] = LayerQuantConfig(name, (), configs[name].rules, reason)
+    iq = strategy.input_quantize.quantizer
+    for name in starts:
+        cfg, node = configs[name], graph.node(name)
+        if iq is None or not cfg.quantized or not node.inputs or any(t.target_type == "input" for t in cfg.targets):
+            continue
+        source = "input_quantize_config (what enters user_defined_quantize_config.input_layers)"
+        params = thaw(iq.params)
+        entry = ResolvedTarget("input", "input", iq.type, params, {"type": source, **dict.fromkeys(params, source)})
+        configs[name] = replace(cfg, targets=(entry, *cfg.targets))
+
+
 def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
     """Resolve every node's quantizers and apply the strategy's fusion rules."""
     configs = resolve_views(strategy, views(graph), custom_types)
+    _limit_to_scope(graph, strategy, configs)
+    _warn_unused_handy_keys(strategy, configs)
     _check_dtypes(configs)
     _warn_missing_weights(graph, configs)
     q = strategy.quantize
@@ -232,6 +311,23 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
     return Annotation(configs, report)
 
 
+def cast_annotation(graph: Graph, dtype: str) -> Annotation:
+    """No quantizer anywhere: every layer computes in ``dtype`` (``convert_datatype``).
+
+    The same mechanism as a ``layer_config`` float type, for every layer; model
+    inputs keep their dtype (the first layers cast what they read).
+    """
+    reason = f"cast to {dtype} by quantize_pipeline_config.convert_datatype"
+    configs, report = {}, QuantizeReport()
+    for node in graph.nodes:
+        keep = node.type_name == "InputLayer"
+        configs[node.name] = LayerQuantConfig(node.name, (), (), reason, None if keep else dtype)
+        why = "a model input: keeps its dtype" if keep else reason
+        report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", why)
+    _check_dtypes(configs)
+    return Annotation(configs, report)
+
+
 def _spec(t: ResolvedTarget) -> dict:
     return {"type": t.quantizer_type, "params": dict(t.params)}
 
@@ -253,9 +349,35 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
     def unique(name: str) -> str:
         return unique_name(name, names)
 
+    kinds: dict[str, tuple[str, str]] = {}  # shared key -> (kind of its first target, that target)
+    holders: dict[str, QuantState] = {}
+
+    def check_kind(t: ResolvedTarget, target: str) -> None:
+        """One shared state serves targets of one kind: weights (and biases), or tensors."""
+        kind = "weight" if t.target_type in ("weight", "bias") else "tensor"
+        first = kinds.setdefault(t.shared_key, (kind, target))
+        if first[0] != kind:
+            raise ConfigError(
+                target,
+                f'shares the quantizer "{t.shared_key}" with {first[1]}, a {"weight or bias" if first[0] == "weight" else "layer output or input"}',
+                "A shared quantizer serves either weights and biases (one shared state) or tensors (one "
+                "FakeQuant layer), not both: give the two kinds separate quantizers.",
+            )
+
+    def shared_state(t: ResolvedTarget, target: str) -> QuantState:
+        check_kind(t, target)
+        if t.shared_key not in holders:
+            name = unique(re.sub(r"[^A-Za-z0-9_.-]", "_", t.shared_key) + "_shared")
+            holders[t.shared_key] = QuantState(_spec(t), key=t.shared_key, name=name)
+        return holders[t.shared_key]
+
     def fake_quant(t: ResolvedTarget, target: str) -> FakeQuant:
+        if t.shared_key:
+            check_kind(t, target)
         if t.shared_key and t.shared_key in shared_fq:
-            return shared_fq[t.shared_key]
+            fq = shared_fq[t.shared_key]
+            fq.more_targets.append(target)
+            return fq
         fq = FakeQuant(_spec(t), target=target, name=unique(re.sub(r"[^A-Za-z0-9_.-]", "_", target) + "_q"))
         if t.shared_key:
             shared_fq[t.shared_key] = fq
@@ -282,12 +404,18 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
             if id(node.op) not in wrappers:
                 wrappers[id(node.op)] = copy_layer(node.op, dtype=cfg.dtype)
             op = wrappers[id(node.op)]
-        weight_targets = {t.target_name: _spec(t) for t in targets if t.target_type in ("weight", "bias")}
-        if weight_targets:
+        weights = [t for t in targets if t.target_type in ("weight", "bias")]
+        if weights:
             if id(node.op) not in wrappers:
                 shape = node.in_tensors[0].shape if len(node.in_tensors) == 1 else None
+                shared = {
+                    t.target_name: shared_state(t, f"{node.name}/{t.target_name}") for t in weights if t.shared_key
+                }
                 wrappers[id(node.op)] = QuantizeWrapper(
-                    copy_layer(node.op, shape), weight_targets, name=unique(f"quant_{node.layer_name}")
+                    copy_layer(node.op, shape),
+                    {t.target_name: _spec(t) for t in weights},
+                    shared,
+                    name=unique(f"quant_{node.layer_name}"),
                 )
             op = wrappers[id(node.op)]
         new = replace(node, op=op, inputs=tuple(inputs), meta=dict(node.meta))

@@ -9,6 +9,8 @@ live in ``refine_pipeline_config``, since export is qstrat's last refine step.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +26,23 @@ class KeySpec:
     choices: tuple[Any, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    # Non-empty while qstrat does not act on the key yet: what is missing. Setting
+    # such a key to anything but its default warns (`pending_settings`).
+    pending: str = ""
 
 
-def _b(name, doc):
-    return KeySpec(name, "bool", doc)
+def _b(name, doc, pending=""):
+    return KeySpec(name, "bool", doc, pending=pending)
+
+
+_QAT = "QAT (training a quantized model with BatchNormalization kept) is not implemented yet"
+_DPU_LAYERS = "the DPU layer versions are not implemented yet: the layer is quantized as it is"
+_CONSTRAINTS = (
+    "the refine stage does not apply the DPU compiler's position constraints yet: positions stay as calibrated"
+)
+_FAST_FT = "fast finetune is not implemented yet"
+_CONVERT = "refine's quantizer conversions are not implemented yet"
+_EXPORT = "export is not implemented yet: quantize_model returns the Keras model and writes no file"
 
 
 OPTIMIZE_KEYS = (
@@ -75,6 +90,7 @@ OPTIMIZE_KEYS = (
     _b(
         "train_with_bn",
         "QAT: keep BatchNormalization through fake folding (folded weights, batch statistics) until training ends.",
+        _QAT,
     ),
 )
 
@@ -89,23 +105,33 @@ QUANTIZE_KEYS = (
     _b(
         "convert_sigmoid_to_hard_sigmoid",
         "DPU: replace sigmoid by the DPU's hard sigmoid relu6(x + 3) * 2731/16384 (changes float outputs).",
+        _DPU_LAYERS,
     ),
     _b(
         "convert_hard_sigmoid_to_dpu_version",
         "DPU: replace hard-sigmoid patterns by the DPU's version with the 2731/16384 multiplier.",
+        _DPU_LAYERS,
     ),
     _b(
         "convert_average_pooling2d_to_dpu_version",
         "DPU: average pooling multiplies by the DPU's rescale factor (e.g. 3x3: 9*7/64) instead of dividing exactly.",
+        _DPU_LAYERS,
     ),
     _b(
-        "convert_leaky_relu_to_dpu_version", "DPU: LeakyReLU(alpha=0.1) becomes alpha = 26/256, as the DPU computes it."
+        "convert_leaky_relu_to_dpu_version",
+        "DPU: LeakyReLU(alpha=0.1) becomes alpha = 26/256, as the DPU computes it.",
+        _DPU_LAYERS,
     ),
     _b(
         "convert_softmax_to_dpu_version",
         "DPU: simulate the DPU softmax unit (bfloat16 exponentials, FLOOR-rounded output).",
+        _DPU_LAYERS,
     ),
-    _b("convert_layernorm_to_dpu_version", "DPU: simulate the DPU LayerNormalization unit (bfloat16 arithmetic)."),
+    _b(
+        "convert_layernorm_to_dpu_version",
+        "DPU: simulate the DPU LayerNormalization unit (bfloat16 arithmetic).",
+        _DPU_LAYERS,
+    ),
     _b(
         "no_quant_in_conv_bn_act",
         "No quantizer between a conv, its folded BatchNormalization and its activation: only the activation output is quantized.",
@@ -121,10 +147,11 @@ QUANTIZE_KEYS = (
         "QAT with train_with_bn: optimizer steps before BatchNormalization statistics freeze (-1 = never).",
         -1,
         minimum=-1,
+        pending=_QAT,
     ),
     _b(
         "quantize_with_xcompiler",
-        "Ask the Vitis AI compiler which patterns a DPU target runs. qstrat does not call a compiler: only false is accepted.",
+        "Ask the Vitis AI compiler which patterns a DPU target runs. That needs the external compiler, which qstrat does not call: only false is accepted.",
     ),
     KeySpec(
         "calib_position_policy",
@@ -136,30 +163,47 @@ QUANTIZE_KEYS = (
 )
 
 REFINE_KEYS = (
-    _b("adjust_dpu_sigmoid", "DPU compiler constraint: sigmoid input position in [0, 15], output position >= 7."),
+    _b(
+        "adjust_dpu_sigmoid",
+        "DPU compiler constraint: sigmoid input position in [0, 15], output position >= 7.",
+        _CONSTRAINTS,
+    ),
     _b(
         "adjust_dpu_shift_cut",
         "DPU compiler constraint: weight + input - output position in [0, 16] for conv-like layers (adjusts the weight position).",
+        _CONSTRAINTS,
     ),
     _b(
         "adjust_dpu_shift_bias",
         "DPU compiler constraint: weight + input - bias position within the DPU bias shift range (adjusts the bias position).",
+        _CONSTRAINTS,
     ),
     _b(
         "adjust_dpu_shift_bias_leakyrelu",
         "DPU compiler constraint: bias shift in [0, 16] for a conv feeding a LeakyReLU.",
+        _CONSTRAINTS,
     ),
-    _b("adjust_dpu_shift_read", "DPU compiler constraint: Add/Multiply input positions differ by at most 15."),
+    _b(
+        "adjust_dpu_shift_read",
+        "DPU compiler constraint: Add/Multiply input positions differ by at most 15.",
+        _CONSTRAINTS,
+    ),
     _b(
         "adjust_dpu_shift_write",
         "DPU compiler constraint: Add/Multiply lowest input position minus output position in [-15, 15].",
+        _CONSTRAINTS,
     ),
-    _b("adjust_dpu_shift_swish", "DPU compiler constraint: swish (x * hard_sigmoid(x)) shift in [0, 15]."),
-    _b("align_concat", "Give Concatenate and all its inputs one position: the lowest of them."),
-    _b("align_pool", "Give max/average pooling the same input and output position: the lower of the two."),
+    _b(
+        "adjust_dpu_shift_swish", "DPU compiler constraint: swish (x * hard_sigmoid(x)) shift in [0, 15].", _CONSTRAINTS
+    ),
+    _b("align_concat", "Give Concatenate and all its inputs one position: the lowest of them.", _CONSTRAINTS),
+    _b(
+        "align_pool", "Give max/average pooling the same input and output position: the lower of the two.", _CONSTRAINTS
+    ),
     _b(
         "include_fast_ft",
         "Fast finetune: adjust each conv/dense layer's weights and bias to match the float layer's output (AdaQuant-style), layer by layer.",
+        _FAST_FT,
     ),
     KeySpec(
         "fast_ft_epochs",
@@ -168,6 +212,7 @@ REFINE_KEYS = (
         10,
         minimum=1,
         maximum=10000,
+        pending=_FAST_FT,
     ),
     _b(
         "include_bias_corr",
@@ -176,10 +221,12 @@ REFINE_KEYS = (
     _b(
         "convert_to_fs_quantize_strategy",
         "Replace power-of-2 quantizers by float-scale ones with the same grid (scale exactly 2^-pos), for framework FakeQuant export.",
+        _CONVERT,
     ),
     _b(
         "convert_to_pof2s_quantize_strategy",
         "Replace trained-threshold (TQT) quantizers by power-of-2 ones with the same position, for deployment.",
+        _CONVERT,
     ),
     KeySpec(
         "output_format",
@@ -187,9 +234,18 @@ REFINE_KEYS = (
         'What the refine stage writes: nothing (""), a .keras model, or an ONNX QDQ model.',
         "",
         choices=("", "keras", "onnx"),
+        pending=_EXPORT,
     ),
-    KeySpec("onnx_opset_version", "int", "ONNX opset of the exported model.", 17, minimum=13, maximum=23),
-    KeySpec("output_dir", "str", "Folder for the written model and its quantize info.", "./quantize_results"),
+    KeySpec(
+        "onnx_opset_version", "int", "ONNX opset of the exported model.", 17, minimum=13, maximum=23, pending=_EXPORT
+    ),
+    KeySpec(
+        "output_dir",
+        "str",
+        "Folder for the written model and its quantize info.",
+        "./quantize_results",
+        pending=_EXPORT,
+    ),
 )
 
 SECTIONS = {
@@ -197,6 +253,22 @@ SECTIONS = {
     "quantize_pipeline_config": {k.name: k for k in QUANTIZE_KEYS},
     "refine_pipeline_config": {k.name: k for k in REFINE_KEYS},
 }
+
+
+def pending_settings(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per key that is set to something other than its default but does not act yet.
+
+    ``sections``: ``{section name: {key: value}}``, as a strategy holds its
+    three pipeline sections. Each line names the key, its value and what is missing.
+    """
+    lines = []
+    for section, keys in SECTIONS.items():
+        values = sections.get(section, {})
+        for name, spec in keys.items():
+            if spec.pending and name in values and values[name] != spec.default:
+                lines.append(f"{section}.{name} = {json.dumps(values[name])}: {spec.pending}")
+    return lines
+
 
 # Legacy key names the reference tool still accepts as keyword overrides.
 LEGACY_KEYS = {
@@ -245,7 +317,8 @@ def keys_table_markdown() -> str:
                 lo = "" if k.minimum is None else f"{k.minimum:g}"
                 hi = "" if k.maximum is None else f"{k.maximum:g}"
                 kind = f"{k.kind} [{lo}, {hi}]" if hi else f"{k.kind} ≥ {lo}"
-            lines.append(f"| {short} | `{k.name}` | {kind} | {k.doc} |")
+            doc = f"{k.doc} **Not applied yet:** {k.pending}; setting it warns." if k.pending else k.doc
+            lines.append(f"| {short} | `{k.name}` | {kind} | {doc} |")
     return "\n".join(lines)
 
 

@@ -161,7 +161,7 @@ def correct_biases(
     ``plan``: from `make_plan`, its `FloatSide` filled by the calibration pass
     (made here, without one, when not given).
     """
-    from qstrat.passes.calibrate import _assign, input_specs
+    from qstrat.passes.calibrate import input_specs, weight_groups
 
     if is_one_shot(data):
         raise CalibrationDataError(ONE_SHOT_MESSAGE.replace("was skipped", "cannot run"))
@@ -176,6 +176,7 @@ def correct_biases(
     schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1, batch_size)
     channels = plan.channels
     frozen = Frozen(qmodel)
+    groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
     staged = _staged(frozen, targets, levels) if float_side is not None else None
     probe = _probe(frozen, float_graph, targets, paired=float_side is None) if staged is None else None
     stream = _sample_stream(data, specs, batch_size, steps, samples)
@@ -201,10 +202,12 @@ def correct_biases(
             quantized = quantized[first - mine[0] : first - mine[0] + count]
             shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
         for j in range(count):
-            done.append(_correct(targets[first + j], shifts[j], _assign))
             wrapper, _, bn = targets[first + j]
+            group = groups.get((id(wrapper), "bias"), [])
+            done.append(_correct(targets[first + j], shifts[j], group))
             if bn is None:
-                frozen.sync(wrapper, ["bias"])  # only the bias changed: the kernel's copy stands
+                for w, attr in group or [(wrapper, "bias")]:  # a shared bias state changes every sharer's value
+                    frozen.sync(w, [attr])  # only biases changed: the kernels' copies stand
             else:
                 frozen.sync(bn)
         bar.update(level + 1)
@@ -277,16 +280,18 @@ def _levels(graph: Graph, target_nodes: list[str]) -> list[int]:
     return [level[name] for name in target_nodes]
 
 
-def _correct(target, shift: np.ndarray, assign) -> Correction:
+def _correct(target, shift: np.ndarray, group) -> Correction:
+    """Move the target's bias (or its BatchNormalization mean) by ``shift``; recalibrate the bias quantizer's
+    ``group`` (`weight_groups`: the targets that use its state), if the bias has a quantizer."""
+    from qstrat.passes.calibrate import calibrate_weight_group
 
     wrapper, _, bn = target
     if bn is None:
         bias = wrapper.layer.bias
         new = bias.numpy().astype(np.float64) - shift
         bias.assign(new.astype(bias.dtype))
-        if "bias" in wrapper.quantizers:
-            state = wrapper.quantizers["bias"].state_from_tensor(bias.numpy())
-            assign(wrapper.state["bias"], state)
+        if group:
+            calibrate_weight_group(group)
         where = "bias"
     else:
         mean = bn.moving_mean

@@ -1,0 +1,248 @@
+"""No silent key: every key of every built-in strategy acts, warns, or is listed here with the reason.
+
+For each built-in strategy and each key (pipeline keys and the keys of
+``user_defined_quantize_config``), the key is set to another valid value and
+the model is quantized again. The key acts when that changes the quantized
+model's outputs, its quantize info, the quantize report or the optimize
+report, or when the value is refused with a ConfigError (the key was read).
+Keys that do not act yet are in `INERT_KEYS`; setting them must warn
+(`qstrat.PendingKeyWarning`) and change nothing. The later issues (DPU
+fidelity, export, QAT, refine) shrink the list; the goal is an empty one.
+"""
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+
+import qstrat
+from qstrat.errors import ConfigError
+from qstrat.strategy import load_strategy
+from qstrat.strategy.keys import HANDY_FAMILIES, HANDY_KEYS, HANDY_SUFFIXES, SECTIONS
+
+_QAT = "QAT is a later issue: nothing trains a quantized model with BatchNormalization kept yet"
+_DPU = "DPU layer versions: the DPU fidelity issue"
+_CONSTRAINTS = "DPU compiler position constraints: the DPU fidelity issue"
+_FAST_FT = "fast finetune: the refine issue"
+_CONVERT = "refine's quantizer conversions: the refine and QAT issues"
+_EXPORT = "export: the export issue"
+
+# key -> why it does not act yet. Each must warn when set (keys.py `pending`), except
+# quantize_with_xcompiler, which accepts only false: its true would need the Vitis AI
+# compiler, which does not exist here, and is refused with an error that says so.
+INERT_KEYS = {
+    "train_with_bn": _QAT,
+    "freeze_bn_delay": _QAT,
+    "convert_sigmoid_to_hard_sigmoid": _DPU,
+    "convert_hard_sigmoid_to_dpu_version": _DPU,
+    "convert_average_pooling2d_to_dpu_version": _DPU,
+    "convert_leaky_relu_to_dpu_version": _DPU,
+    "convert_softmax_to_dpu_version": _DPU,
+    "convert_layernorm_to_dpu_version": _DPU,
+    "quantize_with_xcompiler": "needs the external Vitis AI compiler, which qstrat does not call: false only",
+    "adjust_dpu_sigmoid": _CONSTRAINTS,
+    "adjust_dpu_shift_cut": _CONSTRAINTS,
+    "adjust_dpu_shift_bias": _CONSTRAINTS,
+    "adjust_dpu_shift_bias_leakyrelu": _CONSTRAINTS,
+    "adjust_dpu_shift_read": _CONSTRAINTS,
+    "adjust_dpu_shift_write": _CONSTRAINTS,
+    "adjust_dpu_shift_swish": _CONSTRAINTS,
+    "align_concat": _CONSTRAINTS,
+    "align_pool": _CONSTRAINTS,
+    "include_fast_ft": _FAST_FT,
+    "fast_ft_epochs": _FAST_FT,
+    "convert_to_fs_quantize_strategy": _CONVERT,
+    "convert_to_pof2s_quantize_strategy": _CONVERT,
+    "output_format": _EXPORT,
+    "onnx_opset_version": _EXPORT,
+    "output_dir": _EXPORT,
+}
+
+# (strategy, key) -> why the key cannot act in that strategy: it configures something the strategy does not
+# have. Setting it changes nothing and warns that it does nothing.
+_FS_NO_OUTPUTS = "fs quantizes layer inputs and weights only: no output quantizer to fuse or to set"
+NOT_APPLICABLE = {
+    ("fs", "calib_position_policy"): "fs has no power-of-2 quantizers, whose positions this policy calibrates",
+    ("fs", "no_quant_in_conv_bn_act"): _FS_NO_OUTPUTS,
+    ("fs", "no_quant_in_conv_act"): _FS_NO_OUTPUTS,
+    ("fs", "no_quant_in_add_act"): _FS_NO_OUTPUTS,
+    **{("fs", f"activation_{suffix}"): _FS_NO_OUTPUTS for suffix in HANDY_SUFFIXES},
+    **{
+        ("fs", f"bias_{suffix}"): "fs leaves biases in float (the runtime adds them in int32)"
+        for suffix in HANDY_SUFFIXES
+    },
+}
+
+# Keys that act only with others set: the others are set in both runs. Bias correction is off
+# (it would only make each run slower) except where its own key is tried.
+_CLE = {"include_cle": True, "fold_conv_bn": True, "separable_conv": True}
+CONTEXT = {
+    "cle_to_relu6": {**_CLE, "convert_relu6_to_relu": False},
+    "cle_steps": _CLE,
+    "cle_balance_method": _CLE,
+    "cle_weight_threshold": _CLE,
+    "cle_bias_absorption": _CLE,
+    "no_quant_in_conv_bn_act": {"fold_conv_bn": False, "convert_bn_to_dwconv": False},
+    "fast_ft_epochs": {"include_fast_ft": True},
+    **{
+        f"{fam}_method_percentile": {f"{fam}_method": "Percentile"} for fam in ("input", "weight", "bias", "activation")
+    },
+}
+
+PARTITION_VALUES = {
+    "input_layers": ["conv_act"],
+    "output_layers": ["add_relu"],
+    "ignore_layers": ["conv_act"],
+    "layer_config": {"conv_act": "int16"},
+}
+HANDY_VALUES = {
+    "bit": 4,
+    "method": "Percentile",
+    "method_percentile": 60.0,
+    "round_mode": "FLOOR",
+    "narrow_range": True,
+}
+
+
+def model():
+    """Every layer kind the keys touch: separable conv, ReLU6 between convs, conv with activation,
+    conv + BN + ReLU + 1x1 conv (CLE with bias absorption), Add + ReLU, a BN that cannot fold,
+    a keras.ops op, Dropout, and a submodel output nothing uses."""
+    keras.utils.set_random_seed(3)
+    j = keras.Input((12, 12, 3))
+    used = L.SeparableConv2D(8, 3, padding="same", name="sep")(j)
+    dead = L.Conv2D(2, 1, name="dead")(j)
+    stem = keras.Model(j, [used, dead], name="stem")
+    i = keras.Input((12, 12, 3), name="image")
+    x = L.ReLU(6.0, name="relu6")(stem(i)[0])
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="conv_act")(x)
+    y = L.Conv2D(8, 1, name="conv_bn")(x)
+    y = L.BatchNormalization(name="bn")(y)
+    y = L.ReLU(name="relu")(y)
+    y = L.Conv2D(8, 1, name="tail")(y)
+    y = L.Conv2D(8, 1, name="tail2")(L.ReLU(name="tail_relu")(y))  # a chain of two CLE pairs: steps matter
+    z = L.ReLU(name="add_relu")(L.Add(name="add")([x, y]))
+    z = L.BatchNormalization(name="lone_bn")(z)
+    z = keras.ops.multiply(z, 0.5)
+    z = L.Dropout(0.25, name="drop")(L.GlobalAveragePooling2D(name="gap")(z))
+    net = keras.Model(i, L.Dense(4, name="head")(z))
+    rng = np.random.default_rng(0)
+    for name in ("bn", "lone_bn"):  # BN statistics away from the identity, so folding is visible
+        bn = net.get_layer(name)
+        bn.set_weights([rng.uniform(0.5, 2.0, 8), rng.uniform(-1, 1, 8), rng.uniform(-1, 1, 8), rng.uniform(0.5, 2, 8)])
+    # bn's outputs sit well above 0 (beta - 3 gamma > 0), so bias absorption has offsets to move into tail.
+    gamma, _, mean, var = net.get_layer("bn").get_weights()
+    net.get_layer("bn").set_weights([gamma * 0.1, rng.uniform(1.0, 2.0, 8), mean, var])
+    return net
+
+
+MODEL = None
+_BASES: dict = {}
+# Four batches of 8; the first spans a 4x wider range, so a vote over batches and one search over all differ.
+DATA = (
+    np.random.default_rng(1).uniform(-1, 1, (32, 12, 12, 3)) * np.repeat([4.0, 1, 1, 1], 8)[:, None, None, None]
+).astype("float32")
+STRATEGIES = ("pof2s", "fs", "tqt")  # the built-ins; the other names are aliases of these
+
+
+def fingerprint(strategy: str, overrides: dict):
+    """What a user can see of a quantization: outputs, quantize info, reports; or the ConfigError's text."""
+    global MODEL
+    MODEL = MODEL or model()
+    q = qstrat.Quantizer(MODEL, strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            qmodel = q.quantize_model(DATA, verbose=0, calib_batch_size=8, **overrides)
+        except ConfigError as exc:
+            return ("error", str(exc))
+    out = keras.ops.convert_to_numpy(qmodel(DATA[:8]))
+    info = json.dumps(qstrat.get_quantize_info(qmodel), sort_keys=True, default=str)
+    return (out.tobytes(), info, q.report.table(), q.optimize_report.table() if q.optimize_report else "")
+
+
+def fingerprint_warns(strategy: str, overrides: dict) -> None:
+    qstrat.Quantizer(MODEL or model(), strategy).quantize_model(DATA[:8], verbose=0, calib_batch_size=8, **overrides)
+
+
+def family_value(strategy: str, family: str, param: str) -> bool:
+    """The value the strategy gives ``param`` in its first quantizer of a handy key's family (False if none)."""
+    registry = load_strategy(strategy).to_dict()["quantize_registry_config"]
+    target_type = HANDY_FAMILIES[family]
+    configs = [registry["input_quantize_config"]["quantizer_config"]] if family == "input" else []
+    for pattern in registry["layer_quantize_config"]:
+        for t in pattern["quant_config"]:
+            if t["target_type"] == target_type and t.get("quantizer_config"):
+                configs.append(t["quantizer_config"])
+    return next((bool(c["params"][param]) for c in configs if param in c["params"]), False)
+
+
+def other_value(strategy: str, section: str, key: str):
+    """A valid value for the key other than the strategy's."""
+    if section == "user":
+        if key in PARTITION_VALUES:
+            return PARTITION_VALUES[key]
+        family, suffix = key.split("_", 1)
+        if suffix in HANDY_VALUES:
+            return HANDY_VALUES[suffix]
+        return not family_value(strategy, family, HANDY_SUFFIXES[suffix])  # a boolean: the other one
+    spec = SECTIONS[section][key]
+    value = load_strategy(strategy).to_dict()[section][key]
+    if spec.kind == "bool":
+        return not value
+    if spec.choices:
+        return next(c for c in spec.choices if c != value)
+    if key == "output_dir":
+        return value + "_elsewhere"
+    if spec.kind == "int":  # the smallest value (one CLE step changes what ten do), or the next
+        return spec.minimum if value != spec.minimum else value + 1
+    return value * 1000.0 + 1.0  # cle_weight_threshold: no channel pair passes, so CLE rescales nothing
+
+
+def all_keys():
+    for section, keys in SECTIONS.items():
+        for key in keys:
+            yield section, key
+    for key in (*HANDY_KEYS, *PARTITION_VALUES):
+        yield "user", key
+
+
+CASES = [(s, section, key) for s in STRATEGIES for section, key in all_keys()]
+
+
+def test_the_inert_list_is_what_keys_py_says_is_pending():
+    pending = {key for keys in SECTIONS.values() for key, spec in keys.items() if spec.pending}
+    assert pending == set(INERT_KEYS) - {"quantize_with_xcompiler"}
+
+
+@pytest.mark.parametrize("strategy,section,key", CASES, ids=[f"{s}-{k}" for s, _, k in CASES])
+def test_every_key_acts_or_is_listed(strategy, section, key):
+    context = {"include_bias_corr": False, **CONTEXT.get(key, {})} if key != "include_bias_corr" else {}
+    value = other_value(strategy, section, key)
+    ckey = (strategy, json.dumps(context, sort_keys=True))
+    base = _BASES.get(ckey) or _BASES.setdefault(ckey, fingerprint(strategy, context))
+    if key == "quantize_with_xcompiler":
+        with pytest.raises(ConfigError, match="compiler"):
+            load_strategy(strategy, quantize_with_xcompiler=True)
+        return
+    if key in INERT_KEYS:
+        # Whichever of the two values is not the key's default is the one that must warn.
+        set_one = {**context, key: value} if value != SECTIONS[section][key].default else context
+        with pytest.warns(qstrat.PendingKeyWarning, match=key):
+            fingerprint_warns(strategy, set_one)
+        assert fingerprint(strategy, {**context, key: value}) == base, f"{key} acts now: take it off INERT_KEYS"
+        return
+    flipped = fingerprint(strategy, {**context, key: value})
+    if (strategy, key) in NOT_APPLICABLE:
+        assert flipped == base
+        if section == "user":
+            with pytest.warns(UserWarning, match=f"{key} = .* does nothing"):
+                fingerprint_warns(strategy, {**context, key: value})
+        return
+    assert flipped != base, f"{strategy}: setting {key} = {value!r} changed nothing and the key is not listed"
+    if flipped[0] == "error":  # refused: the error must be about this key, not a bad value the test chose
+        about = HANDY_KEYS[key][1] if key in HANDY_KEYS else key
+        assert about in flipped[1], flipped[1]
