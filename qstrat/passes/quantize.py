@@ -28,10 +28,10 @@ from qstrat.errors import ConfigError, did_you_mean
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, taken_names, unique_name, views
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper, QuantState
+from qstrat.passes.scope import limit_to_scope
 from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy, resolve_views
 from qstrat.strategy.keys import HANDY_KEYS
 from qstrat.strategy.match import weight_names
-from qstrat.strategy.schema import thaw
 
 ADD_LIKE = ("Add", "Multiply")
 RELU_LIKE_ACTS = ("relu", "relu6", "linear")
@@ -186,68 +186,10 @@ def _float_targets(node: Node, cfg: LayerQuantConfig) -> tuple[LayerQuantConfig,
     return replace(cfg, targets=tuple(keep)), notes
 
 
-def _named(graph: Graph, names) -> set[str]:
-    """The nodes whose layer (or the layer they came from in optimize) has one of ``names``."""
-    names = set(names)
-    return {n.name for n in graph.nodes if n.layer_name in names or n.meta.get("origin") in names}
-
-
-def _scope(graph: Graph, strategy: Strategy) -> tuple[set[str], set[str]]:
-    """(nodes outside the part to quantize, input layers that read from outside) for input_layers / output_layers.
-
-    As the reference defines the part: walk back from the output layers (the
-    model's outputs when none are named) through producers, stopping at the input
-    layers (which are part of it). Nodes the walk does not reach stay in float.
-    """
-    user = strategy.user
-    if not user["input_layers"] and not user["output_layers"]:
-        return set(), set()
-    starts = _named(graph, user["input_layers"])
-    if user["output_layers"]:
-        ends = _named(graph, user["output_layers"])
-        if not ends:
-            known = [n.layer_name for n in graph.nodes]
-            raise ConfigError(
-                "user_defined_quantize_config.output_layers",
-                f"no layer of the optimized model is named {', '.join(map(repr, user['output_layers']))}, "
-                "so nothing would be quantized",
-                did_you_mean(user["output_layers"][0], known) or f"Its layers: {', '.join(known[:12])}, ...",
-            )
-    else:
-        ends = {r.node for r in graph.outputs}
-    inside, todo = set(), list(ends)
-    while todo:
-        name = todo.pop()
-        if name in inside:
-            continue
-        inside.add(name)
-        if name not in starts:
-            todo.extend(r.node for r in graph.node(name).inputs)
-    outside = {n.name for n in graph.nodes} - inside
-    return outside, {n for n in starts & inside if any(r.node in outside for r in graph.node(n).inputs)}
-
-
-def _limit_to_scope(graph: Graph, strategy: Strategy, configs: dict[str, LayerQuantConfig]) -> None:
-    """Leave the nodes outside input_layers..output_layers in float; quantize what enters the part."""
-    outside, starts = _scope(graph, strategy)
-    reason = "outside the part between user_defined_quantize_config.input_layers and output_layers"
-    for name in outside:
-        configs[name] = LayerQuantConfig(name, (), configs[name].rules, reason)
-    iq = strategy.input_quantize.quantizer
-    for name in starts:
-        cfg, node = configs[name], graph.node(name)
-        if iq is None or not cfg.quantized or not node.inputs or any(t.target_type == "input" for t in cfg.targets):
-            continue
-        source = "input_quantize_config (what enters user_defined_quantize_config.input_layers)"
-        params = thaw(iq.params)
-        entry = ResolvedTarget("input", "input", iq.type, params, {"type": source, **dict.fromkeys(params, source)})
-        configs[name] = replace(cfg, targets=(entry, *cfg.targets))
-
-
 def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
     """Resolve every node's quantizers and apply the strategy's fusion rules."""
     configs = resolve_views(strategy, views(graph), custom_types)
-    _limit_to_scope(graph, strategy, configs)
+    limit_to_scope(graph, strategy, configs)
     _warn_unused_handy_keys(strategy, configs)
     _check_dtypes(configs)
     _warn_missing_weights(graph, configs)

@@ -201,9 +201,7 @@ def test_shared_state_survives_save_and_load(tmp_path):
 
 
 def test_shared_trained_threshold_is_one_variable_trained_by_both_targets():
-    qmodel = qstrat.Quantizer(twins(), "pof2s", sharing_strategy("TQTQuantizer")).quantize_model(
-        images(), verbose=0
-    )
+    qmodel = qstrat.Quantizer(twins(), "pof2s", sharing_strategy("TQTQuantizer")).quantize_model(images(), verbose=0)
     wa, wb = qmodel.get_layer("quant_conv_a"), qmodel.get_layer("quant_conv_b")
     log_th = wa.state["kernel"]["log_th"]
     assert log_th is wb.state["kernel"]["log_th"]
