@@ -16,11 +16,18 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError  # noqa: E402
 from qstrat.saving import load_model  # noqa: E402, F401 - the CLI loads models through it
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as "qstrat: warning: ..." on stderr: the command's user has no use for qstrat's line numbers."""
+    print(f"qstrat: warning: {message}", file=file or sys.stderr)
+
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -136,6 +143,7 @@ def load_calib(path: str, key: str | None, input_names: list[str]):
 
 
 def cmd_quantize(args) -> int:
+    warnings.showwarning = _show_warning  # this process is the command: its warnings are for the user
     import qstrat
 
     out = check_out_path(args.out) if args.out else None

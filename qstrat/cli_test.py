@@ -176,3 +176,19 @@ def test_help_answers_without_importing_keras():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "usage: qstrat" in done.stdout and done.stdout.strip().endswith("False"), done.stdout + done.stderr
     assert done.stderr == ""
+
+
+def test_warnings_reach_the_user_without_source_lines(tmp_path, capsys):
+    import warnings
+
+    import qstrat
+
+    small_model(tmp_path / "m.keras")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(20, 8, 8, 1)).astype("float32"))
+    args = ["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "calib.npz"), "--batch-size", "8"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", qstrat.PendingKeyWarning)
+        assert cli.main([*args, "--out", str(tmp_path / "q.keras")]) == 0
+    err = capsys.readouterr().err
+    assert "qstrat: warning: " in err and "refine_pipeline_config.adjust_dpu_shift_cut = true" in err
+    assert "warnings.warn" not in err and "api.py" not in err

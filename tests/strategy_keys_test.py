@@ -87,6 +87,9 @@ CONTEXT = {
     "cle_bias_absorption": _CLE,
     "no_quant_in_conv_bn_act": {"fold_conv_bn": False, "convert_bn_to_dwconv": False},
     "fast_ft_epochs": {"include_fast_ft": True},
+    "freeze_bn_delay": {"train_with_bn": True},
+    "onnx_opset_version": {"output_format": "onnx"},
+    "output_dir": {"output_format": "onnx"},
     **{
         f"{fam}_method_percentile": {f"{fam}_method": "Percentile"} for fam in ("input", "weight", "bias", "activation")
     },

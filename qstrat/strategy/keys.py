@@ -29,6 +29,9 @@ class KeySpec:
     # Non-empty while qstrat does not act on the key yet: what is missing. Setting
     # such a key to anything but its default warns (`pending_settings`).
     pending: str = ""
+    # A boolean or enum pipeline key without which this one has no use
+    # (fast_ft_epochs needs include_fast_ft): it warns only when that one is set.
+    needs: str = ""
 
 
 def _b(name, doc, pending=""):
@@ -147,6 +150,7 @@ QUANTIZE_KEYS = (
         "QAT with train_with_bn: optimizer steps before BatchNormalization statistics freeze (-1 = never).",
         -1,
         minimum=-1,
+        needs="train_with_bn",
         pending=_QAT,
     ),
     _b(
@@ -212,6 +216,7 @@ REFINE_KEYS = (
         10,
         minimum=1,
         maximum=10000,
+        needs="include_fast_ft",
         pending=_FAST_FT,
     ),
     _b(
@@ -237,13 +242,21 @@ REFINE_KEYS = (
         pending=_EXPORT,
     ),
     KeySpec(
-        "onnx_opset_version", "int", "ONNX opset of the exported model.", 17, minimum=13, maximum=23, pending=_EXPORT
+        "onnx_opset_version",
+        "int",
+        "ONNX opset of the exported model.",
+        17,
+        minimum=13,
+        maximum=23,
+        needs="output_format",
+        pending=_EXPORT,
     ),
     KeySpec(
         "output_dir",
         "str",
         "Folder for the written model and its quantize info.",
         "./quantize_results",
+        needs="output_format",
         pending=_EXPORT,
     ),
 )
@@ -262,9 +275,12 @@ def pending_settings(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
     three pipeline sections. Each line names the key, its value and what is missing.
     """
     lines = []
+    every = {k: v for values in sections.values() for k, v in values.items()}
     for section, keys in SECTIONS.items():
         values = sections.get(section, {})
         for name, spec in keys.items():
+            if spec.needs and not every.get(spec.needs):
+                continue  # of no use without the key it needs, which is off
             if spec.pending and name in values and values[name] != spec.default:
                 lines.append(f"{section}.{name} = {json.dumps(values[name])}: {spec.pending}")
     return lines

@@ -67,3 +67,49 @@ def test_readme_table_is_generated_from_the_schema():
     readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme[readme.index(README_BEGIN) + len(README_BEGIN) : readme.index(README_END)]
     assert block.strip() == keys_table_markdown().strip(), "run: python -m qstrat.strategy.keys README.md"
+
+
+def _sections(strategy):
+    return {
+        "optimize_pipeline_config": strategy.optimize,
+        "quantize_pipeline_config": strategy.quantize,
+        "refine_pipeline_config": strategy.refine,
+    }
+
+
+def test_pending_settings_name_exactly_the_pending_keys_set_away_from_their_default():
+    from qstrat.strategy import load_strategy
+    from qstrat.strategy.keys import pending_settings
+
+    scratch = load_strategy("", None)
+    assert pending_settings(_sections(scratch)) == []  # from scratch every key has its default
+    lines = pending_settings(_sections(load_strategy("", None, align_concat=True, include_bias_corr=True)))
+    assert lines == [
+        "refine_pipeline_config.align_concat = true: "
+        "the refine stage does not apply the DPU compiler's position constraints yet: positions stay as calibrated"
+    ]
+    pof2s = load_strategy("pof2s")
+    named = {line.split(" = ")[0].split(".")[1] for line in pending_settings(_sections(pof2s))}
+    want = {
+        k
+        for section, keys in SECTIONS.items()
+        for k, spec in keys.items()
+        if spec.pending and pof2s.to_dict()[section][k] != spec.default and not spec.needs
+    }
+    assert named == want and "adjust_dpu_shift_cut" in named
+
+
+def test_a_key_that_needs_another_warns_only_with_it():
+    from qstrat.strategy import load_strategy
+    from qstrat.strategy.keys import pending_settings
+
+    alone = load_strategy("", None, fast_ft_epochs=3, onnx_opset_version=15)
+    assert pending_settings(_sections(alone)) == []  # include_fast_ft and output_format are off: no use yet
+    gated = load_strategy("", None, fast_ft_epochs=3, include_fast_ft=True, freeze_bn_delay=5, train_with_bn=True)
+    named = [line.split(" = ")[0] for line in pending_settings(_sections(gated))]
+    assert named == [
+        "optimize_pipeline_config.train_with_bn",
+        "quantize_pipeline_config.freeze_bn_delay",
+        "refine_pipeline_config.include_fast_ft",
+        "refine_pipeline_config.fast_ft_epochs",
+    ]
