@@ -29,7 +29,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"qstrat: warning: {message}", file=file or sys.stderr)
 
 
-
 def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items or []:
