@@ -42,10 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="a custom layer class the model uses, e.g. mypkg.layers:MyConv (repeatable)",
     )
     q.set_defaults(command_name="quantize")
-    s = sub.add_parser("strategy", help="show a strategy or the pipeline keys")
-    s.add_argument("what", choices=["show", "keys"])
+    s = sub.add_parser(
+        "strategy",
+        help="show a strategy or the pipeline keys; convert a file in the reference tool's layout",
+        description="qstrat strategy show NAME|FILE; qstrat strategy keys; "
+        "qstrat strategy convert OLD.json -o NEW.json (the reference tool's layout to qstrat's)",
+    )
+    s.add_argument("what", choices=["show", "keys", "convert"])
     s.add_argument("name", nargs="?")
     s.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
+    s.add_argument("-o", "--out", help="convert: where to write the strategy in qstrat's layout (.json)")
+    s.add_argument(
+        "--custom-objects",
+        action="append",
+        metavar="MODULE:NAME",
+        help="convert: a custom layer class the file names, e.g. mypkg.layers:MyConv (repeatable)",
+    )
     s.set_defaults(command_name="strategy")
     d = sub.add_parser("demo", help="quantize two real models on real data")
     d.set_defaults(command_name="demo")

@@ -177,6 +177,8 @@ def cmd_strategy(args) -> int:
     if args.what == "keys":
         print(keys_table_markdown())
         return 0
+    if args.what == "convert":
+        return _convert_strategy(args)
     if not args.name:
         raise QstratError("qstrat strategy show: name a strategy (pof2s, fs, tqt) or a JSON file")
     if args.name.endswith(".json"):
@@ -184,6 +186,35 @@ def cmd_strategy(args) -> int:
     else:
         s = load_strategy(args.name)
     print(json.dumps(s.to_dict(args.verbose), indent=2))
+    return 0
+
+
+def _convert_strategy(args) -> int:
+    """``qstrat strategy convert OLD.json -o NEW.json``: validate, then write the seed's layout with a report."""
+    from qstrat.strategy import dump_quantize_strategy, load_strategy, read_strategy_file
+    from qstrat.strategy.reference_layout import convert, is_reference_layout
+
+    if not args.name or not args.out:
+        raise QstratError("qstrat strategy convert: give the file to convert and -o NEW.json")
+    out = os.path.abspath(args.out)
+    if not out.endswith(".json") or not os.path.isdir(os.path.dirname(out)):
+        raise QstratError(f"-o {args.out}: give a .json file in a folder that exists")
+    custom_objects = load_custom_objects(args.custom_objects)
+    data = read_strategy_file(args.name)
+    if not is_reference_layout(data):
+        print(f"{args.name} is in qstrat's layout already: validated and written as it loads.")
+    else:
+        conversion = convert(data, custom_objects)
+        print(f"{args.name}: the reference tool's layout. What mapped where:")
+        for line in conversion.report:
+            print(f"  {line}")
+        for line in conversion.warnings:
+            print(f"  changed: {line}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # its changes are printed above
+        strategy = load_strategy("pof2s", args.name, custom_objects)  # as a Quantizer loads it: validated
+    dump_quantize_strategy(strategy, out)
+    print(f"wrote {args.out}")
     return 0
 
 

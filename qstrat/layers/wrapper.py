@@ -95,8 +95,11 @@ class QuantizeWrapper(keras.layers.Layer):
         outputs, _ = self.layer.stateless_call(trainable, non_trainable, inputs, *args, **kwargs)
         return outputs
 
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        # The wrapped layer's own answer: its compute_output_shape, or Keras tracing its call for a
+        # custom layer that defines none.
+        kwargs.pop("training", None)
+        return self.layer.compute_output_spec(inputs, *args, **kwargs)
 
     def get_config(self):
         return {

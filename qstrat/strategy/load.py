@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -39,6 +40,7 @@ from qstrat.strategy.keys import (
     KeySpec,
 )
 from qstrat.strategy.layer_types import check_layer_params, check_layer_type
+from qstrat.strategy.reference_layout import Conversion, convert, is_reference_layout
 from qstrat.strategy.schema import (
     TARGET_TYPES,
     InputQuantizeConfig,
@@ -596,16 +598,41 @@ def load_strategy(
     """
     base_name = quantize_strategy
     custom, cpath = (None, "$") if custom_quantize_strategy is None else _read_custom(custom_quantize_strategy)
+    conversion = _convert_reference(custom, cpath, custom_types)
+    if conversion is not None:
+        custom = conversion.data
     if custom is not None and "base" in custom:
         base_name = custom["base"]
-    data = _base_data(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
-    paths: list = []
-    if custom is not None:
-        data = _merge(data, custom, cpath, paths)
-        data["base"] = ALIASES.get(base_name, base_name)
-    if overrides:
-        data = _merge(data, overrides_to_dict(overrides), "overrides", paths)
-    return parse_strategy(data, cpath, custom_types, paths)
+    try:
+        data = _base_data(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
+        paths: list = []
+        if custom is not None:
+            data = _merge(data, custom, cpath, paths)
+            data["base"] = ALIASES.get(base_name, base_name)
+        if overrides:
+            data = _merge(data, overrides_to_dict(overrides), "overrides", paths)
+        return parse_strategy(data, cpath, custom_types, paths)
+    except ConfigError as exc:
+        if conversion is None:
+            raise
+        raise conversion.relocate(exc, cpath) from None
+
+
+def _convert_reference(custom, cpath: str, custom_types) -> Conversion | None:
+    """The conversion of a strategy in the reference tool's layout (None for the seed's), with its warnings given."""
+    if custom is None or not is_reference_layout(custom):
+        return None
+    try:
+        conversion = convert(custom, custom_types)
+    except ConfigError as exc:
+        raise type(exc)(cpath + exc.path[1:], exc.problem, exc.hint) from None
+    if conversion.warnings:
+        warnings.warn(
+            f"{cpath[:-3] or 'the custom strategy'} is in the reference tool's layout; converted to qstrat's, "
+            "with these changes:\n  " + "\n  ".join(conversion.warnings),
+            stacklevel=3,
+        )
+    return conversion
 
 
 def _read_custom(value) -> tuple[Mapping, str]:
@@ -656,10 +683,18 @@ def set_quantize_strategy(
     A dump of ``strategy`` at any verbosity gives back an equal strategy.
     """
     new, cpath = _read_custom(new_quantize_strategy)
-    if "base" in new and new["base"] != strategy.base:
-        data = _base_data(new["base"], f"{cpath}.base")
-    else:
-        data = strategy.to_dict(2)
-    paths: list = []
-    merged = _merge(data, new, cpath, paths)
-    return parse_strategy(merged, cpath, custom_types, paths)
+    conversion = _convert_reference(new, cpath, custom_types)
+    if conversion is not None:
+        new = conversion.data
+    try:
+        if "base" in new and new["base"] != strategy.base:
+            data = _base_data(new["base"], f"{cpath}.base")
+        else:
+            data = strategy.to_dict(2)
+        paths: list = []
+        merged = _merge(data, new, cpath, paths)
+        return parse_strategy(merged, cpath, custom_types, paths)
+    except ConfigError as exc:
+        if conversion is None:
+            raise
+        raise conversion.relocate(exc, cpath) from None
