@@ -25,7 +25,7 @@ from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, in
 from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
-from qstrat.strategy.keys import pending_settings
+from qstrat.strategy.keys import idle_settings, pending_settings
 
 
 class Quantizer:
@@ -155,8 +155,9 @@ class Quantizer:
         """``convert_datatype``: the optimized model (BatchNormalization folded first) cast to ``dtype``; no data needed."""
         with progress.stage("capture + optimize"):
             graph, self.optimize_report = optimize(capture(self.model), {**strategy.optimize, "fold_conv_bn": True})
+        _warn_unknown_layer_names(strategy, graph, self.optimize_report)
         with progress.stage("annotate + insert + rebuild"):
-            annotation = cast_annotation(graph, dtype)
+            annotation = cast_annotation(graph, dtype, strategy)
             qgraph, _ = insert(graph, annotation)
             model = _rebuild_quantized(qgraph, f"{self.model.name}_{dtype}")
         self.report, self.bias_corrections = annotation.report, []
@@ -202,14 +203,17 @@ def _warn_deep(qgraph: Graph) -> None:
 
 
 def _warn_pending(strategy: Strategy) -> None:
-    """One warning per call listing the strategy's keys that are set but do not act yet."""
-    lines = pending_settings(
-        {
-            "optimize_pipeline_config": strategy.optimize,
-            "quantize_pipeline_config": strategy.quantize,
-            "refine_pipeline_config": strategy.refine,
-        }
-    )
+    """One warning per call listing the strategy's keys that are set but do not act yet, and one for keys
+    set while the key they need is off."""
+    sections = {
+        "optimize_pipeline_config": strategy.optimize,
+        "quantize_pipeline_config": strategy.quantize,
+        "refine_pipeline_config": strategy.refine,
+    }
+    idle = idle_settings(sections)
+    if idle:
+        warnings.warn("; ".join(idle) + ".", stacklevel=3)
+    lines = pending_settings(sections)
     if lines:
         warnings.warn(
             f"{len(lines)} strategy key(s) are set but have no effect yet; the model is quantized without them:\n  "

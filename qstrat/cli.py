@@ -142,7 +142,12 @@ def load_calib(path: str, key: str | None, input_names: list[str]):
 
 
 def cmd_quantize(args) -> int:
-    warnings.showwarning = _show_warning  # this process is the command: its warnings are for the user
+    with warnings.catch_warnings():  # the command's warnings are for its user; the caller's display comes back after
+        warnings.showwarning = _show_warning
+        return _quantize(args)
+
+
+def _quantize(args) -> int:
     import qstrat
 
     out = check_out_path(args.out) if args.out else None

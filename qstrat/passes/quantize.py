@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
+import uuid
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -164,8 +165,31 @@ def _warn_unused_handy_keys(strategy: Strategy, configs: dict[str, LayerQuantCon
             f"no {target_type} target here has a quantizer with the parameter {param!r}"
             + (" (unsigned outputs apply only after ReLU-like layers)" if key == "activation_unsigned" else "")
             + ", or a rule by layer name sets it instead. See qstrat.strategy.explain for what sets each parameter.",
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _warn_inapplicable_keys(strategy: Strategy, configs: dict[str, LayerQuantConfig]) -> None:
+    """Warn about quantize keys set to act on quantizers this strategy does not put on the model."""
+    q = strategy.quantize
+    targets = [t for cfg in configs.values() if cfg.quantized for t in cfg.targets]
+    pof2 = ("Pof2SQuantizer", "TQTQuantizer")
+    if q["calib_position_policy"] != "global" and not any(
+        t.quantizer_type in pof2 and t.target_type in ("output", "input") for t in targets
+    ):
+        warnings.warn(
+            f"quantize_pipeline_config.calib_position_policy = {q['calib_position_policy']!r} does nothing: no "
+            "power-of-2 quantizer calibrates a layer output or input here, and it is a rule for their positions.",
+            stacklevel=4,
+        )
+    if not any(t.target_type == "output" for t in targets):
+        for key in ("no_quant_in_conv_bn_act", "no_quant_in_conv_act", "no_quant_in_add_act"):
+            if q[key] is False:
+                warnings.warn(
+                    f"quantize_pipeline_config.{key} = false does nothing: no layer output is quantized here, "
+                    "so there is no quantizer to keep or drop before an activation.",
+                    stacklevel=4,
+                )
 
 
 def _float_targets(node: Node, cfg: LayerQuantConfig) -> tuple[LayerQuantConfig, list[str]]:
@@ -191,6 +215,7 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
     configs = resolve_views(strategy, views(graph), custom_types)
     limit_to_scope(graph, strategy, configs)
     _warn_unused_handy_keys(strategy, configs)
+    _warn_inapplicable_keys(strategy, configs)
     _check_dtypes(configs)
     _warn_missing_weights(graph, configs)
     q = strategy.quantize
@@ -253,20 +278,41 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
     return Annotation(configs, report)
 
 
-def cast_annotation(graph: Graph, dtype: str) -> Annotation:
+def cast_annotation(graph: Graph, dtype: str, strategy: Strategy) -> Annotation:
     """No quantizer anywhere: every layer computes in ``dtype`` (``convert_datatype``).
 
-    The same mechanism as a ``layer_config`` float type, for every layer; model
-    inputs keep their dtype (the first layers cast what they read).
+    The same mechanism as a ``layer_config`` float type, for every layer. Model
+    inputs keep their dtype (the first layers cast what they read); layers in
+    ``ignore_layers`` keep theirs, and a float type in ``layer_config`` wins for
+    its layer. The keys that configure quantizers have nothing to act on: a
+    warning lists those that are set.
     """
+    user = strategy.user
     reason = f"cast to {dtype} by quantize_pipeline_config.convert_datatype"
     configs, report = {}, QuantizeReport()
     for node in graph.nodes:
-        keep = node.type_name == "InputLayer"
-        configs[node.name] = LayerQuantConfig(node.name, (), (), reason, None if keep else dtype)
-        why = "a model input: keeps its dtype" if keep else reason
+        names = {node.layer_name, node.meta.get("origin")}
+        own = next((user["layer_config"][n] for n in names if n in user["layer_config"]), None)
+        if node.type_name == "InputLayer":
+            target, why = None, "a model input: keeps its dtype"
+        elif names & set(user["ignore_layers"]):
+            target, why = None, "ignored by user_defined_quantize_config.ignore_layers: keeps its dtype"
+        elif own is not None and own.startswith(("float", "bfloat")):
+            target, why = own, f"kept in {own} by user_defined_quantize_config.layer_config"
+        else:
+            target, why = dtype, reason
+        configs[node.name] = LayerQuantConfig(node.name, (), (), why, target)
         report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", why)
     _check_dtypes(configs)
+    unused = [k for k in HANDY_KEYS if user[k] is not None]
+    unused += [k for k in ("input_layers", "output_layers") if user[k]]
+    unused += [f"layer_config.{n} = {v!r}" for n, v in user["layer_config"].items() if v.startswith("int")]
+    if unused:
+        warnings.warn(
+            f"convert_datatype = {dtype!r} casts the model and quantizes nothing, so these settings do nothing: "
+            + ", ".join(unused),
+            stacklevel=4,
+        )
     return Annotation(configs, report)
 
 
@@ -291,13 +337,14 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
     def unique(name: str) -> str:
         return unique_name(name, names)
 
-    kinds: dict[str, tuple[str, str]] = {}  # shared key -> (kind of its first target, that target)
+    firsts: dict[str, tuple] = {}  # shared key -> (kind, target, quantizer, ResolvedTarget) of its first target
     holders: dict[str, QuantState] = {}
 
-    def check_kind(t: ResolvedTarget, target: str) -> None:
-        """One shared state serves targets of one kind: weights (and biases), or tensors."""
+    def check_shared(t: ResolvedTarget, target: str) -> None:
+        """One shared state serves targets of one kind (weights and biases, or tensors), with one quantizer."""
         kind = "weight" if t.target_type in ("weight", "bias") else "tensor"
-        first = kinds.setdefault(t.shared_key, (kind, target))
+        quantizer = t.build(target)
+        first = firsts.setdefault(t.shared_key, (kind, target, quantizer, t))
         if first[0] != kind:
             raise ConfigError(
                 target,
@@ -305,17 +352,33 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
                 "A shared quantizer serves either weights and biases (one shared state) or tensors (one "
                 "FakeQuant layer), not both: give the two kinds separate quantizers.",
             )
+        if quantizer != first[2]:
+            mine, theirs = quantizer.get_config(), first[2].get_config()
+            diff = [k for k in {**mine, **theirs} if mine.get(k) != theirs.get(k)] or ["type"]
+            said = "; ".join(
+                f"{k}: {theirs.get(k)!r} there ({first[3].sources.get(k, 'default')}), {mine.get(k)!r} here "
+                f"({t.sources.get(k, 'default')})"
+                for k in diff
+            )
+            raise ConfigError(
+                target,
+                f'shares the quantizer "{t.shared_key}" with {first[1]}, but other settings reach it: {said}',
+                "Targets that share one state need one quantizer: make the setting apply to both "
+                "(or to neither), e.g. a layer_config or handy key for both layers.",
+            )
 
     def shared_state(t: ResolvedTarget, target: str) -> QuantState:
-        check_kind(t, target)
+        check_shared(t, target)
         if t.shared_key not in holders:
             name = unique(re.sub(r"[^A-Za-z0-9_.-]", "_", t.shared_key) + "_shared")
-            holders[t.shared_key] = QuantState(_spec(t), key=t.shared_key, name=name)
+            # The key names the sharing in saved models: unique to this model, so two models loaded at once never merge.
+            key = f"{t.shared_key}#{uuid.uuid4().hex[:12]}"
+            holders[t.shared_key] = QuantState(_spec(t), key=key, name=name)
         return holders[t.shared_key]
 
     def fake_quant(t: ResolvedTarget, target: str) -> FakeQuant:
         if t.shared_key:
-            check_kind(t, target)
+            check_shared(t, target)
         if t.shared_key and t.shared_key in shared_fq:
             fq = shared_fq[t.shared_key]
             fq.more_targets.append(target)

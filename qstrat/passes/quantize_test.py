@@ -54,9 +54,7 @@ def test_output_layers_leave_everything_after_them_in_float():
 
 
 def test_input_layers_start_the_part_and_what_enters_it_is_quantized():
-    """conv_b starts the part; the skip from relu_a to the Add keeps conv_a and relu_a in it as well,
-    as the reference's walk back from the outputs defines the part. conv_c's input comes from relu_b,
-    inside. So only the model input is left out, and conv_a reads it through an input quantizer."""
+    """conv_a starts the part: only the model input is left out, and conv_a reads it through an input quantizer."""
     q = qstrat.Quantizer(chain(), "pof2s")
     qmodel = q.quantize_model(images(), verbose=0, input_layers=["conv_a"], include_bias_corr=False)
     info = qstrat.get_quantize_info(qmodel)
@@ -66,6 +64,24 @@ def test_input_layers_start_the_part_and_what_enters_it_is_quantized():
     assert {"conv_b", "conv_c", "relu_a", "head"} <= set(info)
     fqs = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
     assert sum(fq.target == "conv_a/input_0" for fq in fqs) == 1
+
+
+def test_a_skip_connection_around_the_input_layer_keeps_its_path_in_the_part():
+    """input_layers=["conv_b"]: the walk back from the output also reaches relu_a through the skip to the Add,
+    so conv_a, relu_a and the model input stay in the part (the reference's definition); conv_b reads relu_a's
+    quantized output, so it needs no input quantizer of its own."""
+    q = qstrat.Quantizer(chain(), "pof2s")
+    qmodel = q.quantize_model(images(), verbose=0, input_layers=["conv_b"], include_bias_corr=False)
+    info = qstrat.get_quantize_info(qmodel)
+    assert {"image", "conv_a", "relu_a", "conv_b", "conv_c", "head"} <= set(info)
+    assert "input_0" not in info["conv_b"]
+
+
+def test_an_input_layer_the_walk_never_reaches_warns():
+    with pytest.warns(UserWarning, match="input_layers names 'conv_c', which the walk back"):
+        qstrat.Quantizer(chain(), "pof2s").quantize_model(
+            images(), verbose=0, input_layers=["conv_c"], output_layers=["relu_a"], include_bias_corr=False
+        )
 
 
 def test_input_and_output_layers_together_cut_a_middle_part():
@@ -81,10 +97,14 @@ def test_input_and_output_layers_together_cut_a_middle_part():
     info = qstrat.get_quantize_info(qmodel)
     assert set(info) == {"conv_b", "relu_b", "conv_c", "relu_c"}
     assert info["conv_b"]["input_0"]["target_type"] == "input"
+    # Outside the part the layers are the float ones, quantizers on: the first block's output is float exactly.
     x = images(8, seed=3)
-    # Outside the part the layers are the float ones: with the part's quantizers bypassed, the float model.
-    qstrat.layers.set_quantizers_enabled(qmodel, False)
-    assert np.array_equal(np_(qmodel(x)), np_(chain()(x)))
+    net = chain()
+    float_a = keras.Model(net.inputs, net.get_layer("relu_a").output)
+    q_a = keras.Model(qmodel.inputs, qmodel.get_layer("relu_a").output)
+    assert np.array_equal(np_(q_a(x)), np_(float_a(x)))
+    qstrat.layers.set_quantizers_enabled(qmodel, False)  # and with the part's quantizers bypassed, the float model
+    assert np.array_equal(np_(qmodel(x)), np_(net(x)))
 
 
 def test_without_partition_keys_everything_is_quantized_as_before():
@@ -123,6 +143,21 @@ def test_convert_datatype_casts_the_optimized_model_and_needs_no_data(dtype):
     assert not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in converted.layers)
     assert "convert_datatype" in q.report.layers["conv"].reason
     assert np.isfinite(np.asarray(np_(converted(images(4))), np.float32)).all()
+
+
+def test_convert_datatype_keeps_ignored_and_layer_config_layers_and_warns_about_quantizer_keys():
+    q = qstrat.Quantizer(chain(), "pof2s")
+    with pytest.warns(UserWarning, match="quantizes nothing, so these settings do nothing: weight_bit"):
+        converted = q.quantize_model(
+            None,
+            verbose=0,
+            convert_datatype="float16",
+            weight_bit=4,
+            ignore_layers=["head"],
+            layer_config={"conv_a": "float32", "conv_b": "bfloat16"},
+        )
+    dtypes = {name: converted.get_layer(name).compute_dtype for name in ("conv_a", "conv_b", "conv_c", "head")}
+    assert dtypes == {"conv_a": "float32", "conv_b": "bfloat16", "conv_c": "float16", "head": "float32"}
 
 
 # ---- shared quantizer state ---------------------------------------------------------------------
@@ -212,6 +247,16 @@ def test_shared_trained_threshold_is_one_variable_trained_by_both_targets():
     qmodel.fit(x, np.zeros(np_(qmodel(x)).shape, "float32"), epochs=2, batch_size=16, verbose=0)
     assert float(np_(log_th)) != before
     assert float(np_(wa.state["kernel"]["log_th"])) == float(np_(wb.state["kernel"]["log_th"]))
+
+
+def test_targets_that_share_a_quantizer_but_get_different_settings_are_an_error():
+    with pytest.raises(
+        ConfigError,
+        match=r"shares the quantizer .*bit_width: 8 there .*16 here \(user_defined_quantize_config.layer_config.conv_b\)",
+    ):
+        qstrat.Quantizer(twins(), "pof2s", sharing_strategy()).quantize_model(
+            images(), verbose=0, layer_config={"conv_b": "int16"}
+        )
 
 
 def test_a_quantizer_shared_by_a_weight_and_an_output_is_an_error():

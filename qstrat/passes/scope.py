@@ -9,6 +9,7 @@ float; the tensors that enter the part at an input layer get the quantizer of
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 from qstrat.errors import ConfigError, did_you_mean
@@ -54,6 +55,14 @@ def _scope(graph: Graph, strategy: Strategy) -> tuple[set[str], set[str]]:
         inside.add(name)
         if name not in starts:
             todo.extend(r.node for r in graph.node(name).inputs)
+    unreached = sorted({graph.node(n).layer_name for n in starts - inside})
+    if unreached:
+        warnings.warn(
+            f"user_defined_quantize_config.input_layers names {', '.join(map(repr, unreached))}, which the walk back "
+            "from the output layers never reaches, so it does not start the part to quantize: the part starts at "
+            "the model inputs on those paths instead. Check input_layers against output_layers.",
+            stacklevel=5,
+        )
     outside = {n.name for n in graph.nodes} - inside
     return outside, {n for n in starts & inside if any(r.node in outside for r in graph.node(n).inputs)}
 

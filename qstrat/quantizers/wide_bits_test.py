@@ -602,7 +602,9 @@ def test_bias_bit_32_end_to_end_fs_from_a_strategy_file(tmp_path):
     assert "bias" not in plain["d1"] and plain["d1"]["kernel"]["bit_width"] == 8
     qmodel = qstrat.Quantizer(model, "fs", str(path)).quantize_model(x, verbose=0)
     info = qstrat.get_quantize_info(qmodel)
-    for name, (b, qb, q, state) in biases(qmodel).items():
+    found = biases(qmodel)
+    assert set(found) == {"d1", "d2"}  # the JSON's bias pattern reached both layers
+    for name, (b, qb, q, state) in found.items():
         assert info[name]["bias"]["bit_width"] == 32 and q.params.bit_width == 32
         s = float(state["scale"])
         assert s <= np.abs(b).max() / (2**31 - 1) * (1 + 2.0**-23)  # the whole 32-bit grid spans the bias

@@ -34,8 +34,8 @@ class KeySpec:
     needs: str = ""
 
 
-def _b(name, doc, pending=""):
-    return KeySpec(name, "bool", doc, pending=pending)
+def _b(name, doc, pending="", needs=""):
+    return KeySpec(name, "bool", doc, pending=pending, needs=needs)
 
 
 _QAT = "QAT (training a quantized model with BatchNormalization kept) is not implemented yet"
@@ -73,14 +73,23 @@ OPTIMIZE_KEYS = (
         "Replace ReLU6 by ReLU (changes outputs above 6; lets CLE rescale through the activation).",
     ),
     _b("include_cle", "Run cross-layer equalization (Nagel et al. 2019) on conv/depthwise/dense pairs."),
-    _b("cle_to_relu6", "Let CLE rescale through ReLU6 too (not exactly float-equivalent)."),
-    KeySpec("cle_steps", "int", "Number of CLE passes over all equalizable pairs.", 10, minimum=1, maximum=1000),
+    _b("cle_to_relu6", "Let CLE rescale through ReLU6 too (not exactly float-equivalent).", needs="include_cle"),
+    KeySpec(
+        "cle_steps",
+        "int",
+        "Number of CLE passes over all equalizable pairs.",
+        10,
+        minimum=1,
+        maximum=1000,
+        needs="include_cle",
+    ),
     KeySpec(
         "cle_balance_method",
         "enum",
         "Per-channel range measure CLE balances: the maximum or the mean of |w|.",
         "max",
         choices=("max", "avg"),
+        needs="include_cle",
     ),
     KeySpec(
         "cle_weight_threshold",
@@ -88,8 +97,13 @@ OPTIMIZE_KEYS = (
         "Channels whose two weight ranges add up to less than this keep scale 1.",
         0.1,
         minimum=0.0,
+        needs="include_cle",
     ),
-    _b("cle_bias_absorption", "After CLE, absorb large post-ReLU activation offsets into the next layer's bias."),
+    _b(
+        "cle_bias_absorption",
+        "After CLE, absorb large post-ReLU activation offsets into the next layer's bias.",
+        needs="include_cle",
+    ),
     _b(
         "train_with_bn",
         "QAT: keep BatchNormalization through fake folding (folded weights, batch statistics) until training ends.",
@@ -283,6 +297,20 @@ def pending_settings(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
                 continue  # of no use without the key it needs, which is off
             if spec.pending and name in values and values[name] != spec.default:
                 lines.append(f"{section}.{name} = {json.dumps(values[name])}: {spec.pending}")
+    return lines
+
+
+def idle_settings(sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per acting key set away from its default while the key it needs is off (cle_steps without CLE)."""
+    every = {k: v for values in sections.values() for k, v in values.items()}
+    lines = []
+    for section, keys in SECTIONS.items():
+        values = sections.get(section, {})
+        for name, spec in keys.items():
+            if spec.pending or not spec.needs or every.get(spec.needs) or name not in values:
+                continue
+            if values[name] != spec.default:
+                lines.append(f"{section}.{name} = {json.dumps(values[name])} does nothing while {spec.needs} is off")
     return lines
 
 

@@ -113,3 +113,15 @@ def test_a_key_that_needs_another_warns_only_with_it():
         "refine_pipeline_config.include_fast_ft",
         "refine_pipeline_config.fast_ft_epochs",
     ]
+
+
+def test_an_acting_key_set_while_the_key_it_needs_is_off_is_named():
+    from qstrat.strategy import load_strategy
+    from qstrat.strategy.keys import idle_settings
+
+    assert idle_settings(_sections(load_strategy("", None, cle_steps=3, include_cle=True))) == []
+    assert idle_settings(_sections(load_strategy("", None, cle_steps=10))) == []  # the default: nothing set
+    assert idle_settings(_sections(load_strategy("", None, cle_steps=3, cle_balance_method="avg"))) == [
+        "optimize_pipeline_config.cle_steps = 3 does nothing while include_cle is off",
+        'optimize_pipeline_config.cle_balance_method = "avg" does nothing while include_cle is off',
+    ]
