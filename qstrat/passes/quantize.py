@@ -30,6 +30,7 @@ from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtyp
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper, QuantState
 from qstrat.passes.scope import limit_to_scope
+from qstrat.quantizers import DEFAULT_POSITION_POLICY
 from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy, resolve_views
 from qstrat.strategy.keys import HANDY_KEYS
 from qstrat.strategy.match import weight_names
@@ -174,7 +175,7 @@ def _warn_inapplicable_keys(strategy: Strategy, configs: dict[str, LayerQuantCon
     q = strategy.quantize
     targets = [t for cfg in configs.values() if cfg.quantized for t in cfg.targets]
     pof2 = ("Pof2SQuantizer", "TQTQuantizer")
-    if q["calib_position_policy"] != "global" and not any(
+    if q["calib_position_policy"] != DEFAULT_POSITION_POLICY and not any(
         t.quantizer_type in pof2 and t.target_type in ("output", "input") for t in targets
     ):
         warnings.warn(

@@ -40,6 +40,10 @@ from qstrat.strategy.keys import (
     KeySpec,
 )
 from qstrat.strategy.layer_types import check_layer_params, check_layer_type
+from qstrat.strategy.readers import check_known as _known
+from qstrat.strategy.readers import expect_list as _list
+from qstrat.strategy.readers import expect_object as _obj
+from qstrat.strategy.readers import expect_str as _str
 from qstrat.strategy.reference_layout import Conversion, convert, is_reference_layout
 from qstrat.strategy.schema import (
     TARGET_TYPES,
@@ -63,34 +67,7 @@ TARGET_KEYS = ("_comment", "target_name", "target_type", "shared_quantizer", "qu
 QUANTIZER_KEYS = ("_comment", "name", "type", "params", "quantizer_type", "quantizer_params")
 
 
-# ---- small typed readers ---------------------------------------------------------
-
-
-def _obj(value, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError.expected(path, "an object", value)
-    for k in value:
-        if not isinstance(k, str):
-            raise ConfigError.expected(path, "an object with string keys", value)
-    return value
-
-
-def _known(d: Mapping, path: str, allowed) -> None:
-    for k in d:
-        if k not in allowed:
-            raise ConfigError.unknown_key(path, k, [a for a in allowed if a != "_comment"])
-
-
-def _str(value, path: str, what: str = "a string") -> str:
-    if not isinstance(value, str):
-        raise ConfigError.expected(path, what, value)
-    return value
-
-
-def _list(value, path: str) -> list:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError.expected(path, "a list", value)
-    return list(value)
+# ---- small typed readers (qstrat.strategy.readers) ------------------------------------------
 
 
 def _str_list(value, path: str) -> tuple[str, ...]:

@@ -43,6 +43,9 @@ from typing import Any
 
 from qstrat.errors import ConfigError, did_you_mean
 from qstrat.quantizers.grid import LEGACY_METHOD_CODES, LEGACY_ROUND_CODES
+from qstrat.strategy.readers import check_known as _known
+from qstrat.strategy.readers import expect_list as _list
+from qstrat.strategy.readers import expect_object as _obj
 
 REGISTRY = "quantize_registry_config"
 SECTION_NAMES = ("optimize_pipeline_config", "quantize_pipeline_config", "refine_pipeline_config")
@@ -117,24 +120,6 @@ class Conversion:
         if not exc.path.startswith(prefix):
             return exc
         return type(exc)(prefix + self.original_path("$" + exc.path[len(prefix) :])[1:], exc.problem, exc.hint)
-
-
-def _obj(value, path: str) -> Mapping:
-    if not isinstance(value, Mapping):
-        raise ConfigError.expected(path, "a JSON object", value)
-    return value
-
-
-def _known(d: Mapping, path: str, allowed) -> None:
-    for key in d:
-        if key not in allowed:
-            raise ConfigError.unknown_key(path, key, [a for a in allowed if a != "_comment"])
-
-
-def _list(value, path: str) -> list:
-    if not isinstance(value, list):
-        raise ConfigError.expected(path, "a JSON list", value)
-    return value
 
 
 def convert(d: Mapping, custom_types: Mapping[str, type] | None = None) -> Conversion:
