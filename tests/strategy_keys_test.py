@@ -4,10 +4,15 @@ For each built-in strategy and each key (pipeline keys and the keys of
 ``user_defined_quantize_config``), the key is set to another valid value and
 the model is quantized again. The key acts when that changes the quantized
 model's outputs, its quantize info, the quantize report or the optimize
-report, or when the value is refused with a ConfigError (the key was read).
-Keys that do not act yet are in `INERT_KEYS`; setting them must warn
-(`qstrat.PendingKeyWarning`) and change nothing. The later issues (DPU
-fidelity, export, QAT, refine) shrink the list; the goal is an empty one.
+report. Otherwise it must be listed:
+
+- `INERT_KEYS`: does not act yet; setting it warns (`qstrat.PendingKeyWarning`)
+  and changes nothing. The later issues (DPU fidelity, export, QAT, refine)
+  shrink the list; the goal is an empty one.
+- `NOT_APPLICABLE`: the strategy has nothing for it to act on; setting it
+  warns that it does nothing.
+- `REFUSED`: the strategy's quantizers accept one value only; another is a
+  ConfigError naming the parameter.
 """
 
 import json
