@@ -7,11 +7,11 @@ from qstrat.strategy.load import (
     builtin_names,
     dump_quantize_strategy,
     load_strategy,
-    parse_strategy,
     read_strategy_file,
     set_quantize_strategy,
 )
 from qstrat.strategy.match import LayerQuantConfig, ResolvedTarget, explain, resolve_views
+from qstrat.strategy.parse import parse_strategy
 from qstrat.strategy.schema import (
     InputQuantizeConfig,
     LayerPattern,

@@ -35,7 +35,7 @@ from qstrat.errors import ConfigError
 from qstrat.quantizers import Quantizer, get_quantizer_class
 from qstrat.strategy.keys import HANDY_KEYS
 from qstrat.strategy.layer_types import resolve_layer_class
-from qstrat.strategy.load import check_target_bit_width
+from qstrat.strategy.parse import check_target_bit_width
 from qstrat.strategy.schema import LayerPattern, PatternRef, QuantTarget, Strategy, thaw
 
 RELU_ACTIVATIONS = ("relu", "relu6")
