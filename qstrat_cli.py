@@ -7,6 +7,7 @@ commands themselves live in `qstrat.cli`.
 qstrat quantize MODEL.keras --calib DATA.npz [--strategy pof2s|fs|tqt|FILE.json]
                 [--set weight_bit=4 ...] [--out OUT.keras] [--calib-steps N] [--batch-size B]
                 [--custom-objects module:Name ...]
+qstrat export QMODEL.keras --format onnx|tflite -o OUT [--opset N] [--data DATA.npz] [--int8-io]
 qstrat strategy show NAME [--verbose 0|1|2]
 qstrat strategy keys
 qstrat demo
@@ -59,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert: a custom layer class the file names, e.g. mypkg.layers:MyConv (repeatable)",
     )
     s.set_defaults(command_name="strategy")
+    e = sub.add_parser(
+        "export",
+        help="write a quantized .keras model as ONNX QDQ or TFLite int8",
+        description="qstrat export QMODEL.keras --format onnx -o OUT.onnx [--data DATA.npz]",
+    )
+    e.add_argument("model", help="a quantized model (.keras) written by qstrat quantize")
+    e.add_argument("--format", required=True, choices=["onnx", "tflite"])
+    e.add_argument("-o", "--out", required=True, help="the file to write (.onnx or .tflite; written atomically)")
+    e.add_argument("--opset", type=int, default=None, help="onnx: the opset (default: the lowest that holds the grids)")
+    e.add_argument(
+        "--data",
+        help="onnx: sample inputs (.npy/.npz, as for quantize --calib): the report counts the elements ONNX rounds differently",
+    )
+    e.add_argument("--data-key", help="which array of the .npz to use (one-input models)")
+    e.add_argument("--int8-io", action="store_true", help="tflite: int8 inputs and outputs")
+    e.add_argument(
+        "--custom-objects", action="append", metavar="MODULE:NAME", help="a custom layer class the model uses"
+    )
+    e.set_defaults(command_name="export")
     d = sub.add_parser("demo", help="quantize two real models on real data")
     d.set_defaults(command_name="demo")
     return p

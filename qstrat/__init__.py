@@ -3,6 +3,7 @@
 import qstrat.layers  # noqa: F401 - registers the quantized layers for keras.saving
 from qstrat.api import Quantizer, get_quantize_info
 from qstrat.errors import CalibrationDataError, ConfigError, PendingKeyWarning, QstratError, UnsupportedError
+from qstrat.export import export_onnx, export_tflite
 from qstrat.quantizers import (
     FSQuantizer,
     MAFSQuantizer,
@@ -25,6 +26,8 @@ __all__ = [
     "QstratError",
     "BaseQuantizer",
     "Quantizer",
+    "export_onnx",
+    "export_tflite",
     "get_quantize_info",
     "load_model",
     "TQTQuantizer",

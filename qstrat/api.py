@@ -7,6 +7,7 @@ calibrate it. The user's model is read, never changed.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -59,6 +60,9 @@ class Quantizer:
         self.report: QuantizeReport | None = None
         self.optimize_report: OptimizeReport | None = None
         self.bias_corrections: list[Correction] = []
+        self.convert_report = None  # of the last quantize_model's refine conversions, when a key asked for one
+        self.export_report = None  # of the last quantize_model's ONNX file, when output_format is "onnx"
+        self.output_path: str | None = None  # the file the last quantize_model wrote (output_format)
         # Of the last quantize_model: seconds per stage, and "data_passes" over the calibration data.
         self.timings: dict[str, float] = {}
 
@@ -107,7 +111,10 @@ class Quantizer:
         calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
         calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
         strategy = self._strategy(overrides)
+        if strategy.quantize["onnx_exact_rounding"]:
+            strategy = self._exact_rounding(strategy, overrides)
         _warn_pending(strategy)
+        target = _output_target(strategy)  # checked before any long work
         if strategy.quantize["convert_datatype"]:
             return self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
         bias_corr = strategy.refine["include_bias_corr"]
@@ -147,8 +154,70 @@ class Quantizer:
                         qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples, progress, bc_plan
                     )
         self.report = annotation.report
+        qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
         progress.done("quantized")
         self.timings = {**progress.times, "data_passes": progress.data_passes}
+        return qmodel
+
+    def _exact_rounding(self, strategy: Strategy, overrides: Mapping[str, Any]) -> Strategy:
+        """``onnx_exact_rounding``: activations and inputs round half to even, as ONNX QuantizeLinear does."""
+        for key in ("activation_round_mode", "input_round_mode"):
+            if overrides.get(key) not in (None, "HALF_TO_EVEN"):
+                raise ConfigError(
+                    key,
+                    f'{key}="{overrides[key]}" contradicts onnx_exact_rounding (activations round half to even)',
+                    f"Drop {key}, or set onnx_exact_rounding=False.",
+                )
+        if _uses_framework_quantizers(self._strategy(overrides).to_dict(2)):
+            raise ConfigError(
+                "quantize_pipeline_config.onnx_exact_rounding",
+                "the strategy's FS quantizers use the framework quantizer (use_framework_quantizer), which rounds "
+                "half up only",
+                "Set use_framework_quantizer to false in the strategy for exact ONNX rounding, or leave "
+                "onnx_exact_rounding off and read the export report's mismatch counts.",
+            )
+        return self._strategy({**overrides, "activation_round_mode": "HALF_TO_EVEN", "input_round_mode": "HALF_TO_EVEN"})
+
+    def _refine_and_write(self, qmodel, strategy: Strategy, target: str | None, calib_dataset, progress: Progress):
+        """The refine stage's conversions, then the file ``output_format`` asks for."""
+        from qstrat.passes.refine.convert import to_float_scale, to_pof2s
+
+        self.convert_report = None
+        conversions = (
+            ("convert_to_pof2s_quantize_strategy", "TQT", lambda m: to_pof2s(m)),
+            ("convert_to_fs_quantize_strategy", "power-of-2 or TQT", lambda m: to_float_scale(m, framework=True)),
+        )
+        for key, kind, convert in conversions:
+            if not strategy.refine[key]:
+                continue
+            with progress.stage(key.replace("_", " ")):
+                converted, report = convert(qmodel)
+            if not report.converted():
+                warnings.warn(
+                    f"refine_pipeline_config.{key} = true does nothing: the model has no {kind} quantizers.",
+                    stacklevel=3,
+                )
+                continue
+            qmodel, self.convert_report = converted, report
+        qmodel.qstrat_metadata = {"qstrat.strategy": json.dumps(strategy.to_dict(2))}
+        self.export_report, self.output_path = None, target
+        if target is None:
+            return qmodel
+        fmt = strategy.refine["output_format"]
+        with progress.stage(f"write {os.path.basename(target)}"):
+            if fmt == "keras":
+                from qstrat.saving import save_model
+
+                save_model(qmodel, target)
+            else:
+                from qstrat.export.onnx_export import export_onnx
+
+                data = _sample_arrays(calib_dataset)
+                self.export_report = export_onnx(
+                    qmodel, target, strategy.refine["onnx_opset_version"], data=data, strategy=strategy
+                )
+                with open(target[: -len(".onnx")] + "_export_report.json", "w") as f:
+                    json.dump(self.export_report.to_dict(), f, indent=1)
         return qmodel
 
     def _converted(self, strategy: Strategy, dtype: str, progress: Progress):
@@ -171,6 +240,47 @@ class Quantizer:
     def set_quantize_strategy(self, new_quantize_strategy) -> Strategy:
         self.strategy = set_quantize_strategy(self.strategy, new_quantize_strategy, self.custom_objects)
         return self.strategy
+
+
+def _uses_framework_quantizers(data) -> bool:
+    if isinstance(data, dict):
+        return data.get("use_framework_quantizer") is True or any(_uses_framework_quantizers(v) for v in data.values())
+    if isinstance(data, list):
+        return any(_uses_framework_quantizers(v) for v in data)
+    return False
+
+
+def _output_target(strategy: Strategy) -> str | None:
+    """The file ``output_format`` asks for, its folder created and checked now, before any long work."""
+    fmt = strategy.refine["output_format"]
+    if not fmt:
+        return None
+    from qstrat.export.files import check_writable
+
+    folder = strategy.refine["output_dir"]
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            "refine_pipeline_config.output_dir", f"cannot create {folder}: {exc}", "Choose another folder."
+        ) from None
+    path = os.path.join(folder, f"quantized_model.{fmt}")
+    check_writable(path)
+    return path
+
+
+# Calibration samples the ONNX export counts rounding mismatches on (arrays only: a stream is not read twice).
+_EXPORT_SAMPLES = 256
+
+
+def _sample_arrays(data):
+    import numpy as np
+
+    if isinstance(data, np.ndarray):
+        return data[:_EXPORT_SAMPLES]
+    if isinstance(data, list | tuple) and data and all(isinstance(d, np.ndarray) for d in data):
+        return [d[:_EXPORT_SAMPLES] for d in data]
+    return None
 
 
 def _refuse_quantized(graph: Graph) -> None:

@@ -15,13 +15,12 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError  # noqa: E402
-from qstrat.saving import load_model  # noqa: E402, F401 - the CLI loads models through it
+from qstrat.saving import load_model, save_model  # noqa: E402 - the CLI loads and saves models through them
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -61,18 +60,6 @@ def check_out_path(out: str) -> str:
     if not os.access(folder, os.W_OK):
         raise QstratError(f"--out {out}: the folder {folder} is not writable.")
     return path
-
-
-def save_atomically(model, path: str) -> None:
-    """Save a model to ``path`` through a temporary file in the same folder: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=".qstrat-", suffix=".keras", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_custom_objects(items: list[str] | None) -> dict[str, type]:
@@ -171,8 +158,40 @@ def _quantize(args) -> int:
             f"(largest mean shift removed: {worst.max_abs_shift:.3g} in {worst.layer})"
         )
     if out:
-        save_atomically(qmodel, out)
+        save_model(qmodel, out)
         print(f"\nwrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _export(args)
+
+
+def _export(args) -> int:
+    """``qstrat export QMODEL.keras --format onnx|tflite -o OUT``."""
+    out = os.path.abspath(args.out)
+    suffix = "." + args.format
+    if not out.endswith(suffix):
+        raise QstratError(f"-o {args.out}: a {args.format} file must end in {suffix}")
+    from qstrat.export.files import check_writable
+
+    check_writable(out)
+    custom_objects = load_custom_objects(args.custom_objects)
+    qmodel = load_model(args.model, custom_objects)
+    if args.format == "onnx":
+        from qstrat.export.onnx_export import export_onnx
+
+        data = load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs]) if args.data else None
+        report = export_onnx(qmodel, out, args.opset, data=data)
+        print(report.summary())
+    else:
+        from qstrat.export.tflite import export_tflite
+
+        report = export_tflite(qmodel, out, int8_io=args.int8_io)
+        print(f"{out}: {report['bytes'] / 1024:.1f} KiB")
+    print(f"wrote {args.out}")
     return 0
 
 

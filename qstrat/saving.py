@@ -75,3 +75,23 @@ def load_model(path: str | os.PathLike, custom_objects: dict | None = None):
         if "Could not locate" in str(exc) or "Unknown layer" in str(exc):
             hint = " It uses a custom class: pass it in custom_objects (CLI: --custom-objects module:Name)."
         raise QstratError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc}).{hint}") from None
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    """``model.save(path)``, atomically: Keras writes a temporary file beside ``path``, which then replaces it.
+
+    An error or Ctrl-C while saving leaves any earlier file at ``path`` as it was.
+    """
+    import tempfile
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".keras", dir=folder)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -15,7 +15,12 @@ report. Otherwise it must be listed:
   ConfigError naming the parameter.
 """
 
+import atexit
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 import warnings
 
 import keras
@@ -32,8 +37,6 @@ _QAT = "QAT is a later issue: nothing trains a quantized model with BatchNormali
 _DPU = "DPU layer versions: the DPU fidelity issue"
 _CONSTRAINTS = "DPU compiler position constraints: the DPU fidelity issue"
 _FAST_FT = "fast finetune: the refine issue"
-_CONVERT = "refine's quantizer conversions: the refine and QAT issues"
-_EXPORT = "export: the export issue"
 
 # key -> why it does not act yet. Each must warn when set (keys.py `pending`), except
 # quantize_with_xcompiler, which accepts only false: its true would need the Vitis AI
@@ -59,18 +62,17 @@ INERT_KEYS = {
     "align_pool": _CONSTRAINTS,
     "include_fast_ft": _FAST_FT,
     "fast_ft_epochs": _FAST_FT,
-    "convert_to_fs_quantize_strategy": _CONVERT,
-    "convert_to_pof2s_quantize_strategy": _CONVERT,
-    "output_format": _EXPORT,
-    "onnx_opset_version": _EXPORT,
-    "output_dir": _EXPORT,
 }
 
 # (strategy, key) -> why the key cannot act in that strategy: it configures something the strategy does not
 # have. Setting it changes nothing and warns that it does nothing.
 _FS_NO_OUTPUTS = "fs quantizes layer inputs and weights only: no output quantizer to fuse or to set"
+_NO_TQT = "no TQT quantizer to convert"
 NOT_APPLICABLE = {
     ("fs", "calib_position_policy"): "fs has no power-of-2 quantizers, whose positions this policy calibrates",
+    ("fs", "convert_to_fs_quantize_strategy"): "fs's quantizers are float-scale already",
+    ("fs", "convert_to_pof2s_quantize_strategy"): _NO_TQT,
+    ("pof2s", "convert_to_pof2s_quantize_strategy"): _NO_TQT,
     ("fs", "no_quant_in_conv_bn_act"): _FS_NO_OUTPUTS,
     ("fs", "no_quant_in_conv_act"): _FS_NO_OUTPUTS,
     ("fs", "no_quant_in_add_act"): _FS_NO_OUTPUTS,
@@ -86,11 +88,16 @@ NOT_APPLICABLE = {
 REFUSED = {
     ("fs", "input_round_mode"): "fs's framework quantizers (TensorFlow's FakeQuant op) round HALF_UP only",
     ("fs", "weight_round_mode"): "fs's framework quantizers (TensorFlow's FakeQuant op) round HALF_UP only",
+    ("fs", "onnx_exact_rounding"): "fs's framework quantizers (TensorFlow's FakeQuant op) round HALF_UP only",
     **{("tqt", f"{fam}_symmetry"): "TQT thresholds are symmetric" for fam in ("weight", "bias", "activation")},
     **{
         ("tqt", f"{fam}_per_channel"): "TQT learns one threshold per tensor" for fam in ("weight", "bias", "activation")
     },
 }
+
+# Where output_format writes: a folder of its own, never the working directory.
+OUT = tempfile.mkdtemp(prefix="qstrat-keys-")
+atexit.register(shutil.rmtree, OUT, True)
 
 # Keys that act only with others set: the others are set in both runs. Bias correction is off
 # (it would only make each run slower) except where its own key is tried.
@@ -104,8 +111,9 @@ CONTEXT = {
     "no_quant_in_conv_bn_act": {"fold_conv_bn": False, "convert_bn_to_dwconv": False},
     "fast_ft_epochs": {"include_fast_ft": True},
     "freeze_bn_delay": {"train_with_bn": True},
-    "onnx_opset_version": {"output_format": "onnx"},
-    "output_dir": {"output_format": "onnx"},
+    "output_format": {"output_dir": os.path.join(OUT, "format")},
+    "onnx_opset_version": {"output_format": "onnx", "output_dir": os.path.join(OUT, "opset")},
+    "output_dir": {"output_format": "onnx", "output_dir": os.path.join(OUT, "dir")},
     **{
         f"{fam}_method_percentile": {f"{fam}_method": "Percentile"} for fam in ("input", "weight", "bias", "activation")
     },
@@ -180,7 +188,12 @@ def fingerprint(strategy: str, overrides: dict):
             return ("error", str(exc))
     out = keras.ops.convert_to_numpy(qmodel(DATA[:8]))
     info = json.dumps(qstrat.get_quantize_info(qmodel), sort_keys=True, default=str)
-    return (out.tobytes(), info, q.report.table(), q.optimize_report.table() if q.optimize_report else "")
+    written = ""
+    if q.output_path:  # what output_format wrote, and where: the .keras zip carries dates, so its name only
+        with open(q.output_path, "rb") as f:
+            data = f.read() if q.output_path.endswith(".onnx") else b""
+        written = q.output_path + hashlib.sha256(data).hexdigest()
+    return (out.tobytes(), info, q.report.table(), q.optimize_report.table() if q.optimize_report else "", written)
 
 
 def fingerprint_warns(strategy: str, overrides: dict) -> None:
@@ -215,7 +228,7 @@ def other_value(strategy: str, section: str, key: str):
     if spec.choices:
         return next(c for c in spec.choices if c != value)
     if key == "output_dir":
-        return value + "_elsewhere"
+        return os.path.join(OUT, "elsewhere")
     if spec.kind == "int":  # the smallest value (one CLE step changes what ten do), or the next
         return spec.minimum if value != spec.minimum else value + 1
     return value * 1000.0 + 1.0  # cle_weight_threshold: no channel pair passes, so CLE rescales nothing

@@ -75,7 +75,9 @@ class _Capture:
                     if id(tensor) in refs:
                         continue  # a nested model's input: fed from outside
                     name = self.unique(op.name)
-                    self.nodes.append(Node(name, op, (), meta={"dtypes": (str(tensor.dtype),)}))
+                    self.nodes.append(
+                        Node(name, op, (), meta={"dtypes": (str(tensor.dtype),), "shapes": (tuple(tensor.shape),)})
+                    )
                     refs[id(tensor)] = TensorRef(name, 0)
                     continue
                 ins = list(knode.input_tensors)
@@ -96,7 +98,10 @@ class _Capture:
                         refs[id(t)] = r
                     continue
                 name = self.unique(op.name)
-                meta = {"dtypes": tuple(str(t.dtype) for t in knode.outputs)}
+                meta = {
+                    "dtypes": tuple(str(t.dtype) for t in knode.outputs),
+                    "shapes": tuple(tuple(t.shape) for t in knode.outputs),
+                }
                 self.nodes.append(Node(name, op, tuple(in_refs), knode.arguments, tuple(ins), len(knode.outputs), meta))
                 for i, t in enumerate(knode.outputs):
                     refs[id(t)] = TensorRef(name, i)

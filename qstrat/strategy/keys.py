@@ -44,8 +44,6 @@ _CONSTRAINTS = (
     "the refine stage does not apply the DPU compiler's position constraints yet: positions stay as calibrated"
 )
 _FAST_FT = "fast finetune is not implemented yet"
-_CONVERT = "refine's quantizer conversions are not implemented yet"
-_EXPORT = "export is not implemented yet: quantize_model returns the Keras model and writes no file"
 
 
 OPTIMIZE_KEYS = (
@@ -158,6 +156,12 @@ QUANTIZE_KEYS = (
         "No quantizer between a conv and its activation: only the activation output is quantized.",
     ),
     _b("no_quant_in_add_act", "No quantizer between an Add/Multiply and the activation after it."),
+    _b(
+        "onnx_exact_rounding",
+        "Activations and model inputs round half to even, as ONNX QuantizeLinear does, so that an ONNX export computes "
+        "exactly what the quantized model does. Off keeps the strategy's rounding (the DPU's HALF_UP) and the export "
+        "report counts the elements that round differently.",
+    ),
     KeySpec(
         "freeze_bn_delay",
         "int",
@@ -239,39 +243,37 @@ REFINE_KEYS = (
     ),
     _b(
         "convert_to_fs_quantize_strategy",
-        "Replace power-of-2 quantizers by float-scale ones with the same grid (scale exactly 2^-pos), for framework FakeQuant export.",
-        _CONVERT,
+        "Replace power-of-2 and TQT quantizers by float-scale ones with the same grid (scale exactly 2^-pos), "
+        "using the framework FakeQuant op where it is allowed (8-bit HALF_UP), for TFLite and framework export. "
+        "The outputs stay the same; `Quantizer.convert_report` lists each quantizer.",
     ),
     _b(
         "convert_to_pof2s_quantize_strategy",
-        "Replace trained-threshold (TQT) quantizers by power-of-2 ones with the same position, for deployment.",
-        _CONVERT,
+        "Replace trained-threshold (TQT) quantizers by power-of-2 ones at the same position, for deployment (same outputs).",
     ),
     KeySpec(
         "output_format",
         "enum",
-        'What the refine stage writes: nothing (""), a .keras model, or an ONNX QDQ model.',
+        'What quantize_model also writes into output_dir: nothing (""), quantized_model.keras, or '
+        "quantized_model.onnx (ONNX QDQ, with its export report beside it).",
         "",
         choices=("", "keras", "onnx"),
-        pending=_EXPORT,
     ),
     KeySpec(
         "onnx_opset_version",
         "int",
-        "ONNX opset of the exported model.",
-        17,
+        "ONNX opset of the exported model (16-bit activation grids need 21).",
+        13,
         minimum=13,
         maximum=23,
         needs="output_format",
-        pending=_EXPORT,
     ),
     KeySpec(
         "output_dir",
         "str",
-        "Folder for the written model and its quantize info.",
+        "Folder for the written model (created if missing; checked before quantizing starts).",
         "./quantize_results",
         needs="output_format",
-        pending=_EXPORT,
     ),
 )
 

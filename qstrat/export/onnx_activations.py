@@ -1,0 +1,164 @@
+"""ONNX nodes for activations and per-channel affine layers (BatchNormalization, ScaleShift, Rescaling, Normalization).
+
+Each follows Keras' own formula op for op where quantized values make the
+result exact: hard sigmoid is ``relu6(x + 3) / 6``, ReLU6 a Clip, swish
+``x * sigmoid(x)``. Normalization's mean and variance stay constants of the
+graph (Keras' own ONNX export turns them into extra graph inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from qstrat.export.onnx_build import Call, Tensor, channel_const, physical_axis, unsupported
+
+
+def activation(c: Call, t: Tensor, fn, name: str | None = None, axis: int = -1) -> Tensor:
+    """``fn`` (a Keras activation function or its name) applied to ``t``."""
+    import keras
+
+    key = fn if isinstance(fn, str) else keras.activations.serialize(fn)
+    key = key if isinstance(key, str) else key.get("config", key.get("class_name"))
+    if key in (None, "linear"):
+        return t
+    b = c.b
+    name = name or f"{c.name}/{key}"
+    x = t.name
+
+    def const(v):
+        return b.const(np.float32(v), f"{c.name}/{key}_c")
+
+    simple = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "elu": "Elu", "selu": "Selu"}
+    simple |= {"softplus": "Softplus", "softsign": "Softsign", "exponential": "Exp"}
+    if key in simple:
+        y = b.one(simple[key], [x], name)
+    elif key == "relu6":
+        y = b.one("Clip", [x, const(0.0), b.const(np.float32(6.0), f"{c.name}/six")], name)
+    elif key in ("softmax", "log_softmax"):
+        y = b.one("Softmax" if key == "softmax" else "LogSoftmax", [x], name, axis=physical_axis(axis, t))
+    elif key == "leaky_relu":
+        y = b.one("LeakyRelu", [x], name, alpha=0.2)
+    elif key in ("hard_sigmoid", "hard_silu", "hard_swish"):
+        # Keras: relu6(x + 3) / 6, and x times that for hard_silu.
+        p = b.one("Add", [x, b.const(np.float32(3.0), f"{c.name}/three")], f"{name}/add3")
+        r = b.one(
+            "Clip",
+            [p, b.const(np.float32(0.0), f"{c.name}/zero"), b.const(np.float32(6.0), f"{c.name}/six")],
+            f"{name}/relu6",
+        )
+        hs = key == "hard_sigmoid"
+        y = b.one("Div", [r, b.const(np.float32(6.0), f"{c.name}/six")], name if hs else f"{name}/div6")
+        if not hs:
+            y = b.one("Mul", [x, y], name)
+    elif key in ("silu", "swish"):
+        y = b.one("Mul", [x, b.one("Sigmoid", [x], f"{name}/sigmoid")], name)
+    elif key == "gelu":
+        half = b.one("Div", [x, b.const(np.float32(math.sqrt(2.0)), f"{c.name}/sqrt2")], f"{name}/scaled")
+        e = b.one("Add", [b.one("Erf", [half], f"{name}/erf"), b.const(np.float32(1.0), f"{c.name}/one")], f"{name}/1p")
+        y = b.one("Mul", [b.one("Mul", [x, b.const(np.float32(0.5), f"{c.name}/half")], f"{name}/halfx"), e], name)
+    else:
+        raise unsupported(c, f'with activation "{key}"')
+    return Tensor(y, t.shape, t.layout)
+
+
+def _activation_layer(c: Call) -> list[Tensor]:
+    return [activation(c, c.inputs[0], c.layer.get_config()["activation"], c.name)]
+
+
+def _relu(c: Call) -> list[Tensor]:
+    layer, b, x = c.layer, c.b, c.inputs[0]
+    slope, top, th = float(layer.negative_slope), layer.max_value, float(layer.threshold)
+    if th != 0.0:
+        raise unsupported(c, "with a threshold")
+    if slope != 0.0:
+        if top is not None:
+            raise unsupported(c, "with both negative_slope and max_value")
+        return [c.out(b.one("LeakyRelu", [x.name], c.name, alpha=slope), x.layout)]
+    if top is None:
+        return [c.out(b.one("Relu", [x.name], c.name), x.layout)]
+    lo, hi = b.const(np.float32(0.0), f"{c.name}/zero"), b.const(np.float32(top), f"{c.name}/max_value")
+    return [c.out(b.one("Clip", [x.name, lo, hi], c.name), x.layout)]
+
+
+def _leaky_relu(c: Call) -> list[Tensor]:
+    x = c.inputs[0]
+    return [c.out(c.b.one("LeakyRelu", [x.name], c.name, alpha=float(c.layer.negative_slope)), x.layout)]
+
+
+def _prelu(c: Call) -> list[Tensor]:
+    x = c.b.to_keras(c.inputs[0])
+    alpha = c.weight("alpha", lambda a: a[None], None, None)
+    return [c.out(c.b.one("PRelu", [x.name, alpha], c.name), "keras")]
+
+
+def _softmax(c: Call) -> list[Tensor]:
+    axis = c.layer.axis
+    if isinstance(axis, list | tuple):
+        if len(axis) != 1:
+            raise unsupported(c, "over several axes")
+        axis = axis[0]
+    return [activation(c, c.inputs[0], "softmax", c.name, axis=int(axis))]
+
+
+def _affine(c: Call, scale, shift, axis: int = -1) -> list[Tensor]:
+    """x * scale + shift, per channel."""
+    b, x = c.b, c.inputs[0]
+    y = b.one("Mul", [x.name, channel_const(b, x, scale, f"{c.name}/scale", axis)], f"{c.name}/Mul")
+    y = b.one("Add", [y, channel_const(b, x, shift, f"{c.name}/shift", axis)], c.name)
+    return [c.out(y, x.layout)]
+
+
+def _batch_norm(c: Call) -> list[Tensor]:
+    layer = c.layer
+    axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+    if axis % c.inputs[0].rank != c.inputs[0].rank - 1:
+        raise unsupported(c, f"on axis {layer.axis} (only the channel axis, last)")
+    mean = np.asarray(layer.moving_mean.numpy(), np.float32)
+    var = np.asarray(layer.moving_variance.numpy(), np.float32)
+    gamma = layer.gamma.numpy() if layer.scale else np.ones_like(mean)
+    beta = layer.beta.numpy() if layer.center else np.zeros_like(mean)
+    inv = (np.float32(1.0) / np.sqrt(var + np.float32(layer.epsilon))).astype(np.float32) * gamma
+    return _affine(c, inv, (beta - mean * inv).astype(np.float32))
+
+
+def _scale_shift(c: Call) -> list[Tensor]:
+    return _affine(c, c.layer.scale.numpy(), c.layer.shift.numpy())
+
+
+def _rescaling(c: Call) -> list[Tensor]:
+    b, x = c.b, c.inputs[0]
+    y = b.one("Mul", [x.name, b.const(np.asarray(c.layer.scale, np.float32), f"{c.name}/scale")], f"{c.name}/Mul")
+    y = b.one("Add", [y, b.const(np.asarray(c.layer.offset, np.float32), f"{c.name}/offset")], c.name)
+    return [c.out(y, x.layout)]
+
+
+def _normalization(c: Call) -> list[Tensor]:
+    """Keras: (x - mean) / max(sqrt(variance), epsilon). Mean and variance stay constants (not graph inputs)."""
+    import keras
+
+    layer, b = c.layer, c.b
+    if getattr(layer, "invert", False):
+        raise unsupported(c, "with invert=True")
+    x = b.to_keras(c.inputs[0])
+    mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32)
+    denom = np.maximum(
+        np.sqrt(np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32)), np.float32(keras.backend.epsilon())
+    )
+    y = b.one("Sub", [x.name, b.const(mean, f"{c.name}/mean")], f"{c.name}/Sub")
+    return [c.out(b.one("Div", [y, b.const(denom.astype(np.float32), f"{c.name}/std")], c.name), "keras")]
+
+
+ACTIVATION_EMITTERS: dict[str, Callable[[Call], list[Tensor]]] = {
+    "Activation": _activation_layer,
+    "ReLU": _relu,
+    "LeakyReLU": _leaky_relu,
+    "PReLU": _prelu,
+    "Softmax": _softmax,
+    "BatchNormalization": _batch_norm,
+    "ScaleShift": _scale_shift,
+    "Rescaling": _rescaling,
+    "Normalization": _normalization,
+}

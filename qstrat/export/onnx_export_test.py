@@ -1,0 +1,331 @@
+"""ONNX QDQ export against ONNX Runtime, on every Keras backend.
+
+The exported file is run in ONNX Runtime's default session and with graph
+optimizations off, and compared with the Keras quantized model:
+- power-of-2 with half-to-even activations: bit-identical (0 mismatches);
+- float scales: at most one output step apart, on at most 0.1% of elements;
+- DPU rounding (half up): the report's mismatch count equals a recount by ONNX
+  Runtime on the same quantizer inputs.
+"""
+
+import json
+import os
+import warnings
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from keras import ops
+
+import qstrat
+from qstrat.api_test import zoo_model
+from qstrat.errors import ConfigError, UnsupportedError
+from qstrat.export.onnx_export import export_onnx
+from qstrat.export.onnx_report import QDQ_INT8_OPTION, SaturationWarning
+from qstrat.export.qdq import grid_of, pair_sum_bound
+from qstrat.graph import capture
+from qstrat.layers import FakeQuant
+
+pytestmark = pytest.mark.portable
+
+EVEN = {"activation_round_mode": "HALF_TO_EVEN", "input_round_mode": "HALF_TO_EVEN"}
+
+
+def session(path, optimize=True, int8=False):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if int8:
+        so.add_session_config_entry(QDQ_INT8_OPTION, "1")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run(path, x, **kw):
+    s = session(path, **kw)
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def keras_out(qmodel, x):
+    return ops.convert_to_numpy(qmodel.predict(x, batch_size=32, verbose=0))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return np.random.default_rng(0).normal(size=(64, 16, 16, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(3)
+    return zoo_model()
+
+
+def quantize(model, data, strategy, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qstrat.Quantizer(model, strategy).quantize_model(data, calib_batch_size=16, verbose=0, **kw)
+
+
+def output_step(qmodel) -> float:
+    info = qstrat.get_quantize_info(qmodel)["head"]["output"]
+    return float(2.0 ** -info["quantize_pos"]) if "quantize_pos" in info else float(info["scale"])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_pof2s_with_half_to_even_activations_is_bit_identical(model, data, tmp_path, per_channel):
+    qmodel = quantize(model, data, "pof2s", weight_per_channel=per_channel, **EVEN)
+    path = tmp_path / "q.onnx"
+    report = export_onnx(qmodel, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    assert not report.inexact() and report.opset == 13
+    y = keras_out(qmodel, data)
+    for optimize in (True, False):
+        assert np.array_equal(run(path, data, optimize=optimize), y)
+    # Exact 2^-pos scales, weights stored as int8 on their own axis.
+    m = onnx.load(path)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    w = inits["conv1/kernel/quantized"]
+    assert w.dtype == np.int8 and w.shape == (8, 3, 3, 3)
+    scale = inits["conv1/kernel/scale"]
+    assert np.all(np.log2(scale) == np.round(np.log2(scale)))
+    assert scale.shape == ((8,) if per_channel else ())
+    dq = next(n for n in m.graph.node if n.name == "conv1/kernel/DequantizeLinear")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == ([0] if per_channel else [])
+
+
+def test_node_names_come_from_the_keras_layers(model, data, tmp_path):
+    qmodel = quantize(model, data, "pof2s")
+    export_onnx(qmodel, tmp_path / "q.onnx")
+    names = {n.name for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    for layer in ("conv1", "shared_conv", "shared_conv@1", "dw", "convt", "head", "cat", "up", "maxpool"):
+        assert any(n == layer or n.startswith(layer + "/") for n in names), layer
+    assert "relu1/output/QuantizeLinear" in names
+
+
+def quantized_tensors(qmodel, path, x):
+    """{target: (keras value, ONNX Runtime value, step)} for every quantized tensor, run in both."""
+    nodes = [n for n in capture(qmodel).nodes if isinstance(n.op, FakeQuant)]
+    probe = keras.Model(qmodel.inputs, [_fq_output(n) for n in nodes])
+    ks = probe.predict(x, verbose=0)
+    m = onnx.load(path)
+    targets = [n.op.target if "@" not in n.name else n.op.more_targets[int(n.name.split("@")[1]) - 1] for n in nodes]
+    for t in targets:
+        m.graph.output.append(onnx.ValueInfoProto(name=f"{t}/DequantizeLinear"))
+    every = str(path) + ".all.onnx"
+    onnx.save(m, every)
+    s = session(every)
+    outs = s.run([f"{t}/DequantizeLinear" for t in targets], {s.get_inputs()[0].name: x})
+    out = {}
+    for n, t, k, o in zip(nodes, targets, ks, outs, strict=True):
+        grid = grid_of(n.op.quantizer, {key: v.numpy() for key, v in n.op.state.items()}, t)
+        if o.shape != k.shape:  # stored channels-first inside the ONNX graph
+            o = np.moveaxis(o, 1, -1)
+        out[t] = (k, o, np.asarray(grid._broadcast(k.ndim)[0]))
+    return out
+
+
+def _fq_output(node):
+    return node.op._inbound_nodes[int(node.name.split("@")[1]) if "@" in node.name else 0].output_tensors[0]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fs_is_within_one_step_on_a_thousandth_of_elements(model, data, tmp_path, per_channel):
+    """Every quantized tensor (fs quantizes layer inputs; the model's output is not on a grid)."""
+    qmodel = quantize(model, data, "fs", weight_per_channel=per_channel)
+    path = tmp_path / "q.onnx"
+    export_onnx(qmodel, path)
+    tensors = quantized_tensors(qmodel, path, data)
+    info = qstrat.get_quantize_info(qmodel)
+    assert len(tensors) == sum(
+        t["target_type"] in ("input", "output") for layer in info.values() for t in layer.values()
+    )
+    off = total = 0
+    for target, (k, o, step) in tensors.items():
+        # One step, plus the float32 rounding of each value: the framework fake-quant's values can sit
+        # two ulps off the grid (qdq.Grid.ulp_off).
+        assert np.all(np.abs(k - o) <= step + 2 * (np.spacing(np.abs(k)) + np.spacing(np.abs(o)))), target
+        steps = np.abs(k - o) / step
+        off, total = off + int(np.sum(steps > 0.5)), total + k.size
+    assert off <= 0.001 * total
+    y = keras_out(qmodel, data)
+    assert np.argmax(run(path, data), -1).tolist() == np.argmax(y, -1).tolist()
+
+
+def test_dpu_rounding_mismatch_count_equals_a_recount_by_onnx_runtime(model, data, tmp_path):
+    """Each quantizer's inputs, from Keras, through a one-node QDQ model in ONNX Runtime."""
+    qmodel = quantize(model, data, "pof2s")
+    report = export_onnx(qmodel, tmp_path / "q.onnx", data=data)
+    counted = {r["target"]: r["mismatches"] for r in report.rounding_mismatch}
+    assert report.inexact() and sum(counted.values()) > 0
+    nodes = [n for n in capture(qmodel).nodes if isinstance(n.op, FakeQuant)]
+    probe = keras.Model(qmodel.inputs, [n.in_tensors[0] for n in nodes])
+    inputs = probe.predict(data, verbose=0)
+    checked = 0
+    for n, x in zip(nodes, inputs, strict=True):
+        target = n.op.target if "@" not in n.name else n.op.more_targets[int(n.name.split("@")[1]) - 1]
+        if target not in counted:
+            continue
+        grid = grid_of(n.op.quantizer, {k: v.numpy() for k, v in n.op.state.items()}, target)
+        ours = ops.convert_to_numpy(n.op.quantizer(ops.convert_to_tensor(x), n.op.state))
+        assert _ort_qdq(x, grid, tmp_path).__ne__(ours).sum() == counted[target], target
+        checked += 1
+    assert checked == len(counted)
+
+
+def _ort_qdq(x, grid, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    s = numpy_helper.from_array(np.asarray(grid.scale, np.float32), "s")
+    z = numpy_helper.from_array(np.asarray(grid.zero_point).astype(grid.storage()), "z")
+    g = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))],
+        [s, z],
+    )
+    assert not grid.per_channel and not grid.clipped
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7), path)
+    return session(path).run(None, {"x": x.astype(np.float32)})[0]
+
+
+def test_metadata_names_the_strategy_and_the_data(model, data, tmp_path):
+    qmodel = quantize(model, data, "pof2s")
+    export_onnx(qmodel, tmp_path / "q.onnx", data=data[:8], metadata={"owner": "me"})
+    props = {p.key: p.value for p in onnx.load(tmp_path / "q.onnx").metadata_props}
+    assert props["owner"] == "me" and props["qstrat.version"] == qstrat.__version__
+    assert json.loads(props["qstrat.strategy"])["quantize_pipeline_config"]["calib_position_policy"] == "global"
+    assert props["qstrat.data_fingerprint"].startswith("sha256:") and len(props["qstrat.data_fingerprint"]) == 71
+    assert len(json.loads(props["qstrat.quantizers"])) > 20
+
+
+def test_a_failed_export_leaves_no_file(model, data, tmp_path, monkeypatch):
+    qmodel = quantize(model, data, "pof2s")
+    path = tmp_path / "q.onnx"
+    path.write_bytes(b"old")
+
+    def fail(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", fail)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(qmodel, path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["q.onnx"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        export_onnx(qmodel, tmp_path / "missing" / "q.onnx")
+
+
+def test_normalization_constants_stay_constants(tmp_path):
+    i = keras.Input((6,), name="x")
+    norm = keras.layers.Normalization(name="norm")
+    x = np.random.default_rng(0).normal(3, 2, (64, 6)).astype("float32")
+    norm.adapt(x)
+    m = keras.Model(i, keras.layers.Dense(3, name="fc")(norm(i)))
+    qmodel = quantize(m, x, "pof2s", **EVEN)
+    export_onnx(qmodel, tmp_path / "n.onnx")
+    g = onnx.load(tmp_path / "n.onnx").graph
+    assert [v.name for v in g.input] == ["x"]
+    assert np.array_equal(run(tmp_path / "n.onnx", x), keras_out(qmodel, x))
+
+
+def test_unsupported_layers_are_named_before_anything_is_written(tmp_path):
+    i = keras.Input((8,), name="x")
+    m = keras.Model(i, keras.layers.Dense(4, name="fc")(keras.layers.LayerNormalization(name="ln")(i)))
+    qmodel = quantize(m, np.ones((4, 8), "float32"), "pof2s")
+    with pytest.raises(UnsupportedError, match=r"ln \(LayerNormalization"):
+        export_onnx(qmodel, tmp_path / "x.onnx")
+    # A keras.ops operation with a constant operand is not the Multiply layer its class name says.
+    m = keras.Model(i, keras.layers.Dense(4, name="fc")(keras.ops.multiply(i, 0.5)))
+    qmodel = quantize(m, np.ones((4, 8), "float32"), "pof2s", convert_tf_op_to_keras=False)
+    with pytest.raises(UnsupportedError, match="keras.ops operation"):
+        export_onnx(qmodel, tmp_path / "x.onnx")
+    assert not os.listdir(tmp_path)
+
+
+# ---- integer kernels on x86 without VNNI ---------------------------------------------------------------
+
+
+def saturating_model(weight_bit):
+    """A bias-free Dense whose weights are all at the top of the grid, fed inputs at the top of theirs."""
+    i = keras.Input((64,), name="x")
+    fc = keras.layers.Dense(16, use_bias=False, name="fc")
+    m = keras.Model(i, keras.layers.Dense(4, name="head")(fc(i)))
+    fc.set_weights([np.full((64, 16), 1.98, "float32")])  # 1.98 * 2^6 = 126.7: the top of the 8-bit grid
+    x = np.random.default_rng(1).uniform(0.9, 1.0, (128, 64)).astype("float32")
+    return quantize(m, x, "pof2s", weight_bit=weight_bit, include_bias_corr=False, include_cle=False, **EVEN), x
+
+
+def test_the_saturation_bound_is_the_two_largest_same_sign_weights():
+    w = np.array([[127, 127, -3], [100, -128, -100], [1, 2, 3]], np.int8)  # channels on axis 0
+    assert pair_sum_bound(w, 0, 255).tolist() == [255 * 254, 255 * 228, 255 * 5]
+    assert pair_sum_bound(w.T, 1, 128).tolist() == [128 * 254, 128 * 228, 128 * 5]
+
+
+def test_a_model_built_to_saturate_is_flagged_and_seven_bit_weights_are_safe(tmp_path):
+    qmodel, x = saturating_model(8)
+    with pytest.warns(SaturationWarning, match=QDQ_INT8_OPTION):
+        report = export_onnx(qmodel, tmp_path / "s8.onnx")
+    (risk,) = report.saturation_risk
+    assert risk["layer"].endswith("fc") and risk["bound"] == 255 * 254 and risk["channels"] == 16
+    # With the session option every CPU computes it exactly; the default session may not (CPU-dependent).
+    y = keras_out(qmodel, x)
+    assert np.array_equal(run(tmp_path / "s8.onnx", x, int8=True), y)
+    assert np.array_equal(run(tmp_path / "s8.onnx", x, optimize=False), y)
+
+    qmodel7, x = saturating_model(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SaturationWarning)
+        report = export_onnx(qmodel7, tmp_path / "s7.onnx")
+    assert report.saturation_risk == []
+    assert np.array_equal(run(tmp_path / "s7.onnx", x), keras_out(qmodel7, x))  # the default session, any CPU
+
+
+# ---- the refine keys: quantize_model writes the file --------------------------------------------------------
+
+
+def test_quantize_model_writes_the_onnx_file_the_strategy_asks_for(model, data, tmp_path):
+    q = qstrat.Quantizer(model, "pof2s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = q.quantize_model(
+            data, verbose=0, output_format="onnx", output_dir=str(tmp_path / "out"), onnx_opset_version=17, **EVEN
+        )
+    path = tmp_path / "out" / "quantized_model.onnx"
+    assert q.output_path == str(path) and onnx.load(path).opset_import[0].version == 17
+    assert np.array_equal(run(path, data), keras_out(qmodel, data))
+    saved = json.loads((tmp_path / "out" / "quantized_model_export_report.json").read_text())
+    assert saved["opset"] == 17 and saved["rounding_mismatch"] == []
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(props["qstrat.strategy"])["refine_pipeline_config"]["output_format"] == "onnx"
+
+
+def test_an_unwritable_output_dir_fails_before_calibration(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    calls = []
+
+    def data():
+        calls.append(1)
+        yield np.zeros((2, 16, 16, 3), "float32")
+
+    with pytest.raises(ConfigError, match="output_dir"):
+        qstrat.Quantizer(model, "pof2s").quantize_model(
+            data(), verbose=0, output_format="keras", output_dir=str(blocker)
+        )
+    assert calls == []
+
+
+def test_onnx_exact_rounding_makes_activations_round_half_to_even(model, data):
+    qmodel = quantize(model, data, "pof2s", onnx_exact_rounding=True)
+    info = qstrat.get_quantize_info(qmodel)
+    modes = {t["round_mode"] for layer in info.values() for t in layer.values() if t["target_type"] != "weight"}
+    assert "HALF_TO_EVEN" in modes and "HALF_UP" not in modes
+    with pytest.raises(ConfigError, match="contradicts onnx_exact_rounding"):
+        quantize(model, data, "pof2s", onnx_exact_rounding=True, activation_round_mode="HALF_UP")

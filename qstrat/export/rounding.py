@@ -1,0 +1,93 @@
+"""Where an exported file rounds differently from the Keras model, counted on data.
+
+ONNX's QuantizeLinear rounds half to even. A quantizer that rounds ties
+another way (the DPU's activations round half up) differs from it exactly on
+the ties that the two rules send to different integers. `count_rounding_mismatch`
+feeds data through the Keras model and counts, per quantized tensor, the
+elements on which the quantizer and its half-to-even twin disagree, given the
+same input: the mismatch each tensor adds (differences upstream can move a
+tensor's input too; compare outputs end to end for their total effect).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from qstrat.export.qdq import Grid, grid_of
+from qstrat.graph import capture
+from qstrat.layers import FakeQuant
+from qstrat.quantizers.grid import RoundMode
+
+
+def _arrays(data) -> list[np.ndarray]:
+    if isinstance(data, dict):
+        return [np.asarray(data[k]) for k in sorted(data)]
+    if isinstance(data, list | tuple):
+        return [np.asarray(d) for d in data]
+    return [np.asarray(data)]
+
+
+def calibration_fingerprint(data) -> str:
+    """sha256 over the arrays' dtypes, shapes and bytes: identifies the data a model was calibrated or checked on."""
+    h = hashlib.sha256()
+    for a in _arrays(data):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def count_rounding_mismatch(qmodel, data, batch_size: int = 32) -> list[dict]:
+    """Per tensor quantizer that does not round half to even: elements seen and elements that round differently."""
+    import keras
+    from keras import ops
+
+    graph = capture(qmodel)
+    nodes = [
+        n
+        for n in graph.nodes
+        if isinstance(n.op, FakeQuant)
+        and float(np.asarray(n.op.enabled.numpy())) > 0.5
+        and (
+            n.op.quantizer.params.round_mode != RoundMode.HALF_TO_EVEN or n.op.quantizer.params.use_framework_quantizer
+        )
+        and not n.op.quantizer.params.data_format.is_float
+    ]
+    if not nodes:
+        return []
+    probe = keras.Model(qmodel.inputs, [n.in_tensors[0] for n in nodes])
+    arrays = _arrays(data)
+    feed = arrays if len(arrays) > 1 else arrays[0]
+    values = probe.predict(feed, batch_size=batch_size, verbose=0)
+    values = values if isinstance(values, list) else [values]
+    out = []
+    for n, x in zip(nodes, values, strict=True):
+        layer = n.op
+        k = int(n.name.rsplit("@", 1)[1]) if "@" in n.name else 0
+        targets = [layer.target or layer.name, *layer.more_targets]
+        target = targets[k] if k < len(targets) else n.name
+        grid = grid_of(layer.quantizer, {key: np.asarray(v.numpy()) for key, v in layer.state.items()}, target)
+        keras_q = ops.convert_to_numpy(layer.quantizer(ops.convert_to_tensor(x), layer.state))
+        mism = int(np.sum(keras_q != onnx_qdq(x, grid)))
+        out.append(
+            {
+                "target": target,
+                "round_mode": grid.round_mode.value,
+                "elements": int(x.size),
+                "mismatches": mism,
+                "fraction": mism / max(int(x.size), 1),
+            }
+        )
+    return out
+
+
+def onnx_qdq(x: np.ndarray, grid: Grid) -> np.ndarray:
+    """What QuantizeLinear then DequantizeLinear compute (as ONNX Runtime does: x / scale, half to even)."""
+    x = np.asarray(x, np.float32)
+    scale, zp = grid._broadcast(x.ndim)
+    lo, hi = grid.type_range()
+    q = np.clip(np.rint(x / scale) + zp, lo, hi)
+    q = np.clip(q, grid.qmin, grid.qmax)
+    return ((q - zp).astype(np.float32) * scale).astype(np.float32)
