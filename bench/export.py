@@ -175,7 +175,9 @@ def main() -> int:
             f" {r['ort_vs_keras']:>9.2%} {r['keras']:>7.2%} {r['ort_default']:>7.2%} {r['ort_off']:>7.2%}"
             f" {r['tflite']:>7.2%} {r['risk']}"
         )
-    print("(Keras / ORT / TFLite columns: accuracy on held-out digits; agreement with the float model's top-1 on faces)")
+    print(
+        "(Keras / ORT / TFLite columns: accuracy on held-out digits; agreement with the float model's top-1 on faces)"
+    )
     for note in notes:
         print(note)
     print("\nLatency, ms (median of 20, warm): pof2s exact")

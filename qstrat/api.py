@@ -176,7 +176,9 @@ class Quantizer:
                 "Set use_framework_quantizer to false in the strategy for exact ONNX rounding, or leave "
                 "onnx_exact_rounding off and read the export report's mismatch counts.",
             )
-        return self._strategy({**overrides, "activation_round_mode": "HALF_TO_EVEN", "input_round_mode": "HALF_TO_EVEN"})
+        return self._strategy(
+            {**overrides, "activation_round_mode": "HALF_TO_EVEN", "input_round_mode": "HALF_TO_EVEN"}
+        )
 
     def _refine_and_write(self, qmodel, strategy: Strategy, target: str | None, calib_dataset, progress: Progress):
         """The refine stage's conversions, then the file ``output_format`` asks for."""
