@@ -261,7 +261,9 @@ class _Writer:
         op = n.op
         wrapper = op if isinstance(op, QuantizeWrapper) else None
         layer = op.layer if wrapper else op
-        call = Call(n.name, layer, ins, list(n.meta["shapes"]), self.b)
+        # Named after the Keras layer (not its wrapper), "@k" for the k-th call of a shared one.
+        name = layer.name + (f"@{n.name.rsplit('@', 1)[1]}" if "@" in n.name else "") if wrapper else n.name
+        call = Call(name, layer, ins, list(n.meta["shapes"]), self.b)
         seen: dict[str, Any] = {"x": None, "kernel": None, "bias": "none"}
 
         def weight(attr, to_onnx=None, x=None, out_axis=0):
@@ -286,7 +288,7 @@ class _Writer:
         readers = [m for m in self.graph.nodes if any(r.node == n.name for r in m.inputs)]
         quantized_out = linear and bool(readers) and all(isinstance(m.op, FakeQuant) for m in readers)
         if type(layer).__name__ == "Dense" or quantized_out:
-            self._saturation(n, seen)
+            self._saturation(name, seen)
         return outs
 
     def _weight(self, n, wrapper, layer, attr, to_onnx, out_axis):
@@ -365,7 +367,7 @@ class _Writer:
         z = (z_full if axis == 0 else z_full.flat[0]).astype(np.int32)
         return self.b.dequantized(ints, s, z, axis, grid, where), "int32"
 
-    def _saturation(self, n, seen) -> None:
+    def _saturation(self, name: str, seen) -> None:
         """Bound the int16 pair sums of a layer ONNX Runtime may run with u8 x s8 integer kernels."""
         x, kern = seen["x"], seen["kernel"]
         if x is None or x.grid is None or kern is None or x.grid.per_channel:
@@ -379,7 +381,7 @@ class _Writer:
         risky = int(np.sum(bound > INT16_MAX))
         if risky:
             self.report.saturation_risk.append(
-                {"layer": n.name, "channels": risky, "of": int(bound.size), "bound": int(bound.max())}
+                {"layer": name, "channels": risky, "of": int(bound.size), "bound": int(bound.max())}
             )
 
 
