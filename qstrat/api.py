@@ -16,6 +16,7 @@ from typing import Any
 
 from qstrat.calibration.data import check_count
 from qstrat.errors import ConfigError, PendingKeyWarning, did_you_mean
+from qstrat.export.outputs import output_target, write_output
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
@@ -114,9 +115,22 @@ class Quantizer:
         if strategy.quantize["onnx_exact_rounding"]:
             strategy = self._exact_rounding(strategy, overrides)
         _warn_pending(strategy)
-        target = _output_target(strategy)  # checked before any long work
+        self.convert_report = self.export_report = self.output_path = None
+        target = output_target(strategy)  # checked before any long work
         if strategy.quantize["convert_datatype"]:
-            return self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
+            if target and target.endswith(".onnx"):
+                raise ConfigError(
+                    "refine_pipeline_config.output_format",
+                    '"onnx" with convert_datatype: a cast model has no quantizers for a QDQ file',
+                    'Use output_format "keras", or save the model yourself.',
+                )
+            model = self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
+            if target:
+                from qstrat.saving import save_model
+
+                save_model(model, target)
+                self.output_path = target
+            return model
         bias_corr = strategy.refine["include_bias_corr"]
         if bias_corr and is_one_shot(calib_dataset):
             warnings.warn(ONE_SHOT_MESSAGE, stacklevel=2)
@@ -130,6 +144,10 @@ class Quantizer:
             qgraph, taps = insert(graph, annotation)
             qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
             _warn_deep(qgraph)
+        if target and target.endswith(".onnx"):
+            from qstrat.export.onnx_export import check_exportable
+
+            check_exportable(qmodel, strategy.refine["onnx_opset_version"])  # before calibration, not after
         with progress.stage("weight calibration"):
             calibrate_weights(qmodel)
         with quiet_probes():
@@ -205,21 +223,8 @@ class Quantizer:
         self.export_report, self.output_path = None, target
         if target is None:
             return qmodel
-        fmt = strategy.refine["output_format"]
         with progress.stage(f"write {os.path.basename(target)}"):
-            if fmt == "keras":
-                from qstrat.saving import save_model
-
-                save_model(qmodel, target)
-            else:
-                from qstrat.export.onnx_export import export_onnx
-
-                data = _sample_arrays(calib_dataset)
-                self.export_report = export_onnx(
-                    qmodel, target, strategy.refine["onnx_opset_version"], data=data, strategy=strategy
-                )
-                with open(target[: -len(".onnx")] + "_export_report.json", "w") as f:
-                    json.dump(self.export_report.to_dict(), f, indent=1)
+            self.export_report = write_output(qmodel, strategy, target, calib_dataset)
         return qmodel
 
     def _converted(self, strategy: Strategy, dtype: str, progress: Progress):
@@ -250,39 +255,6 @@ def _uses_framework_quantizers(data) -> bool:
     if isinstance(data, list):
         return any(_uses_framework_quantizers(v) for v in data)
     return False
-
-
-def _output_target(strategy: Strategy) -> str | None:
-    """The file ``output_format`` asks for, its folder created and checked now, before any long work."""
-    fmt = strategy.refine["output_format"]
-    if not fmt:
-        return None
-    from qstrat.export.files import check_writable
-
-    folder = strategy.refine["output_dir"]
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            "refine_pipeline_config.output_dir", f"cannot create {folder}: {exc}", "Choose another folder."
-        ) from None
-    path = os.path.join(folder, f"quantized_model.{fmt}")
-    check_writable(path)
-    return path
-
-
-# Calibration samples the ONNX export counts rounding mismatches on (arrays only: a stream is not read twice).
-_EXPORT_SAMPLES = 256
-
-
-def _sample_arrays(data):
-    import numpy as np
-
-    if isinstance(data, np.ndarray):
-        return data[:_EXPORT_SAMPLES]
-    if isinstance(data, list | tuple) and data and all(isinstance(d, np.ndarray) for d in data):
-        return [d[:_EXPORT_SAMPLES] for d in data]
-    return None
 
 
 def _refuse_quantized(graph: Graph) -> None:

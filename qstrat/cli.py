@@ -84,7 +84,7 @@ def load_custom_objects(items: list[str] | None) -> dict[str, type]:
     return out
 
 
-def load_calib(path: str, key: str | None, input_names: list[str]):
+def load_calib(path: str, key: str | None, input_names: list[str], key_flag: str = "--calib-key"):
     """Calibration arrays from a .npy or .npz, matched to the model's inputs by name."""
     import numpy as np
 
@@ -115,7 +115,7 @@ def load_calib(path: str, key: str | None, input_names: list[str]):
             return data[input_names[0]]
         raise CalibrationDataError(
             f"{path}: {len(names)} arrays ({', '.join(names)}) for a model with one input ('{input_names[0]}'). "
-            "Pick one with --calib-key NAME, or save a single array."
+            f"Pick one with {key_flag} NAME, or save a single array."
         )
     if set(names) == set(input_names):
         return {n: data[n] for n in input_names}
@@ -183,13 +183,18 @@ def _export(args) -> int:
     if args.format == "onnx":
         from qstrat.export.onnx_export import export_onnx
 
-        data = load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs]) if args.data else None
+        names = [t.name for t in qmodel.inputs]
+        data = load_calib(args.data, args.data_key, names, "--data-key") if args.data else None
         report = export_onnx(qmodel, out, args.opset, data=data)
         print(report.summary())
     else:
         from qstrat.export.tflite import export_tflite
 
-        report = export_tflite(qmodel, out, int8_io=args.int8_io)
+        # fs leaves layer outputs in float: --data gives them ranges.
+        calib = (
+            load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs], "--data-key") if args.data else None
+        )
+        report = export_tflite(qmodel, out, int8_io=args.int8_io, calib_data=calib)
         print(f"{out}: {report['bytes'] / 1024:.1f} KiB")
     print(f"wrote {args.out}")
     return 0

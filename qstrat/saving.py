@@ -82,12 +82,12 @@ def save_model(model, path: str | os.PathLike) -> None:
 
     An error or Ctrl-C while saving leaves any earlier file at ``path`` as it was.
     """
-    import tempfile
+    import uuid
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".keras", dir=folder)
-    os.close(fd)
+    # A name of its own (not mkstemp's 0600 file): the saved model gets the umask's permissions.
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.keras")
     try:
         model.save(tmp)
         os.replace(tmp, path)

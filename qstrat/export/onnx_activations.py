@@ -129,10 +129,11 @@ def _scale_shift(c: Call) -> list[Tensor]:
 
 
 def _rescaling(c: Call) -> list[Tensor]:
-    b, x = c.b, c.inputs[0]
+    """x * scale + offset, each broadcast as Keras broadcasts it (against the channels-last layout)."""
+    b, x = c.b, c.b.to_keras(c.inputs[0])
     y = b.one("Mul", [x.name, b.const(np.asarray(c.layer.scale, np.float32), f"{c.name}/scale")], f"{c.name}/Mul")
     y = b.one("Add", [y, b.const(np.asarray(c.layer.offset, np.float32), f"{c.name}/offset")], c.name)
-    return [c.out(y, x.layout)]
+    return [c.out(y, "keras")]
 
 
 def _normalization(c: Call) -> list[Tensor]:

@@ -141,15 +141,28 @@ class Builder:
         return s, z
 
     def quantize_dequantize(self, t: Tensor, grid: Grid, name: str) -> Tensor:
-        """QuantizeLinear (+ an integer Clip to a grid narrower than its type) + DequantizeLinear."""
+        """QuantizeLinear + DequantizeLinear; a grid narrower than its type is clipped first.
+
+        The clip is in float, to the grid's end values (qmin - zp) * scale and
+        (qmax - zp) * scale as float32: QuantizeLinear maps each of them to its
+        grid end exactly, so clip-then-quantize is quantize-then-clip (an integer
+        Clip would need an int16 kernel ONNX Runtime does not have).
+        """
         s, z = self.grid_consts(grid, grid.scale, grid.zero_point, name)
         axis = physical_axis(grid.axis, t) if grid.per_channel else None
         kw = {} if axis is None else {"axis": axis}
-        q = self.one("QuantizeLinear", [t.name, s, z], f"{name}/QuantizeLinear", **kw)
+        x = t.name
         if grid.clipped:
-            lo = self.const(np.array(grid.qmin, grid.storage()), f"{name}/qmin")
-            hi = self.const(np.array(grid.qmax, grid.storage()), f"{name}/qmax")
-            q = self.one("Clip", [q, lo, hi], f"{name}/Clip")
+            scale, zp = np.asarray(grid.scale, np.float32), np.asarray(grid.zero_point, np.float32)
+            lo = ((np.float32(grid.qmin) - zp) * scale).astype(np.float32)
+            hi = ((np.float32(grid.qmax) - zp) * scale).astype(np.float32)
+            if axis is not None:
+                shape = [1] * (t.rank - 1)
+                shape[axis - 1] = -1
+                lo, hi = lo.reshape(shape), hi.reshape(shape)
+            x = self.one("Max", [x, self.const(lo, f"{name}/grid_min")], f"{name}/grid_min")
+            x = self.one("Min", [x, self.const(hi, f"{name}/grid_max")], f"{name}/grid_max")
+        q = self.one("QuantizeLinear", [x, s, z], f"{name}/QuantizeLinear", **kw)
         d = self.one("DequantizeLinear", [q, s, z], f"{name}/DequantizeLinear", **kw)
         return replace(t, name=d, grid=grid)
 

@@ -11,9 +11,11 @@ becomes the nodes of `onnx_layers`; each quantizer becomes:
   read through DequantizeLinear (per channel on the right ONNX axis).
 
 Biases. An 8-bit bias is stored as int8 at its own scale, as the DPU has it.
-ONNX Runtime then runs that layer in float on the dequantized values (its
-integer kernels need an int32 bias at the accumulator scale), which computes
-exactly what the Keras model does. A wider bias goes to int32: where the
+ONNX Runtime then runs a convolution, or a Dense on a 2-D input, in float on
+the dequantized values (its integer kernels need an int32 bias at the
+accumulator scale), which computes exactly what the Keras model does. A Dense
+on a wider input is a MatMul, which ONNX Runtime runs on integers whatever
+its bias. A wider bias goes to int32: where the
 layer's input and weight are quantized, ONNX Runtime fuses the three into an
 integer kernel that reads the bias at the accumulator scale (input scale x
 weight scale), whatever scale the file gives it, so the bias is stored at
@@ -31,22 +33,18 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.export.files import check_writable, write_atomically
-from qstrat.export.onnx_build import Builder, Tensor, per_axis
-from qstrat.export.onnx_layers import EMITTERS, Call
-from qstrat.export.onnx_report import QDQ_INT8_OPTION, ExportReport, SaturationWarning
-from qstrat.export.qdq import INT16_MAX, Grid, grid_of, pair_sum_bound, u8_activation_range
+from qstrat.export.onnx_layers import EMITTERS
+from qstrat.export.onnx_report import OPSET21_NOTE, QDQ_INT8_OPTION, ExportReport, SaturationWarning
+from qstrat.export.onnx_writer import DEFAULT_OPSET, Writer, version
+from qstrat.export.qdq import Grid
 from qstrat.graph import capture
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.quantizers.grid import RoundMode
-
-DEFAULT_OPSET = 13
 
 
 def export_onnx(
@@ -79,14 +77,14 @@ def export_onnx(
     check_writable(path)
     graph = capture(qmodel)
     _check_supported(graph)
-    b, report = _Writer(graph, opset).run()
+    b, report = Writer(graph, opset).run()
     report.path = path
     from qstrat.export.rounding import calibration_fingerprint, count_rounding_mismatch
 
-    meta = {"qstrat.version": _version(), "qstrat.quantizers": json.dumps(report.quantizers)}
+    meta = {"qstrat.version": version(), "qstrat.quantizers": json.dumps(report.quantizers)}
+    meta.update(getattr(qmodel, "qstrat_metadata", {}) or {})  # set by quantize_model: its strategy
     if strategy is not None:
         meta["qstrat.strategy"] = json.dumps(strategy.to_dict(2) if hasattr(strategy, "to_dict") else strategy)
-    meta.update(getattr(qmodel, "qstrat_metadata", {}) or {})
     if data is not None:
         meta.setdefault("qstrat.data_fingerprint", calibration_fingerprint(data))
         report.rounding_mismatch = count_rounding_mismatch(qmodel, data, batch_size)
@@ -95,6 +93,9 @@ def export_onnx(
     blob = model.SerializeToString()
     write_atomically(path, blob)
     report.bytes, report.nodes, report.metadata = len(blob), len(model.graph.node), meta
+    if report.opset >= 21 and any(n.op_type == "Transpose" for n in model.graph.node):
+        report.notes.append(OPSET21_NOTE)
+        warnings.warn(f"{path}: {OPSET21_NOTE}", stacklevel=2)
     if report.saturation_risk:
         names = ", ".join(r["layer"] for r in report.saturation_risk[:5])
         warnings.warn(
@@ -107,10 +108,29 @@ def export_onnx(
     return report
 
 
-def _version() -> str:
-    from qstrat import __version__
+def check_exportable(qmodel, opset: int | None = None) -> None:
+    """Fail now, before calibration, if ``qmodel`` cannot become an ONNX file at ``opset``.
 
-    return __version__
+    Checks the layers and that the opset holds each activation grid's type
+    (the zero points are not known yet: they stay inside their grids).
+    """
+    graph = capture(qmodel)
+    _check_supported(graph)
+    need = DEFAULT_OPSET
+    for n in graph.nodes:
+        if isinstance(n.op, FakeQuant) and not n.op.quantizer.params.data_format.is_float:
+            g = n.op.quantizer.grid
+            grid = Grid(np.float32(1), np.int64(0), g.qmin, g.qmax, None, RoundMode.HALF_TO_EVEN, 0)
+            op = grid.quantize_opset()
+            if op is None:
+                raise UnsupportedError(f"{n.name}: a {g.qmax - g.qmin + 1}-level activation grid has no ONNX type.")
+            need = max(need, op)
+    if opset is not None and opset < need:
+        raise ConfigError(
+            "refine_pipeline_config.onnx_opset_version",
+            f"opset {opset} cannot hold this model's activation grids (16-bit QuantizeLinear needs opset {need})",
+            f"Set onnx_opset_version to {need} or later.",
+        )
 
 
 def _check_supported(graph) -> None:
@@ -132,276 +152,3 @@ def _check_supported(graph) -> None:
             + ("; ..." if len(bad) > 8 else "")
             + '. Replace them with supported layers (README "Export" lists them), or file an issue.'
         )
-
-
-def _np(v) -> np.ndarray:
-    from keras import ops
-
-    return np.asarray(v.numpy() if hasattr(v, "assign") else ops.convert_to_numpy(v))
-
-
-@dataclass
-class _Kernel:
-    grid: Grid
-    integers: np.ndarray  # in the ONNX layout
-    out_axis: int
-    scale: np.ndarray  # per output channel
-
-
-class _Writer:
-    def __init__(self, graph, opset: int | None):
-        self.graph = graph
-        self.requested = opset
-        self.b = Builder(opset or DEFAULT_OPSET)
-        self.report = ExportReport("", self.b.opset)
-        self.env: dict[Any, Tensor] = {}
-        self.weights: dict[tuple, tuple[str, _Kernel | None]] = {}
-
-    def run(self):
-        self._choose_opset()
-        for n in self.graph.nodes:
-            op = n.op
-            if type(op).__name__ == "InputLayer":
-                self.env[(n.name, 0)] = Tensor(n.name, n.meta["shapes"][0], "keras")
-                continue
-            ins = [self.env[(r.node, r.index)] for r in n.inputs]
-            if isinstance(op, FakeQuant):
-                outs = [self._fake_quant(n, ins[0])]
-            else:
-                outs = self._layer(n, ins)
-            for i, t in enumerate(outs):
-                self.env[(n.name, i)] = t
-        self.outputs = [self.b.to_keras(self.env[(r.node, r.index)]) for r in self.graph.outputs]
-        return self, self.report
-
-    def model(self, metadata: dict[str, str]):
-        """The ModelProto, checked with onnx.checker (full check)."""
-        import onnx
-        from onnx import helper
-
-        from qstrat.export.onnx_build import ONNX_TYPES
-
-        inputs = []
-        for r in self.graph.inputs:
-            node = self.graph.node(r.node)
-            dtype = node.meta["dtypes"][0]
-            if dtype not in ONNX_TYPES:
-                raise UnsupportedError(f"input {node.name}: dtype {dtype} has no ONNX export.")
-            inputs.append(helper.make_tensor_value_info(node.name, ONNX_TYPES[dtype], _dims(node.meta["shapes"][0])))
-        outputs, nodes = [], list(self.b.nodes)
-        names = _output_names(self.graph)
-        for t, name in zip(self.outputs, names, strict=True):
-            nodes.append(helper.make_node("Identity", [t.name], [name], name=f"{name}/output"))
-            outputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, _dims(t.shape)))
-        g = helper.make_graph(nodes, self.graph.name, inputs, outputs, self.b.initializers)
-        opsets = [helper.make_opsetid("", self.b.opset)]
-        model = helper.make_model(g, opset_imports=opsets, producer_name="qstrat", producer_version=_version())
-        model.ir_version = helper.find_min_ir_version_for(opsets)
-        helper.set_model_props(model, metadata)
-        onnx.checker.check_model(model, full_check=True)
-        return model
-
-    # ---- opset --------------------------------------------------------------------------------------
-
-    def _grids(self):
-        for n in self.graph.nodes:
-            if isinstance(n.op, FakeQuant) and _enabled(n.op.enabled):
-                yield n, grid_of(n.op.quantizer, {k: _np(v) for k, v in n.op.state.items()}, n.name)
-
-    def _choose_opset(self):
-        need = DEFAULT_OPSET
-        for n, g in self._grids():
-            op = g.quantize_opset()
-            if op is None:
-                raise UnsupportedError(
-                    f"{n.name}: a {g.bits}-bit activation grid has no ONNX QuantizeLinear type (at most 16 bits)."
-                )
-            need = max(need, op)
-        if self.requested is not None and self.requested < need:
-            raise ConfigError(
-                "opset", f"opset {self.requested} cannot hold this model's grids", f"Use opset {need} or later."
-            )
-        if not 13 <= (self.requested or need) <= 23:
-            raise ConfigError.expected("opset", "an ONNX opset from 13 to 23", self.requested)
-        self.b.opset = self.requested or need
-        self.report.opset = self.b.opset
-
-    # ---- quantizers ----------------------------------------------------------------------------------
-
-    def _fake_quant(self, n, x: Tensor) -> Tensor:
-        layer = n.op
-        k = int(n.name.rsplit("@", 1)[1]) if "@" in n.name else 0
-        targets = [layer.target or layer.name, *layer.more_targets]
-        target = targets[k] if k < len(targets) else f"{layer.name}@{k}"
-        if not _enabled(layer.enabled):
-            return x
-        grid = grid_of(layer.quantizer, {k: _np(v) for k, v in layer.state.items()}, target)
-        what = target.partition("/")[2]
-        self._record(target, "input" if what.startswith("input") or not what else "output", grid)
-        return self.b.quantize_dequantize(x, grid, target)
-
-    def _record(self, target: str, kind: str, grid: Grid, storage: str | None = None):
-        self.report.quantizers.append(
-            {
-                "target": target,
-                "target_type": kind,
-                "storage": storage or grid.storage(),
-                "bits": grid.bits,
-                "per_channel": grid.per_channel,
-                "scale": np.asarray(grid.scale).tolist(),
-                "zero_point": np.asarray(grid.zero_point).tolist(),
-                "round_mode": grid.round_mode.value,
-                "exact_rounding": kind in ("weight", "bias") or grid.round_mode == RoundMode.HALF_TO_EVEN,
-            }
-        )
-
-    # ---- layers ---------------------------------------------------------------------------------------
-
-    def _layer(self, n, ins: list[Tensor]) -> list[Tensor]:
-        op = n.op
-        wrapper = op if isinstance(op, QuantizeWrapper) else None
-        layer = op.layer if wrapper else op
-        # Named after the Keras layer (not its wrapper), "@k" for the k-th call of a shared one.
-        name = layer.name + (f"@{n.name.rsplit('@', 1)[1]}" if "@" in n.name else "") if wrapper else n.name
-        call = Call(name, layer, ins, list(n.meta["shapes"]), self.b)
-        seen: dict[str, Any] = {"x": None, "kernel": None, "bias": "none"}
-
-        def weight(attr, to_onnx=None, x=None, out_axis=0):
-            name, kern = self._weight(n, wrapper, layer, attr, to_onnx, out_axis)
-            if x is not None and kern is not None and seen["kernel"] is None:
-                seen.update(x=x, kernel=kern, attr=attr)
-            return name
-
-        def bias(x, kernel_attr, shape):
-            name, kind = self._bias(n, wrapper, layer, x, seen)
-            seen["bias"] = kind
-            return name
-
-        call.weight, call.bias = weight, bias
-        outs = EMITTERS[type(layer).__name__](call)
-        # ONNX Runtime's integer kernels: MatMul (Dense) always; a convolution only when a QuantizeLinear
-        # reads its output directly (QLinearConv).
-        linear = (
-            getattr(layer, "activation", None) in (None, "linear")
-            or getattr(getattr(layer, "activation", None), "__name__", "") == "linear"
-        )
-        readers = [m for m in self.graph.nodes if any(r.node == n.name for r in m.inputs)]
-        quantized_out = linear and bool(readers) and all(isinstance(m.op, FakeQuant) for m in readers)
-        if type(layer).__name__ == "Dense" or quantized_out:
-            self._saturation(name, seen)
-        return outs
-
-    def _weight(self, n, wrapper, layer, attr, to_onnx, out_axis):
-        key = (id(layer), attr)
-        if key in self.weights:
-            return self.weights[key]
-        f = to_onnx or (lambda a: a)
-        quantized = wrapper is not None and attr in wrapper.quantizers and _enabled(wrapper.enabled[attr])
-        where = f"{layer.name}/{attr}"
-        if not quantized:
-            value = _np(getattr(layer, attr))
-            result = (self.b.const(f(value.astype(np.float32)), where), None)
-        else:
-            value = _np(wrapper.quantized_weight(attr))
-            grid = grid_of(wrapper.quantizers[attr], {k: _np(v) for k, v in wrapper.state[attr].items()}, where)
-            ints = grid.integers(value)
-            s_full, z_full, c_full = grid.full(value.shape)
-            ints_o = f(ints)
-            s, z, axis = per_axis(
-                f(np.array(s_full)), f(np.array(z_full)), None if c_full is None else f(np.array(c_full))
-            )
-            name = self.b.dequantized(ints_o, s, z, axis, grid, where)
-            self._record(where, "bias" if attr == "bias" else "weight", grid)
-            per_out = (
-                np.broadcast_to(np.asarray(s, np.float32), (ints_o.shape[out_axis],)) if out_axis is not None else None
-            )
-            if axis is not None and axis != out_axis:
-                per_out = None  # not per output channel: no integer kernel takes it
-            result = (name, _Kernel(grid, ints_o, out_axis, per_out))
-        self.weights[key] = result
-        return result
-
-    def _bias(self, n, wrapper, layer, x: Tensor | None, seen) -> tuple[str, str]:
-        where = f"{layer.name}/bias"
-        quantized = wrapper is not None and "bias" in wrapper.quantizers and _enabled(wrapper.enabled["bias"])
-        if not quantized:
-            return self.b.const(_np(layer.bias).astype(np.float32), where), "float"
-        value = _np(wrapper.quantized_weight("bias")).astype(np.float32)
-        grid = grid_of(wrapper.quantizers["bias"], {k: _np(v) for k, v in wrapper.state["bias"].items()}, where)
-        storage = grid.storage()
-        kern: _Kernel | None = seen["kernel"]
-        fused = (
-            x is not None
-            and x.grid is not None
-            and not x.grid.per_channel
-            and x.grid.storage() in ("int8", "uint8")
-            and kern is not None
-            and kern.scale is not None
-            and kern.grid.storage() in ("int8", "uint8")
-        )
-        if storage in ("int8", "uint8"):
-            s_full, z_full, _ = grid.full(value.shape)
-            axis = 0 if grid.per_channel else None
-            s = s_full if axis == 0 else s_full.flat[0]
-            z = z_full if axis == 0 else z_full.flat[0]
-            self._record(where, "bias", grid)
-            return self.b.dequantized(grid.integers(value), s, z, axis, grid, where), storage
-        if fused:
-            acc = (np.float32(x.grid.scale) * kern.scale).astype(np.float32)
-            q = np.rint(value.astype(np.float64) / acc.astype(np.float64))
-            if np.abs(q).max(initial=0) >= 2**31:
-                raise UnsupportedError(f"{where}: the bias does not fit int32 at the accumulator scale.")
-            err = float(np.abs(q * acc.astype(np.float64) - value).max(initial=0))
-            if err:
-                self.report.bias_requantized.append(
-                    {"layer": layer.name, "max_error": err, "max_error_steps": float(err / acc.max())}
-                )
-            self._record(where, "bias", grid, "int32")
-            name = self.b.dequantized(q.astype(np.int32), acc, np.zeros(acc.shape, np.int32), 0, grid, where)
-            return name, "int32-acc"
-        s_full, z_full, _ = grid.full(value.shape)
-        ints = grid.integers(value).astype(np.int32)
-        axis = 0 if grid.per_channel else None
-        self._record(where, "bias", grid, "int32")
-        s = s_full if axis == 0 else s_full.flat[0]
-        z = (z_full if axis == 0 else z_full.flat[0]).astype(np.int32)
-        return self.b.dequantized(ints, s, z, axis, grid, where), "int32"
-
-    def _saturation(self, name: str, seen) -> None:
-        """Bound the int16 pair sums of a layer ONNX Runtime may run with u8 x s8 integer kernels."""
-        x, kern = seen["x"], seen["kernel"]
-        if x is None or x.grid is None or kern is None or x.grid.per_channel:
-            return
-        if seen["bias"] not in ("none", "int32-acc"):
-            return  # an int8 or float bias keeps ONNX Runtime on its float path for this layer
-        if x.grid.storage() not in ("int8", "uint8") or kern.grid.storage() != "int8":
-            return
-        a_max = u8_activation_range(x.grid)[1]
-        bound = pair_sum_bound(kern.integers, kern.out_axis, a_max)
-        risky = int(np.sum(bound > INT16_MAX))
-        if risky:
-            self.report.saturation_risk.append(
-                {"layer": name, "channels": risky, "of": int(bound.size), "bound": int(bound.max())}
-            )
-
-
-def _dims(shape) -> list:
-    return ["batch" if i == 0 and d is None else (f"d{i}" if d is None else int(d)) for i, d in enumerate(shape)]
-
-
-def _output_names(graph) -> list[str]:
-    """Unique output names: the producing layer's, with ":k" for a second output of the same node."""
-    names, seen = [], set()
-    for r in graph.outputs:
-        name = str(r).replace("@", "_call")
-        base, k = name, 1
-        while name in seen or name in graph:
-            name = f"{base}_out{k}" if name in graph and k == 1 else f"{base}_{k}"
-            k += 1
-        seen.add(name)
-        names.append(name)
-    return names
-
-
-def _enabled(flag) -> bool:
-    return float(_np(flag)) > 0.5

@@ -305,6 +305,9 @@ def test_quantize_model_writes_the_onnx_file_the_strategy_asks_for(model, data, 
     assert saved["opset"] == 17 and saved["rounding_mismatch"] == []
     props = {p.key: p.value for p in onnx.load(path).metadata_props}
     assert json.loads(props["qstrat.strategy"])["refine_pipeline_config"]["output_format"] == "onnx"
+    from qstrat.export.rounding import calibration_fingerprint
+
+    assert props["qstrat.calib_fingerprint"] == calibration_fingerprint(data)  # all of it, not the 256 checked
 
 
 def test_an_unwritable_output_dir_fails_before_calibration(model, tmp_path):
@@ -330,3 +333,107 @@ def test_onnx_exact_rounding_makes_activations_round_half_to_even(model, data):
     assert "HALF_TO_EVEN" in modes and "HALF_UP" not in modes
     with pytest.raises(ConfigError, match="contradicts onnx_exact_rounding"):
         quantize(model, data, "pof2s", onnx_exact_rounding=True, activation_round_mode="HALF_UP")
+
+
+# ---- grids and layouts beyond 8-bit per-tensor ---------------------------------------------------------------
+
+
+def test_wide_weights_are_int32_and_opset_21_runs_with_its_session_option(model, data, tmp_path):
+    qmodel = quantize(model, data, "pof2s", weight_bit=12, **EVEN)
+    report = export_onnx(qmodel, tmp_path / "w12.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "w12.onnx").graph.initializer}
+    assert report.opset == 13 and inits["conv1/kernel/quantized"].dtype == np.int32
+    assert np.abs(inits["conv1/kernel/quantized"]).max() > 127  # the 12-bit grid is used
+    y = keras_out(qmodel, data)
+    assert np.array_equal(run(tmp_path / "w12.onnx", data), y)
+    with pytest.warns(UserWarning, match="opset 21 or later"):
+        report = export_onnx(qmodel, tmp_path / "o21.onnx", 21)
+    assert report.notes and report.opset == 21
+    assert np.array_equal(run(tmp_path / "o21.onnx", data, int8=True), y)
+    assert np.array_equal(run(tmp_path / "o21.onnx", data, optimize=False), y)
+
+
+def test_narrow_grids_are_clipped_to_the_grid_not_the_type(tmp_path):
+    """4-bit activations: QuantizeLinear alone would saturate at the int8 ends."""
+    i = keras.Input((32,), name="x")
+    m = keras.Model(i, keras.layers.Dense(8, name="fc")(i))
+    x = np.random.default_rng(0).normal(size=(256, 32)).astype("float32")
+    qmodel = quantize(m, x[:64], "pof2s", activation_bit=4, input_bit=4, **EVEN)
+    export_onnx(qmodel, tmp_path / "a4.onnx")
+    wide = x * 4  # far outside the calibrated range: the grid's clipping decides
+    assert np.array_equal(run(tmp_path / "a4.onnx", wide), keras_out(qmodel, wide))
+
+
+def test_per_channel_rescaling_after_a_convolution_keeps_its_axis(tmp_path):
+    i = keras.Input((8, 4, 4), name="x")
+    y = keras.layers.Rescaling([1.0, 2.0, 0.5, 4.0], name="r")(keras.layers.Conv2D(4, 1, name="c")(i))
+    m = keras.Model(i, keras.layers.Flatten(name="f")(y))
+    x = np.random.default_rng(0).normal(size=(16, 8, 4, 4)).astype("float32")
+    qmodel = quantize(m, x, "pof2s", **EVEN)
+    export_onnx(qmodel, tmp_path / "r.onnx")
+    assert np.array_equal(run(tmp_path / "r.onnx", x), keras_out(qmodel, x))
+
+
+def test_float_scales_rounding_half_to_even_are_still_counted(tmp_path):
+    """ONNX divides by the scale; Keras multiplies by its reciprocal: 0.1 is not a power of two."""
+    i = keras.Input((1000,), name="x")
+    spec = {"type": "FSQuantizer", "params": {"round_mode": "HALF_TO_EVEN", "symmetry": True, "per_channel": False}}
+    fq = FakeQuant(spec, target="x", name="x_q")
+    m = keras.Model(i, fq(i))
+    fq.state["scale"].assign(0.1)
+    x = (np.arange(-500, 500, dtype=np.float32) * np.float32(0.1) + np.float32(0.05))[None]  # near every tie
+    report = export_onnx(m, tmp_path / "fs.onnx", data=x)
+    assert [q["target"] for q in report.inexact()] == ["x"]
+    (counted,) = report.rounding_mismatch
+    grid = grid_of(fq.quantizer, {k: v.numpy() for k, v in fq.state.items()}, "x")
+    recount = int(np.sum(_ort_qdq(x, grid, tmp_path) != ops.convert_to_numpy(m(x))))
+    assert counted["mismatches"] == recount > 0
+
+
+def test_inputs_given_by_name_are_matched_by_name(tmp_path):
+    a, z = keras.Input((8,), name="alpha"), keras.Input((8,), name="zeta")
+    m = keras.Model([z, a], keras.layers.Dense(2, name="fc")(keras.layers.Concatenate(name="cat")([z, a])))
+    rng = np.random.default_rng(0)
+    xz, xa = rng.normal(size=(64, 8)).astype("float32"), (rng.normal(size=(64, 8)) * 7).astype("float32")
+    qmodel = quantize(m, [xz, xa], "pof2s")
+    by_list = export_onnx(qmodel, tmp_path / "l.onnx", data=[xz, xa]).rounding_mismatch
+    by_name = export_onnx(qmodel, tmp_path / "n.onnx", data={"alpha": xa, "zeta": xz}).rounding_mismatch
+    assert by_list == by_name
+
+
+def test_a_dense_on_a_sequence_is_checked_whatever_its_bias(tmp_path):
+    """MatMul on a 3-D input becomes an integer kernel in ONNX Runtime even with an int8 bias."""
+    i = keras.Input((5, 64), name="x")
+    fc = keras.layers.Dense(16, name="fc")
+    m = keras.Model(i, keras.layers.Dense(4, name="head")(fc(i)))
+    fc.set_weights([np.full((64, 16), 1.98, "float32"), np.zeros(16, "float32")])
+    x = np.random.default_rng(1).uniform(0.9, 1.0, (32, 5, 64)).astype("float32")
+    qmodel = quantize(m, x, "pof2s", include_bias_corr=False, include_cle=False, **EVEN)
+    with pytest.warns(SaturationWarning):
+        report = export_onnx(qmodel, tmp_path / "seq.onnx")
+    risk = {r["layer"]: r for r in report.saturation_risk}
+    assert risk["fc"]["bound"] == 255 * 254 and risk["fc"]["channels"] == 16
+    assert np.array_equal(run(tmp_path / "seq.onnx", x, int8=True), keras_out(qmodel, x))
+
+
+def test_quantize_model_checks_the_onnx_export_before_calibrating(model):
+    calls = []
+
+    def data():
+        calls.append(1)
+        yield np.zeros((2, 16, 16, 3), "float32")
+
+    with pytest.raises(ConfigError, match="onnx_opset_version"):
+        qstrat.Quantizer(model, "pof2s").quantize_model(
+            data(), verbose=0, output_format="onnx", activation_bit=16, output_dir="/tmp"
+        )
+    assert calls == []
+
+
+def test_convert_datatype_saves_a_keras_file_and_refuses_onnx(model, data, tmp_path):
+    q = qstrat.Quantizer(model, "pof2s")
+    q.quantize_model(data, verbose=0, convert_datatype="float16", output_format="keras", output_dir=str(tmp_path))
+    assert q.output_path == str(tmp_path / "quantized_model.keras") and os.path.exists(q.output_path)
+    with pytest.raises(ConfigError, match="convert_datatype"):
+        q.quantize_model(data, verbose=0, convert_datatype="float16", output_format="onnx", output_dir=str(tmp_path))
+    assert q.output_path is None

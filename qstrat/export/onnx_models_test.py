@@ -43,6 +43,7 @@ def test_applications_export_and_run_for_both_strategies(name, tmp_path):
         assert y.shape == yk.shape == (8, 1000) and np.all(np.isfinite(y))
         if strategy == "pof2s":
             assert np.array_equal(y, yk)
+            assert np.array_equal(run(path, x, optimize=False), yk)
 
 
 def test_cli_exports_a_saved_quantized_model(tmp_path, capsys):

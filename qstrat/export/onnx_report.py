@@ -8,6 +8,13 @@ from typing import Any
 # The ONNX Runtime session option that keeps S8S8 QDQ graphs on int8 kernels (no u8 x s8 pair sums).
 QDQ_INT8_OPTION = "session.qdqisint8allowed"
 
+OPSET21_NOTE = (
+    "ONNX Runtime (1.32 and earlier) cannot load QDQ files of opset 21 or later whose QuantizeLinear feeds a "
+    "layout Transpose in its default session (its QDQ propagation and S8-to-U8 rewrites disagree on the type). "
+    f'Create the session with the option "{QDQ_INT8_OPTION}" = "1", or with '
+    'disabled_optimizers=["QDQPropagationTransformer"]; or export at opset 20 or earlier when the grids allow it.'
+)
+
 
 class SaturationWarning(UserWarning):
     """An exported layer's integer kernel can saturate on x86 CPUs without VNNI."""
@@ -26,6 +33,7 @@ class ExportReport:
     saturation_risk: list[dict] = field(default_factory=list)
     rounding_mismatch: list[dict] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +55,8 @@ class ExportReport:
             lines.append(f"    {r['target']}: {r['mismatches']} of {r['elements']} elements round differently")
         for r in self.bias_requantized:
             lines.append(f"  {r['layer']}: int32 bias at the accumulator scale, max error {r['max_error']:.3g}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         for r in self.saturation_risk:
             lines.append(
                 f"  {r['layer']}: int16 pair sums can saturate in {r['channels']} channels (bound {r['bound']})"

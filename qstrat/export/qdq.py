@@ -82,6 +82,24 @@ class Grid:
         return type_range(self.storage())
 
     @property
+    def power_of_two(self) -> bool:
+        return bool(np.all(np.frexp(np.asarray(self.scale, np.float32))[0] == 0.5))
+
+    @property
+    def onnx_exact(self) -> bool:
+        """True when QuantizeLinear computes exactly what the Keras quantizer does.
+
+        ONNX divides by the scale and rounds half to even; the Keras kernels
+        multiply by the scale's reciprocal, which is the same only for powers of two.
+        """
+        return self.round_mode == RoundMode.HALF_TO_EVEN and self.power_of_two and not self.ulp_off
+
+    def weight_storage(self) -> str:
+        """Weights and biases: int8/uint8 when the grid fits, else int32 (DequantizeLinear reads it at any opset)."""
+        kind = self.storage()
+        return kind if kind in ("int8", "uint8") else "int32"
+
+    @property
     def clipped(self) -> bool:
         """True when the grid is narrower than its type, so QuantizeLinear alone would not clip to it."""
         return (self.qmin, self.qmax) != self.type_range()

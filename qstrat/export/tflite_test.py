@@ -5,9 +5,8 @@ The exact claim is per tensor: fed the same int8 inputs, TFLite's default
 qstrat's value, and differ only where the exact value is a rounding tie (they
 round ties their own way; qstrat's HALF_UP and TF's FakeQuant round them up).
 An off-tie difference would mean a wrong scale or weight. End to end the tie
-steps add up through the layers, so the output test bounds that drift with
-margin over what was measured on the 355 test digits: at most 2 output steps,
-a third of the logits one step off, mean 0.32 step, top-1 agreement 100%.
+steps add up through the layers, so the output tests check the issue's bar,
+top-1 agreement with the Keras model of at least 99.5% on the 355 test digits.
 """
 
 import os
@@ -228,7 +227,7 @@ def test_tqt_thresholds_become_power_of_two_scales(digits, tmp_path):
     assert report["outputs"][0]["scale"] == 2.0 ** -info["logits"]["output"]["quantize_pos"]
     interp, y = _invoke(tmp_path / "tqt.tflite", x_test)
     _check_weights(qmodel, interp, rtol=0)
-    assert (y.argmax(1) == np.asarray(qmodel(x_test)).argmax(1)).mean() >= 0.99  # measured 99.7%
+    assert (y.argmax(1) == np.asarray(qmodel(x_test)).argmax(1)).mean() >= 0.995
 
 
 def test_float_io_wraps_the_same_int8_model(pof2s, tmp_path):

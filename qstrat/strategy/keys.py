@@ -158,9 +158,10 @@ QUANTIZE_KEYS = (
     _b("no_quant_in_add_act", "No quantizer between an Add/Multiply and the activation after it."),
     _b(
         "onnx_exact_rounding",
-        "Activations and model inputs round half to even, as ONNX QuantizeLinear does, so that an ONNX export computes "
-        "exactly what the quantized model does. Off keeps the strategy's rounding (the DPU's HALF_UP) and the export "
-        "report counts the elements that round differently.",
+        "Activations and model inputs round half to even, as ONNX QuantizeLinear does, so that the ONNX export of a "
+        "power-of-2 model computes exactly what the quantized model does (float scales still differ near ties: ONNX "
+        "divides by the scale). Off keeps the strategy's rounding (the DPU's HALF_UP) and the export report counts "
+        "the elements that round differently.",
     ),
     KeySpec(
         "freeze_bn_delay",
@@ -244,8 +245,8 @@ REFINE_KEYS = (
     _b(
         "convert_to_fs_quantize_strategy",
         "Replace power-of-2 and TQT quantizers by float-scale ones with the same grid (scale exactly 2^-pos), "
-        "using the framework FakeQuant op where it is allowed (8-bit HALF_UP), for TFLite and framework export. "
-        "The outputs stay the same; `Quantizer.convert_report` lists each quantizer.",
+        "using the framework FakeQuant op where it is allowed (HALF_UP), for TFLite and framework export. The op "
+        "can move a value within float32 rounding of a tie one level; `Quantizer.convert_report` lists each quantizer.",
     ),
     _b(
         "convert_to_pof2s_quantize_strategy",

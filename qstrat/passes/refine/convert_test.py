@@ -130,9 +130,6 @@ def test_framework_quantizer_only_where_the_round_mode_and_bit_width_allow_it():
     assert off and all('rounds HALF_UP only, got "HALF_AWAY_FROM_ZERO"' in c.note for c in off)
     assert {c.target for c in off} == {"kernel", "bias"}
     assert all(c.note == FRAMEWORK_NOTE for c in report.converted() if c not in off)
-    # The framework op rounds (x - min) / scale: the same grid, one level over at most near a tie.
-    x = images(8, seed=9)
-    assert np.allclose(np_(new(x)), np_(qmodel(x)), atol=0.05)
 
 
 def test_the_framework_quantizer_can_move_a_near_tie_one_level_which_the_report_says():
