@@ -25,6 +25,7 @@ from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, qu
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, insert
 from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
+from qstrat.passes.runtime_rounding import round_like
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
 from qstrat.strategy.keys import idle_settings, pending_settings
@@ -112,8 +113,9 @@ class Quantizer:
         calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
         calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
         strategy = self._strategy(overrides)
-        if strategy.quantize["onnx_exact_rounding"]:
-            strategy = self._exact_rounding(strategy, overrides)
+        rounding = strategy.quantize["export_rounding"]
+        if rounding:
+            _check_rounding_overrides(rounding, overrides)
         _warn_pending(strategy)
         self.convert_report = self.export_report = self.output_path = None
         target = output_target(strategy)  # checked before any long work
@@ -141,6 +143,8 @@ class Quantizer:
         _warn_unknown_layer_names(strategy, graph, self.optimize_report)
         with progress.stage("annotate + insert + rebuild"):
             annotation = annotate(graph, strategy, self.custom_objects)
+            if rounding:
+                annotation = round_like(graph, annotation, rounding)
             qgraph, taps = insert(graph, annotation)
             qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
             _warn_deep(qgraph)
@@ -176,27 +180,6 @@ class Quantizer:
         progress.done("quantized")
         self.timings = {**progress.times, "data_passes": progress.data_passes}
         return qmodel
-
-    def _exact_rounding(self, strategy: Strategy, overrides: Mapping[str, Any]) -> Strategy:
-        """``onnx_exact_rounding``: activations and inputs round half to even, as ONNX QuantizeLinear does."""
-        for key in ("activation_round_mode", "input_round_mode"):
-            if overrides.get(key) not in (None, "HALF_TO_EVEN"):
-                raise ConfigError(
-                    key,
-                    f'{key}="{overrides[key]}" contradicts onnx_exact_rounding (activations round half to even)',
-                    f"Drop {key}, or set onnx_exact_rounding=False.",
-                )
-        if _uses_framework_quantizers(self._strategy(overrides).to_dict(2)):
-            raise ConfigError(
-                "quantize_pipeline_config.onnx_exact_rounding",
-                "the strategy's FS quantizers use the framework quantizer (use_framework_quantizer), which rounds "
-                "half up only",
-                "Set use_framework_quantizer to false in the strategy for exact ONNX rounding, or leave "
-                "onnx_exact_rounding off and read the export report's mismatch counts.",
-            )
-        return self._strategy(
-            {**overrides, "activation_round_mode": "HALF_TO_EVEN", "input_round_mode": "HALF_TO_EVEN"}
-        )
 
     def _refine_and_write(self, qmodel, strategy: Strategy, target: str | None, calib_dataset, progress: Progress):
         """The refine stage's conversions, then the file ``output_format`` asks for."""
@@ -249,12 +232,16 @@ class Quantizer:
         return self.strategy
 
 
-def _uses_framework_quantizers(data) -> bool:
-    if isinstance(data, dict):
-        return data.get("use_framework_quantizer") is True or any(_uses_framework_quantizers(v) for v in data.values())
-    if isinstance(data, list):
-        return any(_uses_framework_quantizers(v) for v in data)
-    return False
+def _check_rounding_overrides(rounding: str, overrides: Mapping[str, Any]) -> None:
+    """An explicit activation or input round mode contradicts ``export_rounding``, which sets them."""
+    for key in ("activation_round_mode", "input_round_mode"):
+        if overrides.get(key) is not None:
+            raise ConfigError(
+                key,
+                f'{key}="{overrides[key]}" contradicts export_rounding="{rounding}", which sets the activation '
+                "and input round modes",
+                f'Drop {key}, or set export_rounding to "".',
+            )
 
 
 def _refuse_quantized(graph: Graph) -> None:

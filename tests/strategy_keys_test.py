@@ -88,7 +88,7 @@ NOT_APPLICABLE = {
 REFUSED = {
     ("fs", "input_round_mode"): "fs's framework quantizers (TensorFlow's FakeQuant op) round HALF_UP only",
     ("fs", "weight_round_mode"): "fs's framework quantizers (TensorFlow's FakeQuant op) round HALF_UP only",
-    ("fs", "onnx_exact_rounding"): "fs's framework quantizers (TensorFlow's FakeQuant op) round HALF_UP only",
+    ("fs", "export_rounding"): "fs's framework quantizers (TensorFlow's FakeQuant op) round HALF_UP only",
     **{("tqt", f"{fam}_symmetry"): "TQT thresholds are symmetric" for fam in ("weight", "bias", "activation")},
     **{
         ("tqt", f"{fam}_per_channel"): "TQT learns one threshold per tensor" for fam in ("weight", "bias", "activation")

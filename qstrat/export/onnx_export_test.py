@@ -326,13 +326,23 @@ def test_an_unwritable_output_dir_fails_before_calibration(model, tmp_path):
     assert calls == []
 
 
-def test_onnx_exact_rounding_makes_activations_round_half_to_even(model, data):
-    qmodel = quantize(model, data, "pof2s", onnx_exact_rounding=True)
-    info = qstrat.get_quantize_info(qmodel)
-    modes = {t["round_mode"] for layer in info.values() for t in layer.values() if t["target_type"] != "weight"}
-    assert "HALF_TO_EVEN" in modes and "HALF_UP" not in modes
-    with pytest.raises(ConfigError, match="contradicts onnx_exact_rounding"):
-        quantize(model, data, "pof2s", onnx_exact_rounding=True, activation_round_mode="HALF_UP")
+def test_export_rounding_sets_each_activations_round_mode_as_the_runtime_rounds(model, data):
+    def modes(qmodel):
+        info = qstrat.get_quantize_info(qmodel)
+        return {(layer, t): v["round_mode"] for layer, ts in info.items() for t, v in ts.items() if t != "kernel"}
+
+    onnx_modes = modes(quantize(model, data, "pof2s", export_rounding="onnx"))
+    activations = {k: v for k, v in onnx_modes.items() if k[1] != "bias"}
+    assert set(activations.values()) == {"HALF_TO_EVEN"}
+    tfl = modes(quantize(model, data, "pof2s", export_rounding="tflite"))
+    # TFLite requantizes Add, Multiply and the averages in fixed point (half up), a ReLU fused into its
+    # producer rounds as that producer does; convolutions, dense layers and the input: half to even.
+    half_up = {("add", "output"), ("mul", "output"), ("avgpool", "output"), ("gap", "output")}
+    assert {k for k, v in tfl.items() if k[1] != "bias" and v == "HALF_UP"} == half_up
+    assert tfl[("relu1", "output")] == tfl[("image", "output")] == "HALF_TO_EVEN"
+    assert {v for k, v in tfl.items() if k[1] == "bias"} == {"HALF_AWAY_FROM_ZERO"}  # stored as integers: kept
+    with pytest.raises(ConfigError, match="contradicts export_rounding"):
+        quantize(model, data, "pof2s", export_rounding="onnx", activation_round_mode="HALF_UP")
 
 
 # ---- grids and layouts beyond 8-bit per-tensor ---------------------------------------------------------------

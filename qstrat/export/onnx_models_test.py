@@ -31,7 +31,7 @@ def test_applications_export_and_run_for_both_strategies(name, tmp_path):
     model = build()
     x = (zoo.color_images(8, size) / 127.5 - 1).astype("float32")
     zoo.real_statistics(model, x)
-    for strategy, keys in (("pof2s", {"onnx_exact_rounding": True}), ("fs", {})):
+    for strategy, keys in (("pof2s", {"export_rounding": "onnx"}), ("fs", {})):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qmodel = qstrat.Quantizer(model, strategy).quantize_model(x, verbose=0, include_bias_corr=False, **keys)

@@ -156,12 +156,16 @@ QUANTIZE_KEYS = (
         "No quantizer between a conv and its activation: only the activation output is quantized.",
     ),
     _b("no_quant_in_add_act", "No quantizer between an Add/Multiply and the activation after it."),
-    _b(
-        "onnx_exact_rounding",
-        "Activations and model inputs round half to even, as ONNX QuantizeLinear does, so that the ONNX export of a "
-        "power-of-2 model computes exactly what the quantized model does (float scales still differ near ties: ONNX "
-        "divides by the scale). Off keeps the strategy's rounding (the DPU's HALF_UP) and the export report counts "
-        "the elements that round differently.",
+    KeySpec(
+        "export_rounding",
+        "enum",
+        "Round activations and model inputs as the runtime an export targets does, so that the exported file of a "
+        'power-of-2 model computes exactly what the quantized model does: "onnx" (QuantizeLinear: half to even), '
+        '"tflite" (its default XNNPACK kernels: half to even after convolutions and dense layers, half up after '
+        "Add, Multiply and averaging). \"\" keeps the strategy's rounding (the DPU's HALF_UP); the ONNX export report "
+        "then counts the elements that round differently.",
+        "",
+        choices=("", "onnx", "tflite"),
     ),
     KeySpec(
         "freeze_bn_delay",

@@ -1,0 +1,85 @@
+"""``export_rounding``: activations round as the runtime an export targets rounds them.
+
+A quantized model and its exported file compute the same values only if each
+tensor is rounded the same way in both. Runtimes differ from the DPU (which
+rounds activations half up) and from each other:
+
+- ONNX: QuantizeLinear rounds half to even, everywhere.
+- TFLite, with its default XNNPACK kernels: convolutions, dense layers and
+  the input's QUANTIZE requantize in float32 and round half to even; ADD,
+  SUB, MUL and the averaging ops (MEAN, AVERAGE_POOL_2D) requantize in fixed
+  point, adding half before a shift: half up. A ReLU fused into one of them
+  takes its rounding.
+
+This pass rewrites the round mode of every activation and input quantizer of
+an annotation (weights and biases are stored as integers, so they keep
+theirs), before calibration, so calibration sees the final quantizers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from qstrat.errors import ConfigError
+from qstrat.graph.ir import Graph, Node
+
+RUNTIMES = ("onnx", "tflite")
+# TFLite ops that requantize in fixed point (half up), by the Keras layer type they come from.
+_TFLITE_HALF_UP = (
+    "Add",
+    "Subtract",
+    "Multiply",
+    "Average",
+    *(f"AveragePooling{d}D" for d in (1, 2, 3)),
+    *(f"GlobalAveragePooling{d}D" for d in (1, 2, 3)),
+)
+
+
+def _fused(node: Node) -> bool:
+    """A ReLU or ReLU6 TFLite fuses into the op before it."""
+    if node.type_name == "ReLU":
+        return float(node.op.negative_slope) == 0.0 and float(node.op.threshold) == 0.0
+    return node.type_name == "Activation" and node.op.get_config().get("activation") in ("relu", "relu6")
+
+
+def round_like(graph: Graph, annotation, runtime: str):
+    """A copy of ``annotation`` whose activation and input quantizers round as ``runtime`` does."""
+    if runtime not in RUNTIMES:
+        raise ConfigError.expected("export_rounding", "one of " + ", ".join(f'"{r}"' for r in RUNTIMES), runtime)
+    configs = {}
+    for name, cfg in annotation.configs.items():
+        node = graph.node(name) if name in graph else None
+        targets = []
+        for t in cfg.targets:
+            if t.target_type in ("output", "input") and node is not None:
+                mode = _mode(graph, node, t.target_name, runtime)
+                if t.params.get("use_framework_quantizer") and mode != "HALF_UP":
+                    raise ConfigError(
+                        f"{name}.{t.target_name}",
+                        f'export_rounding "{runtime}" needs {mode} here, and its quantizer uses the framework op '
+                        "(use_framework_quantizer), which rounds half up only",
+                        "Set use_framework_quantizer to false in the strategy, or leave export_rounding off and "
+                        "read the export report's mismatch counts.",
+                    )
+                t = replace(
+                    t,
+                    params={**t.params, "round_mode": mode},
+                    sources={**t.sources, "round_mode": f"export_rounding={runtime}"},
+                )
+            targets.append(t)
+        configs[name] = replace(cfg, targets=tuple(targets))
+    return replace(annotation, configs=configs)
+
+
+def _mode(graph: Graph, node: Node, target: str, runtime: str) -> str:
+    if runtime == "onnx":
+        return "HALF_TO_EVEN"
+    source = node
+    if target.startswith("input"):  # a layer-input quantizer: the tensor was rounded where it was made
+        index = int(target.split("_")[-1]) if target[-1].isdigit() else 0
+        if index >= len(node.inputs):
+            return "HALF_TO_EVEN"
+        source = graph.node(node.inputs[index].node)
+    while _fused(source) and len(source.inputs) == 1:
+        source = graph.node(source.inputs[0].node)
+    return "HALF_UP" if source.type_name in _TFLITE_HALF_UP else "HALF_TO_EVEN"
