@@ -38,7 +38,7 @@ import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.export.files import check_writable, write_atomically
-from qstrat.export.onnx_layers import EMITTERS
+from qstrat.export.onnx_layers import EMITTERS, op_operands
 from qstrat.export.onnx_report import OPSET21_NOTE, QDQ_INT8_OPTION, ExportReport, SaturationWarning
 from qstrat.export.onnx_writer import DEFAULT_OPSET, Writer, version
 from qstrat.export.qdq import Grid
@@ -143,6 +143,8 @@ def _check_supported(graph) -> None:
         layer = isinstance(op, keras.layers.Layer)  # a keras.ops operation may share a layer's class name (Add)
         if layer and (kind in ("InputLayer", "FakeQuant") or kind in EMITTERS):
             continue
+        if not layer and op_operands(n) is not None:
+            continue
         what = "a layer" if layer else "a keras.ops operation"
         bad.append(f"{n.name} ({kind}, {what})")
     if bad:
@@ -150,5 +152,6 @@ def _check_supported(graph) -> None:
             f"{len(bad)} nodes have no ONNX export yet: "
             + "; ".join(bad[:8])
             + ("; ..." if len(bad) > 8 else "")
-            + '. Replace them with supported layers (README "Export" lists them), or file an issue.'
+            + '. Replace them with supported layers (README "Export" lists them; of keras.ops, binary arithmetic '
+            "with a constant operand exports), or file an issue."
         )

@@ -242,12 +242,24 @@ def test_unsupported_layers_are_named_before_anything_is_written(tmp_path):
     qmodel = quantize(m, np.ones((4, 8), "float32"), "pof2s")
     with pytest.raises(UnsupportedError, match=r"ln \(LayerNormalization"):
         export_onnx(qmodel, tmp_path / "x.onnx")
-    # A keras.ops operation with a constant operand is not the Multiply layer its class name says.
-    m = keras.Model(i, keras.layers.Dense(4, name="fc")(keras.ops.multiply(i, 0.5)))
+    # keras.ops operations other than binary arithmetic are refused.
+    m = keras.Model(i, keras.layers.Dense(4, name="fc")(keras.ops.sin(i)))
     qmodel = quantize(m, np.ones((4, 8), "float32"), "pof2s", convert_tf_op_to_keras=False)
     with pytest.raises(UnsupportedError, match="keras.ops operation"):
         export_onnx(qmodel, tmp_path / "x.onnx")
     assert not os.listdir(tmp_path)
+
+
+def test_keras_ops_with_a_constant_operand_export_as_keras_computes_them(tmp_path):
+    i = keras.Input((4, 4, 3), name="x")
+    y = keras.layers.Conv2D(3, 1, name="c")(i)
+    y = keras.ops.add(2.0, keras.ops.multiply(y, 0.5))  # scalars, either side
+    y = keras.ops.subtract(y, np.array([0.25, -1.0, 3.0], "float32"))  # a per-channel array
+    m = keras.Model(i, keras.layers.Dense(2, name="fc")(keras.layers.Flatten(name="f")(y)))
+    x = np.random.default_rng(0).normal(size=(32, 4, 4, 3)).astype("float32")
+    qmodel = quantize(m, x, "pof2s", **EVEN)
+    export_onnx(qmodel, tmp_path / "ops.onnx")
+    assert np.array_equal(run(tmp_path / "ops.onnx", x), keras_out(qmodel, x))
 
 
 # ---- integer kernels on x86 without VNNI ---------------------------------------------------------------

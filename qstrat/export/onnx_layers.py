@@ -313,6 +313,42 @@ def _concatenate(c: Call) -> list[Tensor]:
     return [c.out(c.b.one("Concat", [t.name for t in xs], c.name, axis=axis), xs[0].layout)]
 
 
+# ---- keras.ops arithmetic left in the graph (the optimize stage turns the rest into layers) ----------------
+
+_OP_NODES = {"Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div", "TrueDivide": "Div"}
+_OP_NODES |= {"Maximum": "Max", "Minimum": "Min"}
+
+
+def op_operands(node) -> list | None:
+    """The operands of a binary keras.ops arithmetic node (tensors as None, constants as float32); None for other ops."""
+    import keras
+
+    args = node.arguments.args if node.arguments is not None else ()
+    if type(node.op).__name__ not in _OP_NODES or node.arguments.kwargs or len(args) != 2:
+        return None
+    out = []
+    for a in args:
+        if isinstance(a, keras.KerasTensor):
+            out.append(None)
+        else:
+            try:
+                out.append(np.asarray(a, np.float32))
+            except (TypeError, ValueError):
+                return None
+    return out if None in out else None
+
+
+def keras_op(c: Call, node) -> list[Tensor]:
+    """A binary keras.ops operation with tensor and constant operands (``x * 0.5``), as Keras broadcasts it."""
+    operands, tensors = op_operands(node), iter(c.inputs)
+    first = next(t for t in c.inputs)
+    if any(o is not None and o.ndim > 0 for o in operands):
+        first = c.b.to_keras(first)  # an array constant broadcasts against the channels-last layout
+        tensors = iter([c.b.to_keras(t) for t in c.inputs])
+    names = [next(tensors).name if o is None else c.b.const(o, f"{c.name}/constant") for o in operands]
+    return [c.out(c.b.one(_OP_NODES[type(node.op).__name__], names, c.name), first.layout)]
+
+
 EMITTERS: dict[str, Callable[[Call], list[Tensor]]] = {
     **{f"Conv{d}D": (lambda c: _conv(c, "conv")) for d in (1, 2, 3)},
     **{f"DepthwiseConv{d}D": (lambda c: _conv(c, "depthwise")) for d in (1, 2)},

@@ -17,7 +17,7 @@ import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.export.onnx_build import Builder, Tensor, per_axis
-from qstrat.export.onnx_layers import EMITTERS, Call
+from qstrat.export.onnx_layers import EMITTERS, Call, keras_op
 from qstrat.export.onnx_report import ExportReport
 from qstrat.export.qdq import INT16_MAX, Grid, grid_of, pair_sum_bound, u8_activation_range
 from qstrat.layers import FakeQuant, QuantizeWrapper
@@ -152,7 +152,11 @@ class Writer:
     # ---- layers ---------------------------------------------------------------------------------------
 
     def _layer(self, n, ins: list[Tensor]) -> list[Tensor]:
+        import keras
+
         op = n.op
+        if not isinstance(op, keras.layers.Layer):  # a keras.ops operation with a constant operand
+            return keras_op(Call(n.name, op, ins, list(n.meta["shapes"]), self.b), n)
         wrapper = op if isinstance(op, QuantizeWrapper) else None
         layer = op.layer if wrapper else op
         # Named after the Keras layer (not its wrapper), "@k" for the k-th call of a shared one.
