@@ -347,10 +347,11 @@ def test_export_rounding_sets_each_activations_round_mode_as_the_runtime_rounds(
     activations = {k: v for k, v in onnx_modes.items() if k[1] != "bias"}
     assert set(activations.values()) == {"HALF_TO_EVEN"}
     tfl = modes(quantize(model, data, "pof2s", export_rounding="tflite"))
-    # TFLite requantizes Add, Multiply and the averages in fixed point (half up), a ReLU fused into its
-    # producer rounds as that producer does; convolutions, dense layers and the input: half to even.
-    half_up = {("add", "output"), ("mul", "output"), ("avgpool", "output"), ("gap", "output")}
-    assert {k for k, v in tfl.items() if k[1] != "bias" and v == "HALF_UP"} == half_up
+    # TFLite requantizes Add and Multiply in fixed point (half up) and averages half away from zero; a ReLU
+    # fused into its producer rounds as that producer does; convolutions, dense layers and the input: half to even.
+    assert {k for k, v in tfl.items() if k[1] != "bias" and v == "HALF_UP"} == {("add", "output"), ("mul", "output")}
+    away = {k for k, v in tfl.items() if k[1] != "bias" and v == "HALF_AWAY_FROM_ZERO"}
+    assert away == {("avgpool", "output"), ("gap", "output")}
     assert tfl[("relu1", "output")] == tfl[("image", "output")] == "HALF_TO_EVEN"
     assert {v for k, v in tfl.items() if k[1] == "bias"} == {"HALF_AWAY_FROM_ZERO"}  # stored as integers: kept
     with pytest.raises(ConfigError, match="contradicts export_rounding"):

@@ -162,7 +162,7 @@ QUANTIZE_KEYS = (
         "Round activations and model inputs as the runtime an export targets does, so that the exported file of a "
         'power-of-2 model computes exactly what the quantized model does: "onnx" (QuantizeLinear: half to even), '
         '"tflite" (its default XNNPACK kernels: half to even after convolutions and dense layers, half up after '
-        "Add, Multiply and averaging). \"\" keeps the strategy's rounding (the DPU's HALF_UP); the ONNX export report "
+        "Add and Multiply, half away from zero after averaging). \"\" keeps the strategy's rounding (the DPU's HALF_UP); the ONNX export report "
         "then counts the elements that round differently.",
         "",
         choices=("", "onnx", "tflite"),
