@@ -54,7 +54,19 @@ from qstrat.quantizers.grid import RoundMode
 
 _FOLDABLE = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "Dense")
 _FUSES = ("Add", "Subtract", "Multiply")  # TFLite fuses a ReLU into these, as into Conv and Dense
-_KEEPS_RANGE = ("MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "Reshape", "Flatten", "Dropout", "Identity")
+_KEEPS_RANGE = (
+    "MaxPooling1D",
+    "MaxPooling2D",
+    "MaxPooling3D",
+    "Reshape",
+    "Flatten",
+    "Dropout",
+    "Identity",
+    "ZeroPadding1D",
+    "ZeroPadding2D",
+    "ZeroPadding3D",
+    "UpSampling2D",
+)
 
 
 def _numpy(v) -> np.ndarray:
@@ -144,7 +156,7 @@ class _Twin:
         self.graph = _share_ranges(capture(qmodel))
         self.folded = {n.name: bn for n in self.graph.nodes if (bn := self._foldable_bn(n)) is not None}
         folded_bns = {bn.name for bn in self.folded.values()}
-        self.ops, self.calibrated = {}, []
+        self.ops, self.calibrated, shared = {}, [], {}
         for node in self.graph.nodes:
             if node.name in folded_bns:
                 self.ops[node.name] = keras.layers.Lambda(lambda x: x, name=node.op.name)
@@ -154,7 +166,11 @@ class _Twin:
                 lo, hi = float((qmin - zp) * scale), float((qmax - zp) * scale)
                 self.ops[node.name] = _fake_quant(lo, hi, qmax - qmin == 254, fq.name)
             elif isinstance(node.op, QuantizeWrapper):
-                self.ops[node.name] = self._wrapped(node)
+                # A shared layer is one Lambda called once per use (Keras names must be unique).
+                key = id(node.op) if node.name not in self.folded else node.name
+                if key not in shared:
+                    shared[key] = self._wrapped(node)
+                self.ops[node.name] = shared[key]
 
     def _foldable_bn(self, node):
         inner = getattr(node.op, "layer", None)

@@ -12,7 +12,9 @@ rounds activations half up) and from each other:
   them takes its rounding. Measured per tensor on the digits CNN and the
   mini-Xception (bench/export.py, tflite_test.py): every tensor then equals
   Keras exactly, except the output of TFLite's int8 softmax, a different
-  algorithm (a lookup table), which no round mode reproduces.
+  algorithm (a lookup table), which no round mode reproduces. Ops it does
+  not list (a ReLU TFLite cannot fuse, a requantizing max pool) keep half to
+  even, which may not be what TFLite does for them.
 
 This pass rewrites the round mode of every activation and input quantizer of
 an annotation (weights and biases are stored as integers, so they keep
