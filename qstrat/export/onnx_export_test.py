@@ -69,6 +69,14 @@ def quantize(model, data, strategy, **kw):
         return qstrat.Quantizer(model, strategy).quantize_model(data, calib_batch_size=16, verbose=0, **kw)
 
 
+def assert_exports_exactly(m, x, path, **keys):
+    """pof2s with ONNX's rounding: the file computes the Keras model's outputs bit for bit."""
+    qmodel = quantize(m, x, "pof2s", **EVEN, **keys)
+    export_onnx(qmodel, path)
+    assert np.array_equal(run(path, x), keras_out(qmodel, x))
+    return qmodel
+
+
 def output_step(qmodel) -> float:
     info = qstrat.get_quantize_info(qmodel)["head"]["output"]
     return float(2.0 ** -info["quantize_pos"]) if "quantize_pos" in info else float(info["scale"])
@@ -229,11 +237,8 @@ def test_normalization_constants_stay_constants(tmp_path):
     x = np.random.default_rng(0).normal(3, 2, (64, 6)).astype("float32")
     norm.adapt(x)
     m = keras.Model(i, keras.layers.Dense(3, name="fc")(norm(i)))
-    qmodel = quantize(m, x, "pof2s", **EVEN)
-    export_onnx(qmodel, tmp_path / "n.onnx")
-    g = onnx.load(tmp_path / "n.onnx").graph
-    assert [v.name for v in g.input] == ["x"]
-    assert np.array_equal(run(tmp_path / "n.onnx", x), keras_out(qmodel, x))
+    assert_exports_exactly(m, x, tmp_path / "n.onnx")
+    assert [v.name for v in onnx.load(tmp_path / "n.onnx").graph.input] == ["x"]
 
 
 def test_unsupported_layers_are_named_before_anything_is_written(tmp_path):
@@ -256,10 +261,9 @@ def test_keras_ops_with_a_constant_operand_export_as_keras_computes_them(tmp_pat
     y = keras.ops.add(2.0, keras.ops.multiply(y, 0.5))  # scalars, either side
     y = keras.ops.subtract(y, np.array([0.25, -1.0, 3.0], "float32"))  # a per-channel array
     m = keras.Model(i, keras.layers.Dense(2, name="fc")(keras.layers.Flatten(name="f")(y)))
-    x = np.random.default_rng(0).normal(size=(32, 4, 4, 3)).astype("float32")
-    qmodel = quantize(m, x, "pof2s", **EVEN)
-    export_onnx(qmodel, tmp_path / "ops.onnx")
-    assert np.array_equal(run(tmp_path / "ops.onnx", x), keras_out(qmodel, x))
+    assert_exports_exactly(
+        m, np.random.default_rng(0).normal(size=(32, 4, 4, 3)).astype("float32"), tmp_path / "o.onnx"
+    )
 
 
 # ---- integer kernels on x86 without VNNI ---------------------------------------------------------------
@@ -391,10 +395,9 @@ def test_per_channel_rescaling_after_a_convolution_keeps_its_axis(tmp_path):
     i = keras.Input((8, 4, 4), name="x")
     y = keras.layers.Rescaling([1.0, 2.0, 0.5, 4.0], name="r")(keras.layers.Conv2D(4, 1, name="c")(i))
     m = keras.Model(i, keras.layers.Flatten(name="f")(y))
-    x = np.random.default_rng(0).normal(size=(16, 8, 4, 4)).astype("float32")
-    qmodel = quantize(m, x, "pof2s", **EVEN)
-    export_onnx(qmodel, tmp_path / "r.onnx")
-    assert np.array_equal(run(tmp_path / "r.onnx", x), keras_out(qmodel, x))
+    assert_exports_exactly(
+        m, np.random.default_rng(0).normal(size=(16, 8, 4, 4)).astype("float32"), tmp_path / "r.onnx"
+    )
 
 
 def test_float_scales_rounding_half_to_even_are_still_counted(tmp_path):

@@ -179,11 +179,12 @@ def q(name="", qtype="Pof2SQuantizer", **params):
     return {"name": name, "type": qtype, "params": {"bit_width": 8, "per_channel": False, **params}}
 
 
-def sharing_strategy(qtype="Pof2SQuantizer"):
+def sharing_strategy(qtype="Pof2SQuantizer", output_type="Pof2SQuantizer", **output_params):
+    """conv_a's weight, bias and output quantizers shared with conv_b (refine/convert_test.py uses it too)."""
     first = [
         {"target_name": "kernel", "target_type": "weight", "quantizer_config": q("w", qtype)},
         {"target_name": "bias", "target_type": "bias", "quantizer_config": q("b", qtype)},
-        {"target_name": "output", "target_type": "output", "quantizer_config": q("o")},
+        {"target_name": "output", "target_type": "output", "quantizer_config": q("o", output_type, **output_params)},
     ]
     second = [
         {"target_name": "kernel", "target_type": "weight", "shared_quantizer": "w"},

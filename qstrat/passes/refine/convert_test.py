@@ -7,6 +7,7 @@ from keras import layers as L
 
 import qstrat
 from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.passes import quantize_test
 from qstrat.passes.refine.convert import FRAMEWORK_NOTE, to_float_scale, to_pof2s
 
 pytestmark = pytest.mark.portable
@@ -186,29 +187,8 @@ def twins():
 
 
 def sharing_strategy(qtype):
-    def q(name, **params):
-        return {"name": name, "type": qtype, "params": {"bit_width": 8, "per_channel": False, **params}}
-
-    first = [
-        {"target_name": "kernel", "target_type": "weight", "quantizer_config": q("w")},
-        {"target_name": "bias", "target_type": "bias", "quantizer_config": q("b")},
-        {"target_name": "output", "target_type": "output", "quantizer_config": q("o", round_mode="HALF_UP")},
-    ]
-    second = [
-        {"target_name": "kernel", "target_type": "weight", "shared_quantizer": "w"},
-        {"target_name": "bias", "target_type": "bias", "shared_quantizer": "b"},
-        {"target_name": "output", "target_type": "output", "shared_quantizer": "o"},
-    ]
-    pattern = {
-        "pattern_name": "twin_convs",
-        "layer_type": "Add",
-        "layer_inputs": [
-            {"layer_type": "Conv2D", "quant_config": first},
-            {"layer_type": "Conv2D", "quant_config": second},
-        ],
-        "quant_config": [],
-    }
-    return {"base": "", "quantize_registry_config": {"layer_quantize_config": [pattern]}}
+    """Every target of conv_a shared with conv_b, all of one quantizer type."""
+    return quantize_test.sharing_strategy(qtype, qtype, round_mode="HALF_UP")
 
 
 @pytest.mark.parametrize("qtype", ["Pof2SQuantizer", "TQTQuantizer"])
