@@ -188,6 +188,12 @@ class _Twin:
 
     def _wrapped(self, node):
         w, inner = node.op, node.op.layer
+        if type(inner).__name__.startswith("SeparableConv"):
+            raise UnsupportedError(
+                f"{inner.name}: a SeparableConv keeps the tensor between its depthwise and pointwise halves in float, "
+                "and TFLite would have to quantize it, which the quantized model does not do. Quantize with the "
+                "optimize key separable_conv=True (it splits the layer, and each half gets its quantizers)."
+            )
         depthwise = type(inner).__name__ == "DepthwiseConv2D"
         bias = _numpy(inner.bias) if getattr(inner, "use_bias", False) else None
         factor, shift = _bn_factor(self.folded[node.name].op) if node.name in self.folded else (None, None)

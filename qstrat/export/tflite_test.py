@@ -388,3 +388,20 @@ def test_shared_layers_and_padding_export(tmp_path):
     # Not exact: r0 is a ReLU TFLite cannot fuse into the PAD before it, and its own requantization is not
     # among the roundings export_rounding="tflite" models. The issue's bar:
     assert (y_tfl.argmax(1) == np.asarray(qmodel(x)).argmax(1)).mean() >= 0.995
+
+
+def test_separable_convolutions_are_refused_with_the_key_that_splits_them(tmp_path):
+    """fs keeps SeparableConv2D whole; its middle tensor is float in Keras and would be int8 in TFLite."""
+    i = keras.Input((8, 8, 3), name="img")
+    x = keras.layers.SeparableConv2D(6, 3, padding="same", name="sep")(i)
+    y = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D(name="gap")(keras.layers.ReLU()(x)))
+    model = keras.Model(i, y)
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
+    with pytest.raises(qstrat.UnsupportedError, match="separable_conv=True"):
+        export_tflite(_quantize(model, x, "fs"), tmp_path / "sep.tflite", calib_data=x)
+    assert not os.listdir(tmp_path)
+    qmodel = _quantize(model, x, "fs", separable_conv=True)
+    report = export_tflite(qmodel, tmp_path / "sep.tflite", calib_data=x)
+    assert report["ops"]["DEPTHWISE_CONV_2D"] == 1 and report["ops"]["CONV_2D"] == 2  # pointwise, and the head as 1x1
+    _, y_tfl = _invoke(tmp_path / "sep.tflite", x)
+    assert (y_tfl.argmax(1) == np.asarray(qmodel(x)).argmax(1)).mean() >= 0.995
