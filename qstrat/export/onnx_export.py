@@ -152,6 +152,6 @@ def _check_supported(graph) -> None:
             f"{len(bad)} nodes have no ONNX export yet: "
             + "; ".join(bad[:8])
             + ("; ..." if len(bad) > 8 else "")
-            + '. Replace them with supported layers (README "Export" lists them; of keras.ops, binary arithmetic '
-            "with a constant operand exports), or file an issue."
+            + '. Replace them with supported layers (README "Export" lists them; of keras.ops, add, subtract, '
+            "multiply, divide, maximum and minimum of a float32 tensor and a float32 constant export), or file an issue."
         )

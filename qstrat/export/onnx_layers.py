@@ -320,33 +320,39 @@ _OP_NODES |= {"Maximum": "Max", "Minimum": "Min"}
 
 
 def op_operands(node) -> list | None:
-    """The operands of a binary keras.ops arithmetic node (tensors as None, constants as float32); None for other ops."""
+    """The operands of a binary keras.ops arithmetic node with one tensor and one constant (tensor as None,
+    constant as float32), on float32 tensors; None for anything else (two tensors would need their layouts
+    matched, which a layer does: the optimize stage turns such ops into layers)."""
     import keras
 
     args = node.arguments.args if node.arguments is not None else ()
     if type(node.op).__name__ not in _OP_NODES or node.arguments.kwargs or len(args) != 2:
         return None
+    if node.meta.get("dtypes", ("float32",))[0] != "float32":
+        return None  # a float64 constant makes Keras compute in float64
     out = []
     for a in args:
         if isinstance(a, keras.KerasTensor):
             out.append(None)
         else:
             try:
-                out.append(np.asarray(a, np.float32))
+                value = np.asarray(a)
+                as32 = value.astype(np.float32)
             except (TypeError, ValueError):
                 return None
-    return out if None in out else None
+            if not np.array_equal(as32, value):
+                return None  # not exactly a float32: Keras would compute in a wider type
+            out.append(as32)
+    return out if sum(o is None for o in out) == 1 else None
 
 
 def keras_op(c: Call, node) -> list[Tensor]:
     """A binary keras.ops operation with tensor and constant operands (``x * 0.5``), as Keras broadcasts it."""
-    operands, tensors = op_operands(node), iter(c.inputs)
-    first = next(t for t in c.inputs)
+    operands, x = op_operands(node), c.inputs[0]
     if any(o is not None and o.ndim > 0 for o in operands):
-        first = c.b.to_keras(first)  # an array constant broadcasts against the channels-last layout
-        tensors = iter([c.b.to_keras(t) for t in c.inputs])
-    names = [next(tensors).name if o is None else c.b.const(o, f"{c.name}/constant") for o in operands]
-    return [c.out(c.b.one(_OP_NODES[type(node.op).__name__], names, c.name), first.layout)]
+        x = c.b.to_keras(x)  # an array constant broadcasts against the channels-last layout
+    names = [x.name if o is None else c.b.const(o, f"{c.name}/constant") for o in operands]
+    return [c.out(c.b.one(_OP_NODES[type(node.op).__name__], names, c.name), x.layout)]
 
 
 EMITTERS: dict[str, Callable[[Call], list[Tensor]]] = {

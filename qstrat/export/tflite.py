@@ -214,7 +214,9 @@ class _Twin:
             weights[attr] = _Weight(values.astype(np.float32), np.float32(qmin * scale), np.float32(qmax * scale), qmax - qmin == 254)  # fmt: skip
         if factor is not None:
             bias = shift if bias is None else bias * factor + shift
-        return keras.layers.Lambda(functools.partial(_call_wrapped, inner, weights, bias, depthwise), name=w.name)
+        # A call with its own folded BN is its own op: one name per call then.
+        name = w.name if node.name not in self.folded else f"{w.name}_{node.name}".replace("@", "_call")
+        return keras.layers.Lambda(functools.partial(_call_wrapped, inner, weights, bias, depthwise), name=name)
 
     def op_for(self, node):
         return self.ops.get(node.name, node.op)

@@ -5,16 +5,17 @@ tensor is rounded the same way in both. Runtimes differ from the DPU (which
 rounds activations half up) and from each other:
 
 - ONNX: QuantizeLinear rounds half to even, everywhere.
-- TFLite, with its default XNNPACK kernels: convolutions, dense layers and
-  the input's QUANTIZE requantize in float32 and round half to even; ADD, SUB
-  and MUL requantize in fixed point, adding half before a shift (half up);
-  MEAN and AVERAGE_POOL_2D round half away from zero. A ReLU fused into one of
-  them takes its rounding. Measured per tensor on the digits CNN and the
-  mini-Xception (bench/export.py, tflite_test.py): every tensor then equals
-  Keras exactly, except the output of TFLite's int8 softmax, a different
-  algorithm (a lookup table), which no round mode reproduces. Ops it does
-  not list (a ReLU TFLite cannot fuse, a requantizing max pool) keep half to
-  even, which may not be what TFLite does for them.
+- TFLite, with its default XNNPACK kernels: convolutions, dense layers, MUL
+  and the input's QUANTIZE requantize in float32 and round half to even; ADD
+  requantizes in fixed point, adding half before a shift (half up); MEAN and
+  AVERAGE_POOL_2D round half away from zero. A ReLU fused into its producer
+  (the producer's only reader) takes its rounding. ADD, MUL and MEAN were
+  measured on ties; SUB and Average are taken to round as ADD, unmeasured.
+  Ops it does not list (a ReLU TFLite cannot fuse, a requantizing max pool)
+  keep half to even, which may not be what TFLite does for them; TFLite's
+  int8 softmax is another algorithm (a lookup table) that no round mode
+  reproduces. A bias finer than the accumulator's grid is rounded again by
+  TFLite (int32 at input scale x weight scale), which can also move a step.
 
 This pass rewrites the round mode of every activation and input quantizer of
 an annotation (weights and biases are stored as integers, so they keep
@@ -31,7 +32,7 @@ from qstrat.graph.ir import Graph, Node
 RUNTIMES = ("onnx", "tflite")
 # TFLite ops that requantize in fixed point, by the Keras layer type they come from, and how they round.
 _TFLITE_FIXED_POINT = {
-    **{k: "HALF_UP" for k in ("Add", "Subtract", "Multiply", "Average")},  # (x + 2^(s-1)) >> s
+    **{k: "HALF_UP" for k in ("Add", "Subtract", "Average")},  # (x + 2^(s-1)) >> s
     **{f"AveragePooling{d}D": "HALF_AWAY_FROM_ZERO" for d in (1, 2, 3)},
     **{f"GlobalAveragePooling{d}D": "HALF_AWAY_FROM_ZERO" for d in (1, 2, 3)},  # MEAN
 }
@@ -76,12 +77,25 @@ def round_like(graph: Graph, annotation, runtime: str):
 def _mode(graph: Graph, node: Node, target: str, runtime: str) -> str:
     if runtime == "onnx":
         return "HALF_TO_EVEN"
-    source = node
-    if target.startswith("input"):  # a layer-input quantizer: the tensor was rounded where it was made
-        index = int(target.split("_")[-1]) if target[-1].isdigit() else 0
-        if index >= len(node.inputs):
-            return "HALF_TO_EVEN"
-        source = graph.node(node.inputs[index].node)
+    if not target.startswith("input"):
+        return _tflite_mode(graph, node)
+    # A layer-input quantizer: each tensor was rounded where it was made. "input" serves every input.
+    indices = [int(target.rsplit("_", 1)[1])] if target[-1].isdigit() else range(len(node.inputs))
+    modes = {_tflite_mode(graph, graph.node(node.inputs[i].node)) for i in indices if i < len(node.inputs)}
+    if len(modes) > 1:
+        raise ConfigError(
+            f"{node.name}.{target}",
+            f"one quantizer serves inputs that TFLite rounds differently ({', '.join(sorted(modes))})",
+            "Give each input its own quantizer (input_0, input_1, ...) in the strategy, or leave export_rounding off.",
+        )
+    return modes.pop() if modes else "HALF_TO_EVEN"
+
+
+def _tflite_mode(graph: Graph, source: Node) -> str:
+    """How TFLite rounds the tensor ``source`` makes: through a fused ReLU, as the op it is fused into."""
     while _fused(source) and len(source.inputs) == 1:
-        source = graph.node(source.inputs[0].node)
+        producer = graph.node(source.inputs[0].node)
+        if len(graph.consumers(source.inputs[0])) != 1:
+            break  # the producer's output is read elsewhere too: TFLite does not fuse
+        source = producer
     return _TFLITE_FIXED_POINT.get(source.type_name, "HALF_TO_EVEN")

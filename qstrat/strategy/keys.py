@@ -160,9 +160,10 @@ QUANTIZE_KEYS = (
         "export_rounding",
         "enum",
         "Round activations and model inputs as the runtime an export targets does, so that the exported file of a "
-        'power-of-2 model computes exactly what the quantized model does: "onnx" (QuantizeLinear: half to even), '
-        '"tflite" (its default XNNPACK kernels: half to even after convolutions and dense layers, half up after '
-        "Add and Multiply, half away from zero after averaging). \"\" keeps the strategy's rounding (the DPU's HALF_UP); the ONNX export report "
+        'power-of-2 model computes what the quantized model does (ONNX: exactly; TFLite: README "Export" says when): '
+        '"onnx" (QuantizeLinear: half to even), '
+        '"tflite" (its default XNNPACK kernels: half to even after convolutions, dense layers and Multiply, half '
+        "up after Add and Subtract, half away from zero after averaging). \"\" keeps the strategy's rounding (the DPU's HALF_UP); the ONNX export report "
         "then counts the elements that round differently.",
         "",
         choices=("", "onnx", "tflite"),
