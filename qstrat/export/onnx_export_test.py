@@ -364,6 +364,31 @@ def test_export_rounding_sets_each_activations_round_mode_as_the_runtime_rounds(
         quantize(model, data, "pof2s", export_rounding="onnx", activation_round_mode="HALF_UP")
 
 
+def test_a_shared_quantizer_tflite_rounds_two_ways_is_an_error():
+    """conv_a's output quantizer shared with the Add after it: TFLite rounds a conv half to even, an Add half up."""
+    from qstrat.passes.quantize_test import q
+
+    i = keras.Input((8, 8, 3), name="image")
+    a = keras.layers.Conv2D(3, 3, padding="same", name="conv_a")(i)
+    m = keras.Model(i, keras.layers.Add(name="add")([a, i]))
+    pattern = {
+        "pattern_name": "conv_then_add",
+        "layer_type": "Add",
+        "layer_inputs": [
+            {
+                "layer_type": "Conv2D",
+                "quant_config": [{"target_name": "output", "target_type": "output", "quantizer_config": q("o")}],
+            },
+            {"layer_type": "InputLayer", "quant_config": []},
+        ],
+        "quant_config": [{"target_name": "output", "target_type": "output", "shared_quantizer": "o"}],
+    }
+    strategy = {"quantize_registry_config": {"layer_quantize_config": [pattern]}}
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32")
+    with pytest.raises(ConfigError, match='shares the quantizer "o"'):
+        qstrat.Quantizer(m, "pof2s", strategy).quantize_model(x, verbose=0, export_rounding="tflite")
+
+
 # ---- grids and layouts beyond 8-bit per-tensor ---------------------------------------------------------------
 
 

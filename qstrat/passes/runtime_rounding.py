@@ -49,7 +49,7 @@ def round_like(graph: Graph, annotation, runtime: str):
     """A copy of ``annotation`` whose activation and input quantizers round as ``runtime`` does."""
     if runtime not in RUNTIMES:
         raise ConfigError.expected("export_rounding", "one of " + ", ".join(f'"{r}"' for r in RUNTIMES), runtime)
-    configs = {}
+    configs, shared = {}, {}
     for name, cfg in annotation.configs.items():
         node = graph.node(name) if name in graph else None
         targets = []
@@ -64,6 +64,16 @@ def round_like(graph: Graph, annotation, runtime: str):
                         "Set use_framework_quantizer to false in the strategy, or leave export_rounding off and "
                         "read the export report's mismatch counts.",
                     )
+                if t.shared_key is not None:
+                    first = shared.setdefault(t.shared_key, (f"{name}.{t.target_name}", mode))
+                    if first[1] != mode:
+                        raise ConfigError(
+                            f"{name}.{t.target_name}",
+                            f'shares the quantizer "{t.shared_key.rsplit("/", 1)[-1]}" with {first[0]}, and export_rounding "{runtime}" '
+                            f"rounds the two tensors differently ({first[1]} there, {mode} here)",
+                            "One quantizer has one round mode: give these tensors their own quantizers, or leave "
+                            "export_rounding off.",
+                        )
                 t = replace(
                     t,
                     params={**t.params, "round_mode": mode},
