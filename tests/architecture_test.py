@@ -20,6 +20,7 @@ RANK = {
     "passes": 6,
     "export": 7,
     "inspect": 7,
+    "integer": 7,
     "api": 8,
     "cli": 9,
     "zoo": 10,
