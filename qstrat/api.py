@@ -22,9 +22,11 @@ from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
+from qstrat.passes.dpu_versions import to_dpu_versions
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, insert
 from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
+from qstrat.passes.refine.positions import PositionChange, apply_constraints, idle_rules
 from qstrat.passes.runtime_rounding import round_like
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
@@ -62,6 +64,8 @@ class Quantizer:
         self.report: QuantizeReport | None = None
         self.optimize_report: OptimizeReport | None = None
         self.bias_corrections: list[Correction] = []
+        # Of the last quantize_model: each position the DPU compiler constraints moved (refine stage).
+        self.position_changes: list[PositionChange] = []
         self.convert_report = None  # of the last quantize_model's refine conversions, when a key asked for one
         self.export_report = None  # of the last quantize_model's ONNX file, when output_format is "onnx"
         self.output_path: str | None = None  # the file the last quantize_model wrote (output_format)
@@ -142,7 +146,9 @@ class Quantizer:
             graph = self._optimized_graph(strategy)
         _warn_unknown_layer_names(strategy, graph, self.optimize_report)
         with progress.stage("annotate + insert + rebuild"):
+            graph, dpu = to_dpu_versions(graph, strategy.quantize)
             annotation = annotate(graph, strategy, self.custom_objects)
+            _note_dpu_versions(annotation.report, dpu)
             if rounding:
                 annotation = round_like(graph, annotation, rounding)
             qgraph, taps = insert(graph, annotation)
@@ -169,12 +175,22 @@ class Quantizer:
                     progress,
                     bc_plan.float_side if bc_plan else None,
                 )
+            with progress.stage("position constraints"):
+                self.position_changes = apply_constraints(qmodel, strategy.refine)
+            for rule in idle_rules(qmodel, strategy.refine):
+                warnings.warn(
+                    f"refine_pipeline_config.{rule} = true does nothing: the model has no power-of-2 quantizers, "
+                    "whose positions the DPU compiler constraints adjust.",
+                    stacklevel=2,
+                )
             self.bias_corrections = []
             if bc_plan:
                 with progress.stage("bias correction"):
                     self.bias_corrections = correct_biases(
                         qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples, progress, bc_plan
                     )
+                # A corrected bias gets a new position: the rules check it again.
+                self.position_changes += apply_constraints(qmodel, strategy.refine)
         self.report = annotation.report
         qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
         progress.done("quantized")
@@ -230,6 +246,14 @@ class Quantizer:
     def set_quantize_strategy(self, new_quantize_strategy) -> Strategy:
         self.strategy = set_quantize_strategy(self.strategy, new_quantize_strategy, self.custom_objects)
         return self.strategy
+
+
+def _note_dpu_versions(report: QuantizeReport, dpu) -> None:
+    """Each DPU layer version made, or kept with its reason, as a note on its layer in the quantize report."""
+    for event in dpu.events:
+        entry = report.layers.get(event.node)
+        if entry is not None:
+            entry.notes.append(f"DPU version: {event.detail}")
 
 
 def _check_rounding_overrides(rounding: str, overrides: Mapping[str, Any]) -> None:

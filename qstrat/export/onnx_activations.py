@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qstrat.export.onnx_build import Call, Tensor, channel_const, physical_axis, unsupported
+from qstrat.layers.dpu import HARD_SIGMOID_MULTIPLIER, HARD_SIGMOID_SHIFT
 
 
 def activation(c: Call, t: Tensor, fn, name: str | None = None, axis: int = -1) -> Tensor:
@@ -88,6 +89,16 @@ def _leaky_relu(c: Call) -> list[Tensor]:
     return [c.out(c.b.one("LeakyRelu", [x.name], c.name, alpha=float(c.layer.negative_slope)), x.layout)]
 
 
+def _dpu_hard_sigmoid(c: Call) -> list[Tensor]:
+    """The DPU's hard sigmoid, op for op as Keras computes it: relu6(x + 3) * 2731 / 2^14."""
+    b, x = c.b, c.inputs[0]
+    p = b.one("Add", [x.name, b.const(np.float32(3.0), f"{c.name}/three")], f"{c.name}/add3")
+    zero, six = b.const(np.float32(0.0), f"{c.name}/zero"), b.const(np.float32(6.0), f"{c.name}/six")
+    r = b.one("Clip", [p, zero, six], f"{c.name}/relu6")
+    scale = np.float32(HARD_SIGMOID_MULTIPLIER / 2**HARD_SIGMOID_SHIFT)
+    return [c.out(b.one("Mul", [r, b.const(scale, f"{c.name}/multiplier")], c.name), x.layout)]
+
+
 def _prelu(c: Call) -> list[Tensor]:
     x = c.b.to_keras(c.inputs[0])
     alpha = c.weight("alpha", lambda a: a[None], None, None)
@@ -157,6 +168,7 @@ ACTIVATION_EMITTERS: dict[str, Callable[[Call], list[Tensor]]] = {
     "ReLU": _relu,
     "LeakyReLU": _leaky_relu,
     "PReLU": _prelu,
+    "DPUHardSigmoid": _dpu_hard_sigmoid,
     "Softmax": _softmax,
     "BatchNormalization": _batch_norm,
     "ScaleShift": _scale_shift,

@@ -490,3 +490,27 @@ def test_convert_datatype_saves_a_keras_file_and_refuses_onnx(model, data, tmp_p
     with pytest.raises(ConfigError, match="convert_datatype"):
         q.quantize_model(data, verbose=0, convert_datatype="float16", output_format="onnx", output_dir=str(tmp_path))
     assert q.output_path is None
+
+
+def test_dpu_layer_versions_export_bit_for_bit(tmp_path):
+    """The DPU versions (hard sigmoid, x * hard sigmoid, LeakyReLU 26/256, window sums times k/2^n) are
+    plain ONNX ops between QDQ pairs, computing what Keras computes: with ONNX's rounding, every output
+    equals the Keras model's, with and without ONNX Runtime's graph optimizations."""
+    keras.utils.set_random_seed(5)
+    i = keras.Input((9, 9, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c")(i)
+    gate = keras.layers.Activation("sigmoid", name="gate")(x)
+    swish = keras.layers.Activation("swish", name="swish")(x)
+    hard = keras.layers.ReLU(6.0, name="hs_relu")(x + 3.0) / 6.0
+    leaky = keras.layers.LeakyReLU(0.1, name="leaky")(x)
+    y = keras.layers.Add(name="mix")([gate, swish, hard, leaky])
+    y = keras.layers.AveragePooling2D(3, strides=1, name="avg")(y)  # 7x7 left: 3x3 windows, 7/64
+    y = keras.layers.GlobalAveragePooling2D(name="gap")(y)  # 7x7: 21/1024
+    m = keras.Model(i, keras.layers.Dense(4, name="head")(y))
+    x_data = np.random.default_rng(1).normal(size=(32, 9, 9, 3)).astype("float32")
+    qmodel = assert_exports_exactly(m, x_data, tmp_path / "dpu.onnx")
+    kinds = {type(layer).__name__ for layer in qmodel.layers}
+    assert {"DPUHardSigmoid", "DPUAveragePooling2D", "DPUGlobalAveragePooling2D"} <= kinds
+    assert np.array_equal(run(tmp_path / "dpu.onnx", x_data, optimize=False), keras_out(qmodel, x_data))
+    nodes = {n.name: n.op_type for n in onnx.load(tmp_path / "dpu.onnx").graph.node}
+    assert nodes["gate"] == "Mul" and nodes["avg"] == "Mul" and nodes["gap"] == "Mul"

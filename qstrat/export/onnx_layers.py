@@ -23,6 +23,8 @@ import numpy as np
 from qstrat.errors import UnsupportedError
 from qstrat.export.onnx_activations import ACTIVATION_EMITTERS, activation
 from qstrat.export.onnx_build import Call, Tensor, physical_axis, unsupported
+from qstrat.graph.ir import constant_operands
+from qstrat.layers.dpu import DPUAveragePooling2D, DPUGlobalAveragePooling2D
 
 # ---- shapes and padding ---------------------------------------------------------------------------
 
@@ -183,6 +185,9 @@ def _pool(c: Call, kind: str) -> list[Tensor]:
     ch = int(x.shape[-1] if fmt == "channels_last" else x.shape[1])
     ones = b.const(np.ones((ch, 1, *kernel), np.float32), f"{c.name}/window")
     s = b.one("Conv", [x.name, ones], f"{c.name}/sum", group=ch, strides=list(strides), pads=pads)
+    if isinstance(layer, DPUAveragePooling2D):  # the DPU's k / 2^n for 1 / count: exact on the sum
+        y = b.one("Mul", [s, b.const(np.float32(layer._multiplier), f"{c.name}/multiplier")], c.name)
+        return [c.out(y, _layout_out(fmt))]
     count = _window_counts(sizes, kernel, strides, pads)
     y = b.one("Div", [s, b.const(count.reshape(1, 1, *count.shape), f"{c.name}/count")], c.name)
     return [c.out(y, _layout_out(fmt))]
@@ -218,6 +223,9 @@ def _global_pool(c: Call, kind: str) -> list[Tensor]:
             y = b.one("ReduceMax", [x.name, axes_in], c.name, keepdims=keep)
         return [c.out(y, "keras" if not keep else _layout_out(fmt), grid=x.grid)]
     s = b.one("ReduceSum", [x.name, axes_in], f"{c.name}/sum", keepdims=keep)
+    if isinstance(layer, DPUGlobalAveragePooling2D):
+        y = b.one("Mul", [s, b.const(np.float32(layer._multiplier), f"{c.name}/multiplier")], c.name)
+        return [c.out(y, "keras" if not keep else _layout_out(fmt))]
     y = b.one("Div", [s, b.const(np.float32(math.prod(sizes)), f"{c.name}/count")], c.name)
     return [c.out(y, "keras" if not keep else _layout_out(fmt))]
 
@@ -320,30 +328,10 @@ _OP_NODES |= {"Maximum": "Max", "Minimum": "Min"}
 
 
 def op_operands(node) -> list | None:
-    """The operands of a binary keras.ops arithmetic node with one tensor and one constant (tensor as None,
-    constant as float32), on float32 tensors; None for anything else (two tensors would need their layouts
-    matched, which a layer does: the optimize stage turns such ops into layers)."""
-    import keras
-
-    args = node.arguments.args if node.arguments is not None else ()
-    if type(node.op).__name__ not in _OP_NODES or node.arguments.kwargs or len(args) != 2:
+    """`qstrat.graph.ir.constant_operands` of a binary keras.ops arithmetic node ONNX has an operator for."""
+    if type(node.op).__name__ not in _OP_NODES:
         return None
-    if node.meta.get("dtypes", ("float32",))[0] != "float32":
-        return None  # a float64 constant makes Keras compute in float64
-    out = []
-    for a in args:
-        if isinstance(a, keras.KerasTensor):
-            out.append(None)
-        else:
-            try:
-                value = np.asarray(a)
-                as32 = value.astype(np.float32)
-            except (TypeError, ValueError):
-                return None
-            if not np.array_equal(as32, value):
-                return None  # not exactly a float32: Keras would compute in a wider type
-            out.append(as32)
-    return out if sum(o is None for o in out) == 1 else None
+    return constant_operands(node)
 
 
 def keras_op(c: Call, node) -> list[Tensor]:
@@ -364,6 +352,8 @@ EMITTERS: dict[str, Callable[[Call], list[Tensor]]] = {
     **{f"MaxPooling{d}D": (lambda c: _pool(c, "max")) for d in (1, 2, 3)},
     **{f"AveragePooling{d}D": (lambda c: _pool(c, "avg")) for d in (1, 2, 3)},
     **{f"GlobalAveragePooling{d}D": (lambda c: _global_pool(c, "avg")) for d in (1, 2, 3)},
+    "DPUAveragePooling2D": lambda c: _pool(c, "avg"),
+    "DPUGlobalAveragePooling2D": lambda c: _global_pool(c, "avg"),
     **{f"GlobalMaxPooling{d}D": (lambda c: _global_pool(c, "max")) for d in (1, 2, 3)},
     "UpSampling2D": _upsampling,
     **{f"ZeroPadding{d}D": _zero_padding for d in (1, 2, 3)},

@@ -359,6 +359,9 @@ def _calib_arrays(calib_data, n_inputs: int) -> list[np.ndarray]:
     return arrays
 
 
+DPU_LAYERS = ("DPUHardSigmoid", "DPUAveragePooling2D", "DPUGlobalAveragePooling2D")
+
+
 def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_data=None) -> dict:
     """Write a quantized model as a fully-int8 TFLite file with qstrat's ranges and integer weights.
 
@@ -397,6 +400,14 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
     path, metadata = _check_args(path, metadata)
     if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in qmodel.layers):
         raise UnsupportedError(f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer).")
+    dpu = [layer.name for layer in qmodel.layers if type(layer).__name__ in DPU_LAYERS]
+    if dpu:
+        raise UnsupportedError(
+            f"{', '.join(dpu[:4])}{', ...' if len(dpu) > 4 else ''}: TFLite has no int8 kernels for the DPU layer "
+            "versions (hard sigmoid with the DPU's 2731/16384, sums times k/2^n), so the file would compute them in "
+            "float. Export to ONNX, or quantize for TFLite with the convert_*_to_dpu_version and "
+            "convert_sigmoid_to_hard_sigmoid keys off."
+        )
     twin = _Twin(qmodel)
     unranged = twin.unranged()
     if unranged and calib_data is None:

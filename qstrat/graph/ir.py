@@ -75,6 +75,38 @@ def is_float_dtype(dtype: str) -> bool:
     return "float" in str(dtype)
 
 
+def constant_operands(node: Node) -> list | None:
+    """The operands of a binary keras.ops node with one tensor and one constant, on float32 tensors.
+
+    The tensor comes back as None and the constant as a float32 array; None for
+    anything else: two tensors (their layouts need matching, which a layer
+    does), keyword arguments, or a constant that is not exactly a float32
+    (Keras would then compute in a wider type).
+    """
+    import keras
+    import numpy as np
+
+    args = node.arguments.args if node.arguments is not None else ()
+    if node.arguments is None or node.arguments.kwargs or len(args) != 2:
+        return None
+    if node.meta.get("dtypes", ("float32",))[0] != "float32":
+        return None  # a float64 constant makes Keras compute in float64
+    out = []
+    for a in args:
+        if isinstance(a, keras.KerasTensor):
+            out.append(None)
+        else:
+            try:
+                value = np.asarray(a)
+                as32 = value.astype(np.float32)
+            except (TypeError, ValueError):
+                return None
+            if not np.array_equal(as32, value):
+                return None  # not exactly a float32: Keras would compute in a wider type
+            out.append(as32)
+    return out if sum(o is None for o in out) == 1 else None
+
+
 # Layers with a kernel, and a fused activation: conv of every rank and kind, and Dense.
 KERNEL_LAYERS = (
     "Conv1D",

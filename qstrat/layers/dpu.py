@@ -106,9 +106,7 @@ class _WindowSum:
     def _multiplier_of(self, kh: int, kw: int) -> float:
         mult = avgpool_multiplier(kh, kw)
         if mult is None:
-            raise ValueError(
-                f"{self.name}: a {kh}x{kw} window has no DPU multiplier (sides above {AVGPOOL_MAX_SIDE})"
-            )
+            raise ValueError(f"{self.name}: a {kh}x{kw} window has no DPU multiplier (sides above {AVGPOOL_MAX_SIDE})")
         return mult[0] / 2 ** mult[1]
 
 
@@ -140,9 +138,13 @@ class DPUAveragePooling2D(_WindowSum, keras.layers.AveragePooling2D):
         self.built = True
 
     def call(self, inputs):
-        sums = ops.depthwise_conv(
-            inputs, ops.convert_to_tensor(self._ones), self.strides, "valid", self.data_format
-        )
+        ones = ops.cast(ops.convert_to_tensor(self._ones), inputs.dtype)
+        sh, sw = self.strides
+        if sh == sw:
+            sums = ops.depthwise_conv(inputs, ones, self.strides, "valid", self.data_format)
+        else:  # TensorFlow's CPU depthwise convolution takes equal strides only: sum every window, then pick
+            sums = ops.depthwise_conv(inputs, ones, 1, "valid", self.data_format)
+            sums = sums[:, :, ::sh, ::sw] if self.data_format == "channels_first" else sums[:, ::sh, ::sw, :]
         return ops.multiply(sums, self._multiplier)
 
 

@@ -39,9 +39,9 @@ def _b(name, doc, pending="", needs=""):
 
 
 _QAT = "QAT (training a quantized model with BatchNormalization kept) is not implemented yet"
-_DPU_LAYERS = "the DPU layer versions are not implemented yet: the layer is quantized as it is"
-_CONSTRAINTS = (
-    "the refine stage does not apply the DPU compiler's position constraints yet: positions stay as calibrated"
+_DPU_UNDOCUMENTED = (
+    "the DPU's {unit} unit is not described precisely enough to simulate bit for bit (where its bfloat16 "
+    "roundings happen, its reciprocal method), so qstrat does not guess: the layer is quantized as it is"
 )
 _FAST_FT = "fast finetune is not implemented yet"
 
@@ -119,33 +119,29 @@ QUANTIZE_KEYS = (
     ),
     _b(
         "convert_sigmoid_to_hard_sigmoid",
-        "DPU: replace sigmoid by the DPU's hard sigmoid relu6(x + 3) * 2731/16384 (changes float outputs).",
-        _DPU_LAYERS,
+        "DPU: sigmoid becomes the DPU's hard sigmoid relu6(x + 3) * 2731/16384, and swish/silu x times it (changes float outputs).",
     ),
     _b(
         "convert_hard_sigmoid_to_dpu_version",
-        "DPU: replace hard-sigmoid patterns by the DPU's version with the 2731/16384 multiplier.",
-        _DPU_LAYERS,
+        "DPU: hard_sigmoid, and the keras.ops pattern relu6(x + 3) / 6, become the DPU's hard sigmoid (2731/16384 for 1/6); hard_silu/hard_swish x times it.",
     ),
     _b(
         "convert_average_pooling2d_to_dpu_version",
-        "DPU: average pooling multiplies by the DPU's rescale factor (e.g. 3x3: 9*7/64) instead of dividing exactly.",
-        _DPU_LAYERS,
+        "DPU: AveragePooling2D (windows that read no padding) and GlobalAveragePooling2D sum and multiply by the DPU's k/2^n for 1/K (3x3: 7/64).",
     ),
     _b(
         "convert_leaky_relu_to_dpu_version",
-        "DPU: LeakyReLU(alpha=0.1) becomes alpha = 26/256, as the DPU computes it.",
-        _DPU_LAYERS,
+        "DPU: LeakyReLU with slope 0.1 gets the DPU's slope 26/256; other slopes are kept, with a note in the quantize report.",
     ),
     _b(
         "convert_softmax_to_dpu_version",
         "DPU: simulate the DPU softmax unit (bfloat16 exponentials, FLOOR-rounded output).",
-        _DPU_LAYERS,
+        _DPU_UNDOCUMENTED.format(unit="softmax"),
     ),
     _b(
         "convert_layernorm_to_dpu_version",
         "DPU: simulate the DPU LayerNormalization unit (bfloat16 arithmetic).",
-        _DPU_LAYERS,
+        _DPU_UNDOCUMENTED.format(unit="LayerNormalization"),
     ),
     _b(
         "no_quant_in_conv_bn_act",
@@ -193,41 +189,31 @@ QUANTIZE_KEYS = (
 REFINE_KEYS = (
     _b(
         "adjust_dpu_sigmoid",
-        "DPU compiler constraint: sigmoid input position in [0, 15], output position >= 7.",
-        _CONSTRAINTS,
+        "DPU compiler constraint: hard sigmoid input position in [0, 15], output position from 7 to 14 + input position.",
     ),
     _b(
         "adjust_dpu_shift_cut",
         "DPU compiler constraint: weight + input - output position in [0, 16] for conv-like layers (adjusts the weight position).",
-        _CONSTRAINTS,
     ),
     _b(
         "adjust_dpu_shift_bias",
-        "DPU compiler constraint: weight + input - bias position within the DPU bias shift range (adjusts the bias position).",
-        _CONSTRAINTS,
+        "DPU compiler constraint: weight + input - bias position in [min(0, shift_cut - 16), 16] for conv-like layers, so the bias fits the 24-bit accumulator (adjusts the bias position).",
     ),
     _b(
         "adjust_dpu_shift_bias_leakyrelu",
         "DPU compiler constraint: bias shift in [0, 16] for a conv feeding a LeakyReLU.",
-        _CONSTRAINTS,
     ),
     _b(
         "adjust_dpu_shift_read",
         "DPU compiler constraint: Add/Multiply input positions differ by at most 15.",
-        _CONSTRAINTS,
     ),
     _b(
         "adjust_dpu_shift_write",
         "DPU compiler constraint: Add/Multiply lowest input position minus output position in [-15, 15].",
-        _CONSTRAINTS,
     ),
-    _b(
-        "adjust_dpu_shift_swish", "DPU compiler constraint: swish (x * hard_sigmoid(x)) shift in [0, 15].", _CONSTRAINTS
-    ),
-    _b("align_concat", "Give Concatenate and all its inputs one position: the lowest of them.", _CONSTRAINTS),
-    _b(
-        "align_pool", "Give max/average pooling the same input and output position: the lower of the two.", _CONSTRAINTS
-    ),
+    _b("adjust_dpu_shift_swish", "DPU compiler constraint: swish (x * hard_sigmoid(x)) shift in [0, 15]."),
+    _b("align_concat", "Give Concatenate and all its inputs one position: the lowest of them."),
+    _b("align_pool", "Give max/average pooling the same input and output position: the lower of the two."),
     _b(
         "include_fast_ft",
         "Fast finetune: adjust each conv/dense layer's weights and bias to match the float layer's output (AdaQuant-style), layer by layer.",

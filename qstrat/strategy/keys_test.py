@@ -83,11 +83,8 @@ def test_pending_settings_name_exactly_the_pending_keys_set_away_from_their_defa
 
     scratch = load_strategy("", None)
     assert pending_settings(_sections(scratch)) == []  # from scratch every key has its default
-    lines = pending_settings(_sections(load_strategy("", None, align_concat=True, include_bias_corr=True)))
-    assert lines == [
-        "refine_pipeline_config.align_concat = true: "
-        "the refine stage does not apply the DPU compiler's position constraints yet: positions stay as calibrated"
-    ]
+    lines = pending_settings(_sections(load_strategy("", None, include_fast_ft=True, include_bias_corr=True)))
+    assert lines == ["refine_pipeline_config.include_fast_ft = true: fast finetune is not implemented yet"]
     pof2s = load_strategy("pof2s")
     named = {line.split(" = ")[0].split(".")[1] for line in pending_settings(_sections(pof2s))}
     want = {
@@ -96,7 +93,11 @@ def test_pending_settings_name_exactly_the_pending_keys_set_away_from_their_defa
         for k, spec in keys.items()
         if spec.pending and pof2s.to_dict()[section][k] != spec.default and not spec.needs
     }
-    assert named == want and "adjust_dpu_shift_cut" in named
+    assert named == want == set()  # every key pof2s sets acts
+    softmax = load_strategy("pof2s", convert_softmax_to_dpu_version=True)
+    assert [line.split(" = ")[0] for line in pending_settings(_sections(softmax))] == [
+        "quantize_pipeline_config.convert_softmax_to_dpu_version"
+    ]
 
 
 def test_a_key_that_needs_another_warns_only_with_it():
