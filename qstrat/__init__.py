@@ -3,7 +3,8 @@
 import qstrat.layers  # noqa: F401 - registers the quantized layers for keras.saving
 from qstrat.api import Quantizer, get_quantize_info
 from qstrat.errors import CalibrationDataError, ConfigError, PendingKeyWarning, QstratError, UnsupportedError
-from qstrat.export import export_onnx, export_tflite
+from qstrat.export import dump_model, export_onnx, export_tflite
+from qstrat.integer import run_integer, simulate_integer
 from qstrat.quantizers import (
     FSQuantizer,
     MAFSQuantizer,
@@ -26,6 +27,7 @@ __all__ = [
     "QstratError",
     "BaseQuantizer",
     "Quantizer",
+    "dump_model",
     "export_onnx",
     "export_tflite",
     "get_quantize_info",
@@ -33,4 +35,6 @@ __all__ = [
     "TQTQuantizer",
     "UnsupportedError",
     "register_quantizer",
+    "run_integer",
+    "simulate_integer",
 ]

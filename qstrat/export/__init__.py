@@ -1,4 +1,4 @@
-"""Export a quantized Keras model: ONNX QDQ (any backend) and TFLite int8 (TensorFlow).
+"""Export a quantized Keras model: ONNX QDQ (any backend), TFLite int8 (TensorFlow), golden integer dumps.
 
 `export_onnx` and `export_tflite` import their converters (onnx, TensorFlow) only when called.
 """
@@ -16,3 +16,10 @@ def export_tflite(qmodel, path, **kwargs):
     from qstrat.export.tflite import export_tflite as export
 
     return export(qmodel, path, **kwargs)
+
+
+def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=False, **kwargs):
+    """Write a power-of-2 model's integer weights and activations per layer; see `qstrat.export.dump`."""
+    from qstrat.export.dump import dump_model as dump
+
+    return dump(qmodel, dataset, output_dir, dump_float, **kwargs)
