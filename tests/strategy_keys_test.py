@@ -30,8 +30,8 @@ from keras import layers as L
 
 import qstrat
 from qstrat.errors import ConfigError
-from qstrat.strategy import load_strategy
 from qstrat.passes.refine.constraints import RULES
+from qstrat.strategy import load_strategy
 from qstrat.strategy.keys import HANDY_FAMILIES, HANDY_KEYS, HANDY_SUFFIXES, SECTIONS
 
 _QAT = "QAT is a later issue: nothing trains a quantized model with BatchNormalization kept yet"

@@ -142,7 +142,9 @@ def _replace_activation(ed: Editor, node: Node, kind: str, report: OptimizeRepor
 
     hs_name = ed.unique(f"{node.name.replace('@', '_')}_hard_sigmoid")
     hs = new_node(hs_name, DPUHardSigmoid(name=hs_name), node.inputs, [shape], meta=dict(meta))
-    mul = keras.layers.Multiply(name=node.layer_name if "@" not in node.name else ed.unique(node.name.replace("@", "_")))
+    mul = keras.layers.Multiply(
+        name=node.layer_name if "@" not in node.name else ed.unique(node.name.replace("@", "_"))
+    )
     ed.replace(node.name, new_node(mul.name, mul, [node.inputs[0], TensorRef(hs_name, 0)], [shape, shape], meta=meta))
     ed.nodes.insert(ed.nodes.index(ed.node(mul.name)), hs)  # the hard sigmoid right before the Multiply reading it
     report.changed(key, node.name, f"{kind} -> x * DPUHardSigmoid(x) ({hs_name})")
