@@ -275,32 +275,47 @@ def tqt_position(log_th, bit_width: int, unsigned: bool):
     return float(bit_width - 1 + int(unsigned)) - ops.ceil(log_th)
 
 
-def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, unsigned: bool):
+def tqt_forward(x, lt, bit_width: int, cmin, cmax, mmin, mmax, round_mode: RoundMode, unsigned: bool):
+    """TQT's forward value and its straight-through mask (the rounded value on the grid)."""
+    pos = tqt_position(lt, bit_width, unsigned)
+    n = round_ops(x * pow2(pos), round_mode)
+    y = ops.clip(n, cmin, cmax) * pow2(-pos)
+    return y, ops.logical_and(n >= mmin, n <= mmax)
+
+
+def tqt_grads(x, y, inside, dy):
+    """(dL/dx, dL/dlog_th) from the upstream gradient ``dy`` (see `tqt_fake_quant`)."""
+    g = ops.where(inside, y - x, y) * math.log(2.0)
+    return dy * ops.cast(inside, x.dtype), ops.sum(dy * g)
+
+
+def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, unsigned: bool, fused: bool = False):
     """Trained-threshold power-of-2 fake quantization (Jain et al., MLSys 2020).
 
     Forward: pof2 fake quant at pos = (b - 1) - ceil(log_th).
     Backward, with straight-through round and ceil:
         dy/dx      = 1 where round(x / step) is on the grid, else 0;
         dy/dlog_th = ln2 * (q(x) - x) on the grid, ln2 * q(x) where clipped.
+
+    ``fused``: on TensorFlow, run forward and backward each as one XLA kernel
+    (`qstrat.quantizers.xla`; the same exact float32 operations), as training
+    does: about twenty elementwise passes over an activation become two.
     """
     round_mode = RoundMode(round_mode)
     lt = ops.cast(ops.convert_to_tensor(log_th), x.dtype)
     (cmin, cmax), (mmin, mmax) = grid_bounds(x.dtype, qmin, qmax)  # exact above 24 bits too (see _affine)
-    ln2 = math.log(2.0)
+    if fused and keras.backend.backend() == "tensorflow" and not _FORWARD_ONLY.get():
+        from qstrat.quantizers.xla import tqt_fused
+
+        return tqt_fused(x, lt, bit_width, (cmin, cmax, mmin, mmax), round_mode, unsigned)
 
     @_custom_gradient
     def fq(x, lt):
-        pos = tqt_position(lt, bit_width, unsigned)
-        s = pow2(-pos)
-        n = round_ops(x * pow2(pos), round_mode)
-        q = ops.clip(n, cmin, cmax)
-        y = q * s
-        inside = ops.logical_and(n >= mmin, n <= mmax)
+        y, inside = tqt_forward(x, lt, bit_width, cmin, cmax, mmin, mmax, round_mode, unsigned)
 
         def grad(*args, upstream=None):
-            dy = _grad_args(args, upstream)
-            g = ops.where(inside, y - x, y) * ln2
-            return dy * ops.cast(inside, x.dtype), ops.reshape(ops.sum(dy * g), ops.shape(lt))
+            dx, dlog = tqt_grads(x, y, inside, _grad_args(args, upstream))
+            return dx, ops.reshape(dlog, ops.shape(lt))
 
         return y, grad
 

@@ -18,8 +18,8 @@ import numpy as np
 from keras import ops
 
 from qstrat.errors import UnsupportedError
+from qstrat.quantizers import batch_ranges, ranges
 from qstrat.quantizers import fake_quant as fq
-from qstrat.quantizers import ranges
 from qstrat.quantizers import reference as ref
 from qstrat.quantizers.base import Quantizer, StateSpec, _check_policy, _to_numpy
 from qstrat.quantizers.grid import DataFormat, Method, float32_inside
@@ -93,6 +93,29 @@ class _FloatScale(Quantizer):
         axis = None if self.axis is None else self.axis % x.ndim
         return ref.affine_fake_quant_np(x, state["scale"], state["zero_point"], self.grid, self.params.round_mode, axis)
 
+    def _scale_zp(self, m, lo, hi):
+        """Scale and zero point of a range, in float32 with the array module ``m`` (keras.ops or NumPy).
+
+        The same formulas as `ranges.symmetric_scale` / `ranges.asymmetric_scale_zp`,
+        with divisions by constants written as products with their float32
+        reciprocals, which every backend computes the same way.
+        """
+        p, g = self.params, self.grid
+        f32 = np.float32
+        lo, hi = m.minimum(lo, f32(0.0)), m.maximum(hi, f32(0.0))
+        if p.symmetry:
+            s = m.zeros_like(hi)
+            if g.qmin < 0:
+                s = m.maximum(s, lo * f32(1.0 / g.qmin))
+            if g.qmax > 0:
+                s = m.maximum(s, hi * f32(1.0 / g.qmax))
+            s = m.maximum(s, f32(p.epsilon))
+            return s, m.zeros_like(s)
+        s = m.maximum((hi - lo) * f32(1.0 / (g.qmax - g.qmin)), f32(p.epsilon))
+        zlo, zhi = float32_inside(g)  # the float32 grid ends themselves up to 24 bits; inside the grid above
+        zp = m.clip(m.round(f32(g.qmin) - lo / s), f32(zlo), f32(zhi))
+        return s, zp
+
 
 @register_quantizer
 class FSQuantizer(_FloatScale):
@@ -108,6 +131,19 @@ class FSQuantizer(_FloatScale):
     conversion (saturating), BFP16 shares one exponent per 8 values along
     channel_axis.
 
+    In training (``training=True``: ``model.fit``), method No_OF keeps running
+    extremes: the range the state holds, widened to the batch's min and max
+    (per channel when per_channel), gives the new scale and zero point, which
+    are written to the state and quantize the batch; a batch inside that range
+    leaves the state as it is (`batch_ranges.widened_scale_zp`).
+    An uncalibrated state (scale 1, zero point 0, its initial values, as
+    ``get_qat_model(init_quant=False)`` leaves activations) holds no range: the
+    first batch's range is used alone. So does a calibrated state that happens
+    to hold exactly those values. The other methods, the float formats and
+    use_framework_quantizer keep their state frozen in training. Inference
+    (``training=False``) reads the state. `reference_train` is the NumPy twin
+    of a training step.
+
     Example:
         >>> q = FSQuantizer(bit_width=8, symmetry=False, per_channel=False, method="Min_MSE")
     """
@@ -122,7 +158,18 @@ class FSQuantizer(_FloatScale):
             return _FLOAT_FORMATS[p.data_format][0](x, p)
         if p.use_framework_quantizer:
             return self._framework(x, state)
+        if training and p.method == Method.NO_OF:
+            return self._train(x, state)
         return super().__call__(x, state, training)
+
+    def _train(self, x, state):
+        """Widen the state's range to the batch's extremes, write it, quantize with it."""
+        batch_ranges.require_variables(self, state, "widens the range in the state to each batch's")
+        s, zp = batch_ranges.fs_state(self, x, state)
+        state["scale"].assign(s)
+        state["zero_point"].assign(zp)
+        g = self.grid
+        return fq.affine_fake_quant(x, s, zp, g.qmin, g.qmax, self.params.round_mode, self.axis)
 
     def _framework(self, x, state):
         import keras
@@ -148,6 +195,23 @@ class FSQuantizer(_FloatScale):
         if p.data_format.is_float:
             return _FLOAT_FORMATS[p.data_format][1](x, p)
         return super().reference(x, state)
+
+    def reference_train(self, x, state) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The NumPy twin of ``__call__(x, state, training=True)``: (output, updated state).
+
+        No_OF: float32 throughout, the same operations in the same order as the
+        keras version; the other cases: ``state`` unchanged. ``state`` is not modified.
+        """
+        p = self.params
+        new = {k: np.array(v, np.float32) for k, v in state.items()}
+        if p.method == Method.NO_OF and not (p.data_format.is_float or p.use_framework_quantizer):
+            rows = move_axis_last(np.asarray(x, np.float32), self.axis)
+            lo, hi = rows.min(axis=1), rows.max(axis=1)
+            if self.axis is None:
+                lo, hi = lo[0], hi[0]
+            s, zp = batch_ranges.widened_scale_zp(self, _NumPyOps, new["scale"], new["zero_point"], lo, hi)
+            new = {"scale": np.asarray(s, np.float32), "zero_point": np.asarray(zp, np.float32)}
+        return self.reference(x, new), new
 
 
 # data_format -> (keras.ops kernel, NumPy twin), each called as f(x, params).
@@ -283,29 +347,6 @@ class MAFSQuantizer(_FloatScale):
         omd = np.float32(1.0 - self.params.ema_decay)
         return omd, np.float32(np.log1p(-np.float64(omd)))
 
-    def _scale_zp(self, m, lo, hi):
-        """Scale and zero point of a range, in float32 with the array module ``m`` (keras.ops or NumPy).
-
-        The same formulas as `ranges.symmetric_scale` / `ranges.asymmetric_scale_zp`,
-        with divisions by constants written as products with their float32
-        reciprocals, which every backend computes the same way.
-        """
-        p, g = self.params, self.grid
-        f32 = np.float32
-        lo, hi = m.minimum(lo, f32(0.0)), m.maximum(hi, f32(0.0))
-        if p.symmetry:
-            s = m.zeros_like(hi)
-            if g.qmin < 0:
-                s = m.maximum(s, lo * f32(1.0 / g.qmin))
-            if g.qmax > 0:
-                s = m.maximum(s, hi * f32(1.0 / g.qmax))
-            s = m.maximum(s, f32(p.epsilon))
-            return s, m.zeros_like(s)
-        s = m.maximum((hi - lo) * f32(1.0 / (g.qmax - g.qmin)), f32(p.epsilon))
-        zlo, zhi = float32_inside(g)  # the float32 grid ends themselves up to 24 bits; inside the grid above
-        zp = m.clip(m.round(f32(g.qmin) - lo / s), f32(zlo), f32(zhi))
-        return s, zp
-
     def reference_train(self, x, state) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The NumPy twin of ``__call__(x, state, training=True)``: (output, updated state).
 
@@ -349,13 +390,16 @@ _EMA_KEYS = ("biased_min", "biased_max")
 
 
 class _NumPyOps:
-    """The few keras.ops names `MAFSQuantizer._scale_zp` uses, as float32 NumPy."""
+    """The keras.ops names `_FloatScale._scale_zp` and `batch_ranges.widened_scale_zp` use, as float32 NumPy."""
 
     minimum = staticmethod(np.minimum)
     maximum = staticmethod(np.maximum)
     zeros_like = staticmethod(np.zeros_like)
     clip = staticmethod(np.clip)
     round = staticmethod(np.rint)
+    where = staticmethod(np.where)
+    logical_and = staticmethod(np.logical_and)
+    logical_not = staticmethod(np.logical_not)
 
 
 def _numpy(v) -> np.ndarray:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
+from qstrat.quantizers import batch_ranges, ranges
 from qstrat.quantizers import fake_quant as fq
-from qstrat.quantizers import ranges
 from qstrat.quantizers import reference as ref
 from qstrat.quantizers.base import (
     DEFAULT_POSITION_POLICY,
@@ -113,6 +113,15 @@ class Pof2SQuantizer(_Pof2Positions):
     Why: the DPU rescales with bit shifts, so every scale must be a power of two;
     this quantizer simulates it bit for bit.
 
+    In training (``training=True``: ``model.fit``), methods No_OF and Min_MSE take
+    each batch's own position, as the reference tool does, for activations and
+    weights alike: the position (and zero point) calibration would pick on that
+    batch (`batch_ranges`), written to the state, then used to quantize the
+    batch; no gradient reaches it. Min_KL and Percentile search a histogram,
+    too costly per batch: their calibrated state stays frozen in training.
+    Inference (``training=False``) reads the state. `reference_train` is the
+    NumPy twin of a training step.
+
     Args (the seed's, JSON spelling): bit_width, data_format ("INT"/"UINT"), method,
         method_percentile, round_mode, symmetry, per_channel, channel_axis, unsigned,
         narrow_range, epsilon (smallest step allowed: guards all-zero tensors),
@@ -122,6 +131,7 @@ class Pof2SQuantizer(_Pof2Positions):
         >>> q = Pof2SQuantizer(bit_width=8, method="Min_MSE", round_mode="HALF_UP")
         >>> state = q.state_from_tensor(weights)      # {"pos": ...}
         >>> y = q(x, state)
+        >>> y = fq(x, training=True)   # a FakeQuant (qstrat.layers) holding q: the batch's position
     """
 
     accepted = COMMON_PARAMS + ("min_quantize_pos", "max_quantize_pos")
@@ -146,6 +156,8 @@ class Pof2SQuantizer(_Pof2Positions):
         return self._state(*self._positions_from_stats(stats))
 
     def __call__(self, x, state: Mapping[str, Any], training: bool = False):
+        if training and self.params.method in batch_ranges.PER_BATCH_METHODS:
+            state = self._train(x, state)
         g = self.grid
         zp = state.get("zero_point")
         return fq.pof2_fake_quant(
@@ -158,6 +170,14 @@ class Pof2SQuantizer(_Pof2Positions):
             None if zp is None else fq.state_value(zp),
         )
 
+    def _train(self, x, state):
+        """The batch's state, written to the state variables; returns it as tensors."""
+        batch_ranges.require_variables(self, state, "writes each batch's position to the state")
+        new = batch_ranges.pof2_state(self, x)
+        for key, value in new.items():
+            state[key].assign(value)
+        return new
+
     def reference(self, x, state) -> np.ndarray:
         x = np.asarray(x)
         return ref.pof2_fake_quant_np(
@@ -168,6 +188,20 @@ class Pof2SQuantizer(_Pof2Positions):
             None if self.axis is None else self.axis % x.ndim,
             state.get("zero_point", 0.0),
         )
+
+    def reference_train(self, x, state) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The NumPy twin of ``__call__(x, state, training=True)``: (output, updated state).
+
+        No_OF and Min_MSE: the state `state_from_tensor` gives on the float32
+        batch; the other methods: ``state`` unchanged. ``state`` is not modified.
+        """
+        x = np.asarray(x)
+        if self.params.method in batch_ranges.PER_BATCH_METHODS:
+            batch_ranges.check_zero_point_grid(self)
+            new = self.state_from_tensor(x.astype(np.float32))
+        else:
+            new = {k: np.array(v, np.float32) for k, v in state.items()}
+        return self.reference(x, new), new
 
 
 @register_quantizer
@@ -220,7 +254,9 @@ class TQTQuantizer(_Pof2Positions):
     def __call__(self, x, state: Mapping[str, Any], training: bool = False):
         g = self.grid
         p = self.params
-        return fq.tqt_fake_quant(x, state["log_th"], p.bit_width, g.qmin, g.qmax, p.round_mode, p.is_unsigned)
+        return fq.tqt_fake_quant(
+            x, state["log_th"], p.bit_width, g.qmin, g.qmax, p.round_mode, p.is_unsigned, fused=bool(training)
+        )
 
     def reference(self, x, state) -> np.ndarray:
         p = self.params
