@@ -1,5 +1,6 @@
 """Keras layers that carry quantizers; importing qstrat registers them for loading."""
 
+from qstrat.layers.conv_bn import FoldedConvBN
 from qstrat.layers.dpu import DPUAveragePooling2D, DPUGlobalAveragePooling2D, DPUHardSigmoid
 from qstrat.layers.fake_quant import FakeQuant, make_quantizer, quantizer_config, set_quantizers_enabled
 from qstrat.layers.scale_shift import ScaleShift
@@ -11,6 +12,7 @@ __all__ = [
     "DPUGlobalAveragePooling2D",
     "DPUHardSigmoid",
     "FakeQuant",
+    "FoldedConvBN",
     "QuantState",
     "QuantizeWrapper",
     "ScaleShift",

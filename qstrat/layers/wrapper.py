@@ -4,6 +4,13 @@ The wrapped layer runs through ``stateless_call`` with its targeted variables
 replaced by their fake-quantized values, so any Keras layer works unchanged
 (Conv2D, DepthwiseConv2D, Dense, BatchNormalization, PReLU, custom layers),
 and gradients reach the float weights through the straight-through estimator.
+
+A layer that computes its own quantized output instead (`qstrat.layers.FoldedConvBN`,
+whose quantizers see weights derived from its variables) defines
+``call_with_quantizers(inputs, quantize, training)``, which the wrapper calls with
+``quantize(attr, tensor)``: the gated quantizer of ``attr`` applied to ``tensor``.
+Its ``target_value(attr)`` is the tensor that quantizer sees in inference, which
+`quantized_weight` quantizes and calibration calibrates on.
 """
 
 from __future__ import annotations
@@ -62,6 +69,8 @@ class QuantizeWrapper(keras.layers.Layer):
                     f'{type(self.layer).__name__} has no weight named "{attr}"',
                     f"Its weights: {have}.",
                 )
+            if hasattr(self.layer, "target_value"):
+                self.layer.target_value(attr)  # a ConfigError for a weight the layer does not quantize
             self._targets[id(var)] = attr
             shared = self.shared_states.get(attr)
             if shared is None:
@@ -77,13 +86,28 @@ class QuantizeWrapper(keras.layers.Layer):
             )
         self.built = True
 
+    def _quantize(self, attr: str, w, training: bool):
+        """``w`` fake-quantized by the quantizer of ``attr``, or ``w`` itself where that quantizer is bypassed."""
+        return _gate(self.enabled[attr], self.quantizers[attr](w, self.state[attr], training=training), w)
+
     def quantized_weight(self, attr: str, training=False):
+        target = getattr(self.layer, "target_value", None)
+        if target is not None:
+            return self._quantize(attr, keras.ops.convert_to_tensor(target(attr)), training)
         # A plain tensor, not the variable: inside tf.function a variable's value is a
         # tf.Variable, which Keras' framework fake-quant op does not accept.
         w = keras.ops.multiply(getattr(self.layer, attr).value, 1.0)
-        return _gate(self.enabled[attr], self.quantizers[attr](w, self.state[attr], training=training), w)
+        return self._quantize(attr, w, training)
 
     def call(self, inputs, *args, training=None, **kwargs):
+        # Not ``quantized_call``: every Keras layer has one, for Keras' own int8/float8 quantization.
+        if hasattr(self.layer, "call_with_quantizers"):
+
+            def quantize(attr, tensor):
+                return tensor if attr not in self.quantizers else self._quantize(attr, tensor, bool(training))
+
+            return self.layer.call_with_quantizers(inputs, quantize, training=bool(training))
+
         def value(v):
             attr = self._targets.get(id(v))
             return v.value if attr is None else self.quantized_weight(attr, bool(training))

@@ -90,11 +90,21 @@ def joint_tensor(tensors: list[np.ndarray], axis: int | None, where: str = "shar
     return np.moveaxis(rows, 1, axis % ndim)
 
 
+def _weight_value(wrapper: QuantizeWrapper, attr: str) -> np.ndarray:
+    """What the quantizer of ``attr`` quantizes: the weight, or the layer's ``target_value`` (a folded kernel)."""
+    target = getattr(wrapper.layer, "target_value", None)
+    if target is None:
+        return np.asarray(getattr(wrapper.layer, attr).numpy())
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(target(attr)))
+
+
 def calibrate_weight_group(group: list[tuple[QuantizeWrapper, str]]) -> None:
     """Set the state of one group of `weight_groups` from the weights it quantizes (all of them when shared)."""
     wrapper, attr = group[0]
     q = wrapper.quantizers[attr]
-    tensors = [np.asarray(getattr(w.layer, a).numpy()) for w, a in group]
+    tensors = [_weight_value(w, a) for w, a in group]
     where = f"{wrapper.layer.name}.{attr}"
     _assign(wrapper.state[attr], q.state_from_tensor(joint_tensor(tensors, q.axis, where)))
 
