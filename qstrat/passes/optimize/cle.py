@@ -215,6 +215,8 @@ def cross_layer_equalization(graph: Graph, cfg: Mapping, report: OptimizeReport)
         meta = dict(node.meta)
         if name in stats:
             meta["bn_stats"] = stats[name]
+        # The scale of each output channel, for QAT's fake folding: it moves into the BatchNormalization's gamma.
+        meta["cle_out_scale"] = np.asarray(meta.get("cle_out_scale", 1.0)) * ranges[name].out_scale
         ed.replace(name, replace(node, op=new, meta=meta))
     return ed.graph()
 

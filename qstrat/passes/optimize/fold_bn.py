@@ -102,7 +102,13 @@ def fold_conv_bn(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
             prod.in_tensors[0].shape,
             [new_kernel, new_bias],
         )
-        meta = {**prod.meta, "bn_stats": _bn_stats(bn_node.op), "folded_bn": bn_node.name}
+        # The layers before the fold, for QAT's fake folding (`qstrat.passes.optimize.fake_fold`).
+        meta = {
+            **prod.meta,
+            "bn_stats": _bn_stats(bn_node.op),
+            "folded_bn": bn_node.name,
+            "folded_from": (layer, bn_node.op),
+        }
         ed.replace(prod.name, replace(prod, op=folded, meta=meta))
         ed.bypass(bn_node.name)
         report.changed("fold_conv_bn", bn_node.name, f"folded into {prod.name}")

@@ -200,7 +200,14 @@ def _fill(variables: dict, values: dict) -> None:
         variables[k].assign(v)
 
 
-def _convert(qmodel, convert: Convert):
+def keep(q, state) -> str:
+    """A `Convert` that keeps every quantizer as it is (for `_convert`'s copy with other layers)."""
+    return "kept"
+
+
+def _convert(qmodel, convert: Convert, layer_copy: Callable[[Any, Any], Any] | None = None):
+    """A new model with each quantizer planned by ``convert`` and each wrapped layer copied by ``layer_copy``
+    (``(layer, its graph node) -> new layer``; default `copy_layer`)."""
     graph = capture(qmodel)
     report = ConvertReport()
     copy = copier()
@@ -240,7 +247,7 @@ def _convert(qmodel, convert: Convert):
             states[id(old)] = (QuantState(plan.spec, key=key, name=old.name), plan)
         return states[id(old)][0]
 
-    def wrapper(old: QuantizeWrapper) -> QuantizeWrapper:
+    def wrapper(old: QuantizeWrapper, node) -> QuantizeWrapper:
         plans, sharing = {}, {}
         for attr, q in old.quantizers.items():
             source = old.shared_states.get(attr)
@@ -252,7 +259,7 @@ def _convert(qmodel, convert: Convert):
                 sharing[attr] = shared(source, plans[attr])
             add(old.layer.name, attr, q, plans[attr])
         new = QuantizeWrapper(
-            copy_layer(old.layer),
+            copy_layer(old.layer) if layer_copy is None else layer_copy(old.layer, node),
             {attr: p.spec for attr, p in plans.items()},
             sharing,
             name=old.name,
@@ -275,7 +282,7 @@ def _convert(qmodel, convert: Convert):
         if not isinstance(op, (FakeQuant, QuantizeWrapper)):
             return copy(node)
         if id(op) not in made:
-            made[id(op)] = fake_quant(op) if isinstance(op, FakeQuant) else wrapper(op)
+            made[id(op)] = fake_quant(op) if isinstance(op, FakeQuant) else wrapper(op, node)
         return made[id(op)]
 
     model = rebuild(graph, op_for)
