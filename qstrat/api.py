@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from qstrat import guards
 from qstrat.calibration.data import check_count
-from qstrat.errors import ConfigError, PendingKeyWarning, did_you_mean
+from qstrat.errors import ConfigError
 from qstrat.export.outputs import output_target, write_output
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
@@ -30,7 +30,6 @@ from qstrat.passes.refine.positions import PositionChange, apply_constraints, id
 from qstrat.passes.runtime_rounding import round_like
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
-from qstrat.strategy.keys import idle_settings, pending_settings
 
 
 class Quantizer:
@@ -55,7 +54,7 @@ class Quantizer:
         custom_quantize_strategy: str | os.PathLike | Mapping | None = None,
         custom_objects: Mapping[str, type] | None = None,
     ):
-        _refuse_quantized(capture(model))  # fails early, with a clear message, on models qstrat cannot read
+        guards.refuse_quantized(capture(model))  # fails early, with a clear message, on models qstrat cannot read
         self.model = model
         self.custom_objects = dict(custom_objects or {})
         self._base = quantize_strategy
@@ -119,8 +118,14 @@ class Quantizer:
         strategy = self._strategy(overrides)
         rounding = strategy.quantize["export_rounding"]
         if rounding:
-            _check_rounding_overrides(rounding, overrides)
-        _warn_pending(strategy)
+            guards.check_rounding_overrides(rounding, overrides)
+        guards.warn_pending(strategy)
+        if strategy.optimize["train_with_bn"]:
+            warnings.warn(
+                "optimize_pipeline_config.train_with_bn = true does nothing in quantize_model (PTQ folds every "
+                "BatchNormalization it can): it is for get_qat_model.",
+                stacklevel=2,
+            )
         self.convert_report = self.export_report = self.output_path = None
         target = output_target(strategy)  # checked before any long work
         if strategy.quantize["convert_datatype"]:
@@ -137,65 +142,149 @@ class Quantizer:
                 save_model(model, target)
                 self.output_path = target
             return model
-        bias_corr = strategy.refine["include_bias_corr"]
-        if bias_corr and is_one_shot(calib_dataset):
-            warnings.warn(ONE_SHOT_MESSAGE, stacklevel=2)
-            bias_corr = False
         progress = Progress(verbose)
-        with progress.stage("capture + optimize"):
-            graph = self._optimized_graph(strategy)
-        _warn_unknown_layer_names(strategy, graph, self.optimize_report)
-        with progress.stage("annotate + insert + rebuild"):
-            graph, dpu = to_dpu_versions(graph, strategy.quantize)
-            annotation = annotate(graph, strategy, self.custom_objects)
-            _note_dpu_versions(annotation.report, dpu)
-            if rounding:
-                annotation = round_like(graph, annotation, rounding)
-            qgraph, taps = insert(graph, annotation)
-            qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_quantized")
-            _warn_deep(qgraph)
+        graph, annotation, qmodel, taps = self._build(strategy, progress)
         if target and target.endswith(".onnx"):
             from qstrat.export.onnx_export import check_exportable
 
             check_exportable(qmodel, strategy.refine["onnx_opset_version"])  # before calibration, not after
-        with progress.stage("weight calibration"):
-            calibrate_weights(qmodel)
-        with quiet_probes():
-            bc_plan = make_plan(qmodel, graph, calib_dataset, calib_steps, calib_batch_size) if bias_corr else None
-            with progress.stage("activation calibration"):
-                samples = calibrate_activations(
-                    qmodel,
-                    graph,
-                    taps,
-                    calib_dataset,
-                    calib_steps,
-                    calib_batch_size,
-                    strategy.quantize["calib_position_policy"],
-                    verbose,
-                    progress,
-                    bc_plan.float_side if bc_plan else None,
-                )
-            with progress.stage("position constraints"):
-                self.position_changes = apply_constraints(qmodel, strategy.refine)
-            for rule in idle_rules(qmodel, strategy.refine):
-                warnings.warn(
-                    f"refine_pipeline_config.{rule} = true does nothing: the model has no power-of-2 quantizers, "
-                    "whose positions the DPU compiler constraints adjust.",
-                    stacklevel=2,
-                )
-            self.bias_corrections = []
-            if bc_plan:
-                with progress.stage("bias correction"):
-                    self.bias_corrections = correct_biases(
-                        qmodel, graph, calib_dataset, calib_steps, calib_batch_size, verbose, samples, progress, bc_plan
-                    )
-                # A corrected bias gets a new position: the rules check it again.
-                self.position_changes += apply_constraints(qmodel, strategy.refine)
+        self._calibrate(qmodel, graph, taps, strategy, calib_dataset, calib_steps, calib_batch_size, verbose, progress)
         self.report = annotation.report
         qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
         progress.done("quantized")
         self.timings = {**progress.times, "data_passes": progress.data_passes}
         return qmodel
+
+    def _calibrate(
+        self,
+        qmodel,
+        graph,
+        taps,
+        strategy,
+        data,
+        steps,
+        batch_size,
+        verbose,
+        progress,
+        activations=True,
+        constraints=True,
+    ) -> None:
+        """Calibrate ``qmodel``'s weights, then (with ``activations``) its activations on ``data``, the DPU position constraints
+        (with ``constraints``) and bias correction (``include_bias_corr``). Sets ``bias_corrections`` and
+        ``position_changes``."""
+        self.bias_corrections, self.position_changes = [], []
+        with progress.stage("weight calibration"):
+            calibrate_weights(qmodel)
+        if not activations:
+            return
+        bias_corr = strategy.refine["include_bias_corr"]
+        if bias_corr and is_one_shot(data):
+            warnings.warn(ONE_SHOT_MESSAGE, stacklevel=3)
+            bias_corr = False
+        with quiet_probes():
+            bc_plan = make_plan(qmodel, graph, data, steps, batch_size) if bias_corr else None
+            with progress.stage("activation calibration"):
+                samples = calibrate_activations(
+                    qmodel,
+                    graph,
+                    taps,
+                    data,
+                    steps,
+                    batch_size,
+                    strategy.quantize["calib_position_policy"],
+                    verbose,
+                    progress,
+                    bc_plan.float_side if bc_plan else None,
+                )
+            if constraints:
+                with progress.stage("position constraints"):
+                    self.position_changes = apply_constraints(qmodel, strategy.refine)
+                for rule in idle_rules(qmodel, strategy.refine):
+                    warnings.warn(
+                        f"refine_pipeline_config.{rule} = true does nothing: the model has no power-of-2 "
+                        "quantizers, whose positions the DPU compiler constraints adjust.",
+                        stacklevel=3,
+                    )
+            if bc_plan:
+                with progress.stage("bias correction"):
+                    self.bias_corrections = correct_biases(
+                        qmodel, graph, data, steps, batch_size, verbose, samples, progress, bc_plan
+                    )
+                if constraints:  # a corrected bias gets a new position: the rules check it again
+                    self.position_changes += apply_constraints(qmodel, strategy.refine)
+
+    def _build(self, strategy: Strategy, progress: Progress, transform=None, suffix: str = "quantized"):
+        """Optimize, DPU versions, annotate, insert, rebuild: (float graph, annotation, quantized model, taps).
+
+        ``transform`` maps the quantized graph before it is rebuilt (QAT's fake folding).
+        """
+        with progress.stage("capture + optimize"):
+            graph = self._optimized_graph(strategy)
+        guards.warn_unknown_layer_names(strategy, graph, self.optimize_report)
+        with progress.stage("annotate + insert + rebuild"):
+            graph, dpu = to_dpu_versions(graph, strategy.quantize)
+            annotation = annotate(graph, strategy, self.custom_objects)
+            _note_dpu_versions(annotation.report, dpu)
+            rounding = strategy.quantize["export_rounding"]
+            if rounding:
+                annotation = round_like(graph, annotation, rounding)
+            qgraph, taps = insert(graph, annotation)
+            if transform is not None:
+                qgraph = transform(qgraph)
+            qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_{suffix}")
+            guards.warn_deep(qgraph)
+        return graph, annotation, qmodel, taps
+
+    def get_qat_model(
+        self,
+        init_quant: bool = False,
+        calib_dataset=None,
+        calib_steps: int | None = None,
+        calib_batch_size: int = 32,
+        train_with_bn: bool | None = None,
+        freeze_bn_delay: int | None = None,
+        verbose: int = 1,
+        **overrides,
+    ):
+        """A quantized model to train with ``model.fit`` (quantization-aware training); see `qstrat.qat`.
+
+        Example:
+            >>> q = Quantizer(model, "tqt")
+            >>> qat = q.get_qat_model(init_quant=True, calib_dataset=x_train[:512])
+            >>> qat.compile("adam", "sparse_categorical_crossentropy"); qat.fit(x_train, y_train, epochs=2)
+            >>> deployed = q.get_deploy_model(qat)
+        """
+        from qstrat.qat import qat_model
+
+        return qat_model(
+            self,
+            init_quant,
+            calib_dataset,
+            calib_steps,
+            calib_batch_size,
+            train_with_bn,
+            freeze_bn_delay,
+            verbose,
+            overrides,
+        )
+
+    def get_deploy_model(
+        self,
+        qat_model,
+        convert_to_pof2s_quantize_strategy: bool = True,
+        convert_to_fs_quantize_strategy: bool = False,
+        verbose: int = 0,
+        **overrides,
+    ):
+        """The trained QAT model ready to deploy: BatchNormalization folded, TQT as positions, DPU constraints.
+
+        See `qstrat.qat.deploy_model`. The QAT model is not changed.
+        """
+        from qstrat.qat import deploy_model
+
+        return deploy_model(
+            self, qat_model, convert_to_pof2s_quantize_strategy, convert_to_fs_quantize_strategy, verbose, overrides
+        )
 
     def _refine_and_write(self, qmodel, strategy: Strategy, target: str | None, calib_dataset, progress: Progress):
         """The refine stage's conversions, then the file ``output_format`` asks for."""
@@ -230,7 +319,7 @@ class Quantizer:
         """``convert_datatype``: the optimized model (BatchNormalization folded first) cast to ``dtype``; no data needed."""
         with progress.stage("capture + optimize"):
             graph, self.optimize_report = optimize(capture(self.model), {**strategy.optimize, "fold_conv_bn": True})
-        _warn_unknown_layer_names(strategy, graph, self.optimize_report)
+        guards.warn_unknown_layer_names(strategy, graph, self.optimize_report)
         with progress.stage("annotate + insert + rebuild"):
             annotation = cast_annotation(graph, dtype, strategy)
             qgraph, _ = insert(graph, annotation)
@@ -254,84 +343,6 @@ def _note_dpu_versions(report: QuantizeReport, dpu) -> None:
         entry = report.layers.get(event.node)
         if entry is not None:
             entry.notes.append(f"DPU version: {event.detail}")
-
-
-def _check_rounding_overrides(rounding: str, overrides: Mapping[str, Any]) -> None:
-    """An explicit activation or input round mode contradicts ``export_rounding``, which sets them."""
-    for key in ("activation_round_mode", "input_round_mode"):
-        if overrides.get(key) is not None:
-            raise ConfigError(
-                key,
-                f'{key}="{overrides[key]}" contradicts export_rounding="{rounding}", which sets the activation '
-                "and input round modes",
-                f'Drop {key}, or set export_rounding to "".',
-            )
-
-
-def _refuse_quantized(graph: Graph) -> None:
-    """A quantized model holds qstrat's quantizers already; quantizing it again would stack a second set."""
-    from qstrat.errors import UnsupportedError
-
-    found = [n.layer_name for n in graph.nodes if isinstance(n.op, (FakeQuant, QuantizeWrapper))]
-    if found:
-        raise UnsupportedError(
-            f"'{graph.name}' is already quantized: it holds {len(found)} qstrat quantizer layers "
-            f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}). Quantize the float model instead; "
-            "to change a quantized model's settings, quantize the float model again with the new strategy."
-        )
-
-
-# Frames keras.models.load_model uses besides one per layer of the longest path.
-_LOAD_FRAMES = 100
-
-
-def _warn_deep(qgraph: Graph) -> None:
-    """Say so when keras.models.load_model would pass Python's recursion limit on this model."""
-    depth, limit = qgraph.depth(), sys.getrecursionlimit()
-    if depth + _LOAD_FRAMES > limit:
-        warnings.warn(
-            f"the quantized model is {depth} layers deep (a FakeQuant follows most layers). keras.models.load_model "
-            f"maps a graph recursively and passes Python's recursion limit ({limit}) on it: load the saved model with "
-            f"qstrat.load_model(path), which makes room, or call sys.setrecursionlimit({2 * depth + 1000}) first.",
-            stacklevel=3,
-        )
-
-
-def _warn_pending(strategy: Strategy) -> None:
-    """One warning per call listing the strategy's keys that are set but do not act yet, and one for keys
-    set while the key they need is off."""
-    sections = {
-        "optimize_pipeline_config": strategy.optimize,
-        "quantize_pipeline_config": strategy.quantize,
-        "refine_pipeline_config": strategy.refine,
-    }
-    idle = idle_settings(sections)
-    if idle:
-        warnings.warn("; ".join(idle) + ".", stacklevel=3)
-    lines = pending_settings(sections)
-    if lines:
-        warnings.warn(
-            f"{len(lines)} strategy key(s) are set but have no effect yet; the model is quantized without them:\n  "
-            + "\n  ".join(lines),
-            PendingKeyWarning,
-            stacklevel=3,
-        )
-
-
-def _warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeReport | None) -> None:
-    """Warn about names in the partition keys that no layer of the optimized model answers to."""
-    known = {n.layer_name for n in graph.nodes} | {n.meta["origin"] for n in graph.nodes if n.meta.get("origin")}
-    for key in ("input_layers", "output_layers", "ignore_layers", "layer_config"):
-        for name in strategy.user[key]:
-            if name in known:
-                continue
-            why = [e.detail for e in (report.events if report else []) if e.node == name and e.kind == "changed"]
-            hint = f" The optimize stage changed it: {why[0]}." if why else f" {did_you_mean(name, known) or ''}"
-            warnings.warn(
-                f'user_defined_quantize_config.{key} names "{name}", but no layer of the optimized model '
-                f"has that name, so the setting does nothing.{hint}".rstrip(),
-                stacklevel=3,
-            )
 
 
 def _rebuild_quantized(qgraph: Graph, name: str):

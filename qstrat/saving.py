@@ -41,12 +41,15 @@ def count_saved_layers(path: str) -> int:
     return count
 
 
-def load_model(path: str | os.PathLike, custom_objects: dict | None = None):
+def load_model(path: str | os.PathLike, custom_objects: dict | None = None, compile: bool = False):
     """A Keras model from a .keras file (or a legacy .h5), float or quantized.
 
     Args:
         path: the model file.
         custom_objects: the user's own classes and functions the model uses, by name.
+        compile: restore the saved compile() settings and the optimizer's state, to
+            resume training (a QAT model saved mid-fit). Off by default: quantizing
+            needs no loss or optimizer.
 
     Raises:
         QstratError: the file is missing, a folder, damaged, in another format,
@@ -69,7 +72,7 @@ def load_model(path: str | os.PathLike, custom_objects: dict | None = None):
     layers = count_saved_layers(path) if path.endswith(".keras") else _H5_LAYERS
     try:
         with recursion_room(layers):
-            return keras.models.load_model(path, custom_objects=custom_objects, compile=False)
+            return keras.models.load_model(path, custom_objects=custom_objects, compile=compile)
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
         hint = ""
         if "Could not locate" in str(exc) or "Unknown layer" in str(exc):

@@ -34,7 +34,6 @@ from qstrat.passes.refine.constraints import RULES
 from qstrat.strategy import load_strategy
 from qstrat.strategy.keys import HANDY_FAMILIES, HANDY_KEYS, HANDY_SUFFIXES, SECTIONS
 
-_QAT = "QAT is a later issue: nothing trains a quantized model with BatchNormalization kept yet"
 _DPU = "the DPU softmax and LayerNormalization units are not described precisely enough to simulate bit for bit"
 _FAST_FT = "fast finetune: the refine issue"
 
@@ -42,13 +41,18 @@ _FAST_FT = "fast finetune: the refine issue"
 # quantize_with_xcompiler, which accepts only false: its true would need the Vitis AI
 # compiler, which does not exist here, and is refused with an error that says so.
 INERT_KEYS = {
-    "train_with_bn": _QAT,
-    "freeze_bn_delay": _QAT,
     "convert_softmax_to_dpu_version": _DPU,
     "convert_layernorm_to_dpu_version": _DPU,
     "quantize_with_xcompiler": "needs the external Vitis AI compiler, which qstrat does not call: false only",
     "include_fast_ft": _FAST_FT,
     "fast_ft_epochs": _FAST_FT,
+}
+
+# Keys of quantization-aware training: they act in get_qat_model (and the model it trains), and
+# quantize_model (PTQ) warns that they do nothing there.
+QAT_KEYS = {
+    "train_with_bn": "fake folding of each conv that absorbed a BatchNormalization",
+    "freeze_bn_delay": "training steps before the fake-folded statistics freeze",
 }
 
 # (strategy, key) -> why this model never violates the constraint the key enforces, so the key acts and
@@ -224,6 +228,21 @@ def fingerprint(strategy: str, overrides: dict):
     return (out.tobytes(), info, q.report.table(), q.optimize_report.table() if q.optimize_report else "", written)
 
 
+def qat_fingerprint(strategy: str, overrides: dict) -> bytes:
+    """The QAT model's layer types, and its weights and inference outputs after one training step."""
+    global MODEL
+    MODEL = MODEL or model()
+    q = qstrat.Quantizer(MODEL, strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = q.get_qat_model(verbose=0, **overrides)
+    qat.compile(keras.optimizers.SGD(0.01), "mse")
+    qat.train_on_batch(DATA[:8], np.ones((8, 4), "float32"))
+    kinds = " ".join(type(getattr(layer, "layer", layer)).__name__ for layer in qat.layers)
+    weights = b"".join(np.asarray(keras.ops.convert_to_numpy(w)).tobytes() for w in qat.weights)
+    return kinds.encode() + weights + keras.ops.convert_to_numpy(qat(DATA[:8])).tobytes()
+
+
 def fingerprint_warns(strategy: str, overrides: dict) -> None:
     qstrat.Quantizer(MODEL or model(), strategy).quantize_model(DATA[:8], verbose=0, calib_batch_size=8, **overrides)
 
@@ -296,6 +315,18 @@ def test_every_key_acts_or_is_listed(strategy, section, key):
         assert fingerprint(strategy, {**context, key: value}) == base, f"{key} acts now: take it off INERT_KEYS"
         return
     flipped = fingerprint(strategy, {**context, key: value})
+    if key in QAT_KEYS:
+        assert flipped == base, f"{key} changed quantize_model's result"
+        with pytest.warns(UserWarning, match="train_with_bn = true does nothing in quantize_model"):
+            fingerprint_warns(strategy, {**context, key: value, "train_with_bn": True})
+        qat = qat_fingerprint(strategy, {**context, key: value})
+        if not load_strategy(strategy).optimize["fold_conv_bn"]:  # fs: BatchNormalization stays a layer
+            assert qat == qat_fingerprint(strategy, context)
+            with pytest.warns(UserWarning, match="train_with_bn = true does nothing while fold_conv_bn is off"):
+                qstrat.Quantizer(MODEL, strategy).get_qat_model(verbose=0, **{**context, key: value})
+            return
+        assert qat != qat_fingerprint(strategy, context)
+        return
     if (strategy, key) in NOT_VIOLATED:
         assert flipped == base, f"{key} changed the model: take it off NOT_VIOLATED"
         return

@@ -38,7 +38,6 @@ def _b(name, doc, pending="", needs=""):
     return KeySpec(name, "bool", doc, pending=pending, needs=needs)
 
 
-_QAT = "QAT (training a quantized model with BatchNormalization kept) is not implemented yet"
 _DPU_UNDOCUMENTED = (
     "the DPU's {unit} unit is not described precisely enough to simulate bit for bit (where its bfloat16 "
     "roundings happen, its reciprocal method), so qstrat does not guess: the layer is quantized as it is"
@@ -104,8 +103,9 @@ OPTIMIZE_KEYS = (
     ),
     _b(
         "train_with_bn",
-        "QAT: keep BatchNormalization through fake folding (folded weights, batch statistics) until training ends.",
-        _QAT,
+        "QAT (get_qat_model): each conv that absorbed a BatchNormalization trains with batch statistics (fake "
+        "folding: kernel quantized folded with the moving statistics, output rescaled to the batch's); "
+        "get_deploy_model folds for real. quantize_model (PTQ) folds as usual and warns when it is set.",
     ),
 )
 
@@ -167,11 +167,11 @@ QUANTIZE_KEYS = (
     KeySpec(
         "freeze_bn_delay",
         "int",
-        "QAT with train_with_bn: optimizer steps before BatchNormalization statistics freeze (-1 = never).",
+        "QAT with train_with_bn: training steps before the fake-folded BatchNormalization statistics freeze "
+        "(moving statistics from then on; -1 = never).",
         -1,
         minimum=-1,
         needs="train_with_bn",
-        pending=_QAT,
     ),
     _b(
         "quantize_with_xcompiler",

@@ -1,0 +1,97 @@
+"""Checks and warnings around the public calls: refused inputs, keys that do nothing, models too deep to load.
+
+Each raises a `ConfigError`/`UnsupportedError` that names what to change, or
+warns once per call; `qstrat.api` and `qstrat.qat` call them before long work.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from qstrat.errors import ConfigError, PendingKeyWarning, did_you_mean
+from qstrat.graph.ir import Graph
+from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.passes.optimize import OptimizeReport
+from qstrat.strategy import Strategy
+from qstrat.strategy.keys import idle_settings, pending_settings
+
+
+def check_rounding_overrides(rounding: str, overrides: Mapping[str, Any]) -> None:
+    """An explicit activation or input round mode contradicts ``export_rounding``, which sets them."""
+    for key in ("activation_round_mode", "input_round_mode"):
+        if overrides.get(key) is not None:
+            raise ConfigError(
+                key,
+                f'{key}="{overrides[key]}" contradicts export_rounding="{rounding}", which sets the activation '
+                "and input round modes",
+                f'Drop {key}, or set export_rounding to "".',
+            )
+
+
+def refuse_quantized(graph: Graph) -> None:
+    """A quantized model holds qstrat's quantizers already; quantizing it again would stack a second set."""
+    from qstrat.errors import UnsupportedError
+
+    found = [n.layer_name for n in graph.nodes if isinstance(n.op, (FakeQuant, QuantizeWrapper))]
+    if found:
+        raise UnsupportedError(
+            f"'{graph.name}' is already quantized: it holds {len(found)} qstrat quantizer layers "
+            f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}). Quantize the float model instead; "
+            "to change a quantized model's settings, quantize the float model again with the new strategy."
+        )
+
+
+# Frames keras.models.load_model uses besides one per layer of the longest path.
+_LOAD_FRAMES = 100
+
+
+def warn_deep(qgraph: Graph) -> None:
+    """Say so when keras.models.load_model would pass Python's recursion limit on this model."""
+    depth, limit = qgraph.depth(), sys.getrecursionlimit()
+    if depth + _LOAD_FRAMES > limit:
+        warnings.warn(
+            f"the quantized model is {depth} layers deep (a FakeQuant follows most layers). keras.models.load_model "
+            f"maps a graph recursively and passes Python's recursion limit ({limit}) on it: load the saved model with "
+            f"qstrat.load_model(path), which makes room, or call sys.setrecursionlimit({2 * depth + 1000}) first.",
+            stacklevel=3,
+        )
+
+
+def warn_pending(strategy: Strategy) -> None:
+    """One warning per call listing the strategy's keys that are set but do not act yet, and one for keys
+    set while the key they need is off."""
+    sections = {
+        "optimize_pipeline_config": strategy.optimize,
+        "quantize_pipeline_config": strategy.quantize,
+        "refine_pipeline_config": strategy.refine,
+    }
+    idle = idle_settings(sections)
+    if idle:
+        warnings.warn("; ".join(idle) + ".", stacklevel=3)
+    lines = pending_settings(sections)
+    if lines:
+        warnings.warn(
+            f"{len(lines)} strategy key(s) are set but have no effect yet; the model is quantized without them:\n  "
+            + "\n  ".join(lines),
+            PendingKeyWarning,
+            stacklevel=3,
+        )
+
+
+def warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeReport | None) -> None:
+    """Warn about names in the partition keys that no layer of the optimized model answers to."""
+    known = {n.layer_name for n in graph.nodes} | {n.meta["origin"] for n in graph.nodes if n.meta.get("origin")}
+    for key in ("input_layers", "output_layers", "ignore_layers", "layer_config"):
+        for name in strategy.user[key]:
+            if name in known:
+                continue
+            why = [e.detail for e in (report.events if report else []) if e.node == name and e.kind == "changed"]
+            hint = f" The optimize stage changed it: {why[0]}." if why else f" {did_you_mean(name, known) or ''}"
+            warnings.warn(
+                f'user_defined_quantize_config.{key} names "{name}", but no layer of the optimized model '
+                f"has that name, so the setting does nothing.{hint}".rstrip(),
+                stacklevel=3,
+            )

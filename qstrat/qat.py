@@ -1,0 +1,193 @@
+"""Quantization-aware training: the model to train, and the model to deploy once it is trained.
+
+``Quantizer.get_qat_model`` builds the quantized model as ``quantize_model``
+does (optimize, DPU layer versions, quantizers by pattern), but returns it
+for the user's own ``compile``/``fit``:
+
+- weight and bias quantizers start calibrated from the weights; with
+  ``init_quant=True`` activation quantizers are calibrated from data too, and
+  with ``include_bias_corr`` the biases are corrected (the PTQ pass of
+  ``quantize_model``, less the DPU constraints, which wait for the deploy
+  model): TQT needs sensible thresholds to start from, and low bit widths a
+  start near PTQ's accuracy;
+- in training each quantizer follows its policy: TQT trains its log2
+  threshold, MAFS moves its average, Pof2S takes each batch's position and
+  FS widens its range to each batch's extremes (the last values stay for
+  inference);
+- with ``train_with_bn`` every conv that absorbed a BatchNormalization trains
+  with batch statistics (`qstrat.layers.FoldedConvBN`) until
+  ``freeze_bn_delay`` steps, then with the moving ones. The fold is made from
+  the calibrated model, so it starts from the corrected biases and the
+  calibrated quantizers.
+
+``Quantizer.get_deploy_model`` turns the trained model into the deployable
+one: BatchNormalizations folded for real, TQT thresholds as power-of-2
+positions (b - 1 - ceil(log_th), any bit width), the DPU compiler's position
+constraints, then the refine stage's framework conversion and the file
+``output_format`` asks for. Its outputs equal the QAT model's inference
+outputs except where a constraint moved a position
+(``Quantizer.position_changes`` lists each).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from qstrat.calibration.data import check_count
+from qstrat.errors import ConfigError, UnsupportedError
+from qstrat.export.outputs import output_target
+from qstrat.guards import warn_pending
+from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.passes.calibrate import calibrate_weights
+from qstrat.passes.optimize.fake_fold import fake_fold
+from qstrat.passes.refine.convert import to_pof2s
+from qstrat.passes.refine.positions import apply_constraints
+from qstrat.passes.refine.real_fold import real_fold
+from qstrat.progress import Progress
+
+# Refine keys of PTQ that a QAT model does not use: training replaces them, or get_deploy_model applies them.
+_PTQ_ONLY = {
+    "include_fast_ft": "training adjusts the weights",
+    "convert_to_pof2s_quantize_strategy": "get_deploy_model converts TQT to positions (its argument)",
+    "convert_to_fs_quantize_strategy": "get_deploy_model converts to float scales (its argument)",
+    "output_format": "get_deploy_model writes the deployable model",
+}
+
+
+def qat_model(
+    q,
+    init_quant: bool,
+    calib_dataset,
+    calib_steps,
+    calib_batch_size,
+    train_with_bn,
+    freeze_bn_delay,
+    verbose: int,
+    overrides: Mapping[str, Any],
+):
+    """`Quantizer.get_qat_model`: a quantized Keras model to train with ``fit`` (see the module doc).
+
+    Args:
+        q: the `qstrat.Quantizer` (its float model and strategy).
+        init_quant: calibrate the activation quantizers on ``calib_dataset`` first.
+        calib_dataset, calib_steps, calib_batch_size: as for ``quantize_model``.
+        train_with_bn, freeze_bn_delay: override the strategy's keys (None: the strategy's).
+        verbose: 1 names each stage; 0 is silent.
+        overrides: other strategy keys.
+    """
+    overrides = dict(overrides)
+    if train_with_bn is not None:
+        overrides["train_with_bn"] = bool(train_with_bn)
+    if freeze_bn_delay is not None:
+        overrides["freeze_bn_delay"] = freeze_bn_delay
+    calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
+    calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
+    strategy = q._strategy(overrides)
+    if strategy.quantize["convert_datatype"]:
+        raise ConfigError(
+            "quantize_pipeline_config.convert_datatype",
+            f'"{strategy.quantize["convert_datatype"]}" casts the model and leaves no quantizer to train',
+            'Set convert_datatype to "" for QAT, or use quantize_model for a cast model.',
+        )
+    if init_quant and calib_dataset is None:
+        raise ConfigError(
+            "calib_dataset",
+            "init_quant=True calibrates the activation quantizers from data, and no calib_dataset was given",
+            "Pass calib_dataset (a few hundred training samples), or init_quant=False.",
+        )
+    warn_pending(strategy)
+    for key, why in _PTQ_ONLY.items():
+        if strategy.refine[key] not in (False, ""):
+            warnings.warn(
+                f"refine_pipeline_config.{key} = {strategy.refine[key]!r} does nothing in get_qat_model: {why}.",
+                stacklevel=3,
+            )
+    if strategy.refine["include_bias_corr"] and not init_quant:
+        warnings.warn(
+            "refine_pipeline_config.include_bias_corr = true does nothing in get_qat_model without init_quant: "
+            "bias correction measures the calibration data.",
+            stacklevel=3,
+        )
+    with_bn = strategy.optimize["train_with_bn"]
+    if with_bn and not strategy.optimize["fold_conv_bn"]:
+        warnings.warn(
+            "optimize_pipeline_config.train_with_bn = true does nothing while fold_conv_bn is off: "
+            "the BatchNormalization layers stay layers of their own and train as such.",
+            stacklevel=3,
+        )
+    progress = Progress(verbose)
+    graph, annotation, model, taps = q._build(strategy, progress, suffix="qat")
+    # Constraints are for the deploy model: training moves the positions they would fix.
+    q._calibrate(
+        model,
+        graph,
+        taps,
+        strategy,
+        calib_dataset,
+        calib_steps,
+        calib_batch_size,
+        verbose,
+        progress,
+        activations=bool(init_quant),
+        constraints=False,
+    )
+    if with_bn:
+        with progress.stage("fake folding"):
+            model = fake_fold(model, graph, int(strategy.quantize["freeze_bn_delay"]), q.optimize_report)
+            calibrate_weights(model)  # the fold's kernel is the conv's to float32 rounding: its own positions
+    q.report, q.position_changes = annotation.report, []
+    q.convert_report = q.export_report = q.output_path = None
+    progress.done("QAT model ready")
+    q.timings = {**progress.times, "data_passes": progress.data_passes}
+    return model
+
+
+def _check_quantized(model) -> None:
+    if not isinstance(model, keras.Model):
+        raise ConfigError("qat_model", f"expected the trained QAT keras.Model, got {type(model).__name__}")
+    if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in model.layers):
+        raise UnsupportedError(
+            f"'{model.name}' holds no qstrat quantizers: get_deploy_model takes the model get_qat_model "
+            "returned (after training), not the float model."
+        )
+
+
+def deploy_model(
+    q,
+    model,
+    convert_to_pof2s_quantize_strategy: bool,
+    convert_to_fs_quantize_strategy: bool,
+    verbose: int,
+    overrides: Mapping[str, Any],
+):
+    """`Quantizer.get_deploy_model`: the deployable copy of a trained QAT model (see the module doc)."""
+    _check_quantized(model)
+    strategy = q._strategy(
+        {
+            **overrides,
+            "convert_to_pof2s_quantize_strategy": False,
+            "convert_to_fs_quantize_strategy": bool(convert_to_fs_quantize_strategy),
+        }
+    )
+    target = output_target(strategy)  # checked before any work
+    progress = Progress(verbose)
+    with progress.stage("real folding"):
+        deployed = real_fold(model)
+    pof2s_report = None
+    if convert_to_pof2s_quantize_strategy:
+        with progress.stage("TQT to power-of-2 positions"):
+            converted, report = to_pof2s(deployed)
+        if report.converted():
+            deployed, pof2s_report = converted, report
+    with progress.stage("position constraints"):
+        q.position_changes = apply_constraints(deployed, strategy.refine)
+    q.bias_corrections = []
+    deployed = q._refine_and_write(deployed, strategy, target, None, progress)
+    if q.convert_report is None:
+        q.convert_report = pof2s_report
+    progress.done("deploy model ready")
+    return deployed
