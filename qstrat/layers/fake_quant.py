@@ -61,6 +61,10 @@ class FakeQuant(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        if training:
+            gated = self.quantizer.gated_training_call(inputs, self.state, self.enabled)
+            if gated is not None:
+                return gated
         q = self.quantizer(inputs, self.state, training=bool(training))
         return _gate(self.enabled, q, inputs)
 

@@ -246,6 +246,11 @@ class Quantizer:
         """Required: ``x`` fake-quantized with ``state``, in keras.ops (same shape and dtype)."""
         raise self._missing("__call__")
 
+    def gated_training_call(self, x, state: Mapping[str, Any], enabled):
+        """Optional: ``__call__`` in training with a layer's on/off flag applied inside (x where off), for
+        a faster training step; None (the default) lets the layer apply the flag itself."""
+        return None
+
     def reference(self, x, state: Mapping[str, Any]) -> np.ndarray:
         """Optional: the NumPy twin of ``__call__``, bit for bit; tests compare the two."""
         raise UnsupportedError(f"{self.type_name} has no NumPy twin: define reference(self, x, state).")

@@ -289,7 +289,9 @@ def tqt_grads(x, y, inside, dy):
     return dy * ops.cast(inside, x.dtype), ops.sum(dy * g)
 
 
-def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, unsigned: bool, fused: bool = False):
+def tqt_fake_quant(
+    x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, unsigned: bool, fused: bool = False, enabled=None
+):
     """Trained-threshold power-of-2 fake quantization (Jain et al., MLSys 2020).
 
     Forward: pof2 fake quant at pos = (b - 1) - ceil(log_th).
@@ -300,6 +302,8 @@ def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, 
     ``fused``: on TensorFlow, run forward and backward each as one XLA kernel
     (`qstrat.quantizers.xla`; the same exact float32 operations), as training
     does: about twenty elementwise passes over an activation become two.
+    ``enabled`` (fused only): a layer's on/off flag, applied inside the
+    kernels (x itself, and no threshold gradient, where off).
     """
     round_mode = RoundMode(round_mode)
     lt = ops.cast(ops.convert_to_tensor(log_th), x.dtype)
@@ -307,7 +311,9 @@ def tqt_fake_quant(x, log_th, bit_width: int, qmin: int, qmax: int, round_mode, 
     if fused and keras.backend.backend() == "tensorflow" and not _FORWARD_ONLY.get():
         from qstrat.quantizers.xla import tqt_fused
 
-        return tqt_fused(x, lt, bit_width, (cmin, cmax, mmin, mmax), round_mode, unsigned)
+        return tqt_fused(x, lt, bit_width, (cmin, cmax, mmin, mmax), round_mode, unsigned, enabled)
+    if enabled is not None:
+        raise ValueError("tqt_fake_quant applies enabled only in its fused TensorFlow kernels")
 
     @_custom_gradient
     def fq(x, lt):

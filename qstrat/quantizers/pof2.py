@@ -258,6 +258,17 @@ class TQTQuantizer(_Pof2Positions):
             x, state["log_th"], p.bit_width, g.qmin, g.qmax, p.round_mode, p.is_unsigned, fused=bool(training)
         )
 
+    def gated_training_call(self, x, state, enabled):
+        """TensorFlow: the fused training kernels with the flag inside (`qstrat.quantizers.xla`)."""
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            return None
+        g, p = self.grid, self.params
+        return fq.tqt_fake_quant(
+            x, state["log_th"], p.bit_width, g.qmin, g.qmax, p.round_mode, p.is_unsigned, fused=True, enabled=enabled
+        )
+
     def reference(self, x, state) -> np.ndarray:
         p = self.params
         return ref.tqt_fake_quant_np(

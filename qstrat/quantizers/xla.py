@@ -23,26 +23,34 @@ from qstrat.quantizers.grid import RoundMode
 @cache
 def _kernels(bit_width: int, bounds: tuple, round_mode: RoundMode, unsigned: bool):
     @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-    def forward(x, lt):
-        return tqt_forward(x, lt, bit_width, *bounds, round_mode, unsigned)
+    def forward(x, lt, on):
+        y, inside = tqt_forward(x, lt, bit_width, *bounds, round_mode, unsigned)
+        return tf.where(on, y, x), tf.logical_or(inside, tf.logical_not(on))
 
     @tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
-    def backward(x, y, inside, dy):
-        return tqt_grads(x, y, inside, dy)
+    def backward(x, y, inside, dy, on):
+        dx, dlog = tqt_grads(x, y, inside, dy)
+        return dx, tf.where(on, dlog, tf.zeros_like(dlog))
 
     return forward, backward
 
 
-def tqt_fused(x, lt, bit_width: int, bounds: tuple, round_mode: RoundMode, unsigned: bool):
-    """`tqt_fake_quant` (``bounds``: the clip and mask bounds) as two XLA kernels, with its gradient."""
+def tqt_fused(x, lt, bit_width: int, bounds: tuple, round_mode: RoundMode, unsigned: bool, enabled=None):
+    """`tqt_fake_quant` (``bounds``: the clip and mask bounds) as two XLA kernels, with its gradient.
+
+    ``enabled``: a layer's on/off flag (a variable, on above 0.5); off, the
+    output is x and the gradient passes straight through, as `FakeQuant`'s
+    gate does, inside the same kernels.
+    """
     forward, backward = _kernels(bit_width, tuple(float(b) for b in bounds), round_mode, unsigned)
+    on = tf.constant(True) if enabled is None else tf.convert_to_tensor(enabled) > 0.5
 
     @tf.custom_gradient
     def fq(x, lt):
-        y, inside = forward(x, lt)
+        y, inside = forward(x, lt, on)
 
         def grad(dy):
-            dx, dlog = backward(x, y, inside, dy)
+            dx, dlog = backward(x, y, inside, dy, on)
             return dx, tf.reshape(dlog, tf.shape(lt))
 
         return y, grad

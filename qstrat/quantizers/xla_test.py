@@ -87,3 +87,41 @@ def test_the_tqt_quantizer_fuses_only_in_training():
     finally:
         fq.tqt_fake_quant = real
     assert calls == [False, True]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_fake_quant_layer_in_training_applies_its_flag_inside_the_fused_kernels(on):
+    import tensorflow as tf
+
+    from qstrat.layers import FakeQuant
+    from qstrat.layers.fake_quant import _gate
+
+    layer = FakeQuant({"type": "TQTQuantizer", "params": {"bit_width": 4}}, target="t")
+    x = values(11)
+    layer.build(x.shape)
+    layer.enabled.assign(1.0 if on else 0.0)
+    log_th = layer.state["log_th"]
+    log_th.assign(np.float32(0.4))
+    w = np.random.default_rng(12).normal(size=x.shape).astype(np.float32)
+    grid = int_grid(4)
+    xv = tf.Variable(x)
+
+    def grads(fn):
+        with tf.GradientTape() as tape:
+            y = fn()
+            loss = tf.reduce_sum(y * w)
+        return [np.asarray(t) for t in (y, *tape.gradient(loss, [xv, log_th]))]
+
+    fused = grads(lambda: layer(xv, training=True))
+    plain = grads(
+        lambda: _gate(
+            layer.enabled, fq.tqt_fake_quant(xv, log_th, 4, grid.qmin, grid.qmax, RoundMode.HALF_TO_EVEN, False), xv
+        )
+    )
+    assert np.array_equal(fused[0], plain[0]) and np.array_equal(fused[1], plain[1])
+    if on:
+        bound = x.size * 2.0**-24 * float(np.sum(np.abs(w * (np.abs(plain[0]) + np.abs(x))))) * np.log(2)
+        assert abs(float(fused[2]) - float(plain[2])) <= bound
+    else:
+        assert np.array_equal(fused[1], w)  # off: x itself, the gradient straight through
+        assert float(fused[2]) == 0.0 and (plain[2] is None or float(plain[2]) == 0.0)
