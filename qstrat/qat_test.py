@@ -221,6 +221,11 @@ def test_deployed_qat_model_exports_to_onnx_and_onnx_runtime_computes_the_same(d
     assert q.output_path == os.path.join(os.fspath(tmp_path), "quantized_model.onnx")
     expected = predict(deployed, x_test)
     assert np.array_equal(run(q.output_path, x_test), expected)
+    # The integer reference computes it too, and the golden dump covers every quantized tensor.
+    assert np.array_equal(np.asarray(qstrat.simulate_integer(deployed, x_test)), expected)
+    index = qstrat.dump_model(deployed, x_test[:1], os.fspath(tmp_path / "dump"))
+    info = qstrat.get_quantize_info(deployed)
+    assert len(index) == sum(len(targets) for targets in info.values())
     report = export_onnx(deployed, tmp_path / "again.onnx", data=x_test)
     assert report.rounding_mismatch == []
     assert np.array_equal(run(tmp_path / "again.onnx", x_test, optimize=False), expected)

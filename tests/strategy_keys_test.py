@@ -233,9 +233,12 @@ def qat_fingerprint(strategy: str, overrides: dict) -> bytes:
     global MODEL
     MODEL = MODEL or model()
     q = qstrat.Quantizer(MODEL, strategy)
+    # No_OF positions: Pof2S's Min_MSE search, traced for every quantizer of the training step, takes minutes
+    # here, and the QAT keys act the same with either method.
+    methods = {f"{family}_method": "No_OF" for family in HANDY_FAMILIES} if strategy == "pof2s" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qat = q.get_qat_model(verbose=0, **overrides)
+        qat = q.get_qat_model(verbose=0, **methods, **overrides)
     qat.compile(keras.optimizers.SGD(0.01), "mse")
     qat.train_on_batch(DATA[:8], np.ones((8, 4), "float32"))
     kinds = " ".join(type(getattr(layer, "layer", layer)).__name__ for layer in qat.layers)
