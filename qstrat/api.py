@@ -213,11 +213,8 @@ class Quantizer:
                 if constraints:  # a corrected bias gets a new position: the rules check it again
                     self.position_changes += apply_constraints(qmodel, strategy.refine)
 
-    def _build(self, strategy: Strategy, progress: Progress, transform=None, suffix: str = "quantized"):
-        """Optimize, DPU versions, annotate, insert, rebuild: (float graph, annotation, quantized model, taps).
-
-        ``transform`` maps the quantized graph before it is rebuilt (QAT's fake folding).
-        """
+    def _build(self, strategy: Strategy, progress: Progress, suffix: str = "quantized"):
+        """Optimize, DPU versions, annotate, insert, rebuild: (float graph, annotation, quantized model, taps)."""
         with progress.stage("capture + optimize"):
             graph = self._optimized_graph(strategy)
         guards.warn_unknown_layer_names(strategy, graph, self.optimize_report)
@@ -229,8 +226,6 @@ class Quantizer:
             if rounding:
                 annotation = round_like(graph, annotation, rounding)
             qgraph, taps = insert(graph, annotation)
-            if transform is not None:
-                qgraph = transform(qgraph)
             qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_{suffix}")
             guards.warn_deep(qgraph)
         return graph, annotation, qmodel, taps
