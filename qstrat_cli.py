@@ -8,6 +8,8 @@ qstrat quantize MODEL.keras --calib DATA.npz [--strategy pof2s|fs|tqt|FILE.json]
                 [--set weight_bit=4 ...] [--out OUT.keras] [--calib-steps N] [--batch-size B]
                 [--custom-objects module:Name ...]
 qstrat export QMODEL.keras --format onnx|tflite -o OUT [--opset N] [--data DATA.npz] [--int8-io]
+qstrat inspect MODEL.keras [--strategy S] [--set KEY=VALUE ...] [--json]; qstrat inspect --supported
+qstrat analyze FLOAT.keras QMODEL.keras --data DATA.npz [--html OUT.html] [--json-out OUT.json] [--json]
 qstrat strategy show NAME [--verbose 0|1|2]
 qstrat strategy keys
 qstrat demo
@@ -79,6 +81,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--custom-objects", action="append", metavar="MODULE:NAME", help="a custom layer class the model uses"
     )
     e.set_defaults(command_name="export")
+    i = sub.add_parser(
+        "inspect",
+        help="what each layer gets under a strategy, without data; --supported: the layer types per strategy",
+        description="qstrat inspect MODEL.keras [--strategy S] [--json]; qstrat inspect --supported",
+    )
+    i.add_argument("model", nargs="?", help="the float model (.keras, or a legacy .h5/.hdf5)")
+    i.add_argument("--strategy", default="pof2s", help="pof2s, fs, tqt, or a strategy JSON file")
+    i.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy override, e.g. weight_bit=4")
+    i.add_argument("--supported", action="store_true", help="print the table of layer types each strategy quantizes")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument(
+        "--custom-objects", action="append", metavar="MODULE:NAME", help="a custom layer class the model uses"
+    )
+    i.set_defaults(command_name="inspect")
+    a = sub.add_parser(
+        "analyze",
+        help="per-layer error and sensitivity of a quantized model against its float model",
+        description="qstrat analyze FLOAT.keras QMODEL.keras --data DATA.npz [--html OUT.html] [--json]",
+    )
+    a.add_argument("float_model", help="the float model the quantized one was made from")
+    a.add_argument("model", help="the quantized model (.keras) written by qstrat quantize")
+    a.add_argument("--data", required=True, help="analysis inputs (.npy/.npz, as for quantize --calib)")
+    a.add_argument("--data-key", help="which array of the .npz to use (one-input models)")
+    a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--steps", type=int, default=None, help="batches to read (default: all)")
+    a.add_argument("--html", help="write the HTML report here (self-contained; checked before any work)")
+    a.add_argument("--json-out", help="write the analysis as JSON here")
+    a.add_argument("--json", action="store_true", help="print the analysis as JSON instead of a table")
+    a.add_argument("--no-alone", action="store_true", help="skip each layer quantized alone (one pass per layer)")
+    a.add_argument(
+        "--custom-objects", action="append", metavar="MODULE:NAME", help="a custom layer class the models use"
+    )
+    a.set_defaults(command_name="analyze")
     d = sub.add_parser("demo", help="quantize two real models on real data")
     d.set_defaults(command_name="demo")
     return p

@@ -4,6 +4,7 @@ import qstrat.layers  # noqa: F401 - registers the quantized layers for keras.sa
 from qstrat.api import Quantizer, get_quantize_info
 from qstrat.errors import CalibrationDataError, ConfigError, PendingKeyWarning, QstratError, UnsupportedError
 from qstrat.export import dump_model, export_onnx, export_tflite
+from qstrat.inspect import analyze
 from qstrat.integer import run_integer, simulate_integer
 from qstrat.quantizers import (
     FSQuantizer,
@@ -33,6 +34,7 @@ __all__ = [
     "get_quantize_info",
     "load_model",
     "TQTQuantizer",
+    "analyze",
     "UnsupportedError",
     "register_quantizer",
     "run_integer",

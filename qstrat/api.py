@@ -230,6 +230,24 @@ class Quantizer:
             guards.warn_deep(qgraph)
         return graph, annotation, qmodel, taps
 
+    def inspect_model(self, **overrides) -> list[dict]:
+        """What each layer gets, without data: one dict per layer of the float model (then per layer the
+        optimize stage made) with the rule that matched, its quantizers and bit widths, and whether it is
+        fused, converted to a DPU version, folded or skipped, and why (`qstrat.inspect.layers.inspect_rows`).
+
+        Example:
+            print(qstrat.inspect.rows_table(Quantizer(model, "pof2s").inspect_model(weight_bit=4)))
+        """
+        from qstrat.inspect.layers import inspect_rows
+
+        strategy = self._strategy(overrides)
+        graph = self._optimized_graph(strategy)
+        graph, dpu = to_dpu_versions(graph, strategy.quantize)
+        annotation = annotate(graph, strategy, self.custom_objects)
+        _note_dpu_versions(annotation.report, dpu)
+        float_layers = [(layer.name, type(layer).__name__) for layer in self.model.layers]
+        return inspect_rows(float_layers, graph, annotation, self.optimize_report)
+
     def get_qat_model(
         self,
         init_quant: bool = False,

@@ -141,9 +141,7 @@ def _quantize(args) -> int:
     custom_objects = load_custom_objects(args.custom_objects)
     model = load_model(args.model, custom_objects)
     data = load_calib(args.calib, args.calib_key, [t.name for t in model.inputs])
-    strategy, custom = args.strategy, None
-    if strategy.endswith(".json") or os.path.sep in strategy:
-        strategy, custom = "pof2s", args.strategy
+    strategy, custom = _strategy_args(args.strategy)
     q = qstrat.Quantizer(model, strategy, custom, custom_objects)
     qmodel = q.quantize_model(data, args.calib_steps, args.batch_size, verbose=1, **_parse_set(args.set))
     if q.optimize_report is not None and q.optimize_report.events:
@@ -197,6 +195,79 @@ def _export(args) -> int:
         report = export_tflite(qmodel, out, int8_io=args.int8_io, calib_data=calib)
         print(f"{out}: {report['bytes'] / 1024:.1f} KiB")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _strategy_args(name: str) -> tuple[str, str | None]:
+    """``--strategy`` as (built-in name, custom file or None)."""
+    if name.endswith(".json") or os.path.sep in name:
+        return "pof2s", name
+    return name, None
+
+
+def cmd_inspect(args) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _inspect(args)
+
+
+def _inspect(args) -> int:
+    """``qstrat inspect MODEL.keras [--strategy S] [--json]`` or ``qstrat inspect --supported``."""
+    from qstrat.inspect import rows_table, supported_table
+
+    if args.supported:
+        names = [args.strategy] if args.strategy != "pof2s" or args.model else ["pof2s", "fs", "tqt"]
+        print(supported_table(names))
+        return 0
+    if not args.model:
+        raise QstratError("qstrat inspect: give a model file, or --supported for the table of layer types")
+    import qstrat
+
+    custom_objects = load_custom_objects(args.custom_objects)
+    model = load_model(args.model, custom_objects)
+    strategy, custom = _strategy_args(args.strategy)
+    rows = qstrat.Quantizer(model, strategy, custom, custom_objects).inspect_model(**_parse_set(args.set))
+    print(json.dumps(rows, indent=1) if args.json else rows_table(rows))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _analyze(args)
+
+
+def _analyze(args) -> int:
+    """``qstrat analyze FLOAT.keras QMODEL.keras --data DATA.npz [--html OUT.html] [--json]``."""
+    from qstrat.export.files import check_writable
+    from qstrat.inspect import analyze
+
+    for flag, path, suffix in (("--html", args.html, ".html"), ("--json-out", args.json_out, ".json")):
+        if path:
+            if not path.endswith(suffix):
+                raise QstratError(f"{flag} {path}: give a file ending in {suffix}")
+            check_writable(path)
+    custom_objects = load_custom_objects(args.custom_objects)
+    float_model = load_model(args.float_model, custom_objects)
+    qmodel = load_model(args.model, custom_objects)
+    data = load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs], "--data-key")
+    result = analyze(
+        float_model, qmodel, data, args.batch_size, args.steps, alone=not args.no_alone, verbose=0 if args.json else 1
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        agreement = "" if result.agreement is None else f", top-1 agreement {100 * result.agreement:.2f}%"
+        print(f"outputs against the float model: SQNR {result.output_sqnr_db:.1f} dB{agreement}\n")
+        print(result.table())
+    if args.html:
+        result.write_html(args.html)
+        if not args.json:
+            print(f"\nwrote {args.html}")
+    if args.json_out:
+        result.write_json(args.json_out)
+        if not args.json:
+            print(f"wrote {args.json_out}")
     return 0
 
 

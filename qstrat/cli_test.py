@@ -192,3 +192,31 @@ def test_warnings_reach_the_user_without_source_lines(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "qstrat: warning: " in err and "refine_pipeline_config.include_fast_ft = true" in err
     assert "warnings.warn" not in err and "api.py" not in err
+
+
+def test_inspect_and_analyze_from_the_shell(tmp_path, capsys):
+    small_model(tmp_path / "m.keras")
+    x = np.random.default_rng(0).normal(size=(24, 8, 8, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    assert cli.main(["inspect", str(tmp_path / "m.keras"), "--set", "weight_bit=4"]) == 0
+    out = capsys.readouterr().out
+    assert "c " in out and "kernel (Pof2SQuantizer, 4-bit)" in out
+    assert cli.main(["inspect", str(tmp_path / "m.keras"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[1]["name"] == "c" and [q["target"] for q in rows[1]["quantizers"]] == ["kernel", "bias"]
+    assert cli.main(["inspect", "--supported"]) == 0
+    assert capsys.readouterr().out.startswith("| layer type | pof2s | fs | tqt |")
+    q = tmp_path / "q.keras"
+    assert cli.main(["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "x.npy"), "--out", str(q)]) == 0
+    capsys.readouterr()
+    html, js = tmp_path / "r.html", tmp_path / "r.json"
+    args = ["analyze", str(tmp_path / "m.keras"), str(q), "--data", str(tmp_path / "x.npy")]
+    assert cli.main([*args, "--html", str(html), "--json-out", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "outputs against the float model: SQNR" in out and f"wrote {html}" in out
+    assert html.read_text().count("<svg") > 2 and json.loads(js.read_text())["samples"] == 24
+    assert cli.main([*args, "--json", "--no-alone"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["passes"] == {"statistics": 3, "alone": 0, "weight/activation split": 0}
+    assert cli.main([*args, "--html", str(tmp_path / "r.htm")]) == 2  # refused before any work
+    assert "ending in .html" in capsys.readouterr().err

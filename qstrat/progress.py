@@ -28,8 +28,9 @@ class _NoBar:
 class Progress:
     """Stage names and times, and progress bars, for one long call."""
 
-    def __init__(self, verbose: int = 1, stream=None):
+    def __init__(self, verbose: int = 1, stream=None, data: str = "calibration data"):
         self.verbose = verbose
+        self.data = data
         self.stream = stream
         self.times: dict[str, float] = {}
         self.data_passes = 0
@@ -61,7 +62,7 @@ class Progress:
 
         first = self.data_passes - passes + 1
         which = f"pass {first}" if passes == 1 else f"passes {first}-{self.data_passes}"
-        self.say(f"{which} over the calibration data{': ' + what if what else ''}")
+        self.say(f"{which} over the {self.data}{': ' + what if what else ''}")
         return keras.utils.Progbar(total, unit_name=unit, verbose=self.verbose)
 
     def done(self, what: str) -> float:

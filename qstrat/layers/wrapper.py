@@ -35,6 +35,9 @@ class QuantizeWrapper(keras.layers.Layer):
             ``{"kernel": ..., "bias": ...}``; the attribute names a variable of the layer.
         shared_states: ``{attribute: QuantState}`` for the targets whose quantizer
             state is shared with other targets (`qstrat.layers.shared_state`).
+        corrections: what bias correction added, per channel: ``{"bias": [...]}`` or
+            ``{"<bn name>.moving_mean": [...]}`` (`record_correction`); analysis subtracts it to
+            get the float model's values back.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class QuantizeWrapper(keras.layers.Layer):
         layer,
         weight_quantizers: Mapping[str, Mapping[str, Any]],
         shared_states: Mapping[str, Any] | None = None,
+        corrections: Mapping[str, Any] | None = None,
         **kwargs,
     ):
         if isinstance(layer, Mapping):
@@ -55,6 +59,14 @@ class QuantizeWrapper(keras.layers.Layer):
             attr: shared_state_from_config(s, f"{self.name}.{attr}") if isinstance(s, Mapping) else s
             for attr, s in (shared_states or {}).items()
         }
+        self.corrections = {k: [float(v) for v in vs] for k, vs in (corrections or {}).items()}
+
+    def record_correction(self, where: str, added) -> None:
+        """Note that bias correction added ``added`` (per channel) to ``where`` (see ``corrections``)."""
+        import numpy as np
+
+        before = np.asarray(self.corrections.get(where, 0.0), np.float64)
+        self.corrections[where] = [float(v) for v in before + np.asarray(added, np.float64).ravel()]
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -131,4 +143,5 @@ class QuantizeWrapper(keras.layers.Layer):
             "layer": keras.saving.serialize_keras_object(self.layer),
             "weight_quantizers": self.weight_quantizers,
             "shared_states": {a: keras.saving.serialize_keras_object(s) for a, s in self.shared_states.items()},
+            **({"corrections": self.corrections} if self.corrections else {}),
         }

@@ -290,6 +290,7 @@ def _correct(target, shift: np.ndarray, group) -> Correction:
         bias = wrapper.layer.bias
         new = bias.numpy().astype(np.float64) - shift
         bias.assign(new.astype(bias.dtype))
+        wrapper.record_correction("bias", -shift)
         if group:
             calibrate_weight_group(group)
         where = "bias"
@@ -297,4 +298,5 @@ def _correct(target, shift: np.ndarray, group) -> Correction:
         mean = bn.moving_mean
         mean.assign((mean.numpy().astype(np.float64) + shift).astype(mean.dtype))
         where = f"{bn.name}.moving_mean"
+        wrapper.record_correction(where, shift)
     return Correction(wrapper.layer.name, where, float(np.abs(shift).max()))

@@ -1,0 +1,440 @@
+"""Why accuracy dropped: each quantized layer's error, its sensitivity alone, and the ranges its quantizers chose.
+
+`analyze` compares a quantized model with its own float computation, layer
+by layer. Every quantizer has an ``enabled`` flag, so the same traced model
+runs with all quantizers bypassed (the float model after the optimize
+stage: BatchNormalization folded, CLE's channel scales in place, so its
+layers line up with the quantized ones) and with them on, on the same
+batches. That gives, per layer:
+
+- **cumulative error** at the tensor the next layers read: SQNR, MSE and
+  cosine similarity of the quantized against the float value, with every
+  quantizer before it on;
+- **alone**: the model outputs' SQNR with only this layer's quantizers on
+  (the rest in float), which ranks layers by sensitivity; for a layer with
+  both weight and activation quantizers, the same with only its weights,
+  and with only its activations;
+- **ranges**: for each quantizer, the grid's ends against the minimum and
+  maximum it saw, the fraction of values beyond the ends (clipped), and a
+  histogram (of a sample, for activations).
+
+Passes over the data: 3 for the statistics (the float model, the quantized
+model bypassed, and on), then one per layer for *alone* (two more for a
+layer with both kinds of quantizer). No pass retraces anything: the runs
+differ only in the flags' values. The data is read into memory once, so
+give a few hundred samples. The quantized model's flags are restored when
+analysis ends, whatever happens.
+
+Example:
+    result = qstrat.analyze(float_model, qmodel, x_val[:256])
+    result.ranking()[:5]          # the most sensitive layers first
+    result.write_html("report.html")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from qstrat.calibration.data import iterate_batches
+from qstrat.errors import CalibrationDataError
+from qstrat.inspect.units import Quant, find_units, quant_inputs
+from qstrat.passes.calibrate import input_specs
+from qstrat.passes.runner import BatchRunner
+from qstrat.progress import Progress
+
+SAMPLE_PER_BATCH = 2048  # activation values kept per batch and quantizer, for the histograms
+SAMPLE_CAP = 32768
+HIST_BINS = 64
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) in dB; inf when there is no noise."""
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass
+class RangeStats:
+    """One quantizer's chosen range against what it saw."""
+
+    target: str
+    kind: str
+    bit_width: int | None
+    grid_min: float  # the lowest value the quantizer gives (over channels)
+    grid_max: float
+    observed_min: float
+    observed_max: float
+    clipped: float  # fraction of values beyond the grid's ends
+    hist_counts: list[int] = field(default_factory=list)
+    hist_edges: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LayerAnalysis:
+    """One quantized layer: cumulative error at its output, sensitivity alone, its quantizers' ranges."""
+
+    name: str
+    layer_type: str
+    targets: list[str]
+    sqnr_db: float
+    mse: float
+    cosine: float
+    alone_sqnr_db: float | None = None  # model outputs, only this layer quantized
+    alone_sse: float | None = None
+    weight_only_sqnr_db: float | None = None
+    activation_only_sqnr_db: float | None = None
+    ranges: list[RangeStats] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    """What `analyze` measured; ``to_dict`` for scripts, ``write_html`` for people."""
+
+    model: str
+    samples: int
+    layers: list[LayerAnalysis]
+    output_sqnr_db: float  # quantized outputs against the float model's
+    output_sse: float  # against the bypassed quantized model, as each layer's alone_sse
+    agreement: float | None  # top-1 agreement with the float model (classification outputs)
+    bypass_sqnr_db: float  # the quantized model with every quantizer bypassed, against the float model
+    passes: dict[str, int]
+    seconds: dict[str, float]
+
+    def ranking(self) -> list[str]:
+        """Layer names, the most sensitive (lowest SQNR with only that layer quantized) first."""
+        scored = [la for la in self.layers if la.alone_sqnr_db is not None]
+        return [la.name for la in sorted(scored, key=lambda la: la.alone_sqnr_db)]
+
+    def layer(self, name: str) -> LayerAnalysis:
+        for la in self.layers:
+            if la.name == name:
+                return la
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data (infinite SQNR, meaning no error, becomes ``None``)."""
+        return _finite(asdict(self))
+
+    def table(self, top: int | None = None) -> str:
+        """A text table of the layers, most sensitive first."""
+        order = self.ranking() + [la.name for la in self.layers if la.alone_sqnr_db is None]
+        rows = [f"{'layer':<28} {'type':<20} {'alone dB':>9} {'cumul dB':>9} {'cosine':>8} {'clipped':>8}"]
+        for name in order[:top]:
+            la = self.layer(name)
+            clipped = max((r.clipped for r in la.ranges), default=0.0)
+            rows.append(
+                f"{la.name:<28} {la.layer_type:<20} {_fmt(la.alone_sqnr_db):>9} {_fmt(la.sqnr_db):>9} "
+                f"{la.cosine:>8.5f} {100 * clipped:>7.3f}%"
+            )
+        return "\n".join(rows)
+
+    def write_html(self, path: str) -> str:
+        """One self-contained HTML report (plots inline, no external assets), written atomically."""
+        from qstrat.inspect.html import write_report
+
+        return write_report(self, path)
+
+    def write_json(self, path: str) -> str:
+        import json
+
+        from qstrat.export.files import check_writable, write_atomically
+
+        check_writable(path)
+        write_atomically(path, json.dumps(self.to_dict(), indent=1).encode())
+        return path
+
+
+def _fmt(db: float | None) -> str:
+    if db is None:
+        return "-"
+    return "exact" if math.isinf(db) and db > 0 else f"{db:.1f}"
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class _Flags:
+    """Every quantizer flag of a model and every bias correction in it, restored by ``restore``.
+
+    The float reference is the quantized model with every quantizer bypassed
+    and every bias correction taken back out (`QuantizeWrapper.corrections`):
+    with the corrections left in, the reference would carry the very mean
+    shift they compensate, and hide their effect.
+    """
+
+    def __init__(self, qmodel):
+        from qstrat.layers import FakeQuant, QuantizeWrapper
+
+        self.flags, self.corrections = [], []  # corrections: (variable, what was added)
+        inner = {layer.layer.name: layer.layer for layer in qmodel.layers if isinstance(layer, QuantizeWrapper)}
+        for layer in qmodel.layers:
+            if isinstance(layer, FakeQuant):
+                self.flags.append(layer.enabled)
+            elif isinstance(layer, QuantizeWrapper):
+                self.flags.extend(layer.enabled.values())
+                for where, added in layer.corrections.items():
+                    if where == "bias":
+                        var = layer.layer.bias
+                    else:
+                        bn_name = where.rsplit(".", 1)[0]
+                        bn = inner.get(bn_name) or qmodel.get_layer(bn_name)
+                        var = bn.moving_mean
+                    self.corrections.append((var, np.asarray(added, np.float64)))
+        self.initial = {id(f): float(np.asarray(f.numpy())) for f in self.flags}
+        self.values = {id(v): np.array(v.numpy()) for v, _ in self.corrections}
+
+    def only(self, flags: list | None) -> None:
+        """Bypass every quantizer except ``flags`` (at their initial values) and take every bias correction
+        out; ``None``: the model as it came.
+
+        A layer alone runs without its bias correction too: the correction compensates the mean shift of
+        every quantized layer upstream of it as well, so on its own it would over-correct.
+        """
+        keep = None if flags is None else {id(f) for f in flags}
+        for f in self.flags:
+            f.assign(self.initial[id(f)] if keep is None or id(f) in keep else 0.0)
+        for var, added in self.corrections:
+            value = self.values[id(var)]
+            if flags is not None:
+                value = (value.astype(np.float64) - added.reshape(value.shape)).astype(value.dtype)
+            var.assign(value)
+
+    def restore(self) -> None:
+        self.only(None)
+
+
+class _Moments:
+    """Sums for SQNR, MSE and cosine of quantized against float tensors, in float64."""
+
+    def __init__(self):
+        self.ff = self.ee = self.fq = self.qq = 0.0
+        self.n = 0
+
+    def add(self, f: np.ndarray, q: np.ndarray) -> None:
+        f, q = f.astype(np.float64).ravel(), q.astype(np.float64).ravel()
+        e = q - f
+        self.ff += float(f @ f)
+        self.ee += float(e @ e)
+        self.fq += float(f @ q)
+        self.qq += float(q @ q)
+        self.n += f.size
+
+    def sqnr(self) -> float:
+        return sqnr_db(self.ff, self.ee)
+
+    def mse(self) -> float:
+        return self.ee / max(self.n, 1)
+
+    def cosine(self) -> float:
+        den = math.sqrt(self.ff * self.qq)
+        return self.fq / den if den > 0 else (1.0 if self.ee == 0 else 0.0)
+
+
+class _Seen:
+    """An activation quantizer's observed extremes, clipped count and value sample."""
+
+    def __init__(self, quant: Quant, rng: np.random.Generator):
+        self.quant, self.rng = quant, rng
+        self.lo = self.hi = None
+        self.min, self.max = math.inf, -math.inf
+        self.clipped = self.count = 0
+        self.sample: list[np.ndarray] = []
+        self.kept = 0
+
+    def add(self, x: np.ndarray) -> None:
+        if self.lo is None:
+            self.lo, self.hi = self.quant.grid_ends(x[:1])
+        self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
+        self.clipped += int(np.count_nonzero((x < self.lo) | (x > self.hi)))
+        self.count += x.size
+        if self.kept < SAMPLE_CAP:
+            flat = x.ravel()
+            take = min(flat.size, SAMPLE_PER_BATCH, SAMPLE_CAP - self.kept)
+            self.sample.append(flat[self.rng.choice(flat.size, take, replace=False)])
+            self.kept += take
+
+    def stats(self) -> RangeStats:
+        values = np.concatenate(self.sample) if self.sample else np.zeros(0, np.float32)
+        return _range_stats(self.quant, self.lo, self.hi, self.min, self.max, self.clipped / max(self.count, 1), values)
+
+
+def _range_stats(quant: Quant, lo, hi, vmin, vmax, clipped, values) -> RangeStats:
+    gmin, gmax = float(np.min(lo)), float(np.max(hi))
+    span = (min(vmin, gmin), max(vmax, gmax))
+    if not span[1] > span[0]:
+        span = (span[0] - 0.5, span[0] + 0.5)
+    counts, edges = np.histogram(values, bins=HIST_BINS, range=span)
+    return RangeStats(
+        quant.target,
+        quant.kind,
+        quant.bit_width,
+        gmin,
+        gmax,
+        float(vmin),
+        float(vmax),
+        float(clipped),
+        counts.tolist(),
+        [float(e) for e in edges],
+    )
+
+
+def _weight_stats(quant: Quant) -> RangeStats:
+    from keras import ops
+
+    layer = quant.layer.layer
+    target = getattr(layer, "target_value", None)
+    w = np.asarray(ops.convert_to_numpy(target(quant.attr) if target else getattr(layer, quant.attr).value))
+    lo, hi = quant.grid_ends(w)
+    clipped = float(np.mean((w < lo) | (w > hi))) if w.size else 0.0
+    return _range_stats(quant, lo, hi, float(w.min()), float(w.max()), clipped, w.ravel())
+
+
+def _as_list(outs) -> list[np.ndarray]:
+    return [np.asarray(o) for o in outs]
+
+
+def analyze(
+    float_model,
+    qmodel,
+    data,
+    batch_size: int = 32,
+    steps: int | None = None,
+    alone: bool = True,
+    verbose: int = 1,
+) -> Analysis:
+    """Per-layer error and sensitivity of ``qmodel`` (from `quantize_model` or `get_qat_model`) on ``data``.
+
+    Args:
+        float_model: the float model ``qmodel`` was quantized from (for the output figures and a check
+            that the bypassed quantized model computes the same).
+        qmodel: the quantized model; its quantizers' flags are as they were when this returns.
+        data: arrays (or a dict by input name), a tf.data.Dataset, a PyDataset or a generator of batches;
+            read into memory once.
+        batch_size, steps: as for calibration.
+        alone: also measure each layer quantized alone (one pass over the data per layer).
+        verbose: 1 shows the passes; 0 is silent.
+    """
+    import keras
+
+    progress = Progress(verbose, data="analysis data")
+    units = find_units(qmodel)
+    fq_inputs = quant_inputs(qmodel)
+    with progress.stage("read data"):
+        batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps))
+    samples = sum(len(b[0]) for b in batches)
+    n_out = len(qmodel.outputs)
+    tensors: list = list(qmodel.outputs)
+    index: dict[int, int] = {}
+
+    def slot(t) -> int:
+        if id(t) not in index:
+            index[id(t)] = len(tensors)
+            tensors.append(t)
+        return index[id(t)]
+
+    tap_slot = {u.name: slot(u.tap) for u in units}
+    acts = [q for u in units for q in u.quants if q.kind in ("output", "input")]
+    act_slot = {(id(q.layer), q.call): slot(fq_inputs[(id(q.layer), q.call)]) for q in acts}
+    tap_runner = BatchRunner(keras.Model(qmodel.inputs, tensors, name=f"{qmodel.name}_taps"))
+    out_runner = BatchRunner(qmodel)
+    float_runner = BatchRunner(float_model)
+    flags = _Flags(qmodel)
+    moments = {u.name: _Moments() for u in units}
+    rng = np.random.default_rng(0)
+    seen = {(id(q.layer), q.call): _Seen(q, rng) for q in acts}
+    out_quant, out_sse, bypass = _Moments(), _Moments(), _Moments()
+    agree = [0, 0]
+    references: list[list[np.ndarray]] = []
+    try:
+        with progress.stage("statistics"):
+            bar = progress.data_pass(len(batches), passes=3, what="float model, quantized model bypassed and on")
+            for k, batch in enumerate(batches):
+                f_out = _as_list(float_runner(batch))
+                if len(f_out) != n_out:
+                    raise CalibrationDataError(
+                        f"analyze: the float model has {len(f_out)} outputs and the quantized model {n_out}; "
+                        "pass the float model the quantized one was made from."
+                    )
+                flags.only([])
+                off = _as_list(tap_runner(batch))
+                flags.restore()
+                on = _as_list(tap_runner(batch))
+                references.append(off[:n_out])
+                for f, b, q in zip(f_out, off[:n_out], on[:n_out], strict=True):
+                    out_quant.add(f, q)
+                    out_sse.add(b, q)
+                    bypass.add(f, b)
+                    if f.ndim == 2 and f.shape[1] > 1:
+                        agree[0] += int(np.count_nonzero(f.argmax(1) == q.argmax(1)))
+                        agree[1] += len(f)
+                for u in units:
+                    moments[u.name].add(off[tap_slot[u.name]], on[tap_slot[u.name]])
+                for key, s in seen.items():
+                    s.add(on[act_slot[key]])
+                bar.update(k + 1)
+        layers = []
+        for u in units:
+            m = moments[u.name]
+            ranges = [
+                _weight_stats(q) if q.kind in ("weight", "bias") else seen[(id(q.layer), q.call)].stats()
+                for q in u.quants
+            ]
+            layers.append(
+                LayerAnalysis(
+                    u.name, u.layer_type, [q.target for q in u.quants], m.sqnr(), m.mse(), m.cosine(), ranges=ranges
+                )
+            )
+        passes = {"statistics": 3, "alone": 0, "weight/activation split": 0}
+        if alone:
+            with progress.stage("each layer alone"):
+                runs = [(u, la, None) for u, la in zip(units, layers, strict=True)]
+                runs += [
+                    (u, la, kind)
+                    for u, la in zip(units, layers, strict=True)
+                    if len(u.kinds) > 1
+                    for kind in ("weight", "activation")
+                ]
+                bar = progress.data_pass(len(runs), unit="run", passes=len(runs), what="each layer's quantizers alone")
+                for r, (u, la, kind) in enumerate(runs):
+                    flags.only(u.flags(kind))
+                    err = 0.0
+                    for batch, ref in zip(batches, references, strict=True):
+                        for q, f in zip(_as_list(out_runner(batch)), ref, strict=True):
+                            e = q.astype(np.float64) - f
+                            err += float(np.sum(e * e))
+                    db = sqnr_db(out_sse.ff, err)
+                    if kind is None:
+                        la.alone_sqnr_db, la.alone_sse = db, err
+                    elif kind == "weight":
+                        la.weight_only_sqnr_db = db
+                    else:
+                        la.activation_only_sqnr_db = db
+                    bar.update(r + 1)
+                passes["alone"] = len(units)
+                passes["weight/activation split"] = len(runs) - len(units)
+    finally:
+        flags.restore()
+    return Analysis(
+        qmodel.name,
+        samples,
+        layers,
+        out_quant.sqnr(),
+        out_sse.ee,
+        agree[0] / agree[1] if agree[1] else None,
+        bypass.sqnr(),
+        passes,
+        dict(progress.times),
+    )
