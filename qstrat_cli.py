@@ -6,6 +6,7 @@ commands themselves live in `qstrat.cli`.
 
 qstrat quantize MODEL.keras --calib DATA.npz [--strategy pof2s|fs|tqt|FILE.json]
                 [--set weight_bit=4 ...] [--out OUT.keras] [--calib-steps N] [--batch-size B]
+                [--target-sqnr DB [--max-raised F] [--raise-to int16]] [--json]
                 [--custom-objects module:Name ...]
 qstrat export QMODEL.keras --format onnx|tflite -o OUT [--opset N] [--data DATA.npz] [--int8-io]
 qstrat inspect MODEL.keras [--strategy S] [--set KEY=VALUE ...] [--json]; qstrat inspect --supported
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-steps", type=int, default=None)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--out", help="where to write the quantized model (a .keras file; checked before any work)")
+    q.add_argument("--target-sqnr", type=float, help="mixed precision: raise the most sensitive layers until the "
+                   "outputs' SQNR against the float model reaches this (dB)")  # fmt: skip
+    q.add_argument("--max-raised", type=float, default=0.1, help="mixed precision: at most this fraction of layers")
+    q.add_argument("--raise-to", default="int16", help="mixed precision: int16, or a float type (float32, ...)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON (no progress output)")
     q.add_argument(
         "--custom-objects",
         action="append",
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["show", "keys", "convert"])
     s.add_argument("name", nargs="?")
     s.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
+    s.add_argument("--json", action="store_true", help="keys: the key table as JSON")
     s.add_argument("-o", "--out", help="convert: where to write the strategy in qstrat's layout (.json)")
     s.add_argument(
         "--custom-objects",
@@ -77,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--data-key", help="which array of the .npz to use (one-input models)")
     e.add_argument("--int8-io", action="store_true", help="tflite: int8 inputs and outputs")
+    e.add_argument("--json", action="store_true", help="print the export report as JSON")
     e.add_argument(
         "--custom-objects", action="append", metavar="MODULE:NAME", help="a custom layer class the model uses"
     )
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json-out", help="write the analysis as JSON here")
     a.add_argument("--json", action="store_true", help="print the analysis as JSON instead of a table")
     a.add_argument("--no-alone", action="store_true", help="skip each layer quantized alone (one pass per layer)")
+    a.add_argument("--left-out", action="store_true", help="also each layer left in float, the rest quantized")
     a.add_argument(
         "--custom-objects", action="append", metavar="MODULE:NAME", help="a custom layer class the models use"
     )

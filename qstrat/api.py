@@ -70,6 +70,7 @@ class Quantizer:
         self.output_path: str | None = None  # the file the last quantize_model wrote (output_format)
         # Of the last quantize_model: seconds per stage, and "data_passes" over the calibration data.
         self.timings: dict[str, float] = {}
+        self.mixed_precision = None  # of the last quantize_model with a budget: `qstrat.inspect.mixed.MixedPrecision`
 
     def _strategy(self, overrides: Mapping[str, Any]) -> Strategy:
         if not overrides:
@@ -101,6 +102,11 @@ class Quantizer:
         calib_steps: int | None = None,
         calib_batch_size: int = 32,
         verbose: int = 1,
+        accuracy_budget: float | None = None,
+        eval_fn=None,
+        target_sqnr: float | None = None,
+        max_raised: float = 0.1,
+        raise_to: str = "int16",
         **overrides,
     ):
         """Post-training quantization: returns the calibrated quantized Keras model.
@@ -111,8 +117,20 @@ class Quantizer:
             calib_steps: batches to use (None: the whole dataset).
             calib_batch_size: batch size for numpy arrays.
             verbose: 1 names each stage with its time and shows a bar for each pass over the data; 0 is silent.
+            accuracy_budget, eval_fn: mixed precision: the largest drop of ``eval_fn(model)`` (higher is better)
+                from the float model's score to accept; the most sensitive layers are raised to ``raise_to``
+                until it is met (`qstrat.inspect.mixed`). ``self.mixed_precision.layer_config`` reproduces it.
+            target_sqnr: mixed precision against the model outputs' SQNR (dB) on the first 256 calibration samples.
+            max_raised: at most this fraction of the quantized layers is raised.
+            raise_to: ``"int16"``, or a float type (``"float32"``, ...) that leaves the raised layers unquantized.
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
+        if accuracy_budget is not None or target_sqnr is not None or eval_fn is not None:
+            return self._mixed(
+                calib_dataset, calib_steps, calib_batch_size, verbose, accuracy_budget, eval_fn, target_sqnr,
+                max_raised, raise_to, overrides,
+            )  # fmt: skip
+        self.mixed_precision = None
         calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
         calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
         strategy = self._strategy(overrides)
@@ -153,6 +171,29 @@ class Quantizer:
         qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
         progress.done("quantized")
         self.timings = {**progress.times, "data_passes": progress.data_passes}
+        return qmodel
+
+    def _mixed(self, data, steps, batch_size, verbose, budget, eval_fn, target_sqnr, max_raised, raise_to, overrides):
+        """quantize_model with a budget: quantize, then raise the most sensitive layers until it is met."""
+        import time
+
+        from qstrat.inspect.mixed import check_budget, first_samples, search
+        from qstrat.passes.calibrate import input_specs
+
+        check_budget(budget, eval_fn, target_sqnr, max_raised, raise_to)
+        started = time.perf_counter()
+        user_config = dict(self._strategy(overrides).user["layer_config"] or {})
+
+        def quantize(layer_config):
+            return self.quantize_model(data, steps, batch_size, 0, **{**overrides, "layer_config": layer_config})
+
+        qmodel = self.quantize_model(data, steps, batch_size, verbose, **overrides)
+        sample = first_samples(data, input_specs(self.model), 256, batch_size)
+        qmodel, self.mixed_precision = search(
+            self.model, qmodel, quantize, sample, batch_size, user_config, budget, eval_fn, target_sqnr,
+            max_raised, raise_to, verbose,
+        )  # fmt: skip
+        self.timings = {**self.timings, "mixed precision (whole call)": time.perf_counter() - started}
         return qmodel
 
     def _calibrate(

@@ -143,7 +143,20 @@ def _quantize(args) -> int:
     data = load_calib(args.calib, args.calib_key, [t.name for t in model.inputs])
     strategy, custom = _strategy_args(args.strategy)
     q = qstrat.Quantizer(model, strategy, custom, custom_objects)
-    qmodel = q.quantize_model(data, args.calib_steps, args.batch_size, verbose=1, **_parse_set(args.set))
+    budget = {"target_sqnr": args.target_sqnr, "max_raised": args.max_raised, "raise_to": args.raise_to}
+    qmodel = q.quantize_model(
+        data,
+        args.calib_steps,
+        args.batch_size,
+        verbose=0 if args.json else 1,
+        **(budget if args.target_sqnr is not None else {}),
+        **_parse_set(args.set),
+    )
+    if out:
+        save_model(qmodel, out)
+    if args.json:
+        print(json.dumps(_quantize_json(q, out), default=str))
+        return 0
     if q.optimize_report is not None and q.optimize_report.events:
         print("optimize stage:")
         print(q.optimize_report.table())
@@ -155,10 +168,28 @@ def _quantize(args) -> int:
             f"\nbias correction: {len(q.bias_corrections)} layers corrected "
             f"(largest mean shift removed: {worst.max_abs_shift:.3g} in {worst.layer})"
         )
+    if q.mixed_precision is not None:
+        m = q.mixed_precision
+        verdict = "met" if m.met else "NOT met"
+        print(f"\nmixed precision: target {verdict} with {len(m.raised)} layers raised (SQNR {m.score:.2f} dB)")
+        print(f"reproduce it with: --set 'layer_config={json.dumps(m.layer_config)}'")
     if out:
-        save_model(qmodel, out)
         print(f"\nwrote {args.out}")
     return 0
+
+
+def _quantize_json(q, out: str | None) -> dict:
+    from dataclasses import asdict
+
+    return {
+        "out": out,
+        "layers": [asdict(r) for r in q.report.layers.values()],
+        "optimize": [asdict(e) for e in q.optimize_report.events] if q.optimize_report is not None else [],
+        "bias_corrections": [asdict(c) for c in q.bias_corrections],
+        "position_changes": [asdict(c) for c in q.position_changes],
+        "timings": q.timings,
+        "mixed_precision": asdict(q.mixed_precision) if q.mixed_precision is not None else None,
+    }
 
 
 def cmd_export(args) -> int:
@@ -184,6 +215,9 @@ def _export(args) -> int:
         names = [t.name for t in qmodel.inputs]
         data = load_calib(args.data, args.data_key, names, "--data-key") if args.data else None
         report = export_onnx(qmodel, out, args.opset, data=data)
+        if args.json:
+            print(json.dumps({"out": out, **report.to_dict()}, default=str))
+            return 0
         print(report.summary())
     else:
         from qstrat.export.tflite import export_tflite
@@ -193,6 +227,9 @@ def _export(args) -> int:
             load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs], "--data-key") if args.data else None
         )
         report = export_tflite(qmodel, out, int8_io=args.int8_io, calib_data=calib)
+        if args.json:
+            print(json.dumps({"out": out, **report}, default=str))
+            return 0
         print(f"{out}: {report['bytes'] / 1024:.1f} KiB")
     print(f"wrote {args.out}")
     return 0
@@ -252,7 +289,14 @@ def _analyze(args) -> int:
     qmodel = load_model(args.model, custom_objects)
     data = load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs], "--data-key")
     result = analyze(
-        float_model, qmodel, data, args.batch_size, args.steps, alone=not args.no_alone, verbose=0 if args.json else 1
+        float_model,
+        qmodel,
+        data,
+        args.batch_size,
+        args.steps,
+        alone=not args.no_alone,
+        left_out=args.left_out,
+        verbose=0 if args.json else 1,
     )
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -275,6 +319,13 @@ def cmd_strategy(args) -> int:
     from qstrat.strategy import keys_table_markdown, load_strategy
 
     if args.what == "keys":
+        if args.json:
+            from dataclasses import asdict
+
+            from qstrat.strategy.keys import SECTIONS
+
+            print(json.dumps({s: [asdict(k) for k in keys.values()] for s, keys in SECTIONS.items()}, default=str))
+            return 0
         print(keys_table_markdown())
         return 0
     if args.what == "convert":

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from qstrat import cli, get_quantize_info
+from qstrat import cli, get_quantize_info, load_model
 
 
 def small_model(path):
@@ -217,6 +217,24 @@ def test_inspect_and_analyze_from_the_shell(tmp_path, capsys):
     assert html.read_text().count("<svg") > 2 and json.loads(js.read_text())["samples"] == 24
     assert cli.main([*args, "--json", "--no-alone"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["passes"] == {"statistics": 3, "alone": 0, "weight/activation split": 0}
+    assert d["passes"] == {"statistics": 3, "alone": 0, "weight/activation split": 0, "left out": 0}
     assert cli.main([*args, "--html", str(tmp_path / "r.htm")]) == 2  # refused before any work
     assert "ending in .html" in capsys.readouterr().err
+
+
+def test_every_command_speaks_json(tmp_path, capsys):
+    small_model(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(24, 8, 8, 1)).astype("float32"))
+    q = tmp_path / "q.keras"
+    base = ["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "x.npy"), "--out", str(q)]
+    assert cli.main([*base, "--json", "--target-sqnr", "60", "--max-raised", "1"]) == 0
+    d = json.loads(capsys.readouterr().out)  # nothing else on stdout
+    assert d["out"] == str(q) and {r["node"] for r in d["layers"]} >= {"c", "g", "d"}
+    mixed = d["mixed_precision"]
+    assert mixed["layer_config"] == {n: "int16" for n in mixed["raised"]} and mixed["raised"]
+    assert get_quantize_info(load_model(str(q)))[mixed["raised"][0]]
+    assert cli.main(["export", str(q), "--format", "onnx", "-o", str(tmp_path / "q.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(tmp_path / "q.onnx")
+    assert cli.main(["strategy", "keys", "--json"]) == 0
+    keys = json.loads(capsys.readouterr().out)
+    assert "include_cle" in {k["name"] for k in keys["optimize_pipeline_config"]}

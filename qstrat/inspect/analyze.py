@@ -14,13 +14,17 @@ batches. That gives, per layer:
   (the rest in float), which ranks layers by sensitivity; for a layer with
   both weight and activation quantizers, the same with only its weights,
   and with only its activations;
+- **left out** (``left_out=True``): the outputs' SQNR with every quantizer
+  on but this layer's, bias corrections in: what keeping this one layer in
+  float would gain in the model as it is. Alone and left out differ where
+  bias correction removes much of a layer's error, or errors interact;
 - **ranges**: for each quantizer, the grid's ends against the minimum and
   maximum it saw, the fraction of values beyond the ends (clipped), and a
   histogram (of a sample, for activations).
 
 Passes over the data: 3 for the statistics (the float model, the quantized
 model bypassed, and on), then one per layer for *alone* (two more for a
-layer with both kinds of quantizer). No pass retraces anything: the runs
+layer with both kinds of quantizer), and one per layer for *left out*. No pass retraces anything: the runs
 differ only in the flags' values. The data is read into memory once, so
 give a few hundred samples. The quantized model's flags are restored when
 analysis ends, whatever happens.
@@ -45,7 +49,7 @@ from qstrat.passes.calibrate import input_specs
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
 
-SAMPLE_PER_BATCH = 2048  # activation values kept per batch and quantizer, for the histograms
+SAMPLE_PER_BATCH = 2048  # activation values drawn (with replacement) per batch and quantizer, for the histograms
 SAMPLE_CAP = 32768
 HIST_BINS = 64
 
@@ -89,6 +93,7 @@ class LayerAnalysis:
     alone_sse: float | None = None
     weight_only_sqnr_db: float | None = None
     activation_only_sqnr_db: float | None = None
+    left_out_sqnr_db: float | None = None  # model outputs, every layer quantized but this one (bias corrections in)
     ranges: list[RangeStats] = field(default_factory=list)
 
 
@@ -110,6 +115,11 @@ class Analysis:
         """Layer names, the most sensitive (lowest SQNR with only that layer quantized) first."""
         scored = [la for la in self.layers if la.alone_sqnr_db is not None]
         return [la.name for la in sorted(scored, key=lambda la: la.alone_sqnr_db)]
+
+    def gain_ranking(self) -> list[str]:
+        """Layer names, the one whose bypass helps the outputs most (highest ``left_out_sqnr_db``) first."""
+        scored = [la for la in self.layers if la.left_out_sqnr_db is not None]
+        return [la.name for la in sorted(scored, key=lambda la: -la.left_out_sqnr_db)]
 
     def layer(self, name: str) -> LayerAnalysis:
         for la in self.layers:
@@ -196,9 +206,9 @@ class _Flags:
         self.initial = {id(f): float(np.asarray(f.numpy())) for f in self.flags}
         self.values = {id(v): np.array(v.numpy()) for v, _ in self.corrections}
 
-    def only(self, flags: list | None) -> None:
+    def only(self, flags: list | None, corrections: bool = False) -> None:
         """Bypass every quantizer except ``flags`` (at their initial values) and take every bias correction
-        out; ``None``: the model as it came.
+        out unless ``corrections``; ``None``: the model as it came.
 
         A layer alone runs without its bias correction too: the correction compensates the mean shift of
         every quantized layer upstream of it as well, so on its own it would over-correct.
@@ -208,7 +218,7 @@ class _Flags:
             f.assign(self.initial[id(f)] if keep is None or id(f) in keep else 0.0)
         for var, added in self.corrections:
             value = self.values[id(var)]
-            if flags is not None:
+            if flags is not None and not corrections:
                 value = (value.astype(np.float64) - added.reshape(value.shape)).astype(value.dtype)
             var.assign(value)
 
@@ -216,20 +226,30 @@ class _Flags:
         self.only(None)
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """sum(a * b): the products in the arrays' type (each rounded once, relative 2^-24 in float32), summed in
+    float64, so the total is good to about 2^-24 relative whatever the count."""
+    return float(np.add.reduce(np.multiply(a, b).ravel(), dtype=np.float64))
+
+
+def sse(q: np.ndarray, f: np.ndarray) -> float:
+    """The sum of squared differences, as every figure here computes it."""
+    e = np.subtract(q, f)
+    return _dot(e, e)
+
+
 class _Moments:
-    """Sums for SQNR, MSE and cosine of quantized against float tensors, in float64."""
+    """Sums for SQNR, MSE and cosine of quantized against float tensors (`_dot`)."""
 
     def __init__(self):
         self.ff = self.ee = self.fq = self.qq = 0.0
         self.n = 0
 
     def add(self, f: np.ndarray, q: np.ndarray) -> None:
-        f, q = f.astype(np.float64).ravel(), q.astype(np.float64).ravel()
-        e = q - f
-        self.ff += float(f @ f)
-        self.ee += float(e @ e)
-        self.fq += float(f @ q)
-        self.qq += float(q @ q)
+        self.ff += _dot(f, f)
+        self.ee += sse(q, f)
+        self.fq += _dot(f, q)
+        self.qq += _dot(q, q)
         self.n += f.size
 
     def sqnr(self) -> float:
@@ -263,7 +283,7 @@ class _Seen:
         if self.kept < SAMPLE_CAP:
             flat = x.ravel()
             take = min(flat.size, SAMPLE_PER_BATCH, SAMPLE_CAP - self.kept)
-            self.sample.append(flat[self.rng.choice(flat.size, take, replace=False)])
+            self.sample.append(flat[self.rng.integers(0, flat.size, take)])
             self.kept += take
 
     def stats(self) -> RangeStats:
@@ -313,6 +333,7 @@ def analyze(
     batch_size: int = 32,
     steps: int | None = None,
     alone: bool = True,
+    left_out: bool = False,
     verbose: int = 1,
 ) -> Analysis:
     """Per-layer error and sensitivity of ``qmodel`` (from `quantize_model` or `get_qat_model`) on ``data``.
@@ -324,7 +345,10 @@ def analyze(
         data: arrays (or a dict by input name), a tf.data.Dataset, a PyDataset or a generator of batches;
             read into memory once.
         batch_size, steps: as for calibration.
-        alone: also measure each layer quantized alone (one pass over the data per layer).
+        alone: also measure each layer quantized alone (one pass over the data per layer, two more per layer
+            with both weight and activation quantizers).
+        left_out: also measure the model with every quantizer on but this layer's (one pass per layer):
+            what keeping the layer in float would gain; mixed precision ranks layers by it.
         verbose: 1 shows the passes; 0 is silent.
     """
     import keras
@@ -348,9 +372,9 @@ def analyze(
     tap_slot = {u.name: slot(u.tap) for u in units}
     acts = [q for u in units for q in u.quants if q.kind in ("output", "input")]
     act_slot = {(id(q.layer), q.call): slot(fq_inputs[(id(q.layer), q.call)]) for q in acts}
-    tap_runner = BatchRunner(keras.Model(qmodel.inputs, tensors, name=f"{qmodel.name}_taps"))
-    out_runner = BatchRunner(qmodel)
-    float_runner = BatchRunner(float_model)
+    tap_runner = BatchRunner(keras.Model(qmodel.inputs, tensors, name=f"{qmodel.name}_taps"), views=True)
+    out_runner = BatchRunner(qmodel, views=True)
+    float_runner = BatchRunner(float_model, views=True)
     flags = _Flags(qmodel)
     moments = {u.name: _Moments() for u in units}
     rng = np.random.default_rng(0)
@@ -397,34 +421,46 @@ def analyze(
                     u.name, u.layer_type, [q.target for q in u.quants], m.sqnr(), m.mse(), m.cosine(), ranges=ranges
                 )
             )
-        passes = {"statistics": 3, "alone": 0, "weight/activation split": 0}
+        passes = {"statistics": 3, "alone": 0, "weight/activation split": 0, "left out": 0}
+
+        def output_sse() -> float:
+            err = 0.0
+            for batch, ref in zip(batches, references, strict=True):
+                for q, f in zip(_as_list(out_runner(batch)), ref, strict=True):
+                    err += sse(q, f)
+            return err
+
+        pairs = list(zip(units, layers, strict=True))
+        stages = []
         if alone:
-            with progress.stage("each layer alone"):
-                runs = [(u, la, None) for u, la in zip(units, layers, strict=True)]
-                runs += [
-                    (u, la, kind)
-                    for u, la in zip(units, layers, strict=True)
-                    if len(u.kinds) > 1
-                    for kind in ("weight", "activation")
-                ]
-                bar = progress.data_pass(len(runs), unit="run", passes=len(runs), what="each layer's quantizers alone")
+            stages.append(("each layer alone", "alone", [(u, la, None) for u, la in pairs]))
+            split = [(u, la, k) for u, la in pairs if len(u.kinds) > 1 for k in ("weight", "activation")]
+            stages.append(("weights or activations alone", "weight/activation split", split))
+        if left_out:
+            stages.append(("each layer left out", "left out", [(u, la, "left out") for u, la in pairs]))
+        for stage, key, runs in stages:
+            if not runs:
+                continue
+            with progress.stage(stage):
+                bar = progress.data_pass(len(runs), unit="run", passes=len(runs), what=stage)
                 for r, (u, la, kind) in enumerate(runs):
-                    flags.only(u.flags(kind))
-                    err = 0.0
-                    for batch, ref in zip(batches, references, strict=True):
-                        for q, f in zip(_as_list(out_runner(batch)), ref, strict=True):
-                            e = q.astype(np.float64) - f
-                            err += float(np.sum(e * e))
+                    if kind == "left out":  # the model as it is, this layer's quantizers bypassed
+                        mine = {id(f) for f in u.flags()}
+                        flags.only([f for f in flags.flags if id(f) not in mine], corrections=True)
+                    else:
+                        flags.only(u.flags(kind))
+                    err = output_sse()
                     db = sqnr_db(out_sse.ff, err)
                     if kind is None:
                         la.alone_sqnr_db, la.alone_sse = db, err
                     elif kind == "weight":
                         la.weight_only_sqnr_db = db
-                    else:
+                    elif kind == "activation":
                         la.activation_only_sqnr_db = db
+                    else:
+                        la.left_out_sqnr_db = db
                     bar.update(r + 1)
-                passes["alone"] = len(units)
-                passes["weight/activation split"] = len(runs) - len(units)
+            passes[key] = len(runs)
     finally:
         flags.restore()
     return Analysis(

@@ -79,7 +79,11 @@ def sensitivity_plot(analysis) -> str:
     y = list(range(len(order)))[::-1]
     ax.barh(y, [_clip_db(la.alone_sqnr_db) for la in order], color="#e67e22", label="layer alone")
     w = [(yy, la.weight_only_sqnr_db) for yy, la in zip(y, order, strict=True) if la.weight_only_sqnr_db is not None]
-    a = [(yy, la.activation_only_sqnr_db) for yy, la in zip(y, order, strict=True) if la.activation_only_sqnr_db]
+    a = [
+        (yy, la.activation_only_sqnr_db)
+        for yy, la in zip(y, order, strict=True)
+        if la.activation_only_sqnr_db is not None
+    ]
     if w:
         ax.plot([_clip_db(v) for _, v in w], [yy for yy, _ in w], "s", color="#2c3e50", ms=3, label="weights only")
     if a:
@@ -117,6 +121,7 @@ def _row(rank: int | None, la, top: set[str]) -> str:
         f"<tr{cls}><td>{rank if rank is not None else '-'}</td><td class='name'>{e(la.name)}</td>"
         f"<td class='type'>{e(la.layer_type)}</td><td>{_db(la.alone_sqnr_db)}</td>"
         f"<td>{_db(la.weight_only_sqnr_db)}</td><td>{_db(la.activation_only_sqnr_db)}</td>"
+        f"<td>{_db(la.left_out_sqnr_db)}</td>"
         f"<td>{_db(la.sqnr_db)}</td><td>{la.mse:.3g}</td><td>{la.cosine:.5f}</td><td class='q'>{quants}</td></tr>"
     )
 
@@ -130,8 +135,8 @@ def render(analysis, top: int = 5) -> str:
     agreement = "-" if analysis.agreement is None else f"{100 * analysis.agreement:.2f}%"
     passes = ", ".join(f"{k}: {v}" for k, v in analysis.passes.items())
     seconds = ", ".join(f"{k}: {v:.2f} s" for k, v in analysis.seconds.items())
-    head = ["#", "layer", "type", "alone dB", "weights only dB", "activations only dB", "cumulative dB", "MSE",
-            "cosine", "quantizers: grid against what they saw"]  # fmt: skip
+    head = ["#", "layer", "type", "alone dB", "weights only dB", "activations only dB", "left out dB",
+            "cumulative dB", "MSE", "cosine", "quantizers: grid against what they saw"]  # fmt: skip
     rows = "\n".join(_row(rank.get(la.name), la, worst) for la in analysis.layers)
     hists = "\n".join(
         f"<details><summary>{e(la.name)} ({len(la.ranges)})</summary><div class='hists'>"

@@ -5,8 +5,9 @@ is trainable), so a quantized model is an ordinary Keras model: it trains,
 saves to ``.keras`` and loads back once qstrat is imported.
 
 Each layer also has a non-trainable ``enabled`` flag per quantizer. With it at
-0 the quantizer passes its input through unchanged (``ops.where`` selects the
-input itself, so bypassing is exact), which is how tests check that a
+0 the quantizer passes its input through unchanged (a conditional in
+inference, a select in training: either returns the input itself, so
+bypassing is exact), which is how tests check that a
 quantized model with every quantizer bypassed is the float model.
 """
 
@@ -31,9 +32,16 @@ def quantizer_config(q: Quantizer) -> dict[str, Any]:
     return {"type": q.type_name, "params": q.get_config()}
 
 
-def _gate(enabled, q, x):
-    """q where enabled, x exactly where not."""
-    return ops.where(ops.convert_to_tensor(enabled) > 0.5, q, x)
+def _gate(enabled, quantize, x, training: bool):
+    """``quantize()`` where enabled, ``x`` exactly where not.
+
+    In inference a conditional, so a bypassed quantizer costs nothing (analysis runs the model with all
+    but one layer's quantizers off); in training a select, through which gradients reach both sides.
+    """
+    on = ops.convert_to_tensor(enabled) > 0.5
+    if training:
+        return ops.where(on, quantize(), x)
+    return ops.cond(on, quantize, lambda: x)
 
 
 @keras.saving.register_keras_serializable(package="qstrat")
@@ -65,8 +73,8 @@ class FakeQuant(keras.layers.Layer):
             gated = self.quantizer.gated_training_call(inputs, self.state, self.enabled)
             if gated is not None:
                 return gated
-        q = self.quantizer(inputs, self.state, training=bool(training))
-        return _gate(self.enabled, q, inputs)
+        training = bool(training)
+        return _gate(self.enabled, lambda: self.quantizer(inputs, self.state, training=training), inputs, training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

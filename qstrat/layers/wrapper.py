@@ -100,7 +100,9 @@ class QuantizeWrapper(keras.layers.Layer):
 
     def _quantize(self, attr: str, w, training: bool):
         """``w`` fake-quantized by the quantizer of ``attr``, or ``w`` itself where that quantizer is bypassed."""
-        return _gate(self.enabled[attr], self.quantizers[attr](w, self.state[attr], training=training), w)
+        return _gate(
+            self.enabled[attr], lambda: self.quantizers[attr](w, self.state[attr], training=training), w, training
+        )
 
     def quantized_weight(self, attr: str, training=False):
         target = getattr(self.layer, "target_value", None)

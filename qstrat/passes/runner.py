@@ -25,12 +25,15 @@ class BatchRunner:
     """``runner(batch)`` -> the outputs on one batch (a list of NumPy arrays; ``batch``: one array per input).
 
     Of ``model``, or on TensorFlow of ``fn(*inputs)`` with ``specs`` (shape, dtype) per input.
+    ``views=True``: on TensorFlow the arrays are read-only views of the output tensors, not copies
+    (large outputs, read once).
     """
 
-    def __init__(self, model=None, fn: Callable | None = None, specs: list[tuple] | None = None):
+    def __init__(self, model=None, fn: Callable | None = None, specs: list[tuple] | None = None, views: bool = False):
         import keras
 
         self.model = model
+        self.views = views
         self._fn = None
         if keras.backend.backend() != "tensorflow":
             return
@@ -52,7 +55,7 @@ class BatchRunner:
             return list(outs) if isinstance(outs, (list, tuple)) else [outs]
         outs = self._fn(*batch)
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-        return [o.numpy() for o in outs]
+        return [np.asarray(o) if self.views else o.numpy() for o in outs]
 
 
 def graph_probe(graph, body: Callable[[list, bool], list], name: str) -> BatchRunner:

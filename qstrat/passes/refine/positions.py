@@ -271,13 +271,22 @@ def _shift_swish(m: _Model, node: Node) -> None:
             return
 
 
+def _bits(slot: _Slot) -> int:
+    return getattr(getattr(slot.quantizer, "params", None), "bit_width", 8)
+
+
 def _conv(m: _Model, node: Node):
-    """(input, kernel, bias, output slots, fused activation) of a conv-like layer, or None."""
+    """(input, kernel, bias, output slots, fused activation) of a conv-like layer, or None.
+
+    None too when its input, kernel or output grid is wider than 8 bits (a ``layer_config`` int16, mixed
+    precision): the shift rules model the DPU's 8-bit datapath and 24-bit accumulator, which such a layer
+    does not run on, and applying them anyway moves 8-bit kernels far off their range.
+    """
     if not isinstance(node.op, QuantizeWrapper) or layer_type(node) not in CONV_LIKE or not node.inputs:
         return None
     i, w = m.tensor_slot(node.inputs[0]), m.weight_slot(node, "kernel")
     out, act = m.output_slot(node, through_activation=True)
-    if i is None or w is None or out is None:
+    if i is None or w is None or out is None or max(_bits(i), _bits(w), _bits(out)) > 8:
         return None
     return i, w, m.weight_slot(node, "bias"), out, act
 

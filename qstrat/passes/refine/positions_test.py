@@ -200,3 +200,32 @@ def test_rules_that_cannot_both_hold_warn():
     net.get_layer("big").set_weights([kernel * 100, bias])
     with pytest.warns(UserWarning, match=r"conflict on .*gate/output"):
         qstrat.Quantizer(net, "pof2s").quantize_model(DATA[:, :4, :4], verbose=0, include_bias_corr=False)
+
+
+def test_a_conv_feeding_a_16_bit_grid_is_left_to_itself():
+    """The shift rules model the 8-bit datapath. A conv whose (fused) output grid is int16 keeps its kernel
+    position: applied anyway, shift_cut = wpos + ipos - opos < 0 moved the 8-bit kernel up until it clipped."""
+    x = keras.Input((8, 8, 3))
+    conv = L.Conv2D(2, 1, name="conv")
+    y = L.Dense(4, name="head")(L.Flatten()(L.ReLU(name="act")(conv(x))))
+    net = keras.Model(x, y)
+    # Large weights and inputs (positions about 7), small outputs (an int16 position about 21): the
+    # one large weight reads the one near-zero input channel.
+    kernel = np.full((1, 1, 3, 2), 1e-3, "float32")
+    kernel[0, 0, 0, :] = 0.9
+    conv.set_weights([kernel, np.zeros(2, "float32")])
+    data = DATA.copy()
+    data[..., 0] *= 0.01
+    info = {}
+    for config in ({}, {"act": "int16"}):
+        q = qstrat.Quantizer(net, "pof2s")
+        qmodel = q.quantize_model(data, verbose=0, calib_batch_size=16, layer_config=config, include_cle=False)
+        info[bool(config)] = qstrat.get_quantize_info(qmodel)
+        if config:
+            assert info[True]["act"]["output"]["bit_width"] == 16
+            assert not [c for c in q.position_changes if c.quantizer == "conv/kernel"]
+    i, w, o = (
+        info[True][k][t]["quantize_pos"] for k, t in (("input_layer", "output"), ("conv", "kernel"), ("act", "output"))
+    )
+    assert w + i - o < 0  # the bound the 8-bit rule would have enforced
+    assert w == info[False]["conv"]["kernel"]["quantize_pos"]
