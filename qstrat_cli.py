@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["show", "keys", "convert"])
     s.add_argument("name", nargs="?")
     s.add_argument("--verbose", type=int, default=2, choices=[0, 1, 2])
-    s.add_argument("--json", action="store_true", help="keys: the key table as JSON")
+    s.add_argument("--json", action="store_true", help="keys: the key table as JSON; convert: the report as JSON")
     s.add_argument("-o", "--out", help="convert: where to write the strategy in qstrat's layout (.json)")
     s.add_argument(
         "--custom-objects",
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.set_defaults(command_name="analyze")
     d = sub.add_parser("demo", help="quantize two real models on real data")
+    d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.set_defaults(command_name="demo")
     return p
 

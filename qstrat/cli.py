@@ -332,6 +332,7 @@ def cmd_strategy(args) -> int:
         return _convert_strategy(args)
     if not args.name:
         raise QstratError("qstrat strategy show: name a strategy (pof2s, fs, tqt) or a JSON file")
+    # show prints the strategy as JSON already, with or without --json
     if args.name.endswith(".json"):
         s = load_strategy("pof2s", args.name)
     else:
@@ -352,27 +353,31 @@ def _convert_strategy(args) -> int:
         raise QstratError(f"-o {args.out}: give a .json file in a folder that exists")
     custom_objects = load_custom_objects(args.custom_objects)
     data = read_strategy_file(args.name)
-    if not is_reference_layout(data):
-        print(f"{args.name} is in qstrat's layout already: validated and written as it loads.")
-    else:
+    said = {"source": args.name, "reference_layout": is_reference_layout(data), "mapped": [], "changed": []}
+    if said["reference_layout"]:
         conversion = convert(data, custom_objects)
-        print(f"{args.name}: the reference tool's layout. What mapped where:")
-        for line in conversion.report:
-            print(f"  {line}")
-        for line in conversion.warnings:
-            print(f"  changed: {line}")
+        said["mapped"], said["changed"] = list(conversion.report), list(conversion.warnings)
+    if not args.json:
+        if not said["reference_layout"]:
+            print(f"{args.name} is in qstrat's layout already: validated and written as it loads.")
+        else:
+            print(f"{args.name}: the reference tool's layout. What mapped where:")
+            for line in said["mapped"]:
+                print(f"  {line}")
+            for line in said["changed"]:
+                print(f"  changed: {line}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # its changes are printed above
         strategy = load_strategy("pof2s", args.name, custom_objects)  # as a Quantizer loads it: validated
     dump_quantize_strategy(strategy, out)
-    print(f"wrote {args.out}")
+    print(json.dumps({**said, "out": out}) if args.json else f"wrote {args.out}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from qstrat import demo
 
-    return demo.main()
+    return demo.main(as_json=args.json)
 
 
 def main(argv=None) -> int:

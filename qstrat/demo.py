@@ -68,7 +68,8 @@ def evaluate(model, qmodel, x, labels=None, faces=None) -> dict:
     return out
 
 
-def main() -> int:
+def main(as_json: bool = False) -> int:
+    """Quantize the two models with both strategies and print the table (or, with ``as_json``, one JSON object)."""
     warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
     import keras
 
@@ -76,7 +77,8 @@ def main() -> int:
     from qstrat.passes.calibrate import quiet_probes
 
     t0 = time.perf_counter()
-    print(f"qstrat demo: Keras {keras.__version__}, {keras.backend.backend()} backend\n")
+    if not as_json:
+        print(f"qstrat demo: Keras {keras.__version__}, {keras.backend.backend()} backend\n")
     digits, d_calib, d_test, d_labels = digits_task()
     fer, f_calib, f_eval, f_faces = faces_task()
     rows, pending = [], {}
@@ -98,6 +100,12 @@ def main() -> int:
                 r = evaluate(model, qmodel, x, labels, faces)
             counts = q.report.quantized(), q.report.skipped()
             rows.append((name, strategy, r, len(counts[0]), len(counts[1])))
+    if as_json:
+        import json
+
+        keys = ("model", "strategy", "results", "quantized_layers", "skipped_layers")
+        print(json.dumps({"rows": [dict(zip(keys, r, strict=True)) for r in rows], "pending_keys": pending}))
+        return 0
     print(
         f"digits CNN: {d_test.shape[0]} test digits; mini-Xception: {f_eval.shape[0]} real images "
         f"({int(f_faces.sum())} faces), 128 others for calibration; 256 digits for calibration\n"
@@ -114,8 +122,8 @@ def main() -> int:
         )
     for strategy, n in pending.items():
         print(
-            f"\n{strategy} sets {n} strategy key(s) qstrat does not apply yet (DPU layer versions and position "
-            'constraints, export): quantized without them. README "Status" lists them.'
+            f"\n{strategy} sets {n} strategy key(s) qstrat does not apply yet: quantized without them. "
+            'README "Status" lists them.'
         )
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -1,5 +1,6 @@
 """The demo runs end to end on the real bundled models and data."""
 
+import json
 import re
 
 from qstrat import demo
@@ -20,3 +21,13 @@ def test_demo_quantizes_two_real_models(capsys):
     assert float_acc > 95
     assert pof2s_acc >= float_acc - 0.5 and fs_acc >= float_acc - 0.3
     assert float(rows[("mini-Xception", "fs")][2]) > 94  # top-1 agreement with float
+
+
+def test_demo_speaks_json(capsys):
+    assert demo.main(as_json=True) == 0
+    d = json.loads(capsys.readouterr().out)  # nothing else on stdout
+    assert {(r["model"], r["strategy"]) for r in d["rows"]} == {
+        (m, s) for m in ("digits CNN", "mini-Xception") for s in ("pof2s", "fs")
+    }
+    fs = next(r for r in d["rows"] if r["model"] == "mini-Xception" and r["strategy"] == "fs")
+    assert fs["results"]["agreement"] > 0.94 and fs["quantized_layers"] > 0

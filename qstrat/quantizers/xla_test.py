@@ -115,7 +115,10 @@ def test_a_fake_quant_layer_in_training_applies_its_flag_inside_the_fused_kernel
     fused = grads(lambda: layer(xv, training=True))
     plain = grads(
         lambda: _gate(
-            layer.enabled, fq.tqt_fake_quant(xv, log_th, 4, grid.qmin, grid.qmax, RoundMode.HALF_TO_EVEN, False), xv
+            layer.enabled,
+            lambda: fq.tqt_fake_quant(xv, log_th, 4, grid.qmin, grid.qmax, RoundMode.HALF_TO_EVEN, False),
+            xv,
+            training=True,
         )
     )
     assert np.array_equal(fused[0], plain[0]) and np.array_equal(fused[1], plain[1])

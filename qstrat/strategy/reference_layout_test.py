@@ -303,3 +303,9 @@ def test_the_convert_command_writes_the_seed_layout_with_a_report(tmp_path, caps
         warnings.simplefilter("ignore")
         converted = load_strategy("pof2s", str(tmp_path / "old.json"), CUSTOM)
     assert load_strategy("pof2s", str(tmp_path / "new.json"), CUSTOM) == converted
+    args = ["strategy", "convert", str(tmp_path / "old.json"), "-o", str(tmp_path / "new2.json")]
+    assert cli.main([*args, "--custom-objects", "mylayers:ChannelScale", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)  # nothing else on stdout
+    assert said["reference_layout"] and said["out"] == str(tmp_path / "new2.json")
+    assert any("quantize_with_xcompiler" in line for line in said["changed"])
+    assert json.loads((tmp_path / "new2.json").read_text()) == new
