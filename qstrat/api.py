@@ -21,7 +21,7 @@ from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
+from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, input_specs, quiet_probes
 from qstrat.passes.dpu_versions import to_dpu_versions
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, insert
@@ -78,8 +78,10 @@ class Quantizer:
         data = self.strategy.to_dict(2)
         return load_strategy(self._base, data, self.custom_objects, **overrides)
 
-    def _optimized_graph(self, strategy: Strategy) -> Graph:
-        graph, self.optimize_report = optimize(capture(self.model), strategy.optimize)
+    def _optimized_graph(self, strategy: Strategy, data=None, steps=None, batch_size=32, progress=None) -> Graph:
+        """The optimize stage's graph; ``data`` (calibration data) serves include_act_eq."""
+        calib = (input_specs(self.model), batch_size, steps)
+        graph, self.optimize_report = optimize(capture(self.model), strategy.optimize, data, calib, progress)
         return graph
 
     def optimize_model(self, **overrides):
@@ -161,7 +163,9 @@ class Quantizer:
                 self.output_path = target
             return model
         progress = Progress(verbose)
-        graph, annotation, qmodel, taps = self._build(strategy, progress)
+        graph, annotation, qmodel, taps = self._build(
+            strategy, progress, data=calib_dataset, steps=calib_steps, batch_size=calib_batch_size
+        )
         if target and target.endswith(".onnx"):
             from qstrat.export.onnx_export import check_exportable
 
@@ -178,7 +182,6 @@ class Quantizer:
         import time
 
         from qstrat.inspect.mixed import check_budget, first_samples, search
-        from qstrat.passes.calibrate import input_specs
 
         check_budget(budget, eval_fn, target_sqnr, max_raised, raise_to)
         started = time.perf_counter()
@@ -254,10 +257,15 @@ class Quantizer:
                 if constraints:  # a corrected bias gets a new position: the rules check it again
                     self.position_changes += apply_constraints(qmodel, strategy.refine)
 
-    def _build(self, strategy: Strategy, progress: Progress, suffix: str = "quantized"):
-        """Optimize, DPU versions, annotate, insert, rebuild: (float graph, annotation, quantized model, taps)."""
+    def _build(
+        self, strategy: Strategy, progress: Progress, suffix: str = "quantized", data=None, steps=None, batch_size=32
+    ):
+        """Optimize, DPU versions, annotate, insert, rebuild: (float graph, annotation, quantized model, taps).
+
+        ``data``: the calibration data, for include_act_eq's pass in the optimize stage.
+        """
         with progress.stage("capture + optimize"):
-            graph = self._optimized_graph(strategy)
+            graph = self._optimized_graph(strategy, data, steps, batch_size, progress)
         guards.warn_unknown_layer_names(strategy, graph, self.optimize_report)
         with progress.stage("annotate + insert + rebuild"):
             graph, dpu = to_dpu_versions(graph, strategy.quantize)

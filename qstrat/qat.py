@@ -120,7 +120,10 @@ def qat_model(
             stacklevel=3,
         )
     progress = Progress(verbose)
-    graph, annotation, model, taps = q._build(strategy, progress, suffix="qat")
+    data = calib_dataset if init_quant else None
+    graph, annotation, model, taps = q._build(
+        strategy, progress, suffix="qat", data=data, steps=calib_steps, batch_size=calib_batch_size
+    )
     # Constraints are for the deploy model: training moves the positions they would fix.
     q._calibrate(
         model,

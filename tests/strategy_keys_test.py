@@ -118,6 +118,8 @@ CONTEXT = {
     "cle_balance_method": _CLE,
     "cle_weight_threshold": _CLE,
     "cle_bias_absorption": _CLE,
+    "include_act_eq": _CLE,
+    "act_eq_beta": {**_CLE, "include_act_eq": True},
     "no_quant_in_conv_bn_act": {"fold_conv_bn": False, "convert_bn_to_dwconv": False},
     "fast_ft_epochs": {"include_fast_ft": True},
     "freeze_bn_delay": {"train_with_bn": True},
@@ -281,6 +283,8 @@ def other_value(strategy: str, section: str, key: str):
         return os.path.join(OUT, "elsewhere")
     if spec.kind == "int":  # the smallest value (one CLE step changes what ten do), or the next
         return spec.minimum if value != spec.minimum else value + 1
+    if spec.maximum is not None:  # act_eq_beta: the other end of its range
+        return spec.minimum if value != spec.minimum else spec.maximum
     return value * 1000.0 + 1.0  # cle_weight_threshold: no channel pair passes, so CLE rescales nothing
 
 

@@ -178,6 +178,11 @@ def array_bundle(data, specs) -> list[np.ndarray] | None:
     return arrays
 
 
+def is_one_shot(data) -> bool:
+    """True for data that can be read only once (a generator or another iterator)."""
+    return data is not None and hasattr(data, "__next__") and iter(data) is data
+
+
 def iterate_batches(
     data: Any, specs: Sequence[tuple], batch_size: int = 32, steps: int | None = None
 ) -> Iterator[list]:

@@ -36,10 +36,12 @@ def _gate(enabled, quantize, x, training: bool):
     """``quantize()`` where enabled, ``x`` exactly where not.
 
     In inference a conditional, so a bypassed quantizer costs nothing (analysis runs the model with all
-    but one layer's quantizers off); in training a select, through which gradients reach both sides.
+    but one layer's quantizers off); in training a select, through which gradients reach both sides. On
+    JAX a select always: XLA compiles a conditional's branch on its own and contracted the float-scale
+    arithmetic there differently, one ulp off the NumPy twin.
     """
     on = ops.convert_to_tensor(enabled) > 0.5
-    if training:
+    if training or keras.backend.backend() == "jax":
         return ops.where(on, quantize(), x)
     return ops.cond(on, quantize, lambda: x)
 

@@ -102,6 +102,24 @@ OPTIMIZE_KEYS = (
         needs="include_cle",
     ),
     _b(
+        "include_act_eq",
+        "Activation-aware equalization: CLE's per-channel factor also weighs the per-channel ranges of the "
+        "tensor between the two layers, measured on the calibration data (one more pass over it, in the "
+        "optimize stage). Exact in float. Without data (optimize_model, inspect_model, a one-shot generator) "
+        "it warns and CLE runs on weights alone.",
+        needs="include_cle",
+    ),
+    KeySpec(
+        "act_eq_beta",
+        "float",
+        "Activation-aware equalization's weight: channel scale = s_weight^(1 - beta) * s_activation^beta "
+        "(0: weight-only CLE, 1: activation ranges alone).",
+        0.5,
+        minimum=0.0,
+        maximum=1.0,
+        needs="include_act_eq",
+    ),
+    _b(
         "train_with_bn",
         "QAT (get_qat_model): each conv that absorbed a BatchNormalization trains with batch statistics (fake "
         "folding: kernel quantized folded with the moving statistics, output rescaled to the batch's); "

@@ -36,6 +36,7 @@ import numpy as np
 
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
+from qstrat.passes.optimize.act_eq import activation_factor
 from qstrat.passes.optimize.channels import DEPTHWISE, scale_in, scale_out, shift_through
 from qstrat.passes.optimize.report import OptimizeReport
 
@@ -151,8 +152,14 @@ def find_pairs(ed: Editor, to_relu6: bool = False) -> list[_Pair]:
     return pairs
 
 
-def cross_layer_equalization(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
-    """Equalize the per-channel weight ranges of every pair, ``cle_steps`` times; then absorb biases if asked."""
+def cross_layer_equalization(
+    graph: Graph, cfg: Mapping, report: OptimizeReport, act_ranges: Mapping[str, np.ndarray] | None = None
+) -> Graph:
+    """Equalize the per-channel weight ranges of every pair, ``cle_steps`` times; then absorb biases if asked.
+
+    ``act_ranges`` ({head: per-channel max |x| of the tensor its tail reads}, `act_eq.measure`) makes it
+    activation-aware, weighted by ``act_eq_beta`` (`qstrat.passes.optimize.act_eq`).
+    """
     ed = Editor(graph)
     pairs = find_pairs(ed, bool(cfg.get("cle_to_relu6", False)))
     if not pairs:
@@ -161,6 +168,7 @@ def cross_layer_equalization(graph: Graph, cfg: Mapping, report: OptimizeReport)
     steps = int(cfg.get("cle_steps", 10))
     use_max = cfg.get("cle_balance_method", "max") == "max"
     threshold = float(cfg.get("cle_weight_threshold", 0.1))
+    beta = float(cfg.get("act_eq_beta", 0.5))
 
     weights: dict[str, dict[str, np.ndarray]] = {}
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -183,6 +191,9 @@ def cross_layer_equalization(graph: Graph, cfg: Mapping, report: OptimizeReport)
                 s = np.sqrt(rt / rh)
             s = np.clip(np.nan_to_num(s, nan=1.0, posinf=10.0), 0.1, 10.0)
             s[hmax + tmax < threshold] = 1.0
+            if act_ranges is not None and p.head in act_ranges:  # the ranges under the scales so far
+                s_act = activation_factor(act_ranges[p.head] * total[p.head])
+                s = np.clip(s ** (1.0 - beta) * s_act**beta, 0.1, 10.0)
             h.out_scale = h.out_scale * s
             t.in_scale = t.in_scale * (1.0 / s)
             total[p.head] = total[p.head] * s
@@ -194,12 +205,13 @@ def cross_layer_equalization(graph: Graph, cfg: Mapping, report: OptimizeReport)
         if w["bias"] is not None:
             w["bias"] = w["bias"] * r.out_scale
 
+    aware = " (activation-aware)" if act_ranges else ""
     for p in pairs:
         s = total[p.head]
         report.changed(
             "include_cle",
             p.head,
-            f"equalized with {p.tail}: channel scales {float(s.min()):.3g}..{float(s.max()):.3g}",
+            f"equalized with {p.tail}{aware}: channel scales {float(s.min()):.3g}..{float(s.max()):.3g}",
         )
 
     if cfg.get("cle_bias_absorption", False):

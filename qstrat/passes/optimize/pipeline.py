@@ -12,10 +12,13 @@ with ``"base": ""`` runs its passes in the order it lists them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
+from qstrat.calibration.data import is_one_shot
 from qstrat.graph.ir import Graph
-from qstrat.passes.optimize import cle, fold_bn, simplify
+from qstrat.graph.rewrite import Editor
+from qstrat.passes.optimize import act_eq, cle, fold_bn, simplify
 from qstrat.passes.optimize.report import OptimizeReport
 
 PASSES: dict[str, Callable[[Graph, Mapping, OptimizeReport], Graph]] = {
@@ -31,11 +34,40 @@ PASSES: dict[str, Callable[[Graph, Mapping, OptimizeReport], Graph]] = {
 }
 
 
-def optimize(graph: Graph, config: Mapping) -> tuple[Graph, OptimizeReport]:
-    """Run every pass whose key is true in ``config`` (``optimize_pipeline_config``), in the config's order."""
+def optimize(graph: Graph, config: Mapping, data=None, calib=None, progress=None) -> tuple[Graph, OptimizeReport]:
+    """Run every pass whose key is true in ``config`` (``optimize_pipeline_config``), in the config's order.
+
+    ``data`` (calibration data) and ``calib`` (input specs, batch size, steps) serve ``include_act_eq``,
+    which measures activation ranges before CLE; without data it warns and CLE runs on weights alone.
+    """
     report = OptimizeReport()
     for key, on in config.items():
         if key in PASSES and on is True:
-            graph = PASSES[key](graph, config, report)
+            extra = {}
+            if key == "include_cle" and config.get("include_act_eq") is True:
+                extra = _act_ranges(graph, config, data, calib, progress, report)
+            graph = PASSES[key](graph, config, report, **extra)
             report.passes_run.append(key)
+    if config.get("include_act_eq") is True and config.get("include_cle") is not True:
+        warnings.warn(
+            "optimize_pipeline_config.include_act_eq = true does nothing with include_cle = false: it weighs "
+            "activation ranges into cross-layer equalization. Switch include_cle on.",
+            stacklevel=3,
+        )
     return graph, report
+
+
+def _act_ranges(graph: Graph, config: Mapping, data, calib, progress, report: OptimizeReport) -> dict:
+    pairs = cle.find_pairs(Editor(graph), bool(config.get("cle_to_relu6", False)))
+    if not pairs:
+        return {}
+    if data is None or is_one_shot(data):
+        why = (
+            "needs calibration data it can read before calibration (quantize_model and get_qat_model pass "
+            "theirs; a one-shot generator can be read only once): CLE ran on weights alone"
+        )
+        report.skipped("include_act_eq", graph.name, why)
+        warnings.warn(f"optimize_pipeline_config.include_act_eq {why}.", stacklevel=4)
+        return {}
+    specs, batch_size, steps = calib
+    return {"act_ranges": act_eq.measure(graph, pairs, data, specs, batch_size, steps, progress)}

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qstrat.calibration.data import iterate_batches
+from qstrat.calibration.data import is_one_shot, iterate_batches  # noqa: F401 - is_one_shot: the API's too
 from qstrat.errors import CalibrationDataError
 from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
 from qstrat.layers import QuantizeWrapper
@@ -51,11 +51,6 @@ class Correction:
     layer: str
     where: str  # "bias" | "<bn name>.moving_mean"
     max_abs_shift: float
-
-
-def is_one_shot(data) -> bool:
-    """True for data that can be read only once (a generator or another iterator)."""
-    return data is not None and hasattr(data, "__next__") and iter(data) is data
 
 
 ONE_SHOT_MESSAGE = (
