@@ -75,7 +75,8 @@ def test_every_module_has_a_test_or_is_covered():
         "quantizers/registry.py",
         "strategy/readers.py",  # strategy/load_test.py, strategy/reference_layout_test.py: their errors
         "strategy/parse.py",  # strategy/load_test.py and fuzz_test.py: every validation error  # quantizers/quantizers_test.py, tests/custom_quantizer_test.py
-        "inspect/units.py",  # inspect/analyze_test.py: the units and taps every analysis run uses
+        "inspect/units.py",  # inspect/analyze_test.py: the units, taps and flags every analysis run uses
+        "inspect/measures.py",  # inspect/analyze_test.py: the sums against NumPy, the ranges and clipped counts
         "quantizers/exact32.py",  # quantizers/wide_bits_test.py: 17 to 32-bit grids, bit for bit
         "quantizers/pof2.py",
         "quantizers/float_scale.py",

@@ -44,39 +44,11 @@ import numpy as np
 
 from qstrat.calibration.data import iterate_batches
 from qstrat.errors import CalibrationDataError
-from qstrat.inspect.units import Quant, find_units, quant_inputs
+from qstrat.inspect.measures import Moments, RangeStats, Seen, sqnr_db, sse, weight_stats
+from qstrat.inspect.units import Flags, find_units
 from qstrat.passes.calibrate import input_specs
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
-
-SAMPLE_PER_BATCH = 2048  # activation values drawn (with replacement) per batch and quantizer, for the histograms
-SAMPLE_CAP = 32768
-HIST_BINS = 64
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """10·log10(signal / noise) in dB; inf when there is no noise."""
-    if noise <= 0.0:
-        return math.inf
-    if signal <= 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-@dataclass
-class RangeStats:
-    """One quantizer's chosen range against what it saw."""
-
-    target: str
-    kind: str
-    bit_width: int | None
-    grid_min: float  # the lowest value the quantizer gives (over channels)
-    grid_max: float
-    observed_min: float
-    observed_max: float
-    clipped: float  # fraction of values beyond the grid's ends
-    hist_counts: list[int] = field(default_factory=list)
-    hist_edges: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -176,152 +148,6 @@ def _finite(obj):
     return obj
 
 
-class _Flags:
-    """Every quantizer flag of a model and every bias correction in it, restored by ``restore``.
-
-    The float reference is the quantized model with every quantizer bypassed
-    and every bias correction taken back out (`QuantizeWrapper.corrections`):
-    with the corrections left in, the reference would carry the very mean
-    shift they compensate, and hide their effect.
-    """
-
-    def __init__(self, qmodel):
-        from qstrat.layers import FakeQuant, QuantizeWrapper
-
-        self.flags, self.corrections = [], []  # corrections: (variable, what was added)
-        inner = {layer.layer.name: layer.layer for layer in qmodel.layers if isinstance(layer, QuantizeWrapper)}
-        for layer in qmodel.layers:
-            if isinstance(layer, FakeQuant):
-                self.flags.append(layer.enabled)
-            elif isinstance(layer, QuantizeWrapper):
-                self.flags.extend(layer.enabled.values())
-                for where, added in layer.corrections.items():
-                    if where == "bias":
-                        var = layer.layer.bias
-                    else:
-                        bn_name = where.rsplit(".", 1)[0]
-                        bn = inner.get(bn_name) or qmodel.get_layer(bn_name)
-                        var = bn.moving_mean
-                    self.corrections.append((var, np.asarray(added, np.float64)))
-        self.initial = {id(f): float(np.asarray(f.numpy())) for f in self.flags}
-        self.values = {id(v): np.array(v.numpy()) for v, _ in self.corrections}
-
-    def only(self, flags: list | None, corrections: bool = False) -> None:
-        """Bypass every quantizer except ``flags`` (at their initial values) and take every bias correction
-        out unless ``corrections``; ``None``: the model as it came.
-
-        A layer alone runs without its bias correction too: the correction compensates the mean shift of
-        every quantized layer upstream of it as well, so on its own it would over-correct.
-        """
-        keep = None if flags is None else {id(f) for f in flags}
-        for f in self.flags:
-            f.assign(self.initial[id(f)] if keep is None or id(f) in keep else 0.0)
-        for var, added in self.corrections:
-            value = self.values[id(var)]
-            if flags is not None and not corrections:
-                value = (value.astype(np.float64) - added.reshape(value.shape)).astype(value.dtype)
-            var.assign(value)
-
-    def restore(self) -> None:
-        self.only(None)
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """sum(a * b): the products in the arrays' type (each rounded once, relative 2^-24 in float32), summed in
-    float64, so the total is good to about 2^-24 relative whatever the count."""
-    return float(np.add.reduce(np.multiply(a, b).ravel(), dtype=np.float64))
-
-
-def sse(q: np.ndarray, f: np.ndarray) -> float:
-    """The sum of squared differences, as every figure here computes it."""
-    e = np.subtract(q, f)
-    return _dot(e, e)
-
-
-class _Moments:
-    """Sums for SQNR, MSE and cosine of quantized against float tensors (`_dot`)."""
-
-    def __init__(self):
-        self.ff = self.ee = self.fq = self.qq = 0.0
-        self.n = 0
-
-    def add(self, f: np.ndarray, q: np.ndarray) -> None:
-        self.ff += _dot(f, f)
-        self.ee += sse(q, f)
-        self.fq += _dot(f, q)
-        self.qq += _dot(q, q)
-        self.n += f.size
-
-    def sqnr(self) -> float:
-        return sqnr_db(self.ff, self.ee)
-
-    def mse(self) -> float:
-        return self.ee / max(self.n, 1)
-
-    def cosine(self) -> float:
-        den = math.sqrt(self.ff * self.qq)
-        return self.fq / den if den > 0 else (1.0 if self.ee == 0 else 0.0)
-
-
-class _Seen:
-    """An activation quantizer's observed extremes, clipped count and value sample."""
-
-    def __init__(self, quant: Quant, rng: np.random.Generator):
-        self.quant, self.rng = quant, rng
-        self.lo = self.hi = None
-        self.min, self.max = math.inf, -math.inf
-        self.clipped = self.count = 0
-        self.sample: list[np.ndarray] = []
-        self.kept = 0
-
-    def add(self, x: np.ndarray) -> None:
-        if self.lo is None:
-            self.lo, self.hi = self.quant.grid_ends(x[:1])
-        self.min, self.max = min(self.min, float(x.min())), max(self.max, float(x.max()))
-        self.clipped += int(np.count_nonzero((x < self.lo) | (x > self.hi)))
-        self.count += x.size
-        if self.kept < SAMPLE_CAP:
-            flat = x.ravel()
-            take = min(flat.size, SAMPLE_PER_BATCH, SAMPLE_CAP - self.kept)
-            self.sample.append(flat[self.rng.integers(0, flat.size, take)])
-            self.kept += take
-
-    def stats(self) -> RangeStats:
-        values = np.concatenate(self.sample) if self.sample else np.zeros(0, np.float32)
-        return _range_stats(self.quant, self.lo, self.hi, self.min, self.max, self.clipped / max(self.count, 1), values)
-
-
-def _range_stats(quant: Quant, lo, hi, vmin, vmax, clipped, values) -> RangeStats:
-    gmin, gmax = float(np.min(lo)), float(np.max(hi))
-    span = (min(vmin, gmin), max(vmax, gmax))
-    if not span[1] > span[0]:
-        span = (span[0] - 0.5, span[0] + 0.5)
-    counts, edges = np.histogram(values, bins=HIST_BINS, range=span)
-    return RangeStats(
-        quant.target,
-        quant.kind,
-        quant.bit_width,
-        gmin,
-        gmax,
-        float(vmin),
-        float(vmax),
-        float(clipped),
-        counts.tolist(),
-        [float(e) for e in edges],
-    )
-
-
-def _weight_stats(quant: Quant) -> RangeStats:
-    from keras import ops
-
-    layer = quant.layer.layer
-    target = getattr(layer, "target_value", None)
-    w = np.asarray(ops.convert_to_numpy(target(quant.attr) if target else getattr(layer, quant.attr).value))
-    lo, hi = quant.grid_ends(w)
-    clipped = float(np.mean((w < lo) | (w > hi))) if w.size else 0.0
-    return _range_stats(quant, lo, hi, float(w.min()), float(w.max()), clipped, w.ravel())
-
-
 def _as_list(outs) -> list[np.ndarray]:
     return [np.asarray(o) for o in outs]
 
@@ -355,7 +181,6 @@ def analyze(
 
     progress = Progress(verbose, data="analysis data")
     units = find_units(qmodel)
-    fq_inputs = quant_inputs(qmodel)
     with progress.stage("read data"):
         batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps))
     samples = sum(len(b[0]) for b in batches)
@@ -371,15 +196,15 @@ def analyze(
 
     tap_slot = {u.name: slot(u.tap) for u in units}
     acts = [q for u in units for q in u.quants if q.kind in ("output", "input")]
-    act_slot = {(id(q.layer), q.call): slot(fq_inputs[(id(q.layer), q.call)]) for q in acts}
+    act_slot = {(id(q.layer), q.call): slot(q.input) for q in acts}
     tap_runner = BatchRunner(keras.Model(qmodel.inputs, tensors, name=f"{qmodel.name}_taps"), views=True)
     out_runner = BatchRunner(qmodel, views=True)
     float_runner = BatchRunner(float_model, views=True)
-    flags = _Flags(qmodel)
-    moments = {u.name: _Moments() for u in units}
+    flags = Flags(qmodel)
+    moments = {u.name: Moments() for u in units}
     rng = np.random.default_rng(0)
-    seen = {(id(q.layer), q.call): _Seen(q, rng) for q in acts}
-    out_quant, out_sse, bypass = _Moments(), _Moments(), _Moments()
+    seen = {(id(q.layer), q.call): Seen(q, rng) for q in acts}
+    out_quant, out_sse, bypass = Moments(), Moments(), Moments()
     agree = [0, 0]
     references: list[list[np.ndarray]] = []
     try:
@@ -413,7 +238,7 @@ def analyze(
         for u in units:
             m = moments[u.name]
             ranges = [
-                _weight_stats(q) if q.kind in ("weight", "bias") else seen[(id(q.layer), q.call)].stats()
+                weight_stats(q) if q.kind in ("weight", "bias") else seen[(id(q.layer), q.call)].stats()
                 for q in u.quants
             ]
             layers.append(

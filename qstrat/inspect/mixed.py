@@ -32,7 +32,8 @@ import numpy as np
 
 from qstrat.calibration.data import array_bundle, iterate_batches
 from qstrat.errors import ConfigError
-from qstrat.inspect.analyze import analyze, sqnr_db
+from qstrat.inspect.analyze import analyze
+from qstrat.inspect.measures import sqnr_db
 from qstrat.progress import Progress
 
 PRECISIONS = ("int16", "float32", "float16", "bfloat16")

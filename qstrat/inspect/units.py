@@ -35,6 +35,7 @@ class Quant:
     layer: object  # the FakeQuant, or the QuantizeWrapper
     attr: str | None = None  # the wrapper's attribute
     call: int = 0  # which call of a shared FakeQuant
+    input: object = None  # a FakeQuant call's input: the tensor it quantizes
 
     @property
     def bit_width(self) -> int | None:
@@ -111,7 +112,11 @@ def find_units(qmodel) -> list[Unit]:
             what = what or "output"
             kind = "input" if what.startswith("input") else "output"
             unit = units.setdefault(owner, Unit(owner, ""))
-            unit.quants.append(Quant(f"{owner}/{what}", kind, op.enabled, op.quantizer, op.state, op, call=k))
+            unit.quants.append(
+                Quant(
+                    f"{owner}/{what}", kind, op.enabled, op.quantizer, op.state, op, call=k, input=node.input_tensors[0]
+                )
+            )
             if kind == "output":
                 out_fq[owner] = node.output_tensors[0]
         else:
@@ -129,13 +134,51 @@ def find_units(qmodel) -> list[Unit]:
     return found
 
 
-def quant_inputs(qmodel) -> dict[int, object]:
-    """For each FakeQuant call (keyed by ``id(layer), call``), the tensor it quantizes."""
-    out, calls = {}, {}
-    for node in model_nodes(qmodel):
-        op = node.operation
-        if isinstance(op, FakeQuant):
-            k = calls.get(id(op), 0)
-            calls[id(op)] = k + 1
-            out[(id(op), k)] = node.input_tensors[0]
-    return out
+class Flags:
+    """Every quantizer flag of a model and every bias correction in it, restored by ``restore``.
+
+    The float reference is the quantized model with every quantizer bypassed
+    and every bias correction taken back out (`QuantizeWrapper.corrections`):
+    with the corrections left in, the reference would carry the very mean
+    shift they compensate, and hide their effect.
+    """
+
+    def __init__(self, qmodel):
+        from qstrat.layers import FakeQuant, QuantizeWrapper
+
+        self.flags, self.corrections = [], []  # corrections: (variable, what was added)
+        inner = {layer.layer.name: layer.layer for layer in qmodel.layers if isinstance(layer, QuantizeWrapper)}
+        for layer in qmodel.layers:
+            if isinstance(layer, FakeQuant):
+                self.flags.append(layer.enabled)
+            elif isinstance(layer, QuantizeWrapper):
+                self.flags.extend(layer.enabled.values())
+                for where, added in layer.corrections.items():
+                    if where == "bias":
+                        var = layer.layer.bias
+                    else:
+                        bn_name = where.rsplit(".", 1)[0]
+                        bn = inner.get(bn_name) or qmodel.get_layer(bn_name)
+                        var = bn.moving_mean
+                    self.corrections.append((var, np.asarray(added, np.float64)))
+        self.initial = {id(f): float(np.asarray(f.numpy())) for f in self.flags}
+        self.values = {id(v): np.array(v.numpy()) for v, _ in self.corrections}
+
+    def only(self, flags: list | None, corrections: bool = False) -> None:
+        """Bypass every quantizer except ``flags`` (at their initial values) and take every bias correction
+        out unless ``corrections``; ``None``: the model as it came.
+
+        A layer alone runs without its bias correction too: the correction compensates the mean shift of
+        every quantized layer upstream of it as well, so on its own it would over-correct.
+        """
+        keep = None if flags is None else {id(f) for f in flags}
+        for f in self.flags:
+            f.assign(self.initial[id(f)] if keep is None or id(f) in keep else 0.0)
+        for var, added in self.corrections:
+            value = self.values[id(var)]
+            if flags is not None and not corrections:
+                value = (value.astype(np.float64) - added.reshape(value.shape)).astype(value.dtype)
+            var.assign(value)
+
+    def restore(self) -> None:
+        self.only(None)
