@@ -1,21 +1,34 @@
-"""Refining PTQ for accuracy: activation-aware equalization (and, as they land, the other refine options).
+"""Refining PTQ for accuracy: activation-aware equalization and fast finetune, alone and together.
 
 On the digits MobileNet-style CNN (512 calibration digits; accuracy on 355
 test digits, logit SQNR against the float model) and the mini-Xception (the
 demo's split of its real images: 128 calibration, the rest evaluated; top-1
 agreement with the float model on all of them and on the real faces among
-them, and output SQNR): pof2s at 8-bit, pof2s with
-4-bit weights, and fs, each plain (the strategy's defaults) and with
-``include_act_eq`` at several ``act_eq_beta``; and the wall time of each
+them, and output SQNR): pof2s at 8-bit, pof2s with 4-bit weights, and fs,
+each plain (the strategy's defaults), with ``include_act_eq``, with
+``include_fast_ft``, and with both. For each: the wall time of
 ``quantize_model`` as a ratio to a warm ``model.predict`` of the calibration
-data (one run each: small models, so it moves a lot between runs).
+data, and the process's peak resident memory, with how much of it the call
+added. Every configuration runs in a fresh process, so that each peak is its
+own.
 
-Run: ``.venv/bin/python bench/refine.py`` (a few minutes on 2 cores).
+Then fast finetune's memory against the calibration set's size: the
+mini-Xception quantized with fast finetune on 256 and on 4096 calibration
+images (`zoo.face_images_n`), each in a fresh process; ``fast_ft_samples``
+(256 by default) bounds what it holds.
+
+Run: ``.venv/bin/python bench/refine.py`` (about half an hour on 2 cores);
+``--only digits`` or ``--only xception`` for one model; ``--memory`` for the
+memory check alone.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import time
 import warnings
@@ -24,65 +37,139 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 CALIB = 512
-VARIANTS = (
-    ("plain", {}),
-    ("act_eq beta 0.25", {"include_act_eq": True, "act_eq_beta": 0.25}),
-    ("act_eq beta 0.5", {"include_act_eq": True, "act_eq_beta": 0.5}),
-    ("act_eq beta 0.75", {"include_act_eq": True, "act_eq_beta": 0.75}),
-)
-SETTINGS = (("pof2s", {}), ("pof2s w4", {"weight_bit": 4}), ("fs", {}))
+VARIANTS = {
+    "plain": {},
+    "+act_eq": {"include_act_eq": True},
+    "+fast_ft": {"include_fast_ft": True},
+    "+both": {"include_act_eq": True, "include_fast_ft": True},
+}
+SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
+MODELS = ("digits", "xception")
 
 
-def _tasks():
+def _rss_mb() -> float:
+    """The process's resident memory now (MiB), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _task(name: str, calib_count: int | None = None):
     import numpy as np
 
     from qstrat import zoo
 
-    x_train, _, x_test, y_test = zoo.digits_split()
-    yield "digits MobileNet-style", zoo.digits_mobilenet(), x_train[:CALIB], x_test, y_test, None
+    if name == "digits":
+        x_train, _, x_test, y_test = zoo.digits_split()
+        return zoo.digits_mobilenet(), x_train[:CALIB], x_test, y_test, None
     images, is_face = zoo.face_images()  # the demo's split: 128 calibration images, the rest evaluated
     order = np.random.default_rng(0).permutation(len(images))
     calib, rest = order[:128], order[128:]
-    yield "mini-Xception", zoo.emotion_model(), images[calib], images[rest], None, is_face[rest]
+    if calib_count is not None:
+        return zoo.emotion_model(), zoo.face_images_n(calib_count, seed=1), images[rest], None, is_face[rest]
+    return zoo.emotion_model(), images[calib], images[rest], None, is_face[rest]
 
 
-def _scores(model, qmodel, x, labels, faces) -> str:
+def _scores(model, qmodel, x, labels, faces) -> dict:
     import numpy as np
 
     from qstrat.inspect.mixed import output_sqnr
 
     f = np.asarray(model.predict(x, batch_size=64, verbose=0))
     q = np.asarray(qmodel.predict(x, batch_size=64, verbose=0))
-    sqnr = output_sqnr(model, qmodel, x, 64)
+    out = {"sqnr": output_sqnr(model, qmodel, x, 64)}
     if labels is not None:
-        return f"acc {100 * np.mean(q.argmax(1) == labels):6.2f}% (float {100 * np.mean(f.argmax(1) == labels):.2f}%)  {sqnr:5.2f} dB"
-    agree = f.argmax(1) == q.argmax(1)
-    extra = "" if faces is None else f" / faces {100 * agree[faces].mean():6.2f}%"
-    return f"agree {100 * agree.mean():6.2f}%{extra}  {sqnr:5.2f} dB"
+        out["acc"] = 100 * float(np.mean(q.argmax(1) == labels))
+        out["float_acc"] = 100 * float(np.mean(f.argmax(1) == labels))
+    else:
+        agree = f.argmax(1) == q.argmax(1)
+        out["agree"], out["faces"] = 100 * float(agree.mean()), 100 * float(agree[faces].mean())
+    return out
+
+
+def one(model_name: str, setting: str, variant: str, calib_count: int | None = None) -> dict:
+    """One configuration, in this process: scores, time ratio and memory."""
+    warnings.filterwarnings("ignore")
+    import qstrat
+
+    model, calib, x, labels, faces = _task(model_name, calib_count)
+    model.predict(calib, batch_size=32, verbose=0)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        model.predict(calib, batch_size=32, verbose=0)
+        times.append(time.perf_counter() - t)
+    predict = sorted(times)[1]
+    base, extra = SETTINGS[setting]
+    before = _rss_mb()
+    q = qstrat.Quantizer(model, base)
+    t = time.perf_counter()
+    qmodel = q.quantize_model(calib, verbose=0, **extra, **VARIANTS[variant])
+    took = time.perf_counter() - t
+    peak = _peak_mb()
+    out = {"ratio": took / predict, "seconds": took, "peak_mb": peak, "added_mb": peak - before}
+    if q.fast_finetune is not None:
+        out["ft_samples"] = q.fast_finetune.samples
+    if calib_count is None:
+        out.update(_scores(model, qmodel, x, labels, faces))
+    return out
+
+
+def _spawn(*args: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise SystemExit(f"bench/refine.py: {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def _line(setting: str, variant: str, r: dict) -> str:
+    if "acc" in r:
+        score = f"acc {r['acc']:6.2f}% (float {r['float_acc']:.2f}%)"
+    else:
+        score = f"agree {r['agree']:6.2f}% / faces {r['faces']:6.2f}%"
+    return (
+        f"  {setting:<9} {variant:<9} {score}  {r['sqnr']:5.2f} dB  {r['ratio']:7.1f}x predict"
+        f"  peak {r['peak_mb']:6.0f} MiB (+{r['added_mb']:4.0f})"
+    )
 
 
 def main() -> int:
-    warnings.filterwarnings("ignore")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=MODELS)
+    parser.add_argument("--memory", action="store_true", help="only the 256 / 4096 calibration images memory check")
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        name, setting, variant, *count = args.one
+        print(json.dumps(one(name, setting, variant, int(count[0]) if count else None)))
+        return 0
     import keras
 
-    import qstrat
-
     print(f"qstrat bench/refine.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores")
-    for title, model, calib, x, labels, faces in _tasks():
-        model.predict(calib, batch_size=32, verbose=0)
-        t = time.perf_counter()
-        model.predict(calib, batch_size=32, verbose=0)
-        predict = time.perf_counter() - t
-        print(f"\n{title}: {len(calib)} calibration, {len(x)} evaluation samples; warm predict {predict:.3f} s")
-        for setting, base in SETTINGS:
-            for variant, extra in VARIANTS:
-                q = qstrat.Quantizer(model, setting.split()[0])
-                t = time.perf_counter()
-                qmodel = q.quantize_model(calib, verbose=0, **base, **extra)
-                took = time.perf_counter() - t
-                print(
-                    f"  {setting:<9} {variant:<17} {_scores(model, qmodel, x, labels, faces)}  {took / predict:5.1f}x predict"
-                )
+    if not args.memory:
+        for name in MODELS if args.only is None else (args.only,):
+            title = "digits MobileNet-style" if name == "digits" else "mini-Xception"
+            print(f"\n{title}:", flush=True)
+            for setting in SETTINGS:
+                for variant in VARIANTS:
+                    print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
+    print("\nfast finetune's memory against the calibration set (mini-Xception, pof2s):", flush=True)
+    peaks = {}
+    for count in (256, 4096):
+        r = _spawn("xception", "pof2s", "+fast_ft", str(count))
+        peaks[count] = r
+        print(
+            f"  {count:5d} calibration images ({r['ft_samples']} finetuned on): peak {r['peak_mb']:6.0f} MiB, "
+            f"the call added {r['added_mb']:5.0f} MiB, {r['seconds']:.0f} s",
+            flush=True,
+        )
+    a, b = peaks[256], peaks[4096]
+    print(f"  4096 / 256: peak {b['peak_mb'] / a['peak_mb']:.2f}x, added {b['added_mb'] / max(a['added_mb'], 1):.2f}x")
     return 0
 
 

@@ -188,9 +188,11 @@ def test_warnings_reach_the_user_without_source_lines(tmp_path, capsys):
     args = ["quantize", str(tmp_path / "m.keras"), "--calib", str(tmp_path / "calib.npz"), "--batch-size", "8"]
     with warnings.catch_warnings():
         warnings.simplefilter("always", qstrat.PendingKeyWarning)
-        assert cli.main([*args, "--set", "include_fast_ft=true", "--out", str(tmp_path / "q.keras")]) == 0
+        assert (
+            cli.main([*args, "--set", "convert_layernorm_to_dpu_version=true", "--out", str(tmp_path / "q.keras")]) == 0
+        )
     err = capsys.readouterr().err
-    assert "qstrat: warning: " in err and "refine_pipeline_config.include_fast_ft = true" in err
+    assert "qstrat: warning: " in err and "quantize_pipeline_config.convert_layernorm_to_dpu_version = true" in err
     assert "warnings.warn" not in err and "api.py" not in err
 
 

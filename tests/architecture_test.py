@@ -77,6 +77,7 @@ def test_every_module_has_a_test_or_is_covered():
         "strategy/parse.py",  # strategy/load_test.py and fuzz_test.py: every validation error  # quantizers/quantizers_test.py, tests/custom_quantizer_test.py
         "inspect/units.py",  # inspect/analyze_test.py: the units, taps and flags every analysis run uses
         "inspect/measures.py",  # inspect/analyze_test.py: the sums against NumPy, the ranges and clipped counts
+        "quantizers/affine.py",  # export/onnx_export_test.py (grid_of) and passes/refine/fast_ft_test.py
         "quantizers/exact32.py",  # quantizers/wide_bits_test.py: 17 to 32-bit grids, bit for bit
         "quantizers/pof2.py",
         "quantizers/float_scale.py",

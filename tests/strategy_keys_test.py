@@ -35,7 +35,6 @@ from qstrat.strategy import load_strategy
 from qstrat.strategy.keys import HANDY_FAMILIES, HANDY_KEYS, HANDY_SUFFIXES, SECTIONS
 
 _DPU = "the DPU softmax and LayerNormalization units are not described precisely enough to simulate bit for bit"
-_FAST_FT = "fast finetune: the refine issue"
 
 # key -> why it does not act yet. Each must warn when set (keys.py `pending`), except
 # quantize_with_xcompiler, which accepts only false: its true would need the Vitis AI
@@ -44,8 +43,6 @@ INERT_KEYS = {
     "convert_softmax_to_dpu_version": _DPU,
     "convert_layernorm_to_dpu_version": _DPU,
     "quantize_with_xcompiler": "needs the external Vitis AI compiler, which qstrat does not call: false only",
-    "include_fast_ft": _FAST_FT,
-    "fast_ft_epochs": _FAST_FT,
 }
 
 # Keys of quantization-aware training: they act in get_qat_model (and the model it trains), and
@@ -121,7 +118,12 @@ CONTEXT = {
     "include_act_eq": _CLE,
     "act_eq_beta": {**_CLE, "include_act_eq": True},
     "no_quant_in_conv_bn_act": {"fold_conv_bn": False, "convert_bn_to_dwconv": False},
+    "include_fast_ft": {"fast_ft_epochs": 1},  # one epoch: enough to tell, and faster
     "fast_ft_epochs": {"include_fast_ft": True},
+    **{
+        k: {"include_fast_ft": True, "fast_ft_epochs": 1}
+        for k in ("fast_ft_lr", "fast_ft_batch_size", "fast_ft_samples", "fast_ft_input")
+    },
     "freeze_bn_delay": {"train_with_bn": True},
     "output_format": {"output_dir": os.path.join(OUT, "format")},
     "onnx_opset_version": {"output_format": "onnx", "output_dir": os.path.join(OUT, "opset")},

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qstrat.errors import UnsupportedError
-from qstrat.quantizers import FSQuantizer, MAFSQuantizer, Pof2SQuantizer, TQTQuantizer
+from qstrat.quantizers.affine import affine_of
 from qstrat.quantizers.grid import RoundMode
 
 # ONNX integer types by (signed, bits), with the opset whose QuantizeLinear first produces them.
@@ -158,53 +158,9 @@ def grid_of(quantizer, state, where: str) -> Grid:
             f"{where}: {quantizer.type_name} with data_format {p.data_format.value} has no ONNX QDQ form "
             "(QuantizeLinear writes integers). Use an integer data_format for the layers you export."
         )
-    state = {k: np.asarray(v) for k, v in state.items()}
-    if isinstance(quantizer, TQTQuantizer):
-        pos = quantizer.position(state)
-        scale, zp = _pof2(pos), np.zeros_like(pos, np.int64)
-    elif isinstance(quantizer, Pof2SQuantizer):
-        scale = _pof2(state["pos"])
-        zp = np.rint(state.get("zero_point", np.zeros_like(state["pos"]))).astype(np.int64)
-    elif isinstance(quantizer, FSQuantizer) and p.use_framework_quantizer:
-        g = quantizer.grid
-        scale, zp = _framework_grid(state["scale"], state["zero_point"], g.qmin, g.qmax, p.bit_width, p.narrow_range)
-        return Grid(scale, zp, g.qmin, g.qmax, quantizer.axis, p.round_mode, p.bit_width, ulp_off=True)
-    elif isinstance(quantizer, FSQuantizer | MAFSQuantizer):
-        scale, zp = state["scale"].astype(np.float32), np.rint(state["zero_point"]).astype(np.int64)
-    elif hasattr(quantizer, "affine_grid"):
-        scale, zp = quantizer.affine_grid(state)
-        scale, zp = np.asarray(scale, np.float32), np.rint(np.asarray(zp)).astype(np.int64)
-    else:
-        raise UnsupportedError(
-            f"{where}: {quantizer.type_name} has no ONNX form. Give the class a method "
-            "affine_grid(self, state) -> (scale, zero_point) for its grid (y = (clip(round(x / scale) + zp, "
-            "qmin, qmax) - zp) * scale), or leave the layer out of quantization."
-        )
-    if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-        raise UnsupportedError(f"{where}: the scale must be positive and finite, got {scale.ravel()[:4]}.")
+    scale, zp, ulp_off = affine_of(quantizer, state, where)
     g = quantizer.grid
-    return Grid(scale, zp, g.qmin, g.qmax, quantizer.axis, p.round_mode, p.bit_width)
-
-
-def _framework_grid(scale, zero_point, qmin: int, qmax: int, bits: int, narrow: bool):
-    """The grid Keras' ``fake_quant_with_min_max_vars`` really uses for the range qstrat gives it.
-
-    It is given [(qmin - zp) * s, (qmax - zp) * s] and recomputes the scale
-    from that range on its own unsigned grid, in float32, then nudges the
-    zero point to an integer (TensorFlow's FakeQuantWithMinMaxVars).
-    """
-    f = np.float32
-    s, zp = np.asarray(scale, f), np.asarray(zero_point, f)
-    lo, hi = (f(qmin) - zp) * s, (f(qmax) - zp) * s
-    umin, umax = (1 if narrow else 0), 2**bits - 1
-    s2 = ((hi - lo) / f(umax - umin)).astype(f)
-    zp_u = np.clip(np.round(f(umin) - lo / s2), umin, umax)
-    return s2, (zp_u + (qmin - umin)).astype(np.int64)
-
-
-def _pof2(pos) -> np.ndarray:
-    pos = np.asarray(pos, np.float64)
-    return np.exp2(-np.rint(pos)).astype(np.float32)
+    return Grid(scale, zp, g.qmin, g.qmax, quantizer.axis, p.round_mode, p.bit_width, ulp_off=ulp_off)
 
 
 # ---- x86 integer kernels: can an int16 pair sum saturate? ----------------------------------------

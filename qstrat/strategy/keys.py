@@ -42,7 +42,6 @@ _DPU_UNDOCUMENTED = (
     "the DPU's {unit} unit is not described precisely enough to simulate bit for bit (where its bfloat16 "
     "roundings happen, its reciprocal method), so qstrat does not guess: the layer is quantized as it is"
 )
-_FAST_FT = "fast finetune is not implemented yet"
 
 
 OPTIMIZE_KEYS = (
@@ -234,18 +233,57 @@ REFINE_KEYS = (
     _b("align_pool", "Give max/average pooling the same input and output position: the lower of the two."),
     _b(
         "include_fast_ft",
-        "Fast finetune: adjust each conv/dense layer's weights and bias to match the float layer's output (AdaQuant-style), layer by layer.",
-        _FAST_FT,
+        "Fast finetune: after calibration, choose each conv/dense layer's weight rounding (up or down, AdaRound) and "
+        "adjust its bias so that its output (with its BatchNormalization and activation) matches the float model's "
+        "there, layer by layer in model order; quantizer positions and scales stay frozen. Needs re-iterable "
+        "calibration data.",
     ),
     KeySpec(
         "fast_ft_epochs",
         "int",
-        "Fast finetune: passes over the calibration data per layer (stops early when the loss stops improving).",
-        10,
+        "Fast finetune: epochs per layer, at most: passes over the cached samples, of 50 steps at least (it stops "
+        "when the held-out error has not gone down for 3 epochs after the first fifth).",
+        5,
         minimum=1,
         maximum=10000,
         needs="include_fast_ft",
-        pending=_FAST_FT,
+    ),
+    KeySpec(
+        "fast_ft_lr",
+        "float",
+        "Fast finetune: Adam learning rate of the rounding logits and of the bias (in steps of its grid).",
+        0.03,
+        minimum=0.0,
+        maximum=1.0,
+        needs="include_fast_ft",
+    ),
+    KeySpec(
+        "fast_ft_batch_size",
+        "int",
+        "Fast finetune: samples per training step.",
+        32,
+        minimum=1,
+        maximum=65536,
+        needs="include_fast_ft",
+    ),
+    KeySpec(
+        "fast_ft_samples",
+        "int",
+        "Fast finetune: how many calibration samples it uses (the first ones). This, not the calibration set, bounds its "
+        "memory: these samples, and one layer's input and float output for each, are held at a time.",
+        256,
+        minimum=2,
+        maximum=100000,
+        needs="include_fast_ft",
+    ),
+    KeySpec(
+        "fast_ft_input",
+        "enum",
+        'Fast finetune: what each layer reads while it trains: the float model\'s activations ("float") or the quantized '
+        'model\'s, with the layers before it finetuned ("quantized").',
+        "quantized",
+        choices=("float", "quantized"),
+        needs="include_fast_ft",
     ),
     _b(
         "include_bias_corr",

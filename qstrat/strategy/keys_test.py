@@ -83,8 +83,12 @@ def test_pending_settings_name_exactly_the_pending_keys_set_away_from_their_defa
 
     scratch = load_strategy("", None)
     assert pending_settings(_sections(scratch)) == []  # from scratch every key has its default
-    lines = pending_settings(_sections(load_strategy("", None, include_fast_ft=True, include_bias_corr=True)))
-    assert lines == ["refine_pipeline_config.include_fast_ft = true: fast finetune is not implemented yet"]
+    lines = pending_settings(
+        _sections(load_strategy("", None, convert_layernorm_to_dpu_version=True, include_fast_ft=True))
+    )
+    assert [line.split(":")[0] for line in lines] == [
+        "quantize_pipeline_config.convert_layernorm_to_dpu_version = true"
+    ]
     pof2s = load_strategy("pof2s")
     named = {line.split(" = ")[0].split(".")[1] for line in pending_settings(_sections(pof2s))}
     want = {
@@ -100,18 +104,18 @@ def test_pending_settings_name_exactly_the_pending_keys_set_away_from_their_defa
     ]
 
 
-def test_a_key_that_needs_another_warns_only_with_it():
+def test_a_key_that_needs_another_is_named_while_that_one_is_off():
     from qstrat.strategy import load_strategy
-    from qstrat.strategy.keys import pending_settings
+    from qstrat.strategy.keys import idle_settings, pending_settings
 
-    alone = load_strategy("", None, fast_ft_epochs=3, onnx_opset_version=15)
-    assert pending_settings(_sections(alone)) == []  # include_fast_ft and output_format are off: no use yet
-    gated = load_strategy("", None, fast_ft_epochs=3, include_fast_ft=True, freeze_bn_delay=5, train_with_bn=True)
-    named = [line.split(" = ")[0] for line in pending_settings(_sections(gated))]
-    assert named == [
-        "refine_pipeline_config.include_fast_ft",
-        "refine_pipeline_config.fast_ft_epochs",
+    assert not [k for keys in SECTIONS.values() for k in keys.values() if k.pending and k.needs]
+    alone = load_strategy("", None, fast_ft_epochs=3, fast_ft_input="float")
+    assert pending_settings(_sections(alone)) == []  # every fast finetune key acts
+    assert idle_settings(_sections(alone)) == [
+        "refine_pipeline_config.fast_ft_epochs = 3 does nothing while include_fast_ft is off",
+        'refine_pipeline_config.fast_ft_input = "float" does nothing while include_fast_ft is off',
     ]
+    assert idle_settings(_sections(load_strategy("", None, fast_ft_epochs=3, include_fast_ft=True))) == []
 
 
 def test_an_acting_key_set_while_the_key_it_needs_is_off_is_named():
