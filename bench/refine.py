@@ -6,7 +6,9 @@ demo's split of its real images: 128 calibration, the rest evaluated; top-1
 agreement with the float model on all of them and on the real faces among
 them, and output SQNR): pof2s at 8-bit, pof2s with 4-bit weights, and fs,
 each plain (the strategy's defaults), with ``include_act_eq``, with
-``include_fast_ft``, and with both. For each: the wall time of
+``include_fast_ft``, and with both (for pof2s also both with
+``fast_ft_input="float"``: each layer finetuned on the float model's
+activations instead of the quantized model's). For each: the wall time of
 ``quantize_model`` as a ratio to a warm ``model.predict`` of the calibration
 data, and the process's peak resident memory, with how much of it the call
 added. Every configuration runs in a fresh process, so that each peak is its
@@ -42,7 +44,9 @@ VARIANTS = {
     "+act_eq": {"include_act_eq": True},
     "+fast_ft": {"include_fast_ft": True},
     "+both": {"include_act_eq": True, "include_fast_ft": True},
+    "+both, float inputs": {"include_act_eq": True, "include_fast_ft": True, "fast_ft_input": "float"},
 }
+MAIN = ("plain", "+act_eq", "+fast_ft", "+both")  # for every setting; the float-inputs row for pof2s only
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
 
@@ -133,7 +137,7 @@ def _line(setting: str, variant: str, r: dict) -> str:
     else:
         score = f"agree {r['agree']:6.2f}% / faces {r['faces']:6.2f}%"
     return (
-        f"  {setting:<9} {variant:<9} {score}  {r['sqnr']:5.2f} dB  {r['ratio']:7.1f}x predict"
+        f"  {setting:<9} {variant:<19} {score}  {r['sqnr']:5.2f} dB  {r['ratio']:7.1f}x predict"
         f"  peak {r['peak_mb']:6.0f} MiB (+{r['added_mb']:4.0f})"
     )
 
@@ -156,8 +160,10 @@ def main() -> int:
             title = "digits MobileNet-style" if name == "digits" else "mini-Xception"
             print(f"\n{title}:", flush=True)
             for setting in SETTINGS:
-                for variant in VARIANTS:
+                for variant in MAIN:
                     print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
+            variant = "+both, float inputs"
+            print(_line("pof2s", variant, _spawn(name, "pof2s", variant)), flush=True)
     print("\nfast finetune's memory against the calibration set (mini-Xception, pof2s):", flush=True)
     peaks = {}
     for count in (256, 4096):

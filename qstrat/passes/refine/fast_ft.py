@@ -41,7 +41,7 @@ from qstrat.errors import UnsupportedError
 from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.frozen import Frozen
-from qstrat.passes.refine.soft_round import Trainer, batch_mse
+from qstrat.passes.refine.soft_round import Chain, Trainer, batch_mse
 from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
 
@@ -152,24 +152,6 @@ def find_blocks(graph: Graph, float_graph: Graph) -> list[Block]:
             continue
         blocks.append(Block(op.layer.name, tuple(layers), q_input, float_ref(source), out))
     return blocks
-
-
-class _Chain(keras.Model):
-    """A block's layers called in order, every quantizer as in inference (frozen state)."""
-
-    def __init__(self, layers, **kwargs):
-        super().__init__(**kwargs)
-        self.chain = list(layers)
-
-    @property
-    def losses(self):
-        """None: the block's error is the whole objective (a layer's weight regularizer would pull it away)."""
-        return []
-
-    def call(self, x, training=None):
-        for layer in self.chain:
-            x = layer(x, training=False)
-        return x
 
 
 def _gather(data, specs, batch_size, steps, cap: int) -> list[np.ndarray]:
@@ -303,21 +285,21 @@ def _train(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: in
 def _epoch_order(rng, n: int, batch_size: int) -> np.ndarray:
     """One epoch's sample order: a seeded permutation, repeated (each time anew) to at least `MIN_STEPS` batches."""
     need = max(n, MIN_STEPS * batch_size)
-    return np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[: max(n, need)]
+    return np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
 
 
 def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int) -> BlockResult:
     wrapper = block.wrapper
-    plain = _Chain(block.layers, name=f"qstrat_fast_ft_{block.name}")
+    plain = Chain(block.layers, name=f"qstrat_fast_ft_{block.name}")
     before = batch_mse(plain, x, y)
     start = _Snapshot(block.variables())
     try:
         attrs = [a for a in WEIGHTED if a in wrapper.quantizers]
-        trainer = Trainer(block.layers, wrapper, attrs, before, name=f"qstrat_fast_ft_{block.name}_rounding")
+        trainer = Trainer(block.layers, wrapper, attrs, name=f"qstrat_fast_ft_{block.name}_rounding")
     except UnsupportedError:  # a custom quantizer with no integer grid: nothing to choose between
         return BlockResult(block.name, before, before, 0, False)
     trainer(x[:1])
-    own = {id(v) for v in trainer.own_variables()}
+    own = {id(v) for v in trainer.rounding_variables()}
     frozen = [v for v in trainer.trainable_variables if id(v) not in own]
     for v in frozen:
         v.trainable = False
@@ -327,7 +309,7 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
     ran = 0
     try:
         trainer.compile(optimizer=keras.optimizers.Adam(lr))
-        best_val, best, waited = trainer.hard_error(val_x, val_y), _Snapshot(trainer.own_variables()), 0
+        best_val, best, waited = trainer.hard_error(val_x, val_y), _Snapshot(trainer.rounding_variables()), 0
         rng = np.random.default_rng(SEED)
         for epoch in range(epochs):
             warm = trainer.schedule(epoch, epochs)
@@ -338,7 +320,7 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
             ran += 1
             val = trainer.hard_error(val_x, val_y)
             if val < best_val:
-                best_val, best, waited = val, _Snapshot(trainer.own_variables()), 0
+                best_val, best, waited = val, _Snapshot(trainer.rounding_variables()), 0
             elif not warm:
                 waited += 1
                 if waited >= PATIENCE:

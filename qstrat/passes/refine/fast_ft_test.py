@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import qstrat
-from qstrat.passes.refine.fast_ft import Block, _Chain, _unstrided
+from qstrat.passes.refine.fast_ft import Block, _unstrided
+from qstrat.passes.refine.soft_round import Chain
 
 pytestmark = pytest.mark.portable
 L = keras.layers
@@ -167,9 +168,9 @@ def test_a_strided_1x1_conv_trains_at_stride_1_on_the_pixels_it_reads():
     wrapper = qmodel.get_layer("quant_s")
     block = Block("s", (wrapper,), None, None, None)
     x = np.random.default_rng(2).normal(size=(5, 9, 8, 4)).astype("float32")
-    want = keras.ops.convert_to_numpy(_Chain([wrapper], name="whole")(x))
+    want = keras.ops.convert_to_numpy(Chain([wrapper], name="whole")(x))
     with _unstrided(block) as pick:
         assert wrapper.layer.strides == (1, 1)
-        got = keras.ops.convert_to_numpy(_Chain([wrapper], name="picked")(pick(x)))
+        got = keras.ops.convert_to_numpy(Chain([wrapper], name="picked")(pick(x)))
     assert wrapper.layer.strides == (2, 3)
     np.testing.assert_array_equal(got, want)

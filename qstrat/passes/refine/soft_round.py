@@ -114,18 +114,29 @@ class SoftBias:
         return (self.bias + self.step * _np(self.shift)).astype(np.float32)
 
 
-class Trainer(keras.Model):
+class Chain(keras.Model):
+    """A block's layers called in order, every quantizer as in inference (frozen state)."""
+
+    def __init__(self, layers, **kwargs):
+        super().__init__(**kwargs)
+        self.chain = list(layers)
+
+    def call(self, x, training=None):
+        for layer in self.chain:
+            x = layer(x, training=False)
+        return x
+
+
+class Trainer(Chain):
     """A block's layers, its weight quantizers swapped for `SoftRounding` (and `SoftBias`), as one model to fit.
 
     ``swap()`` puts the stand-ins in; ``restore(keep)`` puts the quantizers back and, with ``keep``,
     writes the chosen weights and the moved bias into the layer.
     """
 
-    def __init__(self, layers, wrapper, attrs, norm: float, **kwargs):
-        super().__init__(**kwargs)
-        self.chain = list(layers)
+    def __init__(self, layers, wrapper, attrs, **kwargs):
+        super().__init__(layers, **kwargs)
         self.wrapper = wrapper
-        self.norm = float(norm) if norm > 0 else 1.0
         self.beta = self.add_weight(name="beta", shape=(), initializer="zeros", trainable=False)
         self.reg = self.add_weight(name="reg", shape=(), initializer="zeros", trainable=False)
         self.hard = self.add_weight(name="hard", shape=(), initializer="zeros", trainable=False)
@@ -159,7 +170,7 @@ class Trainer(keras.Model):
         if self.bias is not None:
             self.wrapper.layer.bias.assign(self.bias.value())
 
-    def own_variables(self) -> list:
+    def rounding_variables(self) -> list:
         """What it trains: the rounding logits and the bias shift."""
         out = [r.logits for r in self.roundings.values()]
         return out + ([self.bias.shift] if self.bias is not None else [])
@@ -189,11 +200,6 @@ class Trainer(keras.Model):
         """None: the block's error and the rounding regularizer are the whole objective (a layer's weight
         regularizer would pull it away)."""
         return []
-
-    def call(self, x, training=None):
-        for layer in self.chain:
-            x = layer(x, training=False)
-        return x
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         squares = ops.square(ops.cast(y_pred, "float32") - ops.cast(y, "float32"))
