@@ -30,6 +30,7 @@ import numpy as np
 from keras import ops
 
 from qstrat.quantizers.affine import affine_of
+from qstrat.quantizers.reference import expand
 
 ZETA, GAMMA = 1.1, -0.1  # the stretch of the rectified sigmoid
 WARMUP = 0.2  # the fraction of the epochs without the rounding regularizer
@@ -39,16 +40,6 @@ REG = 0.01  # the regularizer's weight, against the output error summed over a s
 
 def _np(v) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(v))
-
-
-def _along(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
-    """Per-channel ``values`` shaped to broadcast against a tensor of ``ndim`` dimensions along ``axis``."""
-    values = np.asarray(values)
-    if axis is None or values.ndim == 0:
-        return values
-    shape = [1] * ndim
-    shape[axis % ndim] = -1
-    return values.reshape(shape)
 
 
 def batch_mse(model, x: np.ndarray, y: np.ndarray, batch_size: int = 64) -> float:
@@ -66,8 +57,8 @@ class SoftRounding:
     def __init__(self, quantizer, state, weight: np.ndarray, logits, hard, where: str):
         scale, zp, _ = affine_of(quantizer, {k: _np(v) for k, v in state.items()}, where)
         w = weight.astype(np.float64)
-        self.scale = _along(scale, quantizer.axis, w.ndim).astype(np.float64)
-        self.zp = _along(zp, quantizer.axis, w.ndim).astype(np.float64)
+        self.scale = expand(scale, w.ndim, quantizer.axis).astype(np.float64)
+        self.zp = expand(zp, w.ndim, quantizer.axis).astype(np.float64)
         units = w / self.scale
         self.base = (np.floor(units) + self.zp).astype(np.float32)
         rest = np.clip(units - np.floor(units), 0.0, 1.0)
