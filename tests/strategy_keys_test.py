@@ -30,6 +30,7 @@ from keras import layers as L
 
 import qstrat
 from qstrat.errors import ConfigError
+from qstrat.passes.refine import fast_ft
 from qstrat.passes.refine.constraints import RULES
 from qstrat.strategy import load_strategy
 from qstrat.strategy.keys import HANDY_FAMILIES, HANDY_KEYS, HANDY_SUFFIXES, SECTIONS
@@ -202,7 +203,19 @@ def model():
     return net
 
 
+def ft_model():
+    """For the fast finetune keys: three blocks (conv + BN + ReLU, depthwise, dense) where `model` has thirteen.
+    Fast finetune's cost is mostly per block, and its keys act the same on any block."""
+    keras.utils.set_random_seed(4)
+    i = keras.Input((12, 12, 3), name="image")
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(L.Conv2D(8, 3, padding="same", name="conv")(i)))
+    x = L.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(x)
+    return keras.Model(i, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)), name="ft_model")
+
+
+FT_KEYS = ("include_fast_ft", "fast_ft_epochs", "fast_ft_lr", "fast_ft_batch_size", "fast_ft_samples", "fast_ft_input")
 MODEL = None
+FT_MODEL = None
 _BASES: dict = {}
 # Four batches of 8; the first spans a 4x wider range, so a vote over batches and one search over all differ.
 DATA = (
@@ -211,11 +224,21 @@ DATA = (
 STRATEGIES = ("pof2s", "fs", "tqt")  # the built-ins; the other names are aliases of these
 
 
-def fingerprint(strategy: str, overrides: dict):
+def net_for(key: str):
+    """The model a key's case quantizes: `ft_model` for the fast finetune keys, else `model`."""
+    global MODEL, FT_MODEL
+    if key in FT_KEYS:
+        FT_MODEL = FT_MODEL or ft_model()
+        return FT_MODEL
+    MODEL = MODEL or model()
+    return MODEL
+
+
+def fingerprint(strategy: str, overrides: dict, net=None):
     """What a user can see of a quantization: outputs, quantize info, reports; or the ConfigError's text."""
     global MODEL
     MODEL = MODEL or model()
-    q = qstrat.Quantizer(MODEL, strategy)
+    q = qstrat.Quantizer(net or MODEL, strategy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -250,8 +273,10 @@ def qat_fingerprint(strategy: str, overrides: dict) -> bytes:
     return kinds.encode() + weights + keras.ops.convert_to_numpy(qat(DATA[:8])).tobytes()
 
 
-def fingerprint_warns(strategy: str, overrides: dict) -> None:
-    qstrat.Quantizer(MODEL or model(), strategy).quantize_model(DATA[:8], verbose=0, calib_batch_size=8, **overrides)
+def fingerprint_warns(strategy: str, overrides: dict, net=None) -> None:
+    qstrat.Quantizer(net or MODEL or model(), strategy).quantize_model(
+        DATA[:8], verbose=0, calib_batch_size=8, **overrides
+    )
 
 
 def family_value(strategy: str, family: str, param: str) -> bool:
@@ -306,12 +331,20 @@ def test_the_inert_list_is_what_keys_py_says_is_pending():
     assert pending == set(INERT_KEYS) - {"quantize_with_xcompiler"}
 
 
+@pytest.fixture(autouse=True)
+def few_fast_ft_steps(monkeypatch):
+    """Fast finetune's epochs of two steps at least (not 50): one step already moves the result, so whether a key
+    acts still shows, at a fraction of the time."""
+    monkeypatch.setattr(fast_ft, "MIN_STEPS", 2)
+
+
 @pytest.mark.parametrize("strategy,section,key", CASES, ids=[f"{s}-{k}" for s, _, k in CASES])
 def test_every_key_acts_or_is_listed(strategy, section, key):
     context = {"include_bias_corr": False, **CONTEXT.get(key, {})} if key != "include_bias_corr" else {}
     value = other_value(strategy, section, key)
-    ckey = (strategy, json.dumps(context, sort_keys=True))
-    base = _BASES.get(ckey) or _BASES.setdefault(ckey, fingerprint(strategy, context))
+    net = net_for(key)
+    ckey = (strategy, json.dumps(context, sort_keys=True), net.name)
+    base = _BASES.get(ckey) or _BASES.setdefault(ckey, fingerprint(strategy, context, net))
     if key == "quantize_with_xcompiler":
         with pytest.raises(ConfigError, match="compiler"):
             load_strategy(strategy, quantize_with_xcompiler=True)
@@ -320,10 +353,10 @@ def test_every_key_acts_or_is_listed(strategy, section, key):
         # Whichever of the two values is not the key's default is the one that must warn.
         set_one = {**context, key: value} if value != SECTIONS[section][key].default else context
         with pytest.warns(qstrat.PendingKeyWarning, match=key):
-            fingerprint_warns(strategy, set_one)
-        assert fingerprint(strategy, {**context, key: value}) == base, f"{key} acts now: take it off INERT_KEYS"
+            fingerprint_warns(strategy, set_one, net)
+        assert fingerprint(strategy, {**context, key: value}, net) == base, f"{key} acts now: take it off INERT_KEYS"
         return
-    flipped = fingerprint(strategy, {**context, key: value})
+    flipped = fingerprint(strategy, {**context, key: value}, net)
     if key in QAT_KEYS:
         assert flipped == base, f"{key} changed quantize_model's result"
         with pytest.warns(UserWarning, match="train_with_bn = true does nothing in quantize_model"):
@@ -342,7 +375,7 @@ def test_every_key_acts_or_is_listed(strategy, section, key):
     if (strategy, key) in NOT_APPLICABLE:
         assert flipped == base
         with pytest.warns(UserWarning, match=f"{key} = .* does nothing"):
-            fingerprint_warns(strategy, {**context, key: value})
+            fingerprint_warns(strategy, {**context, key: value}, net)
         return
     if (strategy, key) in REFUSED:
         about = HANDY_KEYS[key][1] if key in HANDY_KEYS else key

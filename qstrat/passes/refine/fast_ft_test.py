@@ -35,6 +35,14 @@ def _model():
     return model
 
 
+@pytest.fixture
+def few_steps(monkeypatch):
+    """Epochs of 8 steps at least, not `fast_ft.MIN_STEPS`: for the tests of what holds whatever the training."""
+    from qstrat.passes.refine import fast_ft
+
+    monkeypatch.setattr(fast_ft, "MIN_STEPS", 8)
+
+
 def _data(n=128, seed=0):
     return np.random.default_rng(seed).normal(size=(n, 10, 10, 3)).astype("float32")
 
@@ -73,7 +81,7 @@ def test_fast_finetune_lowers_each_block_error_and_the_output_error():
     assert any(n.startswith("fast finetune: block MSE") for n in notes), notes
 
 
-def test_weights_end_on_the_frozen_grid():
+def test_weights_end_on_the_frozen_grid(few_steps):
     model, x = _model(), _data()
     q = qstrat.Quantizer(model, "pof2s")
     tuned = q.quantize_model(x, verbose=0, weight_bit=4, include_bias_corr=False, **FT)
@@ -85,7 +93,7 @@ def test_weights_end_on_the_frozen_grid():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(wrapper.quantized_weight("kernel")), w)
 
 
-def test_with_bias_correction_the_final_error_never_goes_up():
+def test_with_bias_correction_the_final_error_never_goes_up(few_steps):
     model, x = _model(), _data()
     plain = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0)
     q = qstrat.Quantizer(model, "pof2s")
@@ -130,7 +138,7 @@ def test_either_switched_off_is_plain_ptq_bit_for_bit():
     np.testing.assert_array_equal(_out(plain, x), _out(off, x))
 
 
-def test_the_result_is_the_same_on_every_run():
+def test_the_result_is_the_same_on_every_run(few_steps):
     model, x = _model(), _data()
     q = qstrat.Quantizer(model, "pof2s")
     a = q.quantize_model(x, verbose=0, weight_bit=4, include_bias_corr=False, **FT)
@@ -139,7 +147,7 @@ def test_the_result_is_the_same_on_every_run():
     np.testing.assert_array_equal(_out(a, x), _out(b, x))
 
 
-def test_samples_are_capped_and_float_inputs_are_a_choice():
+def test_samples_are_capped_and_float_inputs_are_a_choice(few_steps):
     model, x = _model(), _data()
     q = qstrat.Quantizer(model, "fs")
     q.quantize_model(x, verbose=0, **FT, fast_ft_samples=40, fast_ft_input="float")
@@ -150,7 +158,7 @@ def test_samples_are_capped_and_float_inputs_are_a_choice():
     assert any(b.kept for b in result.blocks)
 
 
-def test_a_generator_skips_fast_finetune_with_a_warning():
+def test_a_generator_skips_fast_finetune_with_a_warning(few_steps):
     model, x = _model(), _data()
     q = qstrat.Quantizer(model, "pof2s")
     with pytest.warns(UserWarning, match="fast finetune .* was skipped"):
