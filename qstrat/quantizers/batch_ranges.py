@@ -175,20 +175,36 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
     phi_digits = _digits_of(ops.abs(phi), 3)  # |phi| <= 2^23
     sign_phi = ops.sign(phi)
     width = _magnitude_digits(grid)
-    best_pos, best = None, None
+
+    def error_sums(pos, shape):  # the digit sums (..., C, P) of the candidates ``pos``, shaped to broadcast
+        zp = None if symmetric else ops.reshape(zero_point(lo, pos, grid), shape)
+        y = fq.pof2_fake_quant(r, ops.reshape(pos, shape), grid.qmin, grid.qmax, round_mode, None, zp)
+        i = n0 - y * scale
+        return _error_digits(ops.abs(i), ops.sign(i) * sign_phi, phi_digits, width)
+
     with fq.forward_only():
-        for pos in cands:
-            zp = None if symmetric else ops.reshape(zero_point(lo, pos, grid), (-1, 1, 1))
-            y = fq.pof2_fake_quant(r, ops.reshape(pos, (-1, 1, 1)), grid.qmin, grid.qmax, round_mode, None, zp)
-            i = n0 - y * scale
-            sums = _error_digits(ops.abs(i), ops.sign(i) * sign_phi, phi_digits, width)
-            if best is None:
-                best_pos, best = pos, sums
-                continue
-            better = _less(sums, best)
-            best_pos = ops.where(better, pos, best_pos)
-            best = ops.where(ops.expand_dims(better, -1), sums, best)
+        if _all_at_once(r):  # one set of ops for every candidate: a fifth of the graph to trace
+            together = error_sums(ops.stack(cands), (len(cands), -1, 1, 1))
+            sums = [together[k] for k in range(len(cands))]
+        else:  # one candidate at a time: a fifth of the memory
+            sums = [error_sums(pos, (-1, 1, 1)) for pos in cands]
+    best_pos, best = cands[0], sums[0]
+    for pos, err in zip(cands[1:], sums[1:], strict=True):
+        better = _less(err, best)
+        best_pos = ops.where(better, pos, best_pos)
+        best = ops.where(ops.expand_dims(better, -1), err, best)
     return best_pos
+
+
+_TOGETHER = 2**20  # elements of a batch (times the candidates) up to which `mse_pos` computes every candidate at once
+
+
+def _all_at_once(r) -> bool:
+    """Whether ``r`` has a static shape small enough that the candidates' errors fit in memory together
+    (weights do; activations, with their batch size unknown while traced, go one candidate at a time)."""
+    if any(d is None for d in r.shape):
+        return False
+    return ranges.MSE_POS_CANDIDATES * int(np.prod(r.shape)) <= _TOGETHER
 
 
 def _magnitude_digits(grid: IntGrid) -> int:
@@ -208,7 +224,7 @@ def _digits_of(v, n: int):
 
 
 def _error_digits(a, sigma, phi_digits, width: int):
-    """Sum over each row of w = a^2 * 2^24 + 2 sigma |phi| a (>= 0), as canonical base-256 digits (C, P).
+    """Sum over each row of w = a^2 * 2^24 + 2 sigma |phi| a (>= 0), as canonical base-256 digits (..., C, P).
 
     Per value: the digit products (each below 2^17, every column below 2^20,
     exact in float32, so a fused multiply-add gives the same bits) are summed
@@ -231,9 +247,9 @@ def _error_digits(a, sigma, phi_digits, width: int):
         carry = ops.floor(v * _F32(1.0 / _BASE))
         digits.append(v - carry * _F32(_BASE))
     digits.append(carry)  # w < 256^(2 width + 3)
-    per_b = ops.stack([ops.sum(ops.cast(d, "int32"), axis=-1) for d in digits], axis=-1)  # (C, B, P)
+    per_b = ops.stack([ops.sum(ops.cast(d, "int32"), axis=-1) for d in digits], axis=-1)  # (..., C, B, P)
     per_b = _carry(per_b, 4)  # sums below 2^31: four more digits take the carries
-    return _carry(ops.sum(per_b, axis=1), 4)  # (C, P); each sum is at most 255 B
+    return _carry(ops.sum(per_b, axis=-2), 4)  # (..., C, P); each sum is at most 255 B
 
 
 def _carry(v, extra: int):
@@ -252,11 +268,11 @@ def _carry(v, extra: int):
 
 def _less(a, b):
     """a < b for canonical digit rows (C, P), lowest digit first: the highest digit that differs decides."""
-    less = ops.zeros(a.shape[:-1], "bool")
-    for k in range(a.shape[-1]):  # later (higher) digits override
-        x, y = a[..., k], b[..., k]
-        less = ops.where(x != y, x < y, less)
-    return less
+    top_a, top_b = ops.flip(a, axis=-1), ops.flip(b, axis=-1)  # highest digit first
+    differ = top_a != top_b
+    first = ops.expand_dims(ops.argmax(ops.cast(differ, "int32"), axis=-1), -1)  # 0 where none differs
+    less = ops.take_along_axis(top_a < top_b, first, axis=-1)[..., 0]
+    return ops.logical_and(less, ops.any(differ, axis=-1))
 
 
 # ---- float-scale running extremes -----------------------------------------------------------

@@ -10,6 +10,8 @@ the same order, and the output is the fake-quant kernel, equal to its twin bit
 for bit for a given state.
 """
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from keras import ops
 import qstrat  # noqa: F401 - registers the layers
 from qstrat.errors import UnsupportedError
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.quantizers import FSQuantizer, Pof2SQuantizer, ranges, reference
+from qstrat.quantizers import FSQuantizer, Pof2SQuantizer, batch_ranges, ranges, reference
 from qstrat.quantizers.float_scale import _NumPyOps
 from qstrat.quantizers.grid import RoundMode
 from qstrat.quantizers.mafs_test import grad_in_training
@@ -88,10 +90,12 @@ ROUND_MODES = [m.value for m in RoundMode]
     round_mode=st.sampled_from(ROUND_MODES),
     log_scale=st.integers(-8, 8),
     snapped=st.booleans(),
+    together=st.booleans(),
 )
 def test_pof2s_training_steps_equal_the_twin(
-    seed, method, per_channel, symmetry, unsigned, narrow, bits, round_mode, log_scale, snapped
+    seed, method, per_channel, symmetry, unsigned, narrow, bits, round_mode, log_scale, snapped, together
 ):
+    """``together``: Min_MSE's candidates computed at once (as for weights) or one at a time (as for activations)."""
     q = Pof2SQuantizer(
         method=method,
         per_channel=per_channel,
@@ -104,8 +108,9 @@ def test_pof2s_training_steps_equal_the_twin(
     rng = np.random.default_rng(seed)
     state = variables(q)
     scale = 2.0**log_scale
-    for _ in range(3):
-        assert_step_equals_twin(q, state, batch(rng, scale, unsigned, scale / 4 if snapped else None))
+    with mock.patch.object(batch_ranges, "_TOGETHER", 2**20 if together else 0):
+        for _ in range(3):
+            assert_step_equals_twin(q, state, batch(rng, scale, unsigned, scale / 4 if snapped else None))
 
 
 @pytest.mark.parametrize("method", ["No_OF", "Min_MSE"])
