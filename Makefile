@@ -35,11 +35,12 @@ demo: $(VENV)/.core
 	$(PY) -m qstrat.demo
 
 test: $(VENV)/.core $(VENV)/.browser
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not jax_devices"
 
 test-portable: $(VENV)/.portable
 	KERAS_BACKEND=torch $(PY) -m pytest -q -p no:cacheprovider -m portable
 	KERAS_BACKEND=jax $(PY) -m pytest -q -p no:cacheprovider -m portable
+	$(PY) -m pytest -q -p no:cacheprovider -m jax_devices
 
 bench: $(VENV)/.core
 	$(PY) bench/observers.py

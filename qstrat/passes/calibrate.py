@@ -18,6 +18,7 @@ from qstrat.errors import ConfigError
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import SampleChannelSums, StatsTaps, unpack_stats
+from qstrat.passes.distributed import Spread, groups, placement
 from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
@@ -153,36 +154,54 @@ def calibrate_activations(
     probe = _stats_probe(float_graph, keys, side_refs) if keys or side_refs else None
     batches = samples = 0
     progress = progress or Progress(verbose)
-    bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what="activation statistics")
     raw = [key for key in keys if key[1] == "raw"]
     tapped = [key for key in keys if key[1] != "raw"]
     kinds = [mode for _, mode in tapped]
-    for batch in iterate_batches(data, input_specs(qmodel), batch_size, steps):
-        if probe is not None:
-            outs = probe(batch)
-            results = {key: [out] for key, out in zip(raw, outs[: len(raw)], strict=True)}
-            i = len(raw)
-            if tapped:
-                width = 5 if "histogram" in kinds else 3
-                results.update(zip(tapped, unpack_stats(outs[i : i + width], kinds), strict=True))
-                i += width
-            for fq, ref, mode in zip(owners, refs, pair_modes, strict=True):
-                obs, got = observers[id(fq)], results[(ref, mode)]
-                if mode == "raw":
-                    obs.update(np.asarray(got[0]))
-                elif mode == "range":
-                    obs.update_range(got[0], got[1], int(got[2]))
-                else:
-                    obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
-            if side_refs:
-                float_side.update(samples, outs[i:])
-        batches += 1
-        samples += len(batch[0])
-        bar.update(batches)
+    n_stats = (5 if "histogram" in kinds else 3) if tapped else 0
+    # What each probe output is: a row per sample, a statistic of the batch, or the same for every batch.
+    kinds_out = ["rows"] * len(raw) + ["reduced"] * n_stats + (["rows", "same"] if side_refs else [])
+    spread = _spread(probe, kinds_out)
+    what = "activation statistics" + (f" ({spread.where.describe()})" if spread is not None else "")
+    bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what=what)
+    for group in groups(iterate_batches(data, input_specs(qmodel), batch_size, steps), spread.width if spread else 1):
+        everything = spread(group) if spread is not None else [probe(b) if probe else None for b in group]
+        for batch, outs in zip(group, everything, strict=True):
+            if outs is not None:
+                _observe(outs, raw, tapped, kinds, n_stats, owners, refs, pair_modes, observers)
+                if side_refs:
+                    float_side.update(samples, outs[len(raw) + n_stats :])
+            batches += 1
+            samples += len(batch[0])
+            bar.update(batches)
     done = [fq for fq in fqs if fq.name in taps]
     for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
         _assign(fq.state, state)
     return samples
+
+
+def _spread(probe, outputs: list[str]) -> Spread | None:
+    """The probe spread over the devices of an active distribution (`qstrat.passes.distributed`), or None."""
+    where = placement() if probe is not None else None
+    return Spread(probe, where, outputs) if where is not None else None
+
+
+def _observe(outs, raw, tapped, kinds, n_stats, owners, refs, pair_modes, observers) -> None:
+    """Update each FakeQuant's observer from one batch's probe outputs (statistics None: given with another
+    batch's, see `Spread`)."""
+    results = {key: [out] for key, out in zip(raw, outs[: len(raw)], strict=True)}
+    stats = outs[len(raw) : len(raw) + n_stats]
+    if tapped and stats[0] is not None:
+        results.update(zip(tapped, unpack_stats(stats, kinds), strict=True))
+    for fq, ref, mode in zip(owners, refs, pair_modes, strict=True):
+        if (ref, mode) not in results:
+            continue
+        obs, got = observers[id(fq)], results[(ref, mode)]
+        if mode == "raw":
+            obs.update(np.asarray(got[0]))
+        elif mode == "range":
+            obs.update_range(got[0], got[1], int(got[2]))
+        else:
+            obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
 
 
 def _states_from_stats(fqs, observers) -> list[dict]:

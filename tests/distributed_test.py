@@ -1,0 +1,50 @@
+"""Calibration under Keras' own distribution engines is bit for bit what it is on one device.
+
+Each case runs `distributed_check.py` in a child process: the devices must be
+made before the backend starts (JAX: ``XLA_FLAGS=--xla_force_host_platform_device_count=4``;
+TensorFlow: two logical CPU devices), and this process's backend has started.
+The model is quantized with pof2s and with fs on one device and under the
+distribution; every quantizer state (positions, scales, zero points) and every
+bias correction must be equal, bit for bit. 100 samples in batches of 8 make 12
+full batches and a short one: the full groups of batches must have run spread
+over the devices (counted), and the short remainder one batch at a time.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_check.py")
+
+
+def run(backend: str, model: str) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    if backend == "jax":
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    done = subprocess.run(
+        [sys.executable, CHECK, backend, model], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def check(report: dict, groups: int) -> None:
+    assert [r["strategy"] for r in report["runs"]] == ["pof2s", "fs"]
+    for r in report["runs"]:
+        assert r["groups"] == groups, r  # 12 full batches: in groups as wide as the devices, each group spread
+        assert r["corrections"] > 0 and r["states"] > r["corrections"], r
+        assert r["differ"] == [], r
+
+
+@pytest.mark.parametrize("model", ["digits", "xception"])
+def test_mirrored_strategy_on_two_devices_calibrates_bit_for_bit(model):
+    check(run("tensorflow", model), groups=6)
+
+
+@pytest.mark.jax_devices
+@pytest.mark.parametrize("model", ["digits", "xception"])
+def test_data_parallel_on_four_jax_devices_calibrates_bit_for_bit(model):
+    check(run("jax", model), groups=3)
