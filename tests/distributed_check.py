@@ -9,6 +9,11 @@ fs, the model is quantized on one device, then under the distribution (JAX:
 ``MirroredStrategy`` over the 2). Prints one JSON line:
 per run, the groups of batches that ran spread over the devices, and the
 quantizer states and bias corrections that differ (none, when all is well).
+
+MODEL ``qat``: the digits CNN trained with QAT (tqt; on JAX also pof2s) for
+64 steps on one device and under the distribution: accuracies, and the
+largest differences of quantizer states and weights. On TensorFlow also the
+error that refuses pof2s QAT there.
 """
 
 import json
@@ -75,7 +80,63 @@ def engine():
     return "DataParallel", keras.distribution.DataParallel(devices=jax.devices()).scope()
 
 
+LR, EPOCHS = 1e-3, 2  # QAT: Adam, 2 epochs of 1024 digits in batches of 32 (64 steps)
+
+
+def qat() -> dict:
+    """The digits CNN trained with QAT (tqt, then pof2s) on one device and under the distribution: each
+    quantizer state's largest difference, the weights' largest, and the accuracies."""
+    import contextlib
+
+    x_train, y_train, x_test, y_test = zoo.digits_split()
+    x, y, xt, yt = x_train[:1024], y_train[:1024], x_test[:352], y_test[:352]  # 352: whole batches on 4 devices
+    report = {"backend": BACKEND, "model": "qat", "steps": EPOCHS * len(x) // 32, "lr": LR, "runs": []}
+    # Under tf.distribute, pof2s weight quantizers (a position at every step) are refused.
+    for strategy in ("tqt", "pof2s") if BACKEND == "jax" else ("tqt",):
+        got = {}
+        for name, scope in (("one device", contextlib.nullcontext()), engine()):
+            with scope:
+                q = qstrat.Quantizer(zoo.digits_cnn(), strategy)
+                m = q.get_qat_model(calib_dataset=x[:256], verbose=0, init_quant=True)
+                m.compile(keras.optimizers.Adam(LR), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                m.fit(x, y, batch_size=32, epochs=EPOCHS, shuffle=False, verbose=0)
+                acc = float(np.mean(np.asarray(m.predict(xt, batch_size=32, verbose=0)).argmax(1) == yt))
+                weights = {v.path: np.asarray(keras.ops.convert_to_numpy(v)) for v in m.trainable_weights}
+                got[name] = (state(m), weights, acc)
+        (s1, w1, a1), (s2, w2, a2) = got.values()
+        report["runs"].append(
+            {
+                "strategy": strategy,
+                "accuracy": [a1, a2],
+                "states": len(s1),
+                "state_differ": sorted(k for k in s1 if not np.array_equal(s1[k], s2[k])),
+                "state_max_diff": max(float(np.max(np.abs(s1[k] - s2[k]))) for k in s1),
+                "weight_max_diff": max(float(np.max(np.abs(w1[k] - w2[k]))) for k in w1),
+            }
+        )
+    if BACKEND == "tensorflow":
+        report["refused"] = refused(x, y)
+    return report
+
+
+def refused(x, y) -> str:
+    """pof2s QAT under MirroredStrategy: the error's text (empty if it trained)."""
+    from qstrat.errors import UnsupportedError
+
+    with engine()[1]:
+        m = qstrat.Quantizer(zoo.digits_cnn(), "pof2s").get_qat_model(calib_dataset=x[:64], verbose=0)
+        m.compile(keras.optimizers.Adam(LR), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        try:
+            m.fit(x[:64], y[:64], batch_size=32, epochs=1, verbose=0)
+        except UnsupportedError as exc:
+            return str(exc)
+    return ""
+
+
 def main() -> int:
+    if MODEL == "qat":
+        print(json.dumps(qat()))
+        return 0
     build, x = task()
     model = build()
     spread_groups = {"n": 0}

@@ -1,4 +1,4 @@
-"""Calibration under Keras' own distribution engines is bit for bit what it is on one device.
+"""Calibration and QAT under Keras' own distribution engines, against one device.
 
 Each case runs `distributed_check.py` in a child process: the devices must be
 made before the backend starts (JAX: ``XLA_FLAGS=--xla_force_host_platform_device_count=4``;
@@ -8,6 +8,9 @@ distribution; every quantizer state (positions, scales, zero points) and every
 bias correction must be equal, bit for bit. 100 samples in batches of 8 make 12
 full batches and a short one: the full groups of batches must have run spread
 over the devices (counted), and the short remainder one batch at a time.
+
+QAT: the digits CNN trained for 64 steps with tqt (and on JAX pof2s) on one
+device and under the distribution; see `check_qat` for what must agree.
 """
 
 import json
@@ -48,3 +51,29 @@ def test_mirrored_strategy_on_two_devices_calibrates_bit_for_bit(model):
 @pytest.mark.parametrize("model", ["digits", "xception"])
 def test_data_parallel_on_four_jax_devices_calibrates_bit_for_bit(model):
     check(run("jax", model), groups=3)
+
+
+# QAT: Adam moves a parameter by at most lr (1 - beta1) / sqrt(1 - beta2) = 3.17 lr a step, so two runs that
+# differ only in the order the replicas' gradients are added stay within twice that per step of each other.
+ADAM_STEP = (1 - 0.9) / (1 - 0.999) ** 0.5
+
+
+def check_qat(report: dict, strategies: list[str]) -> None:
+    bound = 2 * ADAM_STEP * report["lr"] * report["steps"]
+    assert [r["strategy"] for r in report["runs"]] == strategies
+    for r in report["runs"]:
+        assert min(r["accuracy"]) >= 0.95, r  # both trained (the float digits CNN: 98%)
+        assert r["weight_max_diff"] <= bound and r["state_max_diff"] <= bound, r
+        # Positions are the whole batch's on every device: equal, where the weights barely differ.
+        assert not [k for k in r["state_differ"] if k.endswith(".pos")], r
+
+
+def test_qat_under_mirrored_strategy_matches_one_device_and_refuses_pof2s_weights():
+    report = run("tensorflow", "qat")
+    check_qat(report, ["tqt"])
+    assert "not supported under tf.distribute (2 replicas)" in report["refused"], report["refused"]
+
+
+@pytest.mark.jax_devices
+def test_qat_under_data_parallel_matches_one_device():
+    check_qat(run("jax", "qat"), ["tqt", "pof2s"])

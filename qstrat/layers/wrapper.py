@@ -100,9 +100,13 @@ class QuantizeWrapper(keras.layers.Layer):
 
     def _quantize(self, attr: str, w, training: bool):
         """``w`` fake-quantized by the quantizer of ``attr``, or ``w`` itself where that quantizer is bypassed."""
-        return _gate(
-            self.enabled[attr], lambda: self.quantizers[attr](w, self.state[attr], training=training), w, training
-        )
+        from qstrat.quantizers import batch_ranges
+
+        def quantize():
+            with batch_ranges.same_on_every_replica():  # a weight: the same on every tf.distribute replica
+                return self.quantizers[attr](w, self.state[attr], training=training)
+
+        return _gate(self.enabled[attr], quantize, w, training)
 
     def quantized_weight(self, attr: str, training=False):
         target = getattr(self.layer, "target_value", None)

@@ -31,6 +31,9 @@ values the NumPy code gives on that batch (the quantizers' ``reference_train``):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 from keras import ops
 
@@ -79,7 +82,7 @@ def pof2_state(q, x):
     p, g = q.params, q.grid
     check_zero_point_grid(q)
     r = rows(x, q.axis)
-    lo, hi = ops.min(r, axis=(1, 2)), ops.max(r, axis=(1, 2))
+    lo, hi = across_replicas(ops.min(r, axis=(1, 2)), "min"), across_replicas(ops.max(r, axis=(1, 2)), "max")
     pos_range = (p.min_quantize_pos, p.max_quantize_pos)
     if p.method == Method.MIN_MSE:
         pos = mse_pos(r, lo, hi, g, p.symmetry, p.round_mode, p.epsilon, pos_range)
@@ -90,6 +93,72 @@ def pof2_state(q, x):
     if not p.symmetry:
         state["zero_point"] = ops.reshape(zero_point(lo, pos, g), shape)
     return state
+
+
+_SAME_ON_EVERY_REPLICA = contextvars.ContextVar("qstrat_same_on_every_replica", default=False)
+
+
+@contextlib.contextmanager
+def same_on_every_replica():
+    """Within: the quantizers quantize a weight, which every replica holds whole (no reduction across them)."""
+    token = _SAME_ON_EVERY_REPLICA.set(True)
+    try:
+        yield
+    finally:
+        _SAME_ON_EVERY_REPLICA.reset(token)
+
+
+def _replicas():
+    """The replica context of a ``tf.distribute`` step over more than one replica, else None (one device, or
+    JAX, whose batch is one array over all its devices already)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    return ctx if ctx is not None and ctx.num_replicas_in_sync > 1 else None
+
+
+def _replica_context():
+    """`_replicas`, for a state computed from the replica's part of the batch (not from a weight: every
+    replica holds the same weights)."""
+    return None if _SAME_ON_EVERY_REPLICA.get() else _replicas()
+
+
+def refuse_replicas(q) -> None:
+    """Refuse a weight quantizer that recomputes its state at every training step under ``tf.distribute``
+    replicas: TensorFlow's gradient all-reduce fails on such a model (seen with pof2s on the digits CNN)."""
+    ctx = _replicas()
+    if ctx is not None and _SAME_ON_EVERY_REPLICA.get():
+        raise UnsupportedError(
+            f"{q.type_name}: QAT with weight quantizers that recompute their state at every step is not supported "
+            f"under tf.distribute ({ctx.num_replicas_in_sync} replicas). Train with the tqt strategy (trained "
+            "thresholds), on JAX with keras.distribution.DataParallel, or on one device."
+        )
+
+
+def across_replicas(x, how: str):
+    """``x`` ("min", "max" or "sum") over the replicas of a ``tf.distribute`` step; ``x`` itself elsewhere.
+
+    Under ``tf.distribute.MirroredStrategy`` each replica trains on its part of the batch; a state computed
+    from the batch (a position, a range) must be the whole batch's, the same on every replica, as on one
+    device. Minima, maxima and integer sums are exact in any order.
+    """
+    ctx = _replica_context()
+    if ctx is None:
+        return x
+    combine = {"min": ops.minimum, "max": ops.maximum, "sum": ops.add}[how]
+
+    def merge(strategy, value):  # in cross-replica context, once for all replicas: their values, combined
+        parts = strategy.experimental_local_results(value)
+        out = parts[0]
+        for part in parts[1:]:
+            out = combine(out, part)
+        return out
+
+    return ctx.merge_call(merge, args=(x,))
 
 
 def check_zero_point_grid(q) -> None:
@@ -188,6 +257,8 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
             sums = [together[k] for k in range(len(cands))]
         else:  # one candidate at a time: a fifth of the memory
             sums = [error_sums(pos, (-1, 1, 1)) for pos in cands]
+    if _replica_context() is not None:  # each replica summed its part of the batch: add the digits, carry again
+        sums = [_carry(across_replicas(ops.cast(err, "int32"), "sum"), 1) for err in sums]
     best_pos, best = cands[0], sums[0]
     for pos, err in zip(cands[1:], sums[1:], strict=True):
         better = _less(err, best)
@@ -281,7 +352,7 @@ def _less(a, b):
 def fs_state(q, x, state):
     """`FSQuantizer` (scale, zero point) after the batch ``x``: the state's range widened to x's extremes."""
     r = rows(x, q.axis)
-    lo, hi = ops.min(r, axis=(1, 2)), ops.max(r, axis=(1, 2))
+    lo, hi = across_replicas(ops.min(r, axis=(1, 2)), "min"), across_replicas(ops.max(r, axis=(1, 2)), "max")
     if q.axis is None:
         lo, hi = lo[0], hi[0]
     scale, zero_point = (ops.convert_to_tensor(state[k].value) for k in ("scale", "zero_point"))

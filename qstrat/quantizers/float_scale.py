@@ -165,6 +165,7 @@ class FSQuantizer(_FloatScale):
     def _train(self, x, state):
         """Widen the state's range to the batch's extremes, write it, quantize with it."""
         batch_ranges.require_variables(self, state, "widens the range in the state to each batch's")
+        batch_ranges.refuse_replicas(self)
         s, zp = batch_ranges.fs_state(self, x, state)
         state["scale"].assign(s)
         state["zero_point"].assign(zp)
@@ -329,6 +330,8 @@ class MAFSQuantizer(_FloatScale):
         else:
             others = tuple(i for i in range(ndim) if i != self.axis % ndim)
             lo, hi = ops.min(batch, axis=others), ops.max(batch, axis=others)
+        # Under tf.distribute, the whole batch's extremes on every replica, as on one device.
+        lo, hi = batch_ranges.across_replicas(lo, "min"), batch_ranges.across_replicas(hi, "max")
         omd, log_d = (ops.convert_to_tensor(c) for c in self._ema_constants())
         b_lo = ops.convert_to_tensor(state["biased_min"])
         b_hi = ops.convert_to_tensor(state["biased_max"])
