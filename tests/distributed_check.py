@@ -14,6 +14,9 @@ MODEL ``qat``: the digits CNN trained with QAT (tqt; on JAX also pof2s) for
 64 steps on one device and under the distribution: accuracies, and the
 largest differences of quantizer states and weights. On TensorFlow also the
 error that refuses pof2s QAT there.
+
+MODEL ``layout`` (JAX): the digits MobileNet-style model built and quantized
+under a ModelParallel layout; each kernel's sharding, float and quantized.
 """
 
 import json
@@ -133,12 +136,44 @@ def refused(x, y) -> str:
     return ""
 
 
-def main() -> int:
-    if MODEL == "qat":
-        print(json.dumps(qat()))
-        return 0
-    build, x = task()
-    model = build()
+def layout() -> dict:
+    """JAX: the digits MobileNet-style model built and quantized (pof2s) under a ModelParallel layout on a 2x2
+    mesh (the 1x1 convolutions' and the head's kernels split over their output axis): each kernel's sharding in
+    the float and in the quantized model, the groups spread over the batch axis, and the quantizer states that
+    differ from one device's."""
+    import jax
+
+    x_train, _, _, _ = zoo.digits_split()
+    x = x_train[:100]
+    one = quantize(zoo.digits_mobilenet(), x, "pof2s")
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], jax.devices())
+    layouts = keras.distribution.LayoutMap(mesh)
+    layouts[".*pw\\d/kernel"] = (None, None, None, "model")
+    layouts[".*logits/kernel"] = (None, "model")
+    groups = counting()
+    with keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch").scope():
+        model = zoo.digits_mobilenet()
+        qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, calib_batch_size=BATCH)
+        many = state(qmodel)
+        outputs = np.asarray(qmodel.predict(x[:32], verbose=0)).shape
+
+    def specs(m):
+        return {v.path: str(v.value.sharding.spec) for v in m.weights if v.path.endswith("kernel")}
+
+    return {
+        "backend": BACKEND,
+        "model": "layout",
+        "float": specs(model),
+        "quantized": specs(qmodel),
+        "groups": groups["n"],
+        "outputs": list(outputs),
+        "differ": sorted(k for k in one if not np.array_equal(one[k], many[k])),
+        "max_diff": max(float(np.max(np.abs(one[k] - many[k]))) for k in one),
+    }
+
+
+def counting() -> dict:
+    """Count the groups of batches `Spread` runs spread over the devices, from now on."""
     spread_groups = {"n": 0}
     call = distributed.Spread.__call__
 
@@ -149,6 +184,19 @@ def main() -> int:
         return got
 
     distributed.Spread.__call__ = counted
+    return spread_groups
+
+
+def main() -> int:
+    if MODEL == "qat":
+        print(json.dumps(qat()))
+        return 0
+    if MODEL == "layout":
+        print(json.dumps(layout()))
+        return 0
+    build, x = task()
+    model = build()
+    spread_groups = counting()
     report = {"backend": BACKEND, "model": MODEL, "runs": []}
     for strategy in ("pof2s", "fs"):
         one = quantize(model, x, strategy)

@@ -11,6 +11,8 @@ over the devices (counted), and the short remainder one batch at a time.
 
 QAT: the digits CNN trained for 64 steps with tqt (and on JAX pof2s) on one
 device and under the distribution; see `check_qat` for what must agree.
+
+A ModelParallel layout (JAX, 2x2 mesh): the quantized model's kernels keep it.
 """
 
 import json
@@ -77,3 +79,12 @@ def test_qat_under_mirrored_strategy_matches_one_device_and_refuses_pof2s_weight
 @pytest.mark.jax_devices
 def test_qat_under_data_parallel_matches_one_device():
     check_qat(run("jax", "qat"), ["tqt", "pof2s"])
+
+
+@pytest.mark.jax_devices
+def test_a_model_parallel_layout_calibrates_and_the_quantized_model_keeps_it():
+    report = run("jax", "layout")
+    assert report["quantized"] == report["float"]  # every kernel sharded as the layout map says
+    assert sum("'model'" in spec for spec in report["quantized"].values()) == 4  # pw1-3 and the head
+    assert report["groups"] == 6  # a batch axis of 2: 12 full batches in 6 spread groups
+    assert report["outputs"] == [32, 10]
