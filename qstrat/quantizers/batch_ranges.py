@@ -127,18 +127,6 @@ def _replica_context():
     return None if _SAME_ON_EVERY_REPLICA.get() else _replicas()
 
 
-def refuse_replicas(q) -> None:
-    """Refuse a weight quantizer that recomputes its state at every training step under ``tf.distribute``
-    replicas: TensorFlow's gradient all-reduce fails on such a model (seen with pof2s on the digits CNN)."""
-    ctx = _replicas()
-    if ctx is not None and _SAME_ON_EVERY_REPLICA.get():
-        raise UnsupportedError(
-            f"{q.type_name}: QAT with weight quantizers that recompute their state at every step is not supported "
-            f"under tf.distribute ({ctx.num_replicas_in_sync} replicas). Train with the tqt strategy (trained "
-            "thresholds), on JAX with keras.distribution.DataParallel, or on one device."
-        )
-
-
 def across_replicas(x, how: str):
     """``x`` ("min", "max" or "sum") over the replicas of a ``tf.distribute`` step; ``x`` itself elsewhere.
 

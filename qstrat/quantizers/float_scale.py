@@ -165,7 +165,6 @@ class FSQuantizer(_FloatScale):
     def _train(self, x, state):
         """Widen the state's range to the batch's extremes, write it, quantize with it."""
         batch_ranges.require_variables(self, state, "widens the range in the state to each batch's")
-        batch_ranges.refuse_replicas(self)
         s, zp = batch_ranges.fs_state(self, x, state)
         state["scale"].assign(s)
         state["zero_point"].assign(zp)

@@ -173,7 +173,6 @@ class Pof2SQuantizer(_Pof2Positions):
     def _train(self, x, state):
         """The batch's state, written to the state variables; returns it as tensors."""
         batch_ranges.require_variables(self, state, "writes each batch's position to the state")
-        batch_ranges.refuse_replicas(self)
         new = batch_ranges.pof2_state(self, x)
         for key, value in new.items():
             state[key].assign(value)
