@@ -132,21 +132,14 @@ def across_replicas(x, how: str):
 
     Under ``tf.distribute.MirroredStrategy`` each replica trains on its part of the batch; a state computed
     from the batch (a position, a range) must be the whole batch's, the same on every replica, as on one
-    device. Minima, maxima and integer sums are exact in any order.
+    device. Minima, maxima and integer sums are exact in any order. The values are gathered from every
+    replica of every worker (``merge_call`` would see only this worker's).
     """
     ctx = _replica_context()
     if ctx is None:
         return x
-    combine = {"min": ops.minimum, "max": ops.maximum, "sum": ops.add}[how]
-
-    def merge(strategy, value):  # in cross-replica context, once for all replicas: their values, combined
-        parts = strategy.experimental_local_results(value)
-        out = parts[0]
-        for part in parts[1:]:
-            out = combine(out, part)
-        return out
-
-    return ctx.merge_call(merge, args=(x,))
+    parts = ctx.all_gather(ops.expand_dims(x, 0), axis=0)
+    return {"min": ops.min, "max": ops.max, "sum": ops.sum}[how](parts, axis=0)
 
 
 def check_zero_point_grid(q) -> None:

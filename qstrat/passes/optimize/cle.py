@@ -173,7 +173,8 @@ def cross_layer_equalization(
     weights: dict[str, dict[str, np.ndarray]] = {}
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ranges: dict[str, _Ranges] = {}
-    for name in {p.head for p in pairs} | {p.tail for p in pairs}:
+    # In model order (a set's order changes from process to process, and so would the layers' creation).
+    for name in dict.fromkeys(n for p in pairs for n in (p.head, p.tail)):
         layer = ed.node(name).op
         w = {"kernel": _np(layer.kernel), "bias": _np(layer.bias) if layer.use_bias else None}
         weights[name] = w

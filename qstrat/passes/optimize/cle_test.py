@@ -153,3 +153,21 @@ def test_channel_ranges_follow_the_scales_as_if_the_kernel_were_scaled(type_name
         np.testing.assert_allclose(rt, reduce(T, axis=0), rtol=1e-13)
         np.testing.assert_allclose(hmax, H.max(0), rtol=1e-13)
         np.testing.assert_allclose(tmax, T.max(0), rtol=1e-13)
+
+
+def test_equalized_layers_are_made_in_model_order(monkeypatch):
+    """Every process makes them in the same order (workers of one tf.distribute cluster create, and broadcast,
+    their variables in that order); a set's order would change with the process's string hashing."""
+    from qstrat.passes.optimize import cle
+
+    made = []
+
+    def recording(cls, config, *args, **kwargs):
+        made.append(config["name"])
+        return built_layer(cls, config, *args, **kwargs)
+
+    built_layer = cle.built_layer
+    monkeypatch.setattr(cle, "built_layer", recording)
+    graph = capture(_unbalanced(_chain_model()))
+    cross_layer_equalization(graph, CFG, OptimizeReport())
+    assert made == ["c1", "dw", "pw"]
