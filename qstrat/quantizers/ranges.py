@@ -134,24 +134,29 @@ def pof2_mse_pos_tensor(x2d, lo, hi, grid, symmetric, round_mode, epsilon, pos_r
 # ---- expected error over a histogram -----------------------------------------
 
 
+def _cube(x):
+    return x * x * x
+
+
 def _sq_error_antiderivative(t, kmin, kmax, delta):
     """M(t) = ∫_L^t (v - clip(R(v), kmin, kmax))² dv, in units of one step.
 
     R rounds to the nearest integer, shifted by ``delta`` (0 for nearest modes,
     0.5 for FLOOR). L = kmin - 0.5 + delta is the grid's lower decision edge.
+    Cubes are products (``**`` calls the slower ``pow``).
     """
     lo_edge = kmin - 0.5 + delta
     hi_edge = kmax + 0.5 + delta
-    period = ((0.5 + delta) ** 3 - (delta - 0.5) ** 3) / 3.0
+    period = (_cube(0.5 + delta) - _cube(delta - 0.5)) / 3.0
     inside = np.clip(t, lo_edge, hi_edge)
     k = np.floor(inside - delta + 0.5)
     k = np.minimum(k, kmax)  # t == hi_edge belongs to the last full period
     r = inside - k
-    m = (k - kmin) * period + (r**3 - (delta - 0.5) ** 3) / 3.0
+    m = (k - kmin) * period + (_cube(r) - _cube(delta - 0.5)) / 3.0
     below = t < lo_edge
     above = t > hi_edge
-    m = np.where(below, ((t - kmin) ** 3 - (lo_edge - kmin) ** 3) / 3.0, m)
-    m = np.where(above, m + ((t - kmax) ** 3 - (hi_edge - kmax) ** 3) / 3.0, m)
+    m = np.where(below, (_cube(t - kmin) - _cube(lo_edge - kmin)) / 3.0, m)
+    m = np.where(above, m + (_cube(t - kmax) - _cube(hi_edge - kmax)) / 3.0, m)
     return m
 
 
@@ -254,10 +259,13 @@ def fs_mse_range_hist(hist: Histogram, grid: IntGrid, symmetric: bool, round_mod
         a = _alpha_search(lambda al: cost(np.maximum(lo0, -amax * al), np.minimum(hi0, amax * al)))
         return max(lo0, -amax * a), min(hi0, amax * a)
     lo, hi = lo0, hi0
+    searched = {}  # side -> the other end it was searched against: the same search again gives the same end
     for _ in range(FS_MSE_ROUNDS):
-        if hi0 > 0:
+        if hi0 > 0 and searched.get("hi") != lo:
+            searched["hi"] = lo
             hi = hi0 * _alpha_search(lambda al, lo=lo: cost(np.full(al.shape, lo), hi0 * al))
-        if lo0 < 0:
+        if lo0 < 0 and searched.get("lo") != hi:
+            searched["lo"] = hi
             lo = lo0 * _alpha_search(lambda al, hi=hi: cost(lo0 * al, np.full(al.shape, hi)))
     return lo, hi
 
