@@ -23,6 +23,7 @@ import keras
 from qstrat.errors import ConfigError
 from qstrat.layers.fake_quant import _gate, make_quantizer
 from qstrat.layers.shared_state import shared_state_from_config
+from qstrat.quantizers import batch_ranges
 
 
 @keras.saving.register_keras_serializable(package="qstrat")
@@ -100,7 +101,6 @@ class QuantizeWrapper(keras.layers.Layer):
 
     def _quantize(self, attr: str, w, training: bool):
         """``w`` fake-quantized by the quantizer of ``attr``, or ``w`` itself where that quantizer is bypassed."""
-        from qstrat.quantizers import batch_ranges
 
         def quantize():
             with batch_ranges.same_on_every_replica():  # a weight: the same on every tf.distribute replica
