@@ -110,10 +110,11 @@ def pof2_zero_point(lo, pos, grid: IntGrid, symmetric: bool, hi=None) -> np.ndar
     return float32_zero_point(zp, grid, lo, 0.0 if hi is None else hi, s)
 
 
-def tensor_sse(x2d: np.ndarray, scale, zp, grid: IntGrid, round_mode) -> np.ndarray:
-    """Sum of squared fake-quant error per row of a (C, M) tensor, exact."""
+def tensor_sse(x2d: np.ndarray, scale, zp, grid: IntGrid, round_mode, x64: np.ndarray | None = None) -> np.ndarray:
+    """Sum of squared fake-quant error per row of a (C, M) tensor, exact. ``x64``: ``x2d`` as float64, when the
+    caller has it already (a search over candidates converts once)."""
     y = affine_fake_quant_np(x2d, np.asarray(scale, np.float32), zp, grid, round_mode, axis=0)
-    d = x2d.astype(np.float64) - y
+    d = (x2d.astype(np.float64) if x64 is None else x64) - y
     return np.einsum("cm,cm->c", d, d)
 
 
@@ -121,10 +122,11 @@ def pof2_mse_pos_tensor(x2d, lo, hi, grid, symmetric, round_mode, epsilon, pos_r
     """Min_MSE position per row of a (C, M) tensor: best of pos0 .. pos0 + 4, ties to the lowest."""
     p0 = nonoverflow_pos(lo, hi, grid, symmetric, epsilon, pos_range)
     best_pos, best_err = p0.copy(), np.full(p0.shape, np.inf)
+    x64 = x2d.astype(np.float64)
     for d in range(MSE_POS_CANDIDATES):
         pos = np.minimum(p0 + d, pos_range[1])
         zp = pof2_zero_point(lo, pos, grid, symmetric, hi)
-        err = tensor_sse(x2d, np.ldexp(1.0, -pos), zp, grid, round_mode)
+        err = tensor_sse(x2d, np.ldexp(1.0, -pos), zp, grid, round_mode, x64)
         better = err < best_err
         best_pos = np.where(better, pos, best_pos)
         best_err = np.where(better, err, best_err)

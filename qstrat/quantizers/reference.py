@@ -104,7 +104,7 @@ def affine_fake_quant_np(x, scale, zero_point, grid: IntGrid, round_mode, axis=N
     """
     x = np.asarray(x)
     dt = x.dtype.type if np.issubdtype(x.dtype, np.floating) else np.float32
-    x = x.astype(dt)
+    x = x.astype(dt, copy=False)
     s = expand(np.asarray(scale, dtype=dt), x.ndim, axis)
     zp = expand(np.asarray(zero_point, dtype=np.float64), x.ndim, axis)
     u = x * (dt(1) / s)
@@ -116,7 +116,7 @@ def affine_fake_quant_np(x, scale, zero_point, grid: IntGrid, round_mode, axis=N
         y = (n * s.astype(np.float64)).astype(dt)
     y = np.where(n < lo, round_product(lo, s, dt), y)
     y = np.where(n > hi, round_product(hi, s, dt), y)
-    return y.astype(dt)
+    return y.astype(dt, copy=False)
 
 
 def pof2_scale_np(pos, dtype=np.float32) -> np.ndarray:

@@ -53,7 +53,9 @@ class _Pair:
 
 
 def _np(v) -> np.ndarray:
-    return np.asarray(v.numpy(), dtype=np.float64)  # Variable.numpy(): no NumPy 2 copy warning
+    """The variable's values in its own dtype (Variable.numpy(): no NumPy 2 copy warning). Products with the
+    float64 scales promote them, so every result is as with a float64 copy made first."""
+    return np.asarray(v.numpy())
 
 
 class _Ranges:
@@ -66,34 +68,42 @@ class _Ranges:
     vectors. The kernel itself is scaled once, at the end.
     """
 
-    def __init__(self, type_name: str, kernel: np.ndarray, bias: np.ndarray | None):
+    def __init__(self, type_name: str, kernel: np.ndarray, bias: np.ndarray | None, use_max: bool = True):
         self.depthwise = type_name in DEPTHWISE
         taps = np.abs(kernel).reshape(-1, kernel.shape[-2], kernel.shape[-1])  # (taps, in, out or multiplier)
-        self.max, self.sum, self.taps = taps.max(0), taps.sum(0), taps.shape[0]
-        self.bias = None if bias is None else np.abs(bias)
+        # In float64, as of a float64 kernel: a maximum is exact in any float type, and the sum adds float64s.
+        # The "max" balance never reads the sums.
+        self.max, self.taps = taps.max(0).astype(np.float64), taps.shape[0]
+        self.sum = None if use_max else taps.sum(0, dtype=np.float64)
+        self.bias = None if bias is None else np.abs(bias).astype(np.float64)
         self.in_scale = np.ones(kernel.shape[-2])
         outs = kernel.shape[-2] * kernel.shape[-1] if self.depthwise else kernel.shape[-1]
         self.out_scale = np.ones(outs)
 
     def out_ranges(self, use_max: bool):
         """(r(H), max(H)) per output channel, H = |kernel| as (taps, out) plus the bias as one more row."""
-        m, s = self.max * self.in_scale[:, None], self.sum * self.in_scale[:, None]
-        if self.depthwise:  # output channel (i, k) sees input channel i alone
-            m, s, rows = m.reshape(-1), s.reshape(-1), self.taps
-        else:
-            m, s, rows = m.max(0), s.sum(0), self.taps * self.max.shape[0]
-        m, s = m * self.out_scale, s * self.out_scale
-        if self.bias is not None:
-            b = self.bias * self.out_scale
-            m, s, rows = np.maximum(m, b), s + b, rows + 1
-        return (m if use_max else s / rows), m
+        m = self.max * self.in_scale[:, None]
+        m = (m.reshape(-1) if self.depthwise else m.max(0)) * self.out_scale  # depthwise: (i, k) sees i alone
+        b = None if self.bias is None else self.bias * self.out_scale
+        if b is not None:
+            m = np.maximum(m, b)
+        if use_max:
+            return m, m
+        s = self.sum * self.in_scale[:, None]
+        s, rows = (s.reshape(-1), self.taps) if self.depthwise else (s.sum(0), self.taps * self.max.shape[0])
+        s = s * self.out_scale
+        if b is not None:
+            s, rows = s + b, rows + 1
+        return s / rows, m
 
     def in_ranges(self, use_max: bool):
         """(r(T), max(T)) per input channel, T = |kernel| as (taps, in)."""
         b = self.out_scale.reshape(self.max.shape) if self.depthwise else self.out_scale[None, :]
         m = (self.max * b).max(1) * self.in_scale
+        if use_max:
+            return m, m
         s = (self.sum * b).sum(1) * self.in_scale
-        return (m if use_max else s / (self.taps * self.max.shape[1])), m
+        return s / (self.taps * self.max.shape[1]), m
 
 
 def _act_kind(node: Node, to_relu6: bool) -> str | None:
@@ -178,7 +188,7 @@ def cross_layer_equalization(
         layer = ed.node(name).op
         w = {"kernel": _np(layer.kernel), "bias": _np(layer.bias) if layer.use_bias else None}
         weights[name] = w
-        ranges[name] = _Ranges(ed.node(name).type_name, w["kernel"], w["bias"])
+        ranges[name] = _Ranges(ed.node(name).type_name, w["kernel"], w["bias"], use_max)
         if "bn_stats" in ed.node(name).meta:
             stats[name] = tuple(np.asarray(a, np.float64) for a in ed.node(name).meta["bn_stats"])
 

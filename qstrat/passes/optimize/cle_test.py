@@ -137,16 +137,18 @@ def test_channel_ranges_follow_the_scales_as_if_the_kernel_were_scaled(type_name
     bias = (
         rng.normal(size=shape[-2] * shape[-1] if type_name == "DepthwiseConv2D" else shape[-1]) if with_bias else None
     )
-    r = _Ranges(type_name, kernel, bias)
-    r.in_scale = rng.uniform(0.1, 10, size=r.in_scale.shape)
-    r.out_scale = rng.uniform(0.1, 10, size=r.out_scale.shape)
-    scaled = scale_out(type_name, scale_in(kernel, r.in_scale), r.out_scale)
+    first = _Ranges(type_name, kernel, bias)
+    in_scale = rng.uniform(0.1, 10, size=first.in_scale.shape)
+    out_scale = rng.uniform(0.1, 10, size=first.out_scale.shape)
+    scaled = scale_out(type_name, scale_in(kernel, in_scale), out_scale)
     H = np.abs(per_out_channel(type_name, scaled))
     if with_bias:
-        H = np.vstack([H, np.abs(bias * r.out_scale)[None, :]])
+        H = np.vstack([H, np.abs(bias * out_scale)[None, :]])
     T = np.abs(per_in_channel(scaled))
     # The same float64 products and sums in another order: a few ulps per term, at most ~54 terms here.
     for use_max, reduce in ((True, np.max), (False, np.mean)):
+        r = _Ranges(type_name, kernel, bias, use_max)  # "max" keeps no sums
+        r.in_scale, r.out_scale = in_scale, out_scale
         rh, hmax = r.out_ranges(use_max)
         rt, tmax = r.in_ranges(use_max)
         np.testing.assert_allclose(rh, reduce(H, axis=0), rtol=1e-13)
@@ -171,3 +173,23 @@ def test_equalized_layers_are_made_in_model_order(monkeypatch):
     graph = capture(_unbalanced(_chain_model()))
     cross_layer_equalization(graph, CFG, OptimizeReport())
     assert made == ["c1", "dw", "pw"]
+
+
+@pytest.mark.parametrize("method", ["max", "avg"])
+def test_float32_weights_give_what_float64_copies_give_bit_for_bit(monkeypatch, method):
+    """CLE reads the weights in their own dtype; products with its float64 scales promote them, so the result
+    is that of float64 copies made first (which cost a pass and twice the memory on a large model)."""
+    from qstrat.passes.optimize import cle
+
+    model = _unbalanced(_chain_model())
+    cfg = {**CFG, "cle_balance_method": method}
+
+    def weights():
+        out = rebuild(cross_layer_equalization(capture(model), cfg, OptimizeReport()))
+        return [np.asarray(w) for w in out.get_weights()]
+
+    own = weights()
+    monkeypatch.setattr(cle, "_np", lambda v: np.asarray(v.numpy(), dtype=np.float64))
+    copies = weights()
+    assert len(own) == len(copies) == 8  # c1, dw, pw and fc: kernel and bias
+    assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(own, copies, strict=True))
