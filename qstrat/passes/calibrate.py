@@ -101,30 +101,19 @@ def _weight_value(wrapper: QuantizeWrapper, attr: str) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(target(attr)))
 
 
-def _weight_job(group: list[tuple[QuantizeWrapper, str]]):
-    """(the quantizer, the tensor its state comes from) of one group of `weight_groups`."""
+def calibrate_weight_group(group: list[tuple[QuantizeWrapper, str]]) -> None:
+    """Set the state of one group of `weight_groups` from the weights it quantizes (all of them when shared)."""
     wrapper, attr = group[0]
     q = wrapper.quantizers[attr]
     tensors = [_weight_value(w, a) for w, a in group]
-    return q, joint_tensor(tensors, q.axis, f"{wrapper.layer.name}.{attr}")
-
-
-def calibrate_weight_group(group: list[tuple[QuantizeWrapper, str]]) -> None:
-    """Set the state of one group of `weight_groups` from the weights it quantizes (all of them when shared)."""
-    q, tensor = _weight_job(group)
-    wrapper, attr = group[0]
-    _assign(wrapper.state[attr], q.state_from_tensor(tensor))
+    where = f"{wrapper.layer.name}.{attr}"
+    _assign(wrapper.state[attr], q.state_from_tensor(joint_tensor(tensors, q.axis, where)))
 
 
 def calibrate_weights(qmodel) -> None:
-    """Set the state of every weight quantizer from the weight it quantizes (the weights, when shared); the
-    searches spread over the CPU cores (`in_parallel`), the variables read and written here."""
-    groups = weight_groups(qmodel)
-    jobs = [_weight_job(group) for group in groups]
-    states = in_parallel(lambda job: job[0].state_from_tensor(job[1]), jobs)
-    for group, state in zip(groups, states, strict=True):
-        wrapper, attr = group[0]
-        _assign(wrapper.state[attr], state)
+    """Set the state of every weight quantizer from the weight it quantizes (the weights, when shared)."""
+    for group in weight_groups(qmodel):
+        calibrate_weight_group(group)
 
 
 def fake_quant_layers(qmodel) -> list[FakeQuant]:
@@ -215,26 +204,23 @@ def _observe(outs, raw, tapped, kinds, n_stats, owners, refs, pair_modes, observ
             obs.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
 
 
-def in_parallel(fn, items: list) -> list:
-    """``[fn(item) for item in items]``, spread over the CPU cores.
+def _states_from_stats(fqs, observers) -> list[dict]:
+    """Each FakeQuant's state from its observer, the searches (Min_MSE, ...) spread over the CPU cores.
 
-    For the quantizers' searches: NumPy on arrays large enough that NumPy
-    releases the GIL, so threads run them in parallel; each result is the
-    same as alone.
+    The searches are NumPy on arrays large enough that NumPy releases the GIL,
+    so threads run them in parallel; each result is the same as alone.
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    workers = min(len(items), os.cpu_count() or 1)
+    def one(fq):
+        return fq.quantizer.state_from_stats(observers[id(fq)].result())
+
+    workers = min(len(fqs), os.cpu_count() or 1)
     if workers <= 1:
-        return [fn(item) for item in items]
+        return [one(fq) for fq in fqs]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
-
-
-def _states_from_stats(fqs, observers) -> list[dict]:
-    """Each FakeQuant's state from its observer, the searches (Min_MSE, ...) spread over the CPU cores."""
-    return in_parallel(lambda fq: fq.quantizer.state_from_stats(observers[id(fq)].result()), fqs)
+        return list(pool.map(one, fqs))
 
 
 def _mode(obs) -> str:
