@@ -108,23 +108,18 @@ def same_on_every_replica():
         _SAME_ON_EVERY_REPLICA.reset(token)
 
 
-def _replicas():
-    """The replica context of a ``tf.distribute`` step over more than one replica, else None (one device, or
-    JAX, whose batch is one array over all its devices already)."""
+def _replica_context():
+    """The replica context of a ``tf.distribute`` step over more than one replica, for a state computed from
+    the replica's part of the batch; else None: one device, JAX (whose batch is one array over all its
+    devices already), or a weight (every replica holds the same weights)."""
     import keras
 
-    if keras.backend.backend() != "tensorflow":
+    if _SAME_ON_EVERY_REPLICA.get() or keras.backend.backend() != "tensorflow":
         return None
     import tensorflow as tf
 
     ctx = tf.distribute.get_replica_context()
     return ctx if ctx is not None and ctx.num_replicas_in_sync > 1 else None
-
-
-def _replica_context():
-    """`_replicas`, for a state computed from the replica's part of the batch (not from a weight: every
-    replica holds the same weights)."""
-    return None if _SAME_ON_EVERY_REPLICA.get() else _replicas()
 
 
 def across_replicas(x, how: str):
