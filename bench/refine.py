@@ -8,7 +8,9 @@ them, and output SQNR): pof2s at 8-bit, pof2s with 4-bit weights, and fs,
 each plain (the strategy's defaults), with ``include_act_eq``, with
 ``include_fast_ft``, and with both (for pof2s also both with
 ``fast_ft_input="float"``: each layer finetuned on the float model's
-activations instead of the quantized model's). For each: the wall time of
+activations instead of the quantized model's), and fast finetune at
+``fast_ft_lr`` 0.03 against the default's row (0.1), alone and (pof2s)
+with activation-aware equalization. For each: the wall time of
 ``quantize_model`` as a ratio to a warm ``model.predict`` of the calibration
 data, and the process's peak resident memory, with how much of it the call
 added. Every configuration runs in a fresh process, so that each peak is its
@@ -45,8 +47,12 @@ VARIANTS = {
     "+fast_ft": {"include_fast_ft": True},
     "+both": {"include_act_eq": True, "include_fast_ft": True},
     "+both, float inputs": {"include_act_eq": True, "include_fast_ft": True, "fast_ft_input": "float"},
+    "+fast_ft, lr 0.03": {"include_fast_ft": True, "fast_ft_lr": 0.03},
+    "+both, lr 0.03": {"include_act_eq": True, "include_fast_ft": True, "fast_ft_lr": 0.03},
 }
 MAIN = ("plain", "+act_eq", "+fast_ft", "+both")  # for every setting; the float-inputs row for pof2s only
+LEARNING_RATE = "+fast_ft, lr 0.03"  # for every setting, after the main rows: against the default fast_ft_lr
+BOTH_LEARNING_RATE = "+both, lr 0.03"  # for pof2s only
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
 
@@ -164,6 +170,9 @@ def main() -> int:
                     print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
             variant = "+both, float inputs"
             print(_line("pof2s", variant, _spawn(name, "pof2s", variant)), flush=True)
+            for setting in SETTINGS:
+                print(_line(setting, LEARNING_RATE, _spawn(name, setting, LEARNING_RATE)), flush=True)
+            print(_line("pof2s", BOTH_LEARNING_RATE, _spawn(name, "pof2s", BOTH_LEARNING_RATE)), flush=True)
     print("\nfast finetune's memory against the calibration set (mini-Xception, pof2s):", flush=True)
     peaks = {}
     for count in (256, 4096):
