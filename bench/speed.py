@@ -9,6 +9,9 @@ correction on), in a fresh process:
   annotate + insert + rebuild, weight calibration, activation calibration,
   bias correction;
 - the number of passes over the calibration data;
+- the time Python's cyclic garbage collector ran inside the three calls
+  (all of them: a full collection comes every call or two), and how many
+  of its collections were full ones;
 - the process's peak RSS.
 
 Models: the digits CNN and the digits MobileNet-style CNN (trained on
@@ -82,7 +85,25 @@ def load(model: str, n: int):
     return net, x
 
 
+class CollectorClock:
+    """Seconds Python's cyclic garbage collector runs, and its full (oldest-generation) collections, while on."""
+
+    def __init__(self):
+        self.seconds, self.full, self.on, self._start = 0.0, 0, False, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._start
+        self.full += info["generation"] == 2
+
+
 def measure(model: str, n: int, strategy: str) -> dict:
+    import gc
+
     import numpy as np
 
     import qstrat
@@ -97,12 +118,17 @@ def measure(model: str, n: int, strategy: str) -> dict:
         net.predict(x, batch_size=32, verbose=0)
         predicts.append(time.perf_counter() - t)
     runs = []
+    clock = CollectorClock()
+    gc.callbacks.append(clock)
     with quiet_probes():
         for _ in range(REPEATS):
             q = qstrat.Quantizer(net, strategy)
+            clock.on = True
             t = time.perf_counter()
             q.quantize_model(x, calib_batch_size=32, verbose=0)
             runs.append((time.perf_counter() - t, dict(q.timings)))
+            clock.on = False
+    gc.callbacks.remove(clock)
     runs.sort(key=lambda r: r[0])
     total, timings = runs[len(runs) // 2]
     predict = float(np.median(predicts))
@@ -115,6 +141,8 @@ def measure(model: str, n: int, strategy: str) -> dict:
         "ratio": total / predict,
         "stages": {s: timings.get(s, 0.0) for s in STAGES},
         "data_passes": timings.get("data_passes"),
+        "gc_s": clock.seconds,
+        "gc_full": clock.full,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -124,7 +152,7 @@ def table(rows: list[dict]) -> list[str]:
     lines = [
         f"{'model':<17} {'n':>5} {'strategy':<8} {'predict s':>9} {'quantize s':>10} {'ratio':>6} {'target':>7} "
         + " ".join(f"{s:>11}" for s in short)
-        + f" {'passes':>6} {'RSS MB':>7}"
+        + f" {'passes':>6} {'gc s (full)':>11} {'RSS MB':>7}"
     ]
     for r in rows:
         if "error" in r:
@@ -136,7 +164,7 @@ def table(rows: list[dict]) -> list[str]:
             f"{r['model']:<17} {r['samples']:>5} {r['strategy']:<8} {r['predict_s']:>9.2f} {r['quantize_s']:>10.2f} "
             f"{r['ratio']:>6.1f} {verdict:>7} "
             + " ".join(f"{r['stages'][s]:>10.2f}s" for s in STAGES)
-            + f" {r['data_passes']:>6} {r['peak_rss_mb']:>7.0f}"
+            + f" {r['data_passes']:>6} {r['gc_s']:>6.2f} ({r['gc_full']}) {r['peak_rss_mb']:>7.0f}"
         )
     return lines
 

@@ -101,6 +101,7 @@ class Quantizer:
         graph = self._optimized_graph(self._strategy(overrides))
         return rebuild(graph, name=f"{self.model.name}_optimized")
 
+    @guards.caller_objects_frozen
     def quantize_model(
         self,
         calib_dataset=None,

@@ -233,3 +233,44 @@ def test_progress_names_each_stage_and_counts_the_passes_over_the_data(setup, ca
     assert f"({1 + passes} passes over the calibration data)" in out
     q.quantize_model(data, calib_batch_size=16, verbose=0, include_bias_corr=False)
     assert q.timings["data_passes"] == 1 and "bias correction" not in q.timings
+
+
+def test_quantize_model_keeps_the_collector_off_the_callers_objects_and_lifts_only_its_own_freeze():
+    import gc
+
+    i = keras.Input((6,), name="x")
+    model = keras.Model(i, keras.layers.Dense(3, name="head")(keras.layers.Dense(4, activation="relu", name="d")(i)))
+    data = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    seen = []
+
+    def batches():
+        for k in range(0, 16, 8):
+            seen.append(gc.get_freeze_count())  # read while quantize_model runs
+            yield data[k : k + 8]
+
+    def quantize():
+        qstrat.Quantizer(model, "pof2s").quantize_model(batches(), verbose=0, include_bias_corr=False)
+
+    assert gc.get_freeze_count() == 0
+    quantize()
+    assert len(seen) == 2 and min(seen) > 0  # frozen throughout the calibration pass
+    assert gc.get_freeze_count() == 0  # and lifted
+
+    gc.freeze()  # the caller's own freeze stays as it was
+    try:
+        frozen = gc.get_freeze_count()
+        seen.clear()
+        quantize()
+        # not frozen again (that would add the objects made since), not lifted (0); frozen objects freed
+        # meanwhile leave the count
+        assert len(seen) == 2 and all(0 < n <= frozen for n in seen) and 0 < gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
+
+    gc.disable()  # with the collector off, nothing to keep away from it
+    try:
+        seen.clear()
+        quantize()
+        assert seen == [0, 0] and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
