@@ -101,7 +101,6 @@ class Quantizer:
         graph = self._optimized_graph(self._strategy(overrides))
         return rebuild(graph, name=f"{self.model.name}_optimized")
 
-    @guards.caller_objects_frozen
     def quantize_model(
         self,
         calib_dataset=None,
@@ -131,56 +130,59 @@ class Quantizer:
             raise_to: ``"int16"``, or a float type (``"float32"``, ...) that leaves the raised layers unquantized.
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
-        if accuracy_budget is not None or target_sqnr is not None or eval_fn is not None:
-            return self._mixed(
-                calib_dataset, calib_steps, calib_batch_size, verbose, accuracy_budget, eval_fn, target_sqnr,
-                max_raised, raise_to, overrides,
-            )  # fmt: skip
-        self.mixed_precision = None
-        calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
-        calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
-        strategy = self._strategy(overrides)
-        rounding = strategy.quantize["export_rounding"]
-        if rounding:
-            guards.check_rounding_overrides(rounding, overrides)
-        guards.warn_pending(strategy)
-        if strategy.optimize["train_with_bn"]:
-            warnings.warn(
-                "optimize_pipeline_config.train_with_bn = true does nothing in quantize_model (PTQ folds every "
-                "BatchNormalization it can): it is for get_qat_model.",
-                stacklevel=2,
-            )
-        self.convert_report = self.export_report = self.output_path = None
-        target = output_target(strategy)  # checked before any long work
-        if strategy.quantize["convert_datatype"]:
-            if target and target.endswith(".onnx"):
-                raise ConfigError(
-                    "refine_pipeline_config.output_format",
-                    '"onnx" with convert_datatype: a cast model has no quantizers for a QDQ file',
-                    'Use output_format "keras", or save the model yourself.',
+        with guards.caller_objects_frozen():
+            if accuracy_budget is not None or target_sqnr is not None or eval_fn is not None:
+                return self._mixed(
+                    calib_dataset, calib_steps, calib_batch_size, verbose, accuracy_budget, eval_fn, target_sqnr,
+                    max_raised, raise_to, overrides,
+                )  # fmt: skip
+            self.mixed_precision = None
+            calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
+            calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
+            strategy = self._strategy(overrides)
+            rounding = strategy.quantize["export_rounding"]
+            if rounding:
+                guards.check_rounding_overrides(rounding, overrides)
+            guards.warn_pending(strategy)
+            if strategy.optimize["train_with_bn"]:
+                warnings.warn(
+                    "optimize_pipeline_config.train_with_bn = true does nothing in quantize_model (PTQ folds every "
+                    "BatchNormalization it can): it is for get_qat_model.",
+                    stacklevel=2,
                 )
-            model = self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
-            if target:
-                from qstrat.saving import save_model
+            self.convert_report = self.export_report = self.output_path = None
+            target = output_target(strategy)  # checked before any long work
+            if strategy.quantize["convert_datatype"]:
+                if target and target.endswith(".onnx"):
+                    raise ConfigError(
+                        "refine_pipeline_config.output_format",
+                        '"onnx" with convert_datatype: a cast model has no quantizers for a QDQ file',
+                        'Use output_format "keras", or save the model yourself.',
+                    )
+                model = self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
+                if target:
+                    from qstrat.saving import save_model
 
-                save_model(model, target)
-                self.output_path = target
-            return model
-        progress = Progress(verbose)
-        graph, annotation, qmodel, taps = self._build(
-            strategy, progress, data=calib_dataset, steps=calib_steps, batch_size=calib_batch_size
-        )
-        if target and target.endswith(".onnx"):
-            from qstrat.export.onnx_export import check_exportable
+                    save_model(model, target)
+                    self.output_path = target
+                return model
+            progress = Progress(verbose)
+            graph, annotation, qmodel, taps = self._build(
+                strategy, progress, data=calib_dataset, steps=calib_steps, batch_size=calib_batch_size
+            )
+            if target and target.endswith(".onnx"):
+                from qstrat.export.onnx_export import check_exportable
 
-            check_exportable(qmodel, strategy.refine["onnx_opset_version"])  # before calibration, not after
-        self._calibrate(qmodel, graph, taps, strategy, calib_dataset, calib_steps, calib_batch_size, verbose, progress)
-        self.report = annotation.report
-        _note_fast_finetune(self.report, self.fast_finetune)
-        qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
-        progress.done("quantized")
-        self.timings = {**progress.times, "data_passes": progress.data_passes}
-        return qmodel
+                check_exportable(qmodel, strategy.refine["onnx_opset_version"])  # before calibration, not after
+            self._calibrate(
+                qmodel, graph, taps, strategy, calib_dataset, calib_steps, calib_batch_size, verbose, progress
+            )
+            self.report = annotation.report
+            _note_fast_finetune(self.report, self.fast_finetune)
+            qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
+            progress.done("quantized")
+            self.timings = {**progress.times, "data_passes": progress.data_passes}
+            return qmodel
 
     def _mixed(self, data, steps, batch_size, verbose, budget, eval_fn, target_sqnr, max_raised, raise_to, overrides):
         """quantize_model with a budget: quantize, then raise the most sensitive layers until it is met."""

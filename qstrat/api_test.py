@@ -235,11 +235,15 @@ def test_progress_names_each_stage_and_counts_the_passes_over_the_data(setup, ca
     assert q.timings["data_passes"] == 1 and "bias correction" not in q.timings
 
 
+def tiny_model():
+    i = keras.Input((6,), name="x")
+    return keras.Model(i, keras.layers.Dense(3, name="head")(keras.layers.Dense(4, activation="relu", name="d")(i)))
+
+
 def test_quantize_model_keeps_the_collector_off_the_callers_objects_and_lifts_only_its_own_freeze():
     import gc
 
-    i = keras.Input((6,), name="x")
-    model = keras.Model(i, keras.layers.Dense(3, name="head")(keras.layers.Dense(4, activation="relu", name="d")(i)))
+    model = tiny_model()
     data = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
     seen = []
 
@@ -274,3 +278,10 @@ def test_quantize_model_keeps_the_collector_off_the_callers_objects_and_lifts_on
         assert seen == [0, 0] and gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+
+def test_quantize_model_warnings_point_at_the_callers_line():
+    data = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    with pytest.warns(UserWarning, match="train_with_bn") as record:
+        qstrat.Quantizer(tiny_model(), "pof2s").quantize_model(data, verbose=0, train_with_bn=True)
+    assert [w.filename for w in record if "train_with_bn" in str(w.message)] == [__file__]

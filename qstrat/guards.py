@@ -1,4 +1,5 @@
-"""Checks and warnings around the public calls: refused inputs, keys that do nothing, models too deep to load.
+"""Checks, warnings and context around the public calls: refused inputs, keys that do nothing, models too deep to
+load, the garbage collector kept off the caller's objects.
 
 Each raises a `ConfigError`/`UnsupportedError` that names what to change, or
 warns once per call; `qstrat.api` and `qstrat.qat` call them before long work.
@@ -6,7 +7,7 @@ warns once per call; `qstrat.api` and `qstrat.qat` call them before long work.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import gc
 import sys
 import warnings
@@ -99,28 +100,26 @@ def warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeR
             )
 
 
-def caller_objects_frozen(call):
-    """Run ``call`` with the objects that exist when it starts out of the cyclic garbage collector's way.
+@contextlib.contextmanager
+def caller_objects_frozen():
+    """While it is open, the objects that existed when it opened are out of the cyclic garbage collector's way.
 
     A full collection scans every object the process tracks, the caller's
     included (a Keras session holds hundreds of thousands: 0.2-0.35 s a scan
     in a process holding only the mini-Xception), and allocating graphs and
-    layers sets one off every call or two. ``gc.freeze()`` at the start
-    leaves those objects out of every collection until ``gc.unfreeze()`` at
-    the end; what the call makes is collected as usual, and what was garbage
-    before it is collected after it. Nothing is done when the collector is
-    off or the caller froze objects itself (an outer call, or ``gc.freeze``
-    before forking workers): their freeze is theirs to lift.
+    layers sets one off every call or two. ``gc.freeze()`` on entry leaves
+    those objects out of every collection until ``gc.unfreeze()`` on exit;
+    what the call makes is collected as usual, and what was garbage before
+    it is collected after it. Nothing is done when the collector is off or
+    the caller froze objects itself (an outer call, or ``gc.freeze`` before
+    forking workers): their freeze is theirs to lift. A context, not a
+    decorator: the public call's warnings keep pointing at the user's line.
     """
-
-    @functools.wraps(call)
-    def wrapped(*args, **kwargs):
-        if not gc.isenabled() or gc.get_freeze_count():
-            return call(*args, **kwargs)
-        gc.freeze()
-        try:
-            return call(*args, **kwargs)
-        finally:
-            gc.unfreeze()
-
-    return wrapped
+    if not gc.isenabled() or gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
