@@ -21,7 +21,8 @@ random weights and the BatchNormalization statistics of real images.
 Targets are printed beside each ratio.
 
 Run: ``.venv/bin/python bench/speed.py`` (about 15 minutes on 2 cores);
-``--models digits_cnn fer --sizes 128`` for a part.
+``--models digits_cnn fer --sizes 128`` for a part; ``--no-freeze`` to compare without
+quantize_model's freeze of the caller's objects (the gc column).
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ class CollectorClock:
         self.full += info["generation"] == 2
 
 
-def measure(model: str, n: int, strategy: str) -> dict:
+def measure(model: str, n: int, strategy: str, freeze: bool = True) -> dict:
+    """One row, in this process; ``freeze=False``: without quantize_model's garbage-collector freeze, to compare."""
+    import contextlib
     import gc
 
     import numpy as np
@@ -110,6 +113,10 @@ def measure(model: str, n: int, strategy: str) -> dict:
     from qstrat.passes.calibrate import quiet_probes
 
     warnings.filterwarnings("ignore")
+    if not freeze:
+        from qstrat import guards
+
+        guards.caller_objects_frozen = contextlib.nullcontext
     net, x = load(model, n)
     net.predict(x, batch_size=32, verbose=0)  # traces: what follows is warm
     predicts = []
@@ -174,11 +181,16 @@ def main() -> int:
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     p.add_argument("--sizes", nargs="*", type=int, default=list(SIZES))
     p.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="quantize_model without its freeze of the caller's objects (gc.freeze), to compare the gc column",
+    )
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         model, n, strategy = args.worker
-        print(json.dumps(measure(model, int(n), strategy)))
+        print(json.dumps(measure(model, int(n), strategy, freeze=not args.no_freeze)))
         return 0
     import keras
 
@@ -189,7 +201,8 @@ def main() -> int:
         for n in args.sizes:
             for strategy in args.strategies:
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--worker", model, str(n), strategy],
+                    [sys.executable, __file__, "--worker", model, str(n), strategy]
+                    + (["--no-freeze"] if args.no_freeze else []),
                     capture_output=True,
                     text=True,
                     check=False,
