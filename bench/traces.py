@@ -42,16 +42,17 @@ def main() -> int:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--strategy", default="pof2s")
-    p.add_argument("--max-stages", type=int, default=None, help="bias correction's stages at most (default: qstrat's)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     from speed import load
 
     import qstrat
-    from qstrat.passes import runner, staged
+    from qstrat.passes import runner
+    from qstrat.passes.refine import bias_correction
 
-    calls: list[tuple[object, float]] = []  # (what ran: a probe, or a stage of one, seconds)
-    plain_call, plain_staged = runner.BatchRunner.__call__, staged.StagedSums.__call__
+    calls: list[tuple[int, float]] = []  # (the probe that ran, seconds)
+    walks: list[float] = []  # bias correction's eager runs: the float model's, then the quantized model's
+    plain_call, plain_walk = runner.BatchRunner.__call__, bias_correction._walk
 
     def timed(self, batch):
         t = time.perf_counter()
@@ -59,29 +60,30 @@ def main() -> int:
         calls.append((id(self), time.perf_counter() - t))
         return out
 
-    def timed_staged(self, batch, stage):
+    def timed_walk(*args):
         t = time.perf_counter()
-        out = plain_staged(self, batch, stage)
-        calls.append(((id(self), stage), time.perf_counter() - t))
-        return out
+        plain_walk(*args)
+        walks.append(time.perf_counter() - t)
 
-    if args.max_stages is not None:
-        staged.MAX_STAGES = args.max_stages
     net, x = load(args.model, args.samples)
-    runner.BatchRunner.__call__, staged.StagedSums.__call__ = timed, timed_staged
+    runner.BatchRunner.__call__, bias_correction._walk = timed, timed_walk
     q = qstrat.Quantizer(net, args.strategy)
     t = time.perf_counter()
     qmodel = q.quantize_model(x, calib_batch_size=32, verbose=0)
     total = time.perf_counter() - t
-    runner.BatchRunner.__call__, staged.StagedSums.__call__ = plain_call, plain_staged
+    runner.BatchRunner.__call__, bias_correction._walk = plain_call, plain_walk
     print(f"{args.model}, {args.samples} samples, {args.strategy}: quantize_model {total:.2f} s", end="")
     print(f", bias correction {q.timings['bias correction']:.2f} s" if "bias correction" in q.timings else "")
-    for k, probe in enumerate(dict.fromkeys(c[0] for c in calls)):
+    for probe in dict.fromkeys(c[0] for c in calls):
         mine = [c[1] for c in calls if c[0] == probe]
-        what = "calibration probe" if k == 0 else "bias correction"
-        if isinstance(probe, tuple):
-            what += f", up to stage {probe[1]}"
-        print(f"  {what}: {len(mine)} calls; first (trace + 1 batch) {mine[0]:.2f} s, the other {sum(mine[1:]):.2f} s")
+        print(
+            f"  calibration probe: {len(mine)} calls; first (trace + 1 batch) {mine[0]:.2f} s, the other {sum(mine[1:]):.2f} s"
+        )
+    if walks:
+        runs = ", ".join(f"{w:.2f} s" for w in walks[1:])
+        print(
+            f"  bias correction on {bias_correction.SAMPLES} samples, eagerly: float model {walks[0]:.2f} s, quantized model {runs} (corrections included)"
+        )
     batch = [x[:32]]
     float_s = _warm_batch_s(runner.BatchRunner(net), batch)
     quant_s = _warm_batch_s(runner.BatchRunner(qmodel), batch)

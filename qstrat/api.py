@@ -25,7 +25,7 @@ from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, in
 from qstrat.passes.dpu_versions import to_dpu_versions
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, insert
-from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, is_one_shot, make_plan
+from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, correctable, is_one_shot
 from qstrat.passes.refine.fast_ft import FAST_FT_ONE_SHOT, fast_finetune
 from qstrat.passes.refine.positions import PositionChange, apply_constraints, idle_rules
 from qstrat.passes.runtime_rounding import round_like
@@ -233,20 +233,11 @@ class Quantizer:
             warnings.warn(ONE_SHOT_MESSAGE, stacklevel=3)
             bias_corr = False
         with quiet_probes():
-            bc_plan = make_plan(qmodel, graph, data, steps, batch_size) if bias_corr else None
             with progress.stage("activation calibration"):
-                samples = calibrate_activations(
-                    qmodel,
-                    graph,
-                    taps,
-                    data,
-                    steps,
-                    batch_size,
-                    strategy.quantize["calib_position_policy"],
-                    verbose,
+                calibrate_activations(
+                    qmodel, graph, taps, data, steps, batch_size, strategy.quantize["calib_position_policy"], verbose,
                     progress,
-                    bc_plan.float_side if bc_plan else None,
-                )
+                )  # fmt: skip
             if constraints:
                 with progress.stage("position constraints"):
                     self.position_changes = apply_constraints(qmodel, strategy.refine)
@@ -256,11 +247,9 @@ class Quantizer:
                         "quantizers, whose positions the DPU compiler constraints adjust.",
                         stacklevel=3,
                     )
-            if bc_plan:
+            if bias_corr and correctable(qmodel, graph):
                 with progress.stage("bias correction"):
-                    self.bias_corrections = correct_biases(
-                        qmodel, graph, data, steps, batch_size, verbose, samples, progress, bc_plan
-                    )
+                    self.bias_corrections = correct_biases(qmodel, graph, data, steps, batch_size, verbose, progress)
                 if constraints:  # a corrected bias gets a new position: the rules check it again
                     self.position_changes += apply_constraints(qmodel, strategy.refine)
             # After bias correction: the layers it corrected are where fast finetune starts, and its check that

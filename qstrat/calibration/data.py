@@ -183,6 +183,28 @@ def is_one_shot(data) -> bool:
     return data is not None and hasattr(data, "__next__") and iter(data) is data
 
 
+def take_samples(data: Any, specs: Sequence[tuple], count: int, batch_size: int = 32, steps: int | None = None):
+    """``count`` samples of the calibration data (all of it if it holds fewer), as checked arrays, one per input.
+
+    In-memory arrays give a fixed random choice of rows (seed 0) in their
+    order, so data sorted by class still gives a mix; other sources give
+    their first samples.
+    """
+    arrays = array_bundle(data, specs)
+    if arrays is not None:
+        total = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
+        rows = np.sort(np.random.default_rng(0).permutation(total)[:count])
+        return check_batch([a[rows] for a in arrays], specs, 0)
+    parts, have = [], 0
+    for batch in iterate_batches(data, specs, batch_size, steps):
+        take = min(len(batch[0]), count - have)
+        parts.append([a[:take] for a in batch])
+        have += take
+        if have >= count:
+            break
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(specs))]
+
+
 def iterate_batches(
     data: Any, specs: Sequence[tuple], batch_size: int = 32, steps: int | None = None
 ) -> Iterator[list]:

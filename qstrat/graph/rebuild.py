@@ -186,18 +186,22 @@ def replay(graph: Graph, op_for: Callable[[Node], object], inputs, outputs, on_c
         if node.name not in need:
             continue
         op = op_for(node)
-        new_in = [tensors[(r.node, r.index)] for r in node.inputs]
-        if node.arguments is not None:
-            args, kwargs = node.arguments.fill_in({id(t): n for t, n in zip(node.in_tensors, new_in, strict=True)})
-            out = op(*args, **kwargs)
-        else:
-            out = op(new_in[0] if len(new_in) == 1 else new_in)
+        outs = call_node(node, op, [tensors[(r.node, r.index)] for r in node.inputs])
         if on_call is not None:
             on_call(op)
-        outs = list(out) if isinstance(out, (list, tuple)) else [out]
         for i, t in enumerate(outs):
             tensors[(node.name, i)] = t
     return [tensors[(r.node, r.index)] for r in outputs]
+
+
+def call_node(node: Node, op, inputs: list) -> list:
+    """``op`` called as ``node`` was, on ``inputs`` (one per ``node.inputs``); its outputs as a list."""
+    if node.arguments is not None:
+        args, kwargs = node.arguments.fill_in({id(t): n for t, n in zip(node.in_tensors, inputs, strict=True)})
+        out = op(*args, **kwargs)
+    else:
+        out = op(inputs[0] if len(inputs) == 1 else inputs)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def run_graph(graph: Graph, inputs: list, outputs, symbolic: bool) -> list:

@@ -67,29 +67,6 @@ def test_probe_model_with_taps():
     assert float(lo) == float(hi) == 1.0 and int(size) == 30
 
 
-def test_per_sample_channel_sums():
-    from qstrat.layers.probe import SampleChannelSums, split_channels
-
-    # Small integers: every sum is exact in float32, so the in-graph sums must equal NumPy's exactly.
-    shapes = [(4, 3), (4, 6, 7, 5), (4, 5, 2)]
-    xs = [np.random.default_rng(k).integers(-8, 8, size=shape).astype("float32") for k, shape in enumerate(shapes)]
-    channels = [shape[-1] for shape in shapes]
-    per_sample, counts = (ops.convert_to_numpy(t) for t in SampleChannelSums()([ops.convert_to_tensor(x) for x in xs]))
-    for x, got, count in zip(xs, split_channels(per_sample, channels), counts, strict=True):
-        axes = tuple(range(1, x.ndim - 1))
-        np.testing.assert_array_equal(got, x.sum(axis=axes) if axes else x)
-        assert count == np.prod(x.shape[1:-1], dtype=int)
-
-
-def test_channel_counts_of_tensors_with_unknown_dimensions_come_from_the_graph():
-    from qstrat.layers.probe import SampleChannelSums
-
-    i = keras.Input((None, 3))
-    m = keras.Model(i, SampleChannelSums()([i, keras.layers.Dense(2)(i)]))
-    _, n = m.predict_on_batch(np.ones((2, 7, 3), "float32"))
-    assert n.tolist() == [7.0, 7.0]
-
-
 def test_stats_taps_give_each_tensor_what_it_gives_alone():
     xs = CASES[:4] + CASES[6:8]
     kinds = ["histogram", "range", "histogram", "histogram", "range", "histogram"]

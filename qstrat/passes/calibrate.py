@@ -17,7 +17,7 @@ from qstrat.calibration.data import count_batches, iterate_batches
 from qstrat.errors import ConfigError
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.layers.probe import SampleChannelSums, StatsTaps, unpack_stats
+from qstrat.layers.probe import StatsTaps, unpack_stats
 from qstrat.passes.distributed import Spread, groups, placement
 from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
@@ -121,7 +121,7 @@ def fake_quant_layers(qmodel) -> list[FakeQuant]:
 
 
 def calibrate_activations(
-    qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1, progress=None, float_side=None
+    qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1, progress=None
 ) -> int:
     """Observe, over the data, the float tensors every FakeQuant quantizes, and set its state.
 
@@ -150,8 +150,7 @@ def calibrate_activations(
     pair_modes = [_mode(observers[id(fq)]) for fq in owners]
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
     keys.sort(key=lambda key: key[1] != "raw")  # the probe's order: raw tensors, then the taps' statistics
-    side_refs = list(float_side.refs) if float_side is not None else []
-    probe = _stats_probe(float_graph, keys, side_refs) if keys or side_refs else None
+    probe = _stats_probe(float_graph, keys) if keys else None
     batches = samples = 0
     progress = progress or Progress(verbose)
     raw = [key for key in keys if key[1] == "raw"]
@@ -159,7 +158,7 @@ def calibrate_activations(
     kinds = [mode for _, mode in tapped]
     n_stats = (5 if "histogram" in kinds else 3) if tapped else 0
     # What each probe output is: a row per sample, a statistic of the batch, or the same for every batch.
-    kinds_out = ["rows"] * len(raw) + ["reduced"] * n_stats + (["rows", "same"] if side_refs else [])
+    kinds_out = ["rows"] * len(raw) + ["reduced"] * n_stats
     spread = _spread(probe, kinds_out)
     what = "activation statistics" + (f" ({spread.where.describe()})" if spread is not None else "")
     bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what=what)
@@ -168,8 +167,6 @@ def calibrate_activations(
         for batch, outs in zip(group, everything, strict=True):
             if outs is not None:
                 _observe(outs, raw, tapped, kinds, n_stats, owners, refs, pair_modes, observers)
-                if side_refs:
-                    float_side.update(samples, outs[len(raw) + n_stats :])
             batches += 1
             samples += len(batch[0])
             bar.update(batches)
@@ -231,29 +228,24 @@ def _mode(obs) -> str:
     return "raw"
 
 
-def _stats_probe(float_graph, keys, side_refs=()) -> BatchRunner:
+def _stats_probe(float_graph, keys) -> BatchRunner:
     """A probe from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics.
 
     ``keys`` lists the "raw" tensors first; the statistics of all the others
     come from one `StatsTaps` layer.
-
-    Then, for the tensors of ``side_refs``, their per-sample channel sums (`SampleChannelSums`).
     """
     from qstrat.graph.rebuild import run_graph
 
-    refs = list(dict.fromkeys([ref for ref, _ in keys] + list(side_refs)))
+    refs = list(dict.fromkeys(ref for ref, _ in keys))
     names = taken_names(float_graph)
     tapped = [(ref, mode) for ref, mode in keys if mode != "raw"]
     taps = StatsTaps([mode for _, mode in tapped], name=unique_name("qstrat_stats_taps", names)) if tapped else None
-    sums = SampleChannelSums(name=unique_name("qstrat_sample_sums", names)) if side_refs else None
 
     def body(inputs, symbolic):
         by_ref = dict(zip(refs, run_graph(float_graph, inputs, refs, symbolic), strict=True))
         outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
         if taps is not None:
             outputs += taps([by_ref[ref] for ref, _ in tapped])
-        if sums is not None:
-            outputs += sums([by_ref[ref] for ref in side_refs])
         return outputs
 
     return graph_probe(float_graph, body, unique_name("qstrat_calibration_stats", names))

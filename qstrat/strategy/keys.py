@@ -252,7 +252,7 @@ REFINE_KEYS = (
         "fast_ft_lr",
         "float",
         "Fast finetune: Adam learning rate of the rounding logits and of the bias (in steps of its grid).",
-        0.03,
+        0.1,
         minimum=0.0,
         maximum=1.0,
         needs="include_fast_ft",

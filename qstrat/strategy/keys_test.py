@@ -104,6 +104,16 @@ def test_pending_settings_name_exactly_the_pending_keys_set_away_from_their_defa
     ]
 
 
+def test_the_built_in_strategies_set_no_key_that_warns():
+    """A user who loads a built-in and changes nothing gets no warning about a key it sets."""
+    from qstrat.strategy import load_strategy
+    from qstrat.strategy.keys import idle_settings, pending_settings
+
+    for name in ("pof2s", "fs", "tqt"):
+        sections = _sections(load_strategy(name))
+        assert idle_settings(sections) == [] and pending_settings(sections) == [], name
+
+
 def test_a_key_that_needs_another_is_named_while_that_one_is_off():
     from qstrat.strategy import load_strategy
     from qstrat.strategy.keys import idle_settings, pending_settings

@@ -10,40 +10,48 @@ shift on the quantized model against the float model and removes it:
   strategy keeps BN unfolded), from that BN: ``moving_mean += shift``.
 
 Each layer must be measured with every layer upstream of it already
-corrected, so the layers are grouped in levels (a layer's level is one more
-than the highest level upstream of it; parallel branches share a level),
-and the calibration samples are cut into one segment per level
-(`qstrat.passes.refine.schedule`): a fixed number of passes over the data,
-whatever the depth. Simultaneous updates of all levels, the obvious
-alternative, diverge: a shift corrected upstream would be corrected again
-downstream.
+corrected (simultaneous updates of all layers diverge: a shift corrected
+upstream would be corrected again downstream). So the pass runs the
+quantized model once, eagerly, layer by layer in graph order, on a fixed set
+of `SAMPLES` calibration samples held in memory: at each corrected layer it
+measures the shift on those samples, corrects the layer, computes its output
+again and goes on from there. Whatever the depth, that is one forward pass of
+the float model (for its means) and one of the quantized model over those
+samples, with no function to trace; a tensor is dropped once the layers that
+read it have run, so memory is bounded by `SAMPLES`, not by the calibration
+set. The shift is the mean of a difference between the quantized and the
+float output of the same samples, which varies far less from sample to
+sample than either output, so 128 samples measure it well (`bench/ptq.py`).
 
-For in-memory arrays the float side comes from the calibration pass, so the
-passes here run only the quantized model: its frozen copy, on TensorFlow cut
-into stages so that a level's batches run only the layers up to that level
-(`qstrat.passes.staged`). Other sources are measured on the float and the
-quantized model in one probe (so shuffled or augmented data is fine).
-Either way the data must be re-iterable (an array, a tf.data.Dataset or a
-PyDataset). With a one-shot generator the API skips this pass with a
-warning that says how to get it.
-The reference tool's version of this pass was disabled and added the shift
-instead of subtracting it; here a test checks the sign.
+Where a layer shares its bias quantizer state with a layer that already ran
+(a ``shared_quantizer``), its correction recalibrates that state, so the
+model runs again from the start, each layer measured once.
+
+In-memory arrays give a fixed random choice of samples (data sorted by class
+still gives a mix); other sources give their first samples. The data
+must be re-iterable (an array, a tf.data.Dataset or a PyDataset): with a
+one-shot generator the API skips this pass with a warning that says how to
+get it. The reference tool's version of this pass was disabled and added the
+shift instead of subtracting it; here a test checks the sign.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 
-from qstrat.calibration.data import is_one_shot, iterate_batches  # noqa: F401 - is_one_shot: the API's too
+from qstrat.calibration.data import is_one_shot, take_samples  # noqa: F401 - is_one_shot: the API's too
 from qstrat.errors import CalibrationDataError
-from qstrat.graph.ir import Graph, TensorRef, taken_names, unique_name
+from qstrat.graph import capture
+from qstrat.graph.ir import Graph, Node, TensorRef
+from qstrat.graph.rebuild import call_node, needed
 from qstrat.layers import QuantizeWrapper
-from qstrat.passes.frozen import Frozen
-from qstrat.passes.refine.schedule import FloatSide, Schedule, _sample_stream, _segments
-from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
+
+SAMPLES = 128  # calibration samples every layer's shift is measured on
 
 
 @dataclass(frozen=True)
@@ -58,19 +66,6 @@ ONE_SHOT_MESSAGE = (
     "calibration, and a generator can be read only once. Pass an array, a tf.data.Dataset or a keras.utils.PyDataset "
     "to get it, or set include_bias_corr=False to silence this warning."
 )
-
-
-def _channel_means(model, pieces, channels: list[int]) -> list[np.ndarray]:
-    """Per tensor of the probe (``channels`` each), its per-channel mean over the pieces."""
-    from qstrat.layers.probe import split_channels
-
-    sums, counts = None, None
-    for piece in pieces:
-        packed, n = model(piece)
-        batch = np.sum(packed, axis=0, dtype=np.float64)
-        sums = batch if sums is None else sums + batch
-        counts = len(packed) * np.asarray(n, np.float64) + (0.0 if counts is None else counts)
-    return [total / n for total, n in zip(split_channels(sums, channels), counts, strict=True)]
 
 
 def _targets(qmodel, float_graph: Graph):
@@ -99,180 +94,119 @@ def _targets(qmodel, float_graph: Graph):
     return out
 
 
-@dataclass
-class Plan:
-    """What bias correction will measure: targets grouped by level, and for arrays the float side to gather."""
-
-    targets: list  # (wrapper, float TensorRef, BN layer or None), sorted by level
-    levels: list[int]
-    float_side: FloatSide | None = None  # in-memory arrays: float sums gathered by calibration (with the schedule)
-
-    @property
-    def channels(self) -> list[int]:
-        """Output channels of each target."""
-        return [wrapper.output.shape[-1] for wrapper, _, _ in self.targets]
+def correctable(qmodel, float_graph: Graph) -> bool:
+    """Whether ``qmodel`` has a layer bias correction can correct."""
+    return bool(_targets(qmodel, float_graph))
 
 
-def make_plan(qmodel, float_graph: Graph, data, steps=None, batch_size=32) -> Plan | None:
-    """The plan for ``qmodel``, or None when no layer can be corrected.
-
-    For in-memory arrays the sample count is known up front, so the plan
-    carries a `FloatSide` for the calibration pass to fill.
-    """
-    from qstrat.calibration.data import array_bundle
-    from qstrat.passes.calibrate import input_specs
-
-    targets = _targets(qmodel, float_graph)
-    if not targets:
-        return None
-    levels = _levels(float_graph, [ref.node for _, ref, _ in targets])
-    order = sorted(range(len(targets)), key=lambda k: levels[k])  # probe outputs grouped by level
-    targets, levels = [targets[k] for k in order], [levels[k] for k in order]
-    arrays = None if is_one_shot(data) else array_bundle(data, input_specs(qmodel))
-    if arrays is None:
-        return Plan(targets, levels)
-    samples = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
-    schedule = Schedule.plan(samples, max(levels) + 1, batch_size)
-    plan = Plan(targets, levels)
-    plan.float_side = FloatSide([ref for _, ref, _ in targets], plan.channels, levels, schedule)
-    return plan
+class _Restart(Exception):
+    """A correction changed a layer that already ran (a bias quantizer state shared with it): run again."""
 
 
 def correct_biases(
-    qmodel,
-    float_graph: Graph,
-    data,
-    steps=None,
-    batch_size=32,
-    verbose=1,
-    samples: int | None = None,
-    progress=None,
-    plan: Plan | None = None,
+    qmodel, float_graph: Graph, data, steps=None, batch_size=32, verbose=1, progress=None, samples: int = SAMPLES
 ) -> list[Correction]:
-    """Correct the output mean of every quantized conv/dense layer, level by level. Returns what changed.
+    """Correct the output mean of every quantized conv/dense layer, in graph order. Returns what changed.
 
-    ``samples``: how many samples the calibration data holds (as calibration
-    counted them); counted here with one read of the data when not given.
-    ``plan``: from `make_plan`, its `FloatSide` filled by the calibration pass
-    (made here, without one, when not given).
+    ``samples``: how many calibration samples every shift is measured on (they are held in memory).
     """
     from qstrat.passes.calibrate import input_specs, weight_groups
 
     if is_one_shot(data):
         raise CalibrationDataError(ONE_SHOT_MESSAGE.replace("was skipped", "cannot run"))
-    plan = plan or make_plan(qmodel, float_graph, None)
-    if plan is None:
+    targets = _targets(qmodel, float_graph)
+    if not targets:
         return []
-    specs = input_specs(qmodel)
-    if samples is None:
-        samples = sum(len(b[0]) for b in iterate_batches(data, specs, batch_size, steps))
-    targets, levels = plan.targets, plan.levels
-    float_side = plan.float_side
-    schedule = float_side.schedule if float_side is not None else Schedule.plan(samples, max(levels) + 1, batch_size)
-    channels = plan.channels
-    frozen = Frozen(qmodel)
-    groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
-    staged = _staged(frozen, targets, levels) if float_side is not None else None
-    probe = _probe(frozen, float_graph, targets, paired=float_side is None) if staged is None else None
-    stream = _sample_stream(data, specs, batch_size, steps, samples)
-    done = []
+    x = [keras.ops.convert_to_tensor(a) for a in take_samples(data, input_specs(qmodel), samples, batch_size, steps)]
+    n = int(x[0].shape[0])
     progress = progress or Progress(verbose)
-    what = f"{len(targets)} layers in {schedule.levels} levels, {schedule.segment} samples each"
-    bar = progress.data_pass(schedule.levels, "level", schedule.passes, what)
-    for level, pieces in _segments(stream, schedule):
-        first = levels.index(level)
-        count = levels.count(level)
-        if float_side is None:
-            means = _channel_means(probe, pieces, [c for c in channels for _ in range(2)])
-            shifts = [means[2 * j + 1] - means[2 * j] for j in range(first, first + count)]
-        elif staged is None:
-            quantized = _channel_means(probe, pieces, channels)[first : first + count]
-            shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
-        else:  # the stage of this level's targets, and the stages before it
-            stage = staged.stage_of_level[level]
-            mine = staged.targets[stage]
-            quantized = _channel_means(
-                lambda piece, stage=stage: staged(piece, stage), pieces, [channels[i] for i in mine]
-            )
-            quantized = quantized[first - mine[0] : first - mine[0] + count]
-            shifts = [q - f for q, f in zip(quantized, float_side.means(first, count), strict=True)]
-        for j in range(count):
-            wrapper, _, bn = targets[first + j]
-            group = groups.get((id(wrapper), "bias"), [])
-            done.append(_correct(targets[first + j], shifts[j], group))
-            if bn is None:
-                for w, attr in group or [(wrapper, "bias")]:  # a shared bias state changes every sharer's value
-                    frozen.sync(w, [attr])  # only biases changed: the kernels' copies stand
-            else:
-                frozen.sync(bn)
-        bar.update(level + 1)
-    return done
+    bar = progress.data_pass(len(targets), "layer", 1, f"{len(targets)} layers measured on {n} samples")
+    float_means = _float_means(float_graph, [ref for _, ref, _ in targets], x)
+    graph = capture(qmodel)
+    index = {id(wrapper): j for j, (wrapper, _, _) in enumerate(targets)}
+    groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
+    done: dict[int, Correction] = {}
+    ran: set[int] = set()  # the layers that ran in this run of the model
+
+    def visit(node: Node, outs: list) -> bool:
+        ran.add(id(node.op))
+        j = index.get(id(node.op))
+        if j is None or j in done:
+            return False
+        wrapper, _, bn = targets[j]
+        group = groups.get((id(wrapper), "bias"), [])
+        done[j] = _correct(targets[j], _channel_means(outs[0]) - float_means[j], group)
+        bar.update(len(done))
+        if any(w is not wrapper and id(w) in ran for w, _ in group):
+            raise _Restart  # a layer before this one shares the bias state that changed
+        return bn is None  # a changed bias: this layer's output again (a BN's change shows when it runs)
+
+    while True:
+        ran.clear()
+        try:
+            _walk(graph, x, _outputs(graph, targets), visit)
+            break
+        except _Restart:
+            continue
+    return [done[j] for j in sorted(done)]
 
 
-def _staged(frozen: Frozen, targets, levels):
-    """On TensorFlow, the frozen copy cut into stages along the levels (`StagedSums`); else None."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return None
-    from qstrat.passes.staged import StagedSums, stage_count
-
-    refs = [frozen.ref(w) for w, _, _ in targets]
-    return StagedSums(frozen.graph, frozen.op_for(False), refs, levels, stage_count(max(levels) + 1))
+def _outputs(graph: Graph, targets) -> list[TensorRef]:
+    """The quantized graph's tensors that the targets write (what the walk must compute)."""
+    mine = {id(wrapper) for wrapper, _, _ in targets}
+    return [TensorRef(node.name, 0) for node in graph.nodes if id(node.op) in mine]
 
 
-def _probe(frozen: Frozen, float_graph: Graph, targets, paired: bool) -> BatchRunner:
-    """Channel sums of every target's quantized output; with ``paired``, its float output's first.
+def _float_means(float_graph: Graph, refs: list[TensorRef], x: list) -> list[np.ndarray]:
+    """Per target, the float output's per-channel mean over the samples ``x``."""
+    where = {ref.node: j for j, ref in enumerate(refs)}
+    means: list = [None] * len(refs)
 
-    The quantized outputs come from the frozen copy of the quantized model
-    (weights fake-quantized once: a smaller graph, the same values). Paired,
-    one probe computes the float and the quantized outputs of the same batch,
-    so shuffled or augmented data cannot make the two means come from
-    different samples. In a Keras model (backends other than TensorFlow) the
-    float model is one operation of the probe, so its layers keep their
-    names; the probe's own operations take names that nothing in either
-    model has.
+    def visit(node: Node, outs: list) -> bool:
+        if node.name in where:
+            means[where[node.name]] = _channel_means(outs[0])
+        return False
+
+    _walk(float_graph, x, refs, visit)
+    return means
+
+
+def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[[Node, list], bool]) -> None:
+    """Run the nodes that ``outputs`` need on ``inputs``, eagerly, in graph order, each by its own layer.
+
+    ``visit(node, outputs)`` follows each node; when it returns True the node
+    runs again (its layer changed). A tensor is dropped once every node that
+    reads it has run.
     """
-    from qstrat.graph import rebuild
-    from qstrat.graph.rebuild import run_graph
-    from qstrat.layers.probe import SampleChannelSums
-
-    names = taken_names(float_graph, frozen.qmodel)
-    sums = SampleChannelSums(name=unique_name("qstrat_channel_sums", names))
-    refs = [frozen.ref(w) for w, _, _ in targets]
-    float_refs = [ref for _, ref, _ in targets]
-
-    def body(inputs, symbolic):
-        quantized = frozen.outputs(inputs, refs, symbolic)
-        if not paired:
-            return sums(quantized)
-        if symbolic:
-            float_model = rebuild(float_graph, outputs=float_refs, name=unique_name("qstrat_float_reference", names))
-            floats = float_model(inputs[0] if len(inputs) == 1 else inputs)
-            floats = list(floats) if isinstance(floats, (list, tuple)) else [floats]
-        else:
-            floats = run_graph(float_graph, inputs, float_refs, symbolic)
-        return sums([t for pair in zip(floats, quantized, strict=True) for t in pair])
-
-    return graph_probe(frozen.graph, body, unique_name("qstrat_bias_correction_probe", names))
-
-
-def _levels(graph: Graph, target_nodes: list[str]) -> list[int]:
-    """Per target: 1 + the highest level among the targets upstream of it (0 if none)."""
-    index = {name: k for k, name in enumerate(target_nodes)}
-    upstream: dict[str, set[str]] = {}
+    need = needed(graph, outputs, graph.inputs)
+    readers: dict[TensorRef, int] = {}
     for node in graph.nodes:
-        ups: set[str] = set()
+        if node.name in need:
+            for r in node.inputs:
+                readers[r] = readers.get(r, 0) + 1
+    tensors = dict(zip(graph.inputs, inputs, strict=True))
+    for node in graph.nodes:
+        if node.name not in need:
+            continue
+        args = [tensors[r] for r in node.inputs]
+        outs = call_node(node, node.op, args)
+        if visit(node, outs):
+            outs = call_node(node, node.op, args)
         for r in node.inputs:
-            ups |= upstream[r.node]
-            if r.node in index:
-                ups.add(r.node)
-        upstream[node.name] = ups
-    level: dict[str, int] = {}
-    for node in graph.nodes:  # topological order
-        if node.name in index:
-            level[node.name] = 1 + max((level[u] for u in upstream[node.name]), default=-1)
-    return [level[name] for name in target_nodes]
+            readers[r] -= 1
+            if not readers[r]:
+                del tensors[r]
+        for i, t in enumerate(outs):
+            if readers.get(TensorRef(node.name, i)):
+                tensors[TensorRef(node.name, i)] = t
+
+
+def _channel_means(x) -> np.ndarray:
+    """Per-channel (last axis) mean of a batch: summed per sample in float32, then over samples in float64."""
+    x = keras.ops.cast(x, "float32")
+    axes = tuple(range(1, len(x.shape) - 1))
+    per_sample = keras.ops.convert_to_numpy(keras.ops.sum(x, axis=axes) if axes else x)
+    return np.sum(per_sample, axis=0, dtype=np.float64) / (x.shape[0] * int(np.prod(x.shape[1:-1])))
 
 
 def _correct(target, shift: np.ndarray, group) -> Correction:

@@ -57,17 +57,6 @@ def test_a_generator_skips_bias_correction_with_a_warning():
         correct_biases(q.quantize_model(x, verbose=0), capture(model), iter([x]))
 
 
-def test_parallel_branches_share_a_pass():
-    from qstrat.passes.refine.bias_correction import _levels
-
-    i = keras.Input((6, 6, 2))
-    a, b = L.Conv2D(3, 1, name="a")(i), L.Conv2D(3, 3, padding="same", name="b")(i)
-    c = L.Conv2D(2, 1, name="c")(L.Add()([a, b]))
-    d = L.Conv2D(2, 1, name="d")(L.ReLU()(c))
-    graph = capture(keras.Model(i, L.Add()([d, L.Conv2D(2, 1, name="e")(b)])))
-    assert _levels(graph, ["a", "b", "c", "d", "e"]) == [0, 0, 1, 2, 1]
-
-
 def test_shuffled_data_corrects_on_the_samples_it_measures():
     model, x = _model(False), _data(256)
 
@@ -91,61 +80,64 @@ def test_shuffled_data_corrects_on_the_samples_it_measures():
     assert _mean_shift(model, after, x).max() < _mean_shift(model, before, x).max() / 2
 
 
-def _reference_corrections(qmodel, float_model, x, levels_of, segment, assign):
-    """The straightforward path: level by level, each on its segment of the fixed random order, through sub-models."""
-    from qstrat.layers import QuantizeWrapper
+def test_bias_correction_reads_only_the_samples_it_measures():
+    """Its memory is bounded by `SAMPLES`, not by the calibration set: it reads that many samples, once."""
+    from qstrat.passes.refine.bias_correction import SAMPLES
 
-    stream = np.concatenate([np.random.default_rng(0).permutation(len(x))] * 4)
+    x = _data(640)
+    reads = []
+
+    class Counted(keras.utils.PyDataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, k):
+            reads.append(k)
+            return x[16 * k : 16 * (k + 1)]
+
+    q = qstrat.Quantizer(_model(False), "pof2s")
+    q.quantize_model(Counted(), verbose=0)
+    assert q.bias_corrections
+    assert reads == list(range(40)) + list(range(SAMPLES // 16))  # calibration, then bias correction's samples
+
+
+def _reference_corrections(qmodel, float_model, x, names):
+    """The straightforward path: layer by layer in graph order, each measured from scratch through sub-models on
+    the samples ``x``, corrected, and its bias state (and that of every layer sharing it) recalibrated."""
+    from qstrat.layers import QuantizeWrapper
+    from qstrat.passes.calibrate import calibrate_weight_group, weight_groups
+
     wrappers = {w.layer.name: w for w in qmodel.layers if isinstance(w, QuantizeWrapper)}
+    groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
     shifts = {}
-    for level in range(max(levels_of.values()) + 1):
-        seg = x[stream[level * segment : (level + 1) * segment]]
-        for name in (n for n, lv in levels_of.items() if lv == level):
-            w = wrappers[name]
-            yq = ops.convert_to_numpy(keras.Model(qmodel.inputs, w.output)(seg)).astype(np.float64)
-            yf = ops.convert_to_numpy(keras.Model(float_model.inputs, float_model.get_layer(name).output)(seg))
-            shifts[name] = (yq - yf).reshape(-1, yq.shape[-1]).mean(0)
-            w.layer.bias.assign((w.layer.bias.numpy().astype(np.float64) - shifts[name]).astype("float32"))
-            assign(w.state["bias"], w.quantizers["bias"].state_from_tensor(w.layer.bias.numpy()))
+    for name in names:
+        w = wrappers[name]
+        yq = ops.convert_to_numpy(keras.Model(qmodel.inputs, w.output)(x)).astype(np.float64)
+        yf = ops.convert_to_numpy(keras.Model(float_model.inputs, float_model.get_layer(name).output)(x))
+        shifts[name] = (yq - yf).reshape(-1, yq.shape[-1]).mean(0)
+        w.layer.bias.assign((w.layer.bias.numpy().astype(np.float64) - shifts[name]).astype("float32"))
+        calibrate_weight_group(groups[(id(w), "bias")])
     return shifts, wrappers
 
 
-@pytest.mark.parametrize("path", ["paired probe", "float side from calibration", "float side, one stage a level"])
-def test_corrections_match_a_straightforward_level_by_level_path(path, monkeypatch):
-    """Paired: the pass alone, float and quantized in one probe (any data source). Float side: the API's
-    path for arrays, the float sums gathered by the calibration pass and only the quantized model here
-    (on TensorFlow, also cut into stages that compute each level's layers only: `StagedSums`)."""
-    from qstrat.passes import staged
-    from qstrat.passes.calibrate import _assign
-    from qstrat.passes.refine.schedule import Schedule
+def _check_against_reference(model, data, names, custom=None, **overrides):
+    """quantize_model's corrections against `_reference_corrections` on the samples bias correction measures."""
+    from qstrat.calibration.data import take_samples
+    from qstrat.passes.refine.bias_correction import SAMPLES
 
-    if path.endswith("one stage a level"):
-        monkeypatch.setattr(staged, "MIN_LEVELS_PER_STAGE", 1)
-
-    i = keras.Input((8, 8, 3))
-    x = L.ReLU(name="r1")(L.Conv2D(6, 3, padding="same", name="c1")(i))
-    x = L.ReLU(name="r2")(L.Conv2D(6, 3, padding="same", name="c2")(x))
-    y = L.Conv2D(4, 1, name="c3")(x)
-    model = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D(name="gap")(y)))
-    data = _data(100)
-    overrides = {"weight_bit": 4, "include_cle": False, "include_bias_corr": False}
-    q = qstrat.Quantizer(model, "pof2s")
-    if path == "paired probe":
-        qmodel = q.quantize_model(data, verbose=0, **overrides)
-        graph = q._optimized_graph(q._strategy(overrides))
-        done = correct_biases(qmodel, graph, data, None, 32, verbose=0, samples=len(data))
-    else:
-        qmodel = q.quantize_model(data, verbose=0, **{**overrides, "include_bias_corr": True})
-        done = q.bias_corrections
-    ref_q = qstrat.Quantizer(model, "pof2s").quantize_model(data, verbose=0, **overrides)
-    levels = {"c1": 0, "c2": 1, "c3": 2, "d": 3}
-    schedule = Schedule.plan(len(data), len(levels), 32)
-    assert (schedule.passes, schedule.segment) == (2, 50)  # 32 samples per level: two passes over 100
-    shifts, ref_wrappers = _reference_corrections(ref_q, q.optimize_model(**overrides), data, levels, 50, _assign)
-    got = {c.layer: c.max_abs_shift for c in done}
-    assert set(got) == set(levels) and max(got.values()) > 1e-3
+    overrides = {"weight_bit": 4, "include_cle": False, **overrides}
+    q = qstrat.Quantizer(model, "pof2s", custom)
+    qmodel = q.quantize_model(data, verbose=0, include_bias_corr=True, **overrides)
+    ref_q = qstrat.Quantizer(model, "pof2s", custom).quantize_model(
+        data, verbose=0, include_bias_corr=False, **overrides
+    )
+    (x,) = take_samples(data, [("image", data.shape, "float32")], SAMPLES)
+    assert len(x) == min(SAMPLES, len(data))
+    shifts, ref_wrappers = _reference_corrections(ref_q, q.optimize_model(**overrides), x, names)
+    got = {c.layer: c.max_abs_shift for c in q.bias_corrections}
+    assert list(got) == list(names) and max(got.values()) > 1e-3
     for name, shift in shifts.items():
-        # The same float32 outputs, summed in float32 in the probe (per batch, or per sample) and in float64 here.
+        # The same float32 outputs, summed in float32 per sample and then in float64 (here: all in float64).
         np.testing.assert_allclose(got[name], np.abs(shift).max(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
             qmodel.get_layer(f"quant_{name}").layer.bias.numpy(),
@@ -157,3 +149,30 @@ def test_corrections_match_a_straightforward_level_by_level_path(path, monkeypat
             ops.convert_to_numpy(qmodel.get_layer(f"quant_{name}").state["bias"]["pos"]),
             ops.convert_to_numpy(ref_wrappers[name].state["bias"]["pos"]),
         )
+
+
+def test_corrections_match_a_straightforward_layer_by_layer_path():
+    i = keras.Input((8, 8, 3))
+    x = L.ReLU(name="r1")(L.Conv2D(6, 3, padding="same", name="c1")(i))
+    x = L.ReLU(name="r2")(L.Conv2D(6, 3, padding="same", name="c2")(x))
+    y = L.Conv2D(4, 1, name="c3")(x)
+    model = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D(name="gap")(y)))
+    _check_against_reference(model, _data(100), ["c1", "c2", "c3", "d"])
+
+
+def test_a_bias_state_shared_with_a_layer_that_ran_runs_the_model_again(monkeypatch):
+    """conv_b shares conv_a's bias quantizer state: correcting conv_b recalibrates the state conv_a already ran
+    with, so the layers after them are measured on a second run, with conv_a's output as it is now."""
+    from qstrat.passes.quantize_test import sharing_strategy, twins
+    from qstrat.passes.refine import bias_correction
+
+    twin = twins()
+    i = keras.Input((8, 8, 3), name="image")
+    added = L.Add(name="add")([twin.get_layer("conv_a")(i), twin.get_layer("conv_b")(i)])
+    model = keras.Model(i, L.Conv2D(3, 1, name="conv_c")(L.ReLU(name="relu")(added)))
+    walks = []
+    real = bias_correction._walk
+    monkeypatch.setattr(bias_correction, "_walk", lambda *a: walks.append(a[0]) or real(*a))
+    custom = {k: v for k, v in sharing_strategy().items() if k != "base"}  # over pof2s: conv_c is quantized too
+    _check_against_reference(model, _data(80), ["conv_a", "conv_b", "conv_c"], custom)
+    assert len(walks) == 3  # the float model's, the quantized model's, and its run again after conv_b
