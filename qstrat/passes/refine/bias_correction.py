@@ -49,6 +49,7 @@ from qstrat.graph import capture
 from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.graph.rebuild import call_node, needed
 from qstrat.layers import QuantizeWrapper
+from qstrat.passes.frozen import quantized_once
 from qstrat.progress import Progress
 
 SAMPLES = 128  # calibration samples every layer's shift is measured on
@@ -128,18 +129,23 @@ def correct_biases(
     done: dict[int, Correction] = {}
     ran: set[int] = set()  # the layers that ran in this run of the model
 
-    def visit(node: Node, outs: list) -> bool:
+    def visit(node: Node, outs: list):
         ran.add(id(node.op))
         j = index.get(id(node.op))
         if j is None or j in done:
-            return False
+            return None
         wrapper, _, bn = targets[j]
         group = groups.get((id(wrapper), "bias"), [])
+        before = _bias_value(wrapper) if bn is None else None
         done[j] = _correct(targets[j], _channel_means(outs[0]) - float_means[j], group)
         bar.update(len(done))
         if any(w is not wrapper and id(w) in ran for w, _ in group):
             raise _Restart  # a layer before this one shares the bias state that changed
-        return bn is None  # a changed bias: this layer's output again (a BN's change shows when it runs)
+        if bn is not None:
+            return None  # the BN's new mean shows when it runs
+        if _adds_bias_last(wrapper):  # the output moves by the change of the (quantized) bias
+            return [keras.ops.add(outs[0], keras.ops.convert_to_tensor(_bias_value(wrapper) - before))]
+        return True  # this layer's output again
 
     while True:
         ran.clear()
@@ -162,21 +168,20 @@ def _float_means(float_graph: Graph, refs: list[TensorRef], x: list) -> list[np.
     where = {ref.node: j for j, ref in enumerate(refs)}
     means: list = [None] * len(refs)
 
-    def visit(node: Node, outs: list) -> bool:
+    def visit(node: Node, outs: list) -> None:
         if node.name in where:
             means[where[node.name]] = _channel_means(outs[0])
-        return False
 
     _walk(float_graph, x, refs, visit)
     return means
 
 
-def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[[Node, list], bool]) -> None:
+def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[[Node, list], object]) -> None:
     """Run the nodes that ``outputs`` need on ``inputs``, eagerly, in graph order, each by its own layer.
 
-    ``visit(node, outputs)`` follows each node; when it returns True the node
-    runs again (its layer changed). A tensor is dropped once every node that
-    reads it has run.
+    ``visit(node, outputs)`` follows each node: it returns None, True to run
+    the node again (its layer changed), or the node's outputs to use instead.
+    A tensor is dropped once every node that reads it has run.
     """
     need = needed(graph, outputs, graph.inputs)
     readers: dict[TensorRef, int] = {}
@@ -190,8 +195,11 @@ def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[
             continue
         args = [tensors[r] for r in node.inputs]
         outs = call_node(node, node.op, args)
-        if visit(node, outs):
+        instead = visit(node, outs)
+        if instead is True:
             outs = call_node(node, node.op, args)
+        elif instead is not None:
+            outs = instead
         for r in node.inputs:
             readers[r] -= 1
             if not readers[r]:
@@ -199,6 +207,31 @@ def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[
         for i, t in enumerate(outs):
             if readers.get(TensorRef(node.name, i)):
                 tensors[TensorRef(node.name, i)] = t
+
+
+# Layers whose output is their linear part plus the bias, last, when their activation is linear.
+BIAS_LAST = frozenset(
+    {"Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D",
+     "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "Dense"}
+)  # fmt: skip
+
+
+def _adds_bias_last(wrapper: QuantizeWrapper) -> bool:
+    """Whether the wrapped layer's output is its linear part plus its bias on the last axis, nothing after."""
+    layer = wrapper.layer
+    return (
+        type(layer).__name__ in BIAS_LAST
+        and getattr(layer, "activation", None) in (None, keras.activations.linear)
+        and getattr(layer, "data_format", "channels_last") == "channels_last"
+        and not hasattr(layer, "call_with_quantizers")
+    )
+
+
+def _bias_value(wrapper: QuantizeWrapper) -> np.ndarray:
+    """The bias the wrapper computes with: quantized, or as it is where it has no quantizer."""
+    if "bias" in wrapper.quantizers:
+        return quantized_once(wrapper, "bias")
+    return keras.ops.convert_to_numpy(wrapper.layer.bias)
 
 
 def _channel_means(x) -> np.ndarray:
