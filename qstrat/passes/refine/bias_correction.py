@@ -18,8 +18,9 @@ measures the shift on those samples, corrects the layer, computes its output
 again and goes on from there. Whatever the depth, that is one forward pass of
 the float model (for its means) and one of the quantized model over those
 samples, with no function to trace; a tensor is dropped once the layers that
-read it have run, so memory is bounded by `SAMPLES`, not by the calibration
-set. The shift is the mean of a difference between the quantized and the
+read it have run, so memory is bounded by the number of samples, not by the
+calibration set: `SAMPLES`, or fewer (`MIN_SAMPLES` at least) where one
+activation for that many would pass `TENSOR_BYTES` (large inputs). The shift is the mean of a difference between the quantized and the
 float output of the same samples, which varies far less from sample to
 sample than either output, so 128 samples measure it well (`bench/ptq.py`).
 
@@ -52,7 +53,9 @@ from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import quantized_once
 from qstrat.progress import Progress
 
-SAMPLES = 128  # calibration samples every layer's shift is measured on
+SAMPLES = 128  # calibration samples every layer's shift is measured on, at most
+MIN_SAMPLES = 32  # ... and at least (where the data holds that many)
+TENSOR_BYTES = 128 * 2**20  # fewer samples where one activation of SAMPLES samples would be larger
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,22 @@ def correctable(qmodel, float_graph: Graph) -> bool:
     return bool(_targets(qmodel, float_graph))
 
 
+def sample_count(graph: Graph, samples: int = SAMPLES) -> int:
+    """How many samples to hold: ``samples``, fewer (not under `MIN_SAMPLES`) where one of the graph's
+    activations for that many would take more than `TENSOR_BYTES` (a large input resolution)."""
+    per_sample = 0
+    for node in graph.nodes:
+        for t in node.in_tensors:
+            shape = getattr(t, "shape", None)
+            if shape is None or any(d is None for d in shape[1:]):
+                continue
+            size = np.dtype(getattr(t, "dtype", "float32") or "float32").itemsize
+            per_sample = max(per_sample, size * int(np.prod(shape[1:], dtype=np.int64)))
+    if not per_sample:
+        return samples
+    return max(min(samples, MIN_SAMPLES), min(samples, TENSOR_BYTES // per_sample))
+
+
 class _Restart(Exception):
     """A correction changed a layer that already ran (a bias quantizer state shared with it): run again."""
 
@@ -109,7 +128,8 @@ def correct_biases(
 ) -> list[Correction]:
     """Correct the output mean of every quantized conv/dense layer, in graph order. Returns what changed.
 
-    ``samples``: how many calibration samples every shift is measured on (they are held in memory).
+    ``samples``: how many calibration samples every shift is measured on, at most (they are held in
+    memory; `sample_count` takes fewer for large activations).
     """
     from qstrat.passes.calibrate import input_specs, weight_groups
 
@@ -118,12 +138,13 @@ def correct_biases(
     targets = _targets(qmodel, float_graph)
     if not targets:
         return []
-    x = [keras.ops.convert_to_tensor(a) for a in take_samples(data, input_specs(qmodel), samples, batch_size, steps)]
+    graph = capture(qmodel)
+    count = sample_count(graph, samples)
+    x = [keras.ops.convert_to_tensor(a) for a in take_samples(data, input_specs(qmodel), count, batch_size, steps)]
     n = int(x[0].shape[0])
     progress = progress or Progress(verbose)
     bar = progress.data_pass(len(targets), "layer", 1, f"{len(targets)} layers measured on {n} samples")
     float_means = _float_means(float_graph, [ref for _, ref, _ in targets], x)
-    graph = capture(qmodel)
     index = {id(wrapper): j for j, (wrapper, _, _) in enumerate(targets)}
     groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
     done: dict[int, Correction] = {}

@@ -80,10 +80,15 @@ def test_shuffled_data_corrects_on_the_samples_it_measures():
     assert _mean_shift(model, after, x).max() < _mean_shift(model, before, x).max() / 2
 
 
-def test_bias_correction_reads_only_the_samples_it_measures():
-    """Its memory is bounded by `SAMPLES`, not by the calibration set: it reads that many samples, once."""
-    from qstrat.passes.refine.bias_correction import SAMPLES
+@pytest.mark.parametrize("budget,held", [(None, 128), (864 * 48, 48), (864, 32)])
+def test_bias_correction_reads_only_the_samples_it_measures(budget, held, monkeypatch):
+    """Its memory is bounded by the samples it holds, not by the calibration set: `SAMPLES`, read once, or
+    fewer (`MIN_SAMPLES` at least) where one activation for that many would pass `TENSOR_BYTES`."""
+    from qstrat.passes.refine import bias_correction
 
+    assert (bias_correction.SAMPLES, bias_correction.MIN_SAMPLES) == (128, 32)
+    if budget is not None:  # the largest activation here is c1's, 6 x 6 x 6 float32: 864 bytes a sample
+        monkeypatch.setattr(bias_correction, "TENSOR_BYTES", budget)
     x = _data(640)
     reads = []
 
@@ -98,7 +103,7 @@ def test_bias_correction_reads_only_the_samples_it_measures():
     q = qstrat.Quantizer(_model(False), "pof2s")
     q.quantize_model(Counted(), verbose=0)
     assert q.bias_corrections
-    assert reads == list(range(40)) + list(range(SAMPLES // 16))  # calibration, then bias correction's samples
+    assert reads == list(range(40)) + list(range(-(-held // 16)))  # calibration, then bias correction's samples
 
 
 def _reference_corrections(qmodel, float_model, x, names):
