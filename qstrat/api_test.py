@@ -171,7 +171,7 @@ def test_generators_and_pydatasets_stream(setup):
     def quantize(source, **kw):
         return qstrat.get_quantize_info(qstrat.Quantizer(model, "pof2s").quantize_model(source, verbose=0, **kw))
 
-    # A generator is read once, so bias correction (several passes) is off for this comparison.
+    # A generator is read once, so bias correction (a second read) is off for this comparison.
     ia = quantize(gen(), include_bias_corr=False)
     ib = quantize(Batches(), include_bias_corr=False)
     ic = quantize(data, calib_batch_size=16, calib_steps=3, include_bias_corr=False)
