@@ -183,14 +183,16 @@ def is_one_shot(data) -> bool:
     return data is not None and hasattr(data, "__next__") and iter(data) is data
 
 
-def take_samples(data: Any, specs: Sequence[tuple], count: int, batch_size: int = 32, steps: int | None = None):
+def take_samples(
+    data: Any, specs: Sequence[tuple], count: int, batch_size: int = 32, steps: int | None = None, spread: bool = True
+):
     """``count`` samples of the calibration data (all of it if it holds fewer), as checked arrays, one per input.
 
-    In-memory arrays give a fixed random choice of rows (seed 0) in their
-    order, so data sorted by class still gives a mix; other sources give
-    their first samples.
+    In-memory arrays with ``spread`` give a fixed random choice of rows
+    (seed 0) in their order, so data sorted by class still gives a mix;
+    other sources, and arrays without ``spread``, give their first samples.
     """
-    arrays = array_bundle(data, specs)
+    arrays = array_bundle(data, specs) if spread else None
     if arrays is not None:
         total = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
         rows = np.sort(np.random.default_rng(0).permutation(total)[:count])

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from qstrat.calibration.data import iterate_batches
+from qstrat.calibration.data import take_samples
 from qstrat.errors import UnsupportedError
 from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.layers import FakeQuant, QuantizeWrapper
@@ -154,18 +154,6 @@ def find_blocks(graph: Graph, float_graph: Graph) -> list[Block]:
     return blocks
 
 
-def _gather(data, specs, batch_size, steps, cap: int) -> list[np.ndarray]:
-    """The first ``cap`` samples of the calibration data, one array per model input."""
-    parts, have = [], 0
-    for batch in iterate_batches(data, specs, batch_size, steps):
-        take = min(len(batch[0]), cap - have)
-        parts.append([a[:take] for a in batch])
-        have += take
-        if have >= cap:
-            break
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(specs))]
-
-
 def _run(probe, inputs: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
     """The probe's outputs over all samples, batch by batch, into preallocated arrays."""
     n, outs = len(inputs[0]), None
@@ -221,7 +209,7 @@ def fast_finetune(
     result = FastFinetune(0, mode)
     if not blocks:
         return result
-    inputs = _gather(data, input_specs(qmodel), batch_size, steps, cap)
+    inputs = take_samples(data, input_specs(qmodel), cap, batch_size, steps, spread=False)
     result.samples = n = len(inputs[0])
     outputs = graph_probe(
         frozen.graph, lambda xs, symbolic: frozen.outputs(xs, refs, symbolic), "qstrat_fast_ft_outputs"
