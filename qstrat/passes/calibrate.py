@@ -157,7 +157,7 @@ def calibrate_activations(
     tapped = [key for key in keys if key[1] != "raw"]
     kinds = [mode for _, mode in tapped]
     n_stats = (5 if "histogram" in kinds else 3) if tapped else 0
-    # What each probe output is: a row per sample, a statistic of the batch, or the same for every batch.
+    # What each probe output is: a row per sample, or a statistic of the batch.
     kinds_out = ["rows"] * len(raw) + ["reduced"] * n_stats
     spread = _spread(probe, kinds_out)
     what = "activation statistics" + (f" ({spread.where.describe()})" if spread is not None else "")

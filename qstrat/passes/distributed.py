@@ -107,10 +107,9 @@ def groups(batches: Iterable[list[np.ndarray]], width: int) -> Iterator[list[lis
 class Spread:
     """``spread(group)`` -> each batch's probe outputs, the group's batches on the devices of ``where``.
 
-    ``outputs[k]``, what the probe's output k is: ``"rows"``, one row per sample (tensors, per-sample sums);
-    ``"reduced"``, a statistic of the whole batch (the in-graph ranges and histograms); ``"same"``, the same
-    for every batch (a count per sample). On JAX a full group's statistics are one reduction over the group:
-    the first batch gets it, the others None.
+    ``outputs[k]``, what the probe's output k is: ``"rows"``, one row per sample (tensors); ``"reduced"``, a
+    statistic of the whole batch (the in-graph ranges and histograms). On JAX a full group's statistics are one
+    reduction over the group: the first batch gets it, the others None.
     """
 
     def __init__(self, runner: BatchRunner, where: Placement, outputs: list[str]):
@@ -144,7 +143,7 @@ class Spread:
             if kind == "rows":
                 parts = np.split(out, len(group))
             else:
-                parts = [out] + [out if kind == "same" else None] * (len(group) - 1)
+                parts = [out] + [None] * (len(group) - 1)
             for mine, part in zip(per_batch, parts, strict=True):
                 mine.append(part)
         return per_batch
