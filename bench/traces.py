@@ -1,15 +1,15 @@
 """Where a quantize_model call's fixed cost goes: the first call (trace) of each probe, and per-batch costs.
 
 For one model, calibration size and strategy (defaults, bias correction on),
-in one run: every probe qstrat runs (`qstrat.passes.runner.BatchRunner`, and
-bias correction's stages, `qstrat.passes.staged.StagedSums`, per stage) is
+in one run: every probe qstrat runs (`qstrat.passes.runner.BatchRunner`) is
 timed call by call, so its first call (tracing, plus one batch) shows apart
-from the rest; and a warm batch of 32 through the float model and through the
-quantized model shows what the FakeQuant layers cost per batch.
+from the rest; bias correction's eager runs (`bias_correction._walk`: the
+float model's, then the quantized model's) are timed whole; and a warm batch
+of 32 through the float model and through the quantized model shows what the
+FakeQuant layers cost per batch.
 
 Run: ``.venv/bin/python bench/traces.py --model mobilenet_v2 --samples 1024``
-(models as in bench/speed.py; about a minute). ``--max-stages 1`` runs bias
-correction's frozen copy whole for every level, to compare with its stages.
+(models as in bench/speed.py; about a minute).
 """
 
 from __future__ import annotations
