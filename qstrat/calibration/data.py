@@ -247,18 +247,26 @@ def iterate_batches(
         raise CalibrationDataError("the calibration dataset yielded no batches.")
 
 
+def array_samples(data: Any) -> int | None:
+    """The number of samples of data given as arrays in memory (one, or a list or dict of them), else None."""
+    first = None
+    if _is_arraylike(data):
+        first = data
+    elif isinstance(data, (list, tuple, dict)) and data:
+        values = list(data.values() if isinstance(data, dict) else data)
+        first = values[0] if all(_is_arraylike(v) for v in values) else None
+    if first is not None and len(getattr(first, "shape", ())) > 0:
+        return int(first.shape[0])
+    return None
+
+
 def count_batches(data: Any, batch_size: int, steps: int | None = None) -> int | None:
     """How many batches `iterate_batches` will yield, when that is known up front (else None)."""
     total = None
     if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
-        first = None
-        if _is_arraylike(data):
-            first = data
-        elif isinstance(data, (list, tuple, dict)) and data:
-            values = list(data.values() if isinstance(data, dict) else data)
-            first = values[0] if all(_is_arraylike(v) for v in values) else None
-        if first is not None and len(getattr(first, "shape", ())) > 0:
-            total = -(-int(first.shape[0]) // batch_size)
+        samples = array_samples(data)
+        if samples is not None:
+            total = -(-samples // batch_size)
     if total is None and hasattr(data, "__len__") and hasattr(data, "on_epoch_end"):  # PyDataset
         total = len(data)
     if total is None:

@@ -262,8 +262,12 @@ class HistogramObserver(Observer):
             self.counts[c] = coarsen(self.counts[c], int(k - self.exponent[c]))
             self.exponent[c] = k
 
-    def update(self, batch) -> None:
+    def update(self, batch, counted: int | None = None) -> None:
+        """Add a batch. ``counted``: count only its first ``counted`` entries on axis 0 (the first samples of
+        a batch) in the histogram; the range, and so the bins' exponent, still come from the whole batch."""
         rows, lo, hi = self._rows(batch)
+        if counted is not None:
+            rows = move_axis_last(np.asarray(batch)[:counted], self.axis)
         if self.counts is None:
             self._init_state(rows.shape[0])
         k_new = exponent_for(np.maximum(-lo, hi))

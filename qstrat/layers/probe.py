@@ -45,9 +45,25 @@ def _pow2(e):
     return ops.view(ops.left_shift(ops.cast(e, "int32") + 127, 23), "float32")
 
 
-def _stats(xs, kinds, bins_per_side: int) -> list:
+HISTOGRAMS = frozenset({"histogram", "share"})  # "share": of a share of each batch (``hist_rows``)
+
+
+def _first_rows(x, rows: int, batch: int | None):
+    """The first ``rows`` samples of the batch ``x``; of each batch, where ``x`` is a group of whole batches
+    of ``batch`` samples (a distribution runs a group sharded on the batch axis as one array)."""
+    n = x.shape[0]
+    if batch and n is not None and n > batch and n % batch == 0:
+        return ops.reshape(ops.reshape(x, (n // batch, batch, *x.shape[1:]))[:, :rows], (-1, *x.shape[1:]))
+    return x[:rows]
+
+
+def _stats(xs, kinds, bins_per_side: int, hist_rows: int | None = None, batch: int | None = None) -> list:
     """Packed statistics of every tensor: ``[lo (T,), hi (T,), size (T,)]``, then ``[counts (H, 2n), k (H,)]``
-    for the H tensors of kind "histogram", in order (their size is reported as 0).
+    for the H tensors of kind "histogram" or "share", in order (their size is reported as 0).
+
+    ``hist_rows``: the histograms of kind "share" count only the first ``hist_rows`` entries of the
+    tensor's first axis (the batch's first samples; of each batch of ``batch`` samples in a group, see
+    `_first_rows`); the ranges and the exponent k still come from the whole tensor.
 
     Everything is computed for all tensors at once where it can be (one
     stack of extremes, one exponent computation, one unstack of the scales),
@@ -66,7 +82,7 @@ def _stats(xs, kinds, bins_per_side: int) -> list:
     else:
         sizes = ops.zeros((len(xs),), "int32")
     out = [lo, hi, sizes]
-    hist = [i for i, kind in enumerate(kinds) if kind == "histogram"]
+    hist = [i for i, kind in enumerate(kinds) if kind in HISTOGRAMS]
     if not hist:
         return out
     index = ops.convert_to_tensor(hist, "int32")
@@ -77,7 +93,8 @@ def _stats(xs, kinds, bins_per_side: int) -> list:
     ks = ops.where(amax > 0, ops.maximum(e, -114.0), e)
     scales = ops.where(amax > 0, _pow2(float(math.log2(n)) - ks), ops.ones_like(ks))
     # No clip needed: k comes from this tensor's own extremes, so every floor(x * scale) is in [-n, n).
-    scaled = [ops.floor(xs[i] * scale) for i, scale in zip(hist, ops.unstack(scales, len(hist)), strict=True)]
+    counted = [_first_rows(xs[i], hist_rows, batch) if hist_rows and kinds[i] == "share" else xs[i] for i in hist]
+    scaled = [ops.floor(x * scale) for x, scale in zip(counted, ops.unstack(scales, len(hist)), strict=True)]
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -98,7 +115,7 @@ def _bincount(idx, length: int):
 
 
 def _spec(kinds, bins_per_side: int) -> list:
-    t, h = len(kinds), kinds.count("histogram")
+    t, h = len(kinds), sum(kind in HISTOGRAMS for kind in kinds)
     out = [keras.KerasTensor((t,), dtype="float32"), keras.KerasTensor((t,), dtype="float32")]
     out.append(keras.KerasTensor((t,), dtype="int32"))
     if h:
@@ -112,7 +129,7 @@ def unpack_stats(outs, kinds) -> list[list]:
     counts, ks = (np.asarray(o) for o in outs[3:5]) if len(outs) > 3 else (None, None)
     per, h = [], 0
     for i, kind in enumerate(kinds):
-        if kind == "histogram":
+        if kind in HISTOGRAMS:
             per.append([counts[h], ks[h], lo[i], hi[i]])
             h += 1
         else:
@@ -121,27 +138,33 @@ def unpack_stats(outs, kinds) -> list[list]:
 
 
 class StatsTaps(keras.layers.Layer):
-    """Reduce each tensor to its range (kind "range") or its aligned histogram (kind "histogram"), packed.
+    """Reduce each tensor to its range (kind "range") or its aligned histogram (kind "histogram"; "share":
+    of each batch's first ``hist_rows`` samples, all of them where ``hist_rows`` is None), packed.
 
     Outputs: see `_stats`; `unpack_stats` gives each tensor's statistics.
+    ``batch``: the batch size, which tells a group of batches from one batch.
     """
 
-    def __init__(self, kinds: list[str], bins_per_side: int = 8192, **kwargs):
+    def __init__(self, kinds: list[str], bins_per_side: int = 8192, hist_rows: int | None = None, batch=None, **kwargs):
         super().__init__(**kwargs)
         self.kinds = list(kinds)
         self.bins_per_side = bins_per_side
+        self.hist_rows = hist_rows
+        self.batch = batch
 
     def call(self, xs):
-        return _stats(list(xs), self.kinds, self.bins_per_side)
+        return _stats(list(xs), self.kinds, self.bins_per_side, self.hist_rows, self.batch)
 
     def compute_output_spec(self, xs):
         return _spec(self.kinds, self.bins_per_side)
 
     def get_config(self):
-        return {**super().get_config(), "kinds": self.kinds, "bins_per_side": self.bins_per_side}
+        config = {"kinds": self.kinds, "bins_per_side": self.bins_per_side}
+        config.update(hist_rows=self.hist_rows, batch=self.batch)
+        return {**super().get_config(), **config}
 
 
-def tap_stats(x, kind: str, bins_per_side: int = 8192) -> list:
+def tap_stats(x, kind: str, bins_per_side: int = 8192, hist_rows: int | None = None, batch=None) -> list:
     """One tensor's statistics, ``[min, max, size]`` or ``[counts, exponent, min, max]`` (NumPy)."""
-    outs = StatsTaps([kind], bins_per_side)([x])
+    outs = StatsTaps([kind], bins_per_side, hist_rows, batch)([x])
     return unpack_stats([ops.convert_to_numpy(o) for o in outs], [kind])[0]

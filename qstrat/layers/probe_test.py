@@ -77,3 +77,31 @@ def test_stats_taps_give_each_tensor_what_it_gives_alone():
     for a, b in zip(together, alone, strict=True):
         for u, v in zip(a, b, strict=True):
             assert np.array_equal(u, v)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_share_histograms_count_the_first_samples_with_the_whole_batchs_range_and_bins(rows):
+    # The largest value is in the last sample: the subset's counts must still use the whole batch's exponent.
+    x = np.random.default_rng(3).normal(size=(4, 30)).astype("float32")
+    x[3, 7] = 9.5
+    whole = tap_stats(ops.convert_to_tensor(x), "histogram")
+    assert np.array_equal(tap_stats(ops.convert_to_tensor(x), "histogram", hist_rows=rows)[0], whole[0])  # all
+    counts, k, lo, hi = tap_stats(ops.convert_to_tensor(x), "share", hist_rows=rows)
+    assert int(k) == int(whole[1]) == 4  # 9.5 < 2^4: set by the sample the histogram leaves out
+    assert float(lo) == x.min() and float(hi) == x.max() == np.float32(9.5)
+    assert counts.sum() == rows * 30
+    assert np.array_equal(counts, bin_counts(x[:rows].reshape(-1), 4, DEFAULT_BINS_PER_SIDE))
+    obs = HistogramObserver()
+    obs.update(x, counted=rows)  # the NumPy observer's twin of the same subset
+    got = obs.result()
+    assert np.array_equal(got.counts, counts) and int(got.exponent) == 4 and got.count == rows * 30
+    assert float(got.max) == np.float32(9.5)
+
+
+def test_a_group_of_batches_counts_the_first_samples_of_each():
+    # A distribution runs a group of whole batches as one array: each batch's first samples are counted.
+    x = np.random.default_rng(4).normal(size=(12, 5)).astype("float32")  # three batches of 4
+    counts, k, lo, hi = tap_stats(ops.convert_to_tensor(x), "share", hist_rows=2, batch=4)
+    first = np.concatenate([x[0:2], x[4:6], x[8:10]])
+    assert np.array_equal(counts, bin_counts(first.reshape(-1), int(k), DEFAULT_BINS_PER_SIDE))
+    assert float(lo) == x.min() and float(hi) == x.max()

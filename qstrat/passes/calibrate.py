@@ -13,11 +13,11 @@ import contextlib
 import numpy as np
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
-from qstrat.calibration.data import count_batches, iterate_batches
+from qstrat.calibration.data import array_samples, count_batches, iterate_batches
 from qstrat.errors import ConfigError
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.layers.probe import StatsTaps, unpack_stats
+from qstrat.layers.probe import HISTOGRAMS, StatsTaps, unpack_stats
 from qstrat.passes.distributed import Spread, groups, placement
 from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
@@ -45,6 +45,15 @@ def quiet_probes():
         yield
     finally:
         logger.setLevel(level)
+
+
+# The in-graph histograms of power-of-2 positions (`_mode` "share") of a larger calibration set count
+# about this many samples, a share of every batch (`histogram_rows`): counting is the costly part of a
+# calibration batch (about 1.5 ns a value, one core), and a search among a few power-of-2 positions
+# picks the same one from hundreds of samples' activations as from more (bench/ptq.py, table 5). Float
+# scales are continuous and move with every sample: their histograms count all of it. Ranges see every
+# sample.
+HISTOGRAM_SAMPLES = 256
 
 
 def input_specs(model) -> list[tuple]:
@@ -147,16 +156,17 @@ def calibrate_activations(
     observers = {id(fq): make_observer(fq.quantizer.observer_spec(policy), name=fq.target or fq.name) for fq in fqs}
     # What each tapped tensor is reduced to inside the probe: its range, its histogram,
     # or (per-channel and per-batch observers) the tensor itself.
-    pair_modes = [_mode(observers[id(fq)]) for fq in owners]
+    pair_modes = [_mode(observers[id(fq)], fq.quantizer.observer_spec(policy)) for fq in owners]
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
     keys.sort(key=lambda key: key[1] != "raw")  # the probe's order: raw tensors, then the taps' statistics
-    probe = _stats_probe(float_graph, keys) if keys else None
+    rows = histogram_rows(data, batch_size, steps)
+    probe = _stats_probe(float_graph, keys, rows, batch_size) if keys else None
     batches = samples = 0
     progress = progress or Progress(verbose)
     raw = [key for key in keys if key[1] == "raw"]
     tapped = [key for key in keys if key[1] != "raw"]
     kinds = [mode for _, mode in tapped]
-    n_stats = (5 if "histogram" in kinds else 3) if tapped else 0
+    n_stats = (5 if set(kinds) & HISTOGRAMS else 3) if tapped else 0
     # What each probe output is: a row per sample, or a statistic of the batch.
     kinds_out = ["rows"] * len(raw) + ["reduced"] * n_stats
     spread = _spread(probe, kinds_out)
@@ -174,6 +184,21 @@ def calibrate_activations(
     for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
         _assign(fq.state, state)
     return samples
+
+
+def histogram_rows(data, batch_size: int, steps: int | None = None) -> int | None:
+    """How many samples of each batch the in-graph "share" histograms count: None (all) unless the data is
+    arrays in memory holding more than `HISTOGRAM_SAMPLES` samples (to be read); then each batch's
+    share of `HISTOGRAM_SAMPLES`, rounded up, so about that many samples, spread over all the batches,
+    are counted. Ranges always see every sample."""
+    samples = array_samples(data)
+    if samples is None or not isinstance(batch_size, int) or batch_size <= 0:
+        return None
+    if steps is not None:
+        samples = min(samples, steps * batch_size)
+    if samples <= HISTOGRAM_SAMPLES:
+        return None
+    return min(batch_size, -(-batch_size * HISTOGRAM_SAMPLES // samples))
 
 
 def _spread(probe, outputs: list[str]) -> Spread | None:
@@ -220,15 +245,17 @@ def _states_from_stats(fqs, observers) -> list[dict]:
         return list(pool.map(one, fqs))
 
 
-def _mode(obs) -> str:
+def _mode(obs, spec) -> str:
+    """What the probe reduces a tapped tensor to: "range", "histogram", "share" (a histogram of a share of
+    each batch, see `histogram_rows`), or "raw" (the tensor itself)."""
     if obs.axis is None and type(obs) is MinMaxObserver:
         return "range"
     if obs.axis is None and type(obs) is HistogramObserver and obs.bins_per_side == DEFAULT_BINS_PER_SIDE:
-        return "histogram"
+        return "share" if spec.share else "histogram"
     return "raw"
 
 
-def _stats_probe(float_graph, keys) -> BatchRunner:
+def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | None = None) -> BatchRunner:
     """A probe from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics.
 
     ``keys`` lists the "raw" tensors first; the statistics of all the others
@@ -239,7 +266,8 @@ def _stats_probe(float_graph, keys) -> BatchRunner:
     refs = list(dict.fromkeys(ref for ref, _ in keys))
     names = taken_names(float_graph)
     tapped = [(ref, mode) for ref, mode in keys if mode != "raw"]
-    taps = StatsTaps([mode for _, mode in tapped], name=unique_name("qstrat_stats_taps", names)) if tapped else None
+    name = unique_name("qstrat_stats_taps", names)
+    taps = StatsTaps([mode for _, mode in tapped], hist_rows=hist_rows, batch=batch, name=name) if tapped else None
 
     def body(inputs, symbolic):
         by_ref = dict(zip(refs, run_graph(float_graph, inputs, refs, symbolic), strict=True))

@@ -11,10 +11,12 @@ import pytest
 from keras import ops
 
 import qstrat
-from qstrat.calibration import make_observer
+from qstrat.calibration import HistogramObserver, make_observer
 from qstrat.graph import rebuild
+from qstrat.passes.calibrate import HISTOGRAM_SAMPLES, histogram_rows
 from qstrat.passes.quantize import annotate, insert
 from qstrat.passes.refine.constraints import RULES
+from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
 pytestmark = pytest.mark.portable
 L = keras.layers
@@ -41,18 +43,46 @@ def _reference_states(q, overrides):
     return taps, refs, probe, policy
 
 
+def _counted(obs, spec, rows):
+    """What the fast path counts of each batch: per-tensor aligned histograms of power-of-2 positions
+    (``spec.share``) count ``rows`` samples; every other observer sees the whole batch."""
+    plain = type(obs) is HistogramObserver and obs.axis is None and obs.bins_per_side == DEFAULT_BINS_PER_SIDE
+    return rows if plain and spec.share else None
+
+
+def _states(qmodel, taps, observers) -> dict:
+    out = {}
+    for name in taps:
+        fq = qmodel.get_layer(name)
+        for key, value in fq.quantizer.state_from_stats(observers[name].result()).items():
+            out[(name, key)] = np.asarray(value, ops.convert_to_numpy(fq.state[key]).dtype)
+    return out
+
+
 @pytest.mark.parametrize(
     "strategy, overrides",
     [
         ("pof2s", {}),
         ("fs", {}),
         ("pof2s", {"activation_method": "Min_KL"}),
-        ("fs", {"activation_method": "Percentile"}),
+        ("fs", {"input_method": "Percentile"}),  # fs quantizes inputs of conv and dense layers, no outputs
     ],
 )
-def test_fast_calibration_gives_the_straightforward_state_bit_for_bit(strategy, overrides):
+@pytest.mark.parametrize("samples", [100, 600])
+def test_fast_calibration_gives_the_straightforward_state_bit_for_bit(strategy, overrides, samples, monkeypatch):
     model = _model()
-    data = np.random.default_rng(0).normal(1.0, 2.0, size=(100, 10, 10, 3)).astype("float32")  # last batch: 4
+    counted: dict[str, int] = {}  # per FakeQuant, the values its in-graph histograms counted
+    plain = HistogramObserver.update_histogram
+
+    def spy(self, counts, exponent, lo, hi, count):
+        counted[self.name] = counted.get(self.name, 0) + int(count)
+        plain(self, counts, exponent, lo, hi, count)
+
+    monkeypatch.setattr(HistogramObserver, "update_histogram", spy)
+    data = np.random.default_rng(0).normal(1.0, 2.0, size=(samples, 10, 10, 3)).astype("float32")  # last batch short
+    # Over HISTOGRAM_SAMPLES (256) samples, the histograms count each batch's first ceil(32 * 256 / 600) = 14.
+    rows = histogram_rows(data, 32)
+    assert rows == (None if samples <= HISTOGRAM_SAMPLES else 14)
     q = qstrat.Quantizer(model, strategy)
     # The DPU compiler constraints (refine) move positions after calibration, and the DPU average pooling
     # changes the graph the reference below observes: both off, to compare calibration alone.
@@ -60,10 +90,12 @@ def test_fast_calibration_gives_the_straightforward_state_bit_for_bit(strategy, 
     qmodel = q.quantize_model(data, calib_batch_size=32, verbose=0, include_bias_corr=False, **off, **overrides)
 
     taps, refs, probe, policy = _reference_states(q, {"include_bias_corr": False, **off, **overrides})
-    observers = {}
+    observers, whole, specs = {}, {}, {}
     for name in taps:
         fq = qmodel.get_layer(name)
-        observers[name] = make_observer(fq.quantizer.observer_spec(policy), name=name)
+        specs[name] = spec = fq.quantizer.observer_spec(policy)
+        observers[name], whole[name] = make_observer(spec, name=name), make_observer(spec, name=name)
+        counted[name] = counted.pop(fq.target or fq.name, 0)  # the fast path names observers by target
     for start in range(0, len(data), 32):
         outs = probe(data[start : start + 32])
         outs = dict(
@@ -71,11 +103,23 @@ def test_fast_calibration_gives_the_straightforward_state_bit_for_bit(strategy, 
         )
         for name, rs in taps.items():
             for r in rs:
-                observers[name].update(outs[r])
+                first = _counted(observers[name], specs[name], rows)
+                if first is None:
+                    observers[name].update(outs[r])
+                else:
+                    observers[name].update(outs[r], counted=first)
+                whole[name].update(outs[r])
     assert len(taps) >= 4
+    want, got = _states(qmodel, taps, observers), {}
+    for name, key in want:
+        got[(name, key)] = ops.convert_to_numpy(qmodel.get_layer(name).state[key])
+    for k, value in want.items():
+        assert np.array_equal(got[k], value), (k, got[k], value)
+    # What the fast path's histograms counted: power-of-2 positions 14 samples of each of the 19 batches
+    # (266 of 600), float scales every sample.
+    shares = [name for name in taps if specs[name].share]
+    assert bool(shares) == (strategy == "pof2s")
     for name in taps:
-        fq = qmodel.get_layer(name)
-        want = fq.quantizer.state_from_stats(observers[name].result())
-        for key, value in want.items():
-            got = ops.convert_to_numpy(fq.state[key])
-            assert np.array_equal(got, np.asarray(value, got.dtype)), (name, key, got, value)
+        if type(whole[name]) is HistogramObserver:
+            share = rows is not None and name in shares
+            assert counted[name] == whole[name].count * (266 if share else 600) // 600, name

@@ -17,6 +17,7 @@ the most common wins: the reference tool's behaviour).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,9 @@ class _Pof2Positions(Quantizer):
                     "grid also needs a zero point. Use the global policy."
                 )
             return ObserverSpec("votes", self.axis, estimate=self._batch_position)
-        return super().observer_spec(policy)
+        spec = super().observer_spec(policy)
+        # A position is one of a few power-of-2 grids: a share of a large calibration set picks it as all does.
+        return replace(spec, share=True) if spec is not None and spec.kind == "histogram" else spec
 
 
 @register_quantizer

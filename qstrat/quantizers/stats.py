@@ -192,6 +192,10 @@ class ObserverSpec:
         decay: EMA decay for "ema".
         estimate: per-batch function for "ema" ((C, M) rows -> (lo, hi)) and
             "votes" (raw batch -> position per channel).
+        share: for "histogram": a histogram of a share of a large calibration set
+            decides the state as well as one of all of it (a search among a few
+            power-of-2 positions), so calibration may count only a share of each
+            batch (`qstrat.passes.calibrate.HISTOGRAM_SAMPLES`).
     """
 
     kind: str
@@ -199,6 +203,7 @@ class ObserverSpec:
     decay: float | None = None
     estimate: object = None
     bins_per_side: int = DEFAULT_BINS_PER_SIDE
+    share: bool = False
 
 
 def histogram_of_rows(rows: np.ndarray, bins_per_side: int = DEFAULT_BINS_PER_SIDE) -> Histogram:
