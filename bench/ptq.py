@@ -235,16 +235,6 @@ def _states(qmodel) -> dict:
     }
 
 
-def _shifted_flips(x: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` images made of ``x`` (N, H, W, C): flipped or not, shifted by up to 4 pixels, as `zoo.face_images_n`."""
-    rng = np.random.default_rng(seed)
-    out = []
-    while sum(len(b) for b in out) < n:
-        b = x[:, :, ::-1] if rng.random() < 0.5 else x
-        out.append(np.roll(b, int(rng.integers(-4, 5)), axis=2))
-    return np.concatenate(out)[:n]
-
-
 def histogram_share_table(n: int = 1024) -> list[str]:
     """Quality with the histograms of a share of a large calibration set (`HISTOGRAM_SAMPLES`) against all.
 
@@ -260,7 +250,7 @@ def histogram_share_table(n: int = 1024) -> list[str]:
     x_train, _, _, _ = zoo.digits_split()
     d_calib = x_train[np.random.default_rng(0).permutation(len(x_train))[:n]]
     fer, f_calib, f_eval, f_faces = faces_task()
-    f_calib = _shifted_flips(f_calib, n)
+    f_calib = zoo.shifted_flips(f_calib, n)
     budget = calibrate.HISTOGRAM_SAMPLES
     lines = [
         f"{'model':<14} {'strategy':<8} {'histograms of':>13} {'acc / agree':>11} {'SQNR dB':>8} "

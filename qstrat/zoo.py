@@ -121,10 +121,16 @@ def face_images(seed: int = 0):
 def face_images_n(n: int, seed: int = 0) -> np.ndarray:
     """``n`` real 64x64 grayscale images for the emotion model: `face_images`, flipped and shifted to make up the count."""
     base, _ = face_images()
+    return shifted_flips(base, n, seed)
+
+
+def shifted_flips(images: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` images made of ``images`` (N, H, W, C): copies of all of them in turn, each copy flipped left-right
+    or not and shifted sideways by up to 4 pixels (wrapping around)."""
     rng = np.random.default_rng(seed)
     out = []
     while sum(len(b) for b in out) < n:
-        b = base[:, :, ::-1] if rng.random() < 0.5 else base
+        b = images[:, :, ::-1] if rng.random() < 0.5 else images
         out.append(np.roll(b, int(rng.integers(-4, 5)), axis=2))
     return np.concatenate(out)[:n]
 

@@ -1,4 +1,4 @@
-"""The digits MobileNet and the function-preserving channel rescaling used by bench/cle.py."""
+"""The digits MobileNet, the function-preserving channel rescaling used by bench/cle.py, and shifted flips."""
 
 import keras
 import numpy as np
@@ -74,3 +74,15 @@ def test_rescaling_skips_layers_outside_a_bn_relu_conv_chain(mobilenet):
     for name in ("stem", "pw3_bn", "logits"):  # before the first chain, ReLU into GAP, the head
         for a, b in zip(mobilenet.get_layer(name).get_weights(), rescaled.get_layer(name).get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.portable
+def test_shifted_flips_are_whole_copies_flipped_or_not_and_shifted_by_at_most_four():
+    images = np.random.default_rng(0).normal(size=(3, 5, 12, 1))
+    out = zoo.shifted_flips(images, 8, seed=1)
+    assert out.shape == (8, 5, 12, 1)
+    for start in range(0, 8, 3):  # copies of all three images in turn, the last one cut short
+        block = out[start : start + 3]
+        candidates = [np.roll(b, s, axis=2) for b in (images, images[:, :, ::-1]) for s in range(-4, 5)]
+        assert any(np.array_equal(block, c[: len(block)]) for c in candidates), start
+    assert np.array_equal(zoo.shifted_flips(images, 8, seed=1), out)  # the seed fixes them
