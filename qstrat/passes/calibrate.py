@@ -49,7 +49,7 @@ def quiet_probes():
 
 # The in-graph histograms of power-of-2 positions (`_mode` "share") of a larger calibration set count
 # about this many samples, a share of every batch (`histogram_rows`): counting is the costly part of a
-# calibration batch (about 1.5 ns a value, one core), and a search among a few power-of-2 positions
+# calibration batch (a single-threaded loop over every value), and a search among a few power-of-2 positions
 # picks the same one from hundreds of samples' activations as from more (bench/ptq.py, table 5). Float
 # scales are continuous and move with every sample: their histograms count all of it. Ranges see every
 # sample.
