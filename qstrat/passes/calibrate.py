@@ -147,16 +147,17 @@ def calibrate_activations(
     Returns the number of batches seen.
     """
 
-    fqs = [fq for fq in fake_quant_layers(qmodel) if fq.quantizer.observer_spec(policy) is not None]
+    specs = {id(fq): fq.quantizer.observer_spec(policy) for fq in fake_quant_layers(qmodel)}
+    fqs = [fq for fq in fake_quant_layers(qmodel) if specs[id(fq)] is not None]
     refs, owners = [], []
     for fq in fqs:
         for ref in taps.get(fq.name, ()):
             refs.append(ref)
             owners.append(fq)
-    observers = {id(fq): make_observer(fq.quantizer.observer_spec(policy), name=fq.target or fq.name) for fq in fqs}
-    # What each tapped tensor is reduced to inside the probe: its range, its histogram,
-    # or (per-channel and per-batch observers) the tensor itself.
-    pair_modes = [_mode(observers[id(fq)], fq.quantizer.observer_spec(policy)) for fq in owners]
+    observers = {id(fq): make_observer(specs[id(fq)], name=fq.target or fq.name) for fq in fqs}
+    # What each tapped tensor is reduced to inside the probe: its range, its histogram (of a share
+    # of each batch for power-of-2 positions), or (per-channel and per-batch observers) the tensor itself.
+    pair_modes = [_mode(observers[id(fq)], specs[id(fq)]) for fq in owners]
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
     keys.sort(key=lambda key: key[1] != "raw")  # the probe's order: raw tensors, then the taps' statistics
     rows = histogram_rows(data, batch_size, steps)
