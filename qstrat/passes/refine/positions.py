@@ -64,31 +64,52 @@ class PositionChange:
 
 
 class _Slot:
-    """A power-of-2 position held in a quantizer's state: read and write it as an int."""
+    """A power-of-2 position held in a quantizer's state: read and write it as an int.
 
-    def __init__(self, quantizer, state: dict, target: str):
-        self.quantizer, self.state, self.target = quantizer, state, target
+    Reads go through ``values`` (the model's cache of state values, by variable), so that the rules,
+    which look at every position several times, read each variable from the backend once.
+    """
+
+    def __init__(self, quantizer, state: dict, target: str, values: _Values):
+        self.quantizer, self.state, self.target, self.values = quantizer, state, target, values
 
     def get(self) -> int:
         if isinstance(self.quantizer, TQTQuantizer):
-            return int(self.quantizer.position({"log_th": np.asarray(self.state["log_th"])}))
-        return int(np.asarray(self.state["pos"]))
+            return int(self.quantizer.position({"log_th": self.values.read(self.state["log_th"])}))
+        return int(self.values.read(self.state["pos"]))
 
     def set(self, pos: int) -> None:
         if isinstance(self.quantizer, TQTQuantizer):
             value = self.quantizer._state(pos)["log_th"]
-            self.state["log_th"].assign(np.asarray(value, self.state["log_th"].dtype))
+            self.values.write(self.state["log_th"], np.asarray(value, self.state["log_th"].dtype))
         else:
-            self.state["pos"].assign(np.asarray(pos, self.state["pos"].dtype))
+            self.values.write(self.state["pos"], np.asarray(pos, self.state["pos"].dtype))
 
 
-def _slot(quantizer, state, target: str, enabled) -> _Slot | None:
+class _Values:
+    """Quantizer state variables' values, each read from the backend once; writes go to both."""
+
+    def __init__(self):
+        self._cache: dict[int, tuple[object, np.ndarray]] = {}  # id(variable) -> (variable, value)
+
+    def read(self, var) -> np.ndarray:
+        hit = self._cache.get(id(var))
+        if hit is None:
+            hit = self._cache[id(var)] = (var, np.asarray(var))
+        return hit[1]
+
+    def write(self, var, value: np.ndarray) -> None:
+        var.assign(value)
+        self._cache[id(var)] = (var, np.array(value))
+
+
+def _slot(quantizer, state, target: str, enabled, values: _Values) -> _Slot | None:
     """The slot of a per-tensor, enabled power-of-2 quantizer; None for anything else."""
-    if not isinstance(quantizer, (Pof2SQuantizer, TQTQuantizer)) or float(np.asarray(enabled)) < 0.5:
+    if not isinstance(quantizer, (Pof2SQuantizer, TQTQuantizer)) or float(values.read(enabled)) < 0.5:
         return None
-    if isinstance(quantizer, Pof2SQuantizer) and np.asarray(state["pos"]).size != 1:
+    if isinstance(quantizer, Pof2SQuantizer) and values.read(state["pos"]).size != 1:
         return None
-    return _Slot(quantizer, state, target)
+    return _Slot(quantizer, state, target, values)
 
 
 class _Model:
@@ -98,6 +119,7 @@ class _Model:
         self.graph: Graph = capture(qmodel)
         self.changes: list[PositionChange] = []
         self.pinned: set[int] = set()  # the states alignment set: later rounds do not move them up
+        self.values = _Values()
 
     def producer(self, ref: TensorRef) -> Node:
         return self.graph.node(ref.node)
@@ -109,7 +131,7 @@ class _Model:
             node = self.producer(node.inputs[0])
         if isinstance(node.op, FakeQuant):
             fq = node.op
-            return _slot(fq.quantizer, fq.state, fq.target or fq.name, fq.enabled)
+            return _slot(fq.quantizer, fq.state, fq.target or fq.name, fq.enabled, self.values)
         return None
 
     def readers(self, node: Node) -> list[Node]:
@@ -128,14 +150,15 @@ class _Model:
                 return None, act
             user = nxt[0]
         if isinstance(user.op, FakeQuant):
-            return _slot(user.op.quantizer, user.op.state, user.op.target or user.op.name, user.op.enabled), act
+            op = user.op
+            return _slot(op.quantizer, op.state, op.target or op.name, op.enabled, self.values), act
         return None, act
 
     def weight_slot(self, node: Node, attr: str) -> _Slot | None:
         w = node.op
         if not isinstance(w, QuantizeWrapper) or attr not in w.quantizers:
             return None
-        return _slot(w.quantizers[attr], w.state[attr], f"{w.layer.name}/{attr}", w.enabled[attr])
+        return _slot(w.quantizers[attr], w.state[attr], f"{w.layer.name}/{attr}", w.enabled[attr], self.values)
 
     def move(self, rule: str, layer: Node, slot: _Slot | None, new: int) -> None:
         if slot is None:
