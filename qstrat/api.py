@@ -25,7 +25,14 @@ from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, in
 from qstrat.passes.dpu_versions import to_dpu_versions
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, insert
-from qstrat.passes.refine.bias_correction import ONE_SHOT_MESSAGE, Correction, correct_biases, correctable, is_one_shot
+from qstrat.passes.refine.bias_correction import (
+    ONE_SHOT_MESSAGE,
+    Correction,
+    correct_biases,
+    correctable,
+    float_sums,
+    is_one_shot,
+)
 from qstrat.passes.refine.fast_ft import FAST_FT_ONE_SHOT, fast_finetune
 from qstrat.passes.refine.positions import PositionChange, apply_constraints, idle_rules
 from qstrat.passes.runtime_rounding import round_like
@@ -232,11 +239,13 @@ class Quantizer:
         if bias_corr and is_one_shot(data):
             warnings.warn(ONE_SHOT_MESSAGE, stacklevel=3)
             bias_corr = False
+        # Where bias correction measures every calibration sample, the calibration probe takes its float means.
+        sums = float_sums(qmodel, graph, data, steps, batch_size) if bias_corr else None
         with quiet_probes():
             with progress.stage("activation calibration"):
                 calibrate_activations(
                     qmodel, graph, taps, data, steps, batch_size, strategy.quantize["calib_position_policy"], verbose,
-                    progress,
+                    progress, sums,
                 )  # fmt: skip
             if constraints:
                 with progress.stage("position constraints"):
@@ -249,7 +258,9 @@ class Quantizer:
                     )
             if bias_corr and correctable(qmodel, graph):
                 with progress.stage("bias correction"):
-                    self.bias_corrections = correct_biases(qmodel, graph, data, steps, batch_size, verbose, progress)
+                    self.bias_corrections = correct_biases(
+                        qmodel, graph, data, steps, batch_size, verbose, progress, sums=sums
+                    )
                 if constraints:  # a corrected bias gets a new position: the rules check it again
                     self.position_changes += apply_constraints(qmodel, strategy.refine)
             # After bias correction: the layers it corrected are where fast finetune starts, and its check that

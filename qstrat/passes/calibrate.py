@@ -129,8 +129,33 @@ def fake_quant_layers(qmodel) -> list[FakeQuant]:
     return [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
 
 
+class ChannelSums:
+    """Per-channel sums of float tensors over the calibration samples, taken by the calibration probe.
+
+    Bias correction needs the float model's per-channel output means over the
+    samples it measures; where those are all the calibration samples, the
+    probe that runs the float model for calibration takes them on the way, and
+    bias correction's own float pass is not needed. As there, each sample's
+    channels are summed in float32 (the last axis is the channel), then the
+    samples in float64.
+    """
+
+    def __init__(self, refs, sizes: list[int]):
+        self.refs, self.sizes = list(refs), list(sizes)  # sizes: values per channel in one sample
+        self.sums: list = [None] * len(self.refs)
+        self.samples = 0
+
+    def add(self, per_sample: list) -> None:
+        for j, rows in enumerate(per_sample):
+            total = np.sum(np.asarray(rows), axis=0, dtype=np.float64)
+            self.sums[j] = total if self.sums[j] is None else self.sums[j] + total
+
+    def means(self) -> list[np.ndarray]:
+        return [total / (self.samples * size) for total, size in zip(self.sums, self.sizes, strict=True)]
+
+
 def calibrate_activations(
-    qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1, progress=None
+    qmodel, float_graph, taps, data, steps=None, batch_size=32, policy=None, verbose=1, progress=None, sums=None
 ) -> int:
     """Observe, over the data, the float tensors every FakeQuant quantizes, and set its state.
 
@@ -138,6 +163,7 @@ def calibrate_activations(
         qmodel: the quantized model (its FakeQuant layers get their state).
         float_graph: the float model's graph.
         taps: ``{FakeQuant name: float tensors it quantizes}`` (from `insert`).
+        sums: a `ChannelSums` to fill with its tensors' per-channel sums, or None.
 
     Activations are observed on the float model: one probe model outputs, for
     every tapped tensor, its min/max or its aligned histogram computed in the
@@ -161,7 +187,8 @@ def calibrate_activations(
     keys = list(dict.fromkeys(zip(refs, pair_modes, strict=True)))
     keys.sort(key=lambda key: key[1] != "raw")  # the probe's order: raw tensors, then the taps' statistics
     rows = histogram_rows(data, batch_size, steps)
-    probe = _stats_probe(float_graph, keys, rows, batch_size) if keys else None
+    summed = sums.refs if sums is not None else []
+    probe = _stats_probe(float_graph, keys, rows, batch_size, summed) if keys or summed else None
     batches = samples = 0
     progress = progress or Progress(verbose)
     raw = [key for key in keys if key[1] == "raw"]
@@ -169,7 +196,7 @@ def calibrate_activations(
     kinds = [mode for _, mode in tapped]
     n_stats = (5 if set(kinds) & HISTOGRAMS else 3) if tapped else 0
     # What each probe output is: a row per sample, or a statistic of the batch.
-    kinds_out = ["rows"] * len(raw) + ["reduced"] * n_stats
+    kinds_out = ["rows"] * len(raw) + ["reduced"] * n_stats + ["rows"] * len(summed)
     spread = _spread(probe, kinds_out)
     what = "activation statistics" + (f" ({spread.where.describe()})" if spread is not None else "")
     bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what=what)
@@ -178,12 +205,16 @@ def calibrate_activations(
         for batch, outs in zip(group, everything, strict=True):
             if outs is not None:
                 _observe(outs, raw, tapped, kinds, n_stats, owners, refs, pair_modes, observers)
+                if summed:
+                    sums.add(outs[len(outs) - len(summed) :])
             batches += 1
             samples += len(batch[0])
             bar.update(batches)
     done = [fq for fq in fqs if fq.name in taps]
     for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
         _assign(fq.state, state)
+    if sums is not None:
+        sums.samples = samples
     return samples
 
 
@@ -256,15 +287,16 @@ def _mode(obs, spec) -> str:
     return "raw"
 
 
-def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | None = None) -> BatchRunner:
+def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | None = None, summed=()) -> BatchRunner:
     """A probe from the float inputs to, per (tensor, mode), the tensor or its in-graph statistics.
 
     ``keys`` lists the "raw" tensors first; the statistics of all the others
-    come from one `StatsTaps` layer.
+    come from one `StatsTaps` layer. Then, per tensor of ``summed``, each
+    sample's per-channel sums (`ChannelSums`).
     """
     from qstrat.graph.rebuild import run_graph
 
-    refs = list(dict.fromkeys(ref for ref, _ in keys))
+    refs = list(dict.fromkeys([ref for ref, _ in keys] + list(summed)))
     names = taken_names(float_graph)
     tapped = [(ref, mode) for ref, mode in keys if mode != "raw"]
     name = unique_name("qstrat_stats_taps", names)
@@ -275,6 +307,15 @@ def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | N
         outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
         if taps is not None:
             outputs += taps([by_ref[ref] for ref, _ in tapped])
-        return outputs
+        return outputs + [_per_sample_channel_sums(by_ref[ref]) for ref in summed]
 
     return graph_probe(float_graph, body, unique_name("qstrat_calibration_stats", names))
+
+
+def _per_sample_channel_sums(x):
+    """(samples, channels): each sample's sum over every axis but the first and the last, in float32."""
+    from keras import ops
+
+    x = ops.cast(x, "float32")
+    axes = tuple(range(1, len(x.shape) - 1))
+    return ops.sum(x, axis=axes) if axes else x

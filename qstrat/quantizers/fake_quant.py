@@ -70,6 +70,7 @@ from qstrat.quantizers.exact32 import (
     pow2,
     times_scale,
 )
+from qstrat.quantizers.fused import fused_pof2
 from qstrat.quantizers.grid import BFP_BLOCK_SIZE, BFP_MANTISSA_BITS, RoundMode
 from qstrat.quantizers.reference import BF16_MAX, FP16_MAX
 
@@ -213,6 +214,10 @@ def pof2_fake_quant(x, pos, qmin: int, qmax: int, round_mode, axis=None, zero_po
     """Power-of-2 fake quantization: scale 2^-pos, exact at every step (``zero_point`` None: symmetric)."""
     ndim = len(x.shape)
     round_mode = RoundMode(round_mode)
+    if zero_point is None:
+        fused = fused_pof2(x, pos, qmin, qmax, round_mode)
+        if fused is not None:
+            return fused
     p = _constant(x, pos, ndim, axis)
     zp = None if zero_point is None else _constant(x, zero_point, ndim, axis)
     # 2^p for integer p in [-126, 126] is an exact normal float32 (ldexp); other positions keep the ops.

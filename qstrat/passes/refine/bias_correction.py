@@ -16,13 +16,24 @@ quantized model once, eagerly, layer by layer in graph order, on a fixed set
 of `SAMPLES` calibration samples held in memory: at each corrected layer it
 measures the shift on those samples, corrects the layer, computes its output
 again and goes on from there. Whatever the depth, that is one forward pass of
-the float model (for its means) and one of the quantized model over those
-samples, with no function to trace; a tensor is dropped once the layers that
+the quantized model over those samples, with no function to trace, and one
+of the float model for its means, which the calibration probe takes on its
+pass instead where the samples are all the calibration samples
+(`float_sums`: arrays of at most `SAMPLES`, where the fixed costs of a
+quantize call count most); a tensor is dropped once the layers that
 read it have run, so memory is bounded by the number of samples, not by the
 calibration set: `SAMPLES`, or fewer (`MIN_SAMPLES` at least) where one
-activation for that many would pass `TENSOR_BYTES` (large inputs). The shift is the mean of a difference between the quantized and the
-float output of the same samples, which varies far less from sample to
+activation for that many would pass `TENSOR_BYTES` (large inputs). The shift is the mean of a difference
+between the quantized and the float output of the same samples, which varies far less from sample to
 sample than either output, so 128 samples measure it well (`bench/ptq.py`).
+
+On TensorFlow the walk runs the per-tensor HALF_UP power-of-2 quantizers
+(the activations of pof2s) as one fused op each
+(`qstrat.quantizers.fused.fused_measurement`): one pass over the
+tensor where the exact kernel makes nine. It equals the exact kernel at every input but one,
+x = (0.5 - 2^-25) * step, which it rounds to one step instead of 0; such a
+value moves a channel's measured mean by one step over the number of values
+averaged. The quantized model itself keeps the exact kernel.
 
 Where a layer shares its bias quantizer state with a layer that already ran
 (a ``shared_quantizer``), its correction recalibrates that state, so the
@@ -52,6 +63,7 @@ from qstrat.graph.rebuild import call_node, needed
 from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import quantized_once
 from qstrat.progress import Progress
+from qstrat.quantizers.fused import fused_measurement
 
 SAMPLES = 128  # calibration samples every layer's shift is measured on, at most
 MIN_SAMPLES = 32  # ... and at least (where the data holds that many)
@@ -98,6 +110,30 @@ def _targets(qmodel, float_graph: Graph):
     return out
 
 
+def float_sums(qmodel, float_graph: Graph, data, steps=None, batch_size=32):
+    """A `ChannelSums` of the float tensors bias correction measures, for the calibration probe to fill, where
+    the samples it measures are all the calibration samples (arrays in memory, no more than `sample_count`);
+    else None, and `correct_biases` runs the float model itself."""
+    from qstrat.calibration.data import array_samples
+    from qstrat.passes.calibrate import ChannelSums
+
+    total = array_samples(data)
+    if total is None:
+        return None
+    if steps is not None:
+        total = min(total, steps * batch_size)
+    if total > sample_count(float_graph):
+        return None
+    targets = _targets(qmodel, float_graph)
+    sizes = []
+    for wrapper, _, _ in targets:
+        shape = wrapper.output.shape  # the wrapped layer's: the float tensor's shape
+        if any(d is None for d in shape[1:]):
+            return None
+        sizes.append(int(np.prod(shape[1:-1], dtype=np.int64)))
+    return ChannelSums([ref for _, ref, _ in targets], sizes) if targets else None
+
+
 def correctable(qmodel, float_graph: Graph) -> bool:
     """Whether ``qmodel`` has a layer bias correction can correct."""
     return bool(_targets(qmodel, float_graph))
@@ -124,12 +160,21 @@ class _Restart(Exception):
 
 
 def correct_biases(
-    qmodel, float_graph: Graph, data, steps=None, batch_size=32, verbose=1, progress=None, samples: int = SAMPLES
+    qmodel,
+    float_graph: Graph,
+    data,
+    steps=None,
+    batch_size=32,
+    verbose=1,
+    progress=None,
+    samples: int = SAMPLES,
+    sums=None,
 ) -> list[Correction]:
     """Correct the output mean of every quantized conv/dense layer, in graph order. Returns what changed.
 
     ``samples``: how many calibration samples every shift is measured on, at most (they are held in
-    memory; `sample_count` takes fewer for large activations).
+    memory; `sample_count` takes fewer for large activations). ``sums``: the `float_sums` the calibration
+    probe filled, used for the float means where they cover the same samples; else the float model runs.
     """
     from qstrat.passes.calibrate import input_specs, weight_groups
 
@@ -144,7 +189,11 @@ def correct_biases(
     n = int(x[0].shape[0])
     progress = progress or Progress(verbose)
     bar = progress.data_pass(len(targets), "layer", 1, f"{len(targets)} layers measured on {n} samples")
-    float_means = _float_means(float_graph, [ref for _, ref, _ in targets], x)
+    refs = [ref for _, ref, _ in targets]
+    if sums is not None and sums.samples == n and sums.refs == refs:
+        float_means = sums.means()
+    else:
+        float_means = _float_means(float_graph, refs, x)
     index = {id(wrapper): j for j, (wrapper, _, _) in enumerate(targets)}
     groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
     done: dict[int, Correction] = {}
@@ -171,7 +220,8 @@ def correct_biases(
     while True:
         ran.clear()
         try:
-            _walk(graph, x, _outputs(graph, targets), visit)
+            with fused_measurement():
+                _walk(graph, x, _outputs(graph, targets), visit)
             break
         except _Restart:
             continue
