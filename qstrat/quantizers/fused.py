@@ -20,15 +20,15 @@ def fused_measurement():
 
     TensorFlow's ``QuantizeAndDequantizeV2`` (HALF_UP, range given) computes
     ``floor(clip(x) * 2^p + 0.5) * 2^-p`` in one pass over the tensor, where
-    `fake_quant`'s exact kernel makes nine (one per op). With
-    u = x * 2^p the sum u + 0.5 is exact in float32 for every |u| < 2^22
-    except u = `FUSED_MISMATCH` = 0.5 - 2^-25, where it rounds up to 1: that
-    input gives one step instead of 0, and every other input gives the exact
-    kernel's value (`fused_test` checks both). So it is for passes that
-    only measure the quantized model, never for the model itself: bias
-    correction's walk, where one such value moves a channel mean by one step
-    over the values averaged, less than the float32 sum's own rounding. Other
-    grids, backends and traced code keep the exact kernel; so does training.
+    `fake_quant`'s exact kernel makes nine (one per op). With u = x * 2^p,
+    floor(u + 0.5) in float32 is HALF_UP(u) for every |u| < 2^22 but one:
+    u = `FUSED_MISMATCH` = 0.5 - 2^-25, whose sum rounds up to 1, so that
+    input gives one step instead of 0 (`fused_test` sweeps every float32 with
+    0.25 <= |u| < 4, where sums round, and finds that one). So it is for
+    passes that only measure the quantized model, never for the model itself:
+    bias correction's walk, where one such value moves a channel mean by one
+    step over the number of values averaged. Other grids, backends and traced
+    code keep the exact kernel; so does training.
     """
     token = _FUSED.set(True)
     try:

@@ -15,25 +15,26 @@ upstream would be corrected again downstream). So the pass runs the
 quantized model once, eagerly, layer by layer in graph order, on a fixed set
 of `SAMPLES` calibration samples held in memory: at each corrected layer it
 measures the shift on those samples, corrects the layer, computes its output
-again and goes on from there. Whatever the depth, that is one forward pass of
-the quantized model over those samples, with no function to trace, and one
-of the float model for its means, which the calibration probe takes on its
-pass instead where the samples are all the calibration samples
+again and goes on from there. Whatever the depth, that is one forward pass
+of the quantized model over those samples, with no function to trace, and
+one of the float model for its means, which the calibration probe takes on
+its pass instead where the samples are all the calibration samples
 (`float_sums`: arrays of at most `SAMPLES`, where the fixed costs of a
-quantize call count most); a tensor is dropped once the layers that
-read it have run, so memory is bounded by the number of samples, not by the
+quantize call count most); a tensor is dropped once the layers that read it
+have run, so memory is bounded by the number of samples, not by the
 calibration set: `SAMPLES`, or fewer (`MIN_SAMPLES` at least) where one
-activation for that many would pass `TENSOR_BYTES` (large inputs). The shift is the mean of a difference
-between the quantized and the float output of the same samples, which varies far less from sample to
-sample than either output, so 128 samples measure it well (`bench/ptq.py`).
+activation for that many would pass `TENSOR_BYTES` (large inputs). The shift
+is the mean of a difference between the quantized and the float output of
+the same samples, which varies far less from sample to sample than either
+output, so 128 samples measure it well (`bench/ptq.py`).
 
 On TensorFlow the walk runs the per-tensor HALF_UP power-of-2 quantizers
 (the activations of pof2s) as one fused op each
-(`qstrat.quantizers.fused.fused_measurement`): one pass over the
-tensor where the exact kernel makes nine. It equals the exact kernel at every input but one,
-x = (0.5 - 2^-25) * step, which it rounds to one step instead of 0; such a
-value moves a channel's measured mean by one step over the number of values
-averaged. The quantized model itself keeps the exact kernel.
+(`qstrat.quantizers.fused.fused_measurement`): one pass over the tensor
+where the exact kernel makes nine. It equals the exact kernel at every input
+but one, x = (0.5 - 2^-25) * step, which it rounds to one step instead of 0;
+such a value moves a channel's measured mean by one step over the number of
+values averaged. The quantized model itself keeps the exact kernel.
 
 Where a layer shares its bias quantizer state with a layer that already ran
 (a ``shared_quantizer``), its correction recalibrates that state, so the
