@@ -106,6 +106,54 @@ def test_bias_correction_reads_only_the_samples_it_measures(budget, held, monkey
     assert reads == list(range(40)) + list(range(-(-held // 16)))  # calibration, then bias correction's samples
 
 
+@pytest.mark.parametrize(
+    "samples,steps,budget,probe",
+    [
+        (128, None, None, True),  # every calibration sample is measured: the probe takes the float means
+        (129, None, None, False),  # 128 of 129: the float model runs on those 128
+        (300, 4, None, True),  # 4 steps of 32 read 128 samples, all of which are measured
+        (100, None, 864 * 48, False),  # large activations: 48 of the 100 are measured
+    ],
+)
+def test_the_calibration_probe_takes_the_float_means_only_where_they_cover_the_measured_samples(
+    samples, steps, budget, probe, monkeypatch
+):
+    from qstrat.passes.refine import bias_correction
+
+    if budget is not None:  # the largest activation here is c1's, 6 x 6 x 6 float32: 864 bytes a sample
+        monkeypatch.setattr(bias_correction, "TENSOR_BYTES", budget)
+    float_passes = []
+    real = bias_correction._float_means
+    monkeypatch.setattr(bias_correction, "_float_means", lambda *a: float_passes.append(1) or real(*a))
+    q = qstrat.Quantizer(_model(False), "pof2s")
+    q.quantize_model(_data(samples), steps, 32, verbose=0)
+    assert q.bias_corrections and len(float_passes) == (not probe)
+
+
+def test_the_float_means_taken_by_the_probe_equal_those_of_a_float_pass():
+    """Both sum each sample's channels in float32 and the samples in float64, in another order (by batch, or
+    all at once): the float64 sums' last bits may differ (rtol 1e-12). JAX compiles the probe, whose
+    convolutions may round a float32 value's last bit differently from eager ones: a few float32 ulps there
+    (2^-20 relative)."""
+    from qstrat.calibration.data import take_samples
+    from qstrat.passes.calibrate import calibrate_activations, input_specs
+    from qstrat.passes.refine import bias_correction
+
+    model, x = _model(False), _data(100)
+    q = qstrat.Quantizer(model, "pof2s")
+    qmodel = q.quantize_model(x, verbose=0, include_bias_corr=False)
+    graph = capture(q.optimize_model())
+    sums = bias_correction.float_sums(qmodel, graph, x)
+    assert sums is not None and len(sums.refs) == 2  # c1 and c2
+    calibrate_activations(qmodel, graph, {}, x, verbose=0, sums=sums)
+    assert sums.samples == 100
+    (held,) = take_samples(x, input_specs(qmodel), bias_correction.SAMPLES)
+    walked = bias_correction._float_means(graph, sums.refs, [ops.convert_to_tensor(held)])
+    rtol = 2.0**-20 if keras.backend.backend() == "jax" else 1e-12
+    for got, want in zip(sums.means(), walked, strict=True):
+        np.testing.assert_allclose(got, want, rtol=rtol)
+
+
 def _reference_corrections(qmodel, float_model, x, names):
     """The straightforward path: layer by layer in graph order, each measured from scratch through sub-models on
     the samples ``x``, corrected, and its bias state (and that of every layer sharing it) recalibrated."""
