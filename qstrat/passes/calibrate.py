@@ -307,13 +307,14 @@ def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | N
         outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
         if taps is not None:
             outputs += taps([by_ref[ref] for ref, _ in tapped])
-        return outputs + [_per_sample_channel_sums(by_ref[ref]) for ref in summed]
+        return outputs + [per_sample_channel_sums(by_ref[ref]) for ref in summed]
 
     return graph_probe(float_graph, body, unique_name("qstrat_calibration_stats", names))
 
 
-def _per_sample_channel_sums(x):
-    """(samples, channels): each sample's sum over every axis but the first and the last, in float32."""
+def per_sample_channel_sums(x):
+    """(samples, channels): each sample's sum over every axis but the first and the last, in float32 (bias
+    correction's float and quantized means both start from these)."""
     from keras import ops
 
     x = ops.cast(x, "float32")

@@ -23,8 +23,9 @@ def fused_measurement():
     `fake_quant`'s exact kernel makes nine (one per op). With u = x * 2^p,
     floor(u + 0.5) in float32 is HALF_UP(u) for every |u| < 2^22 but one:
     u = `FUSED_MISMATCH` = 0.5 - 2^-25, whose sum rounds up to 1, so that
-    input gives one step instead of 0 (`fused_test` sweeps every float32 with
-    0.25 <= |u| < 4, where sums round, and finds that one). So it is for
+    input gives one step instead of 0 (the sum is exact for 0.5 <= |u| < 2^22
+    and cannot reach an integer for |u| < 0.25; `fused_test` sweeps every
+    float32 with 0.25 <= |u| < 4 and finds that one). So it is for
     passes that only measure the quantized model, never for the model itself:
     bias correction's walk, where one such value moves a channel mean by one
     step over the number of values averaged. Other grids, backends and traced

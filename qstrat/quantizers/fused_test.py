@@ -4,7 +4,8 @@ The fused kernel computes floor(u + 0.5) with u = x * 2^p in float32; the
 exact kernel rounds HALF_UP. They may differ only where u + 0.5 is rounded
 across an integer, which in float32 happens for u = 0.5 - 2^-25 alone. The
 tests find that one difference, and no other, on every float32 whose u lies
-in 0.25 <= |u| < 4 (where sums round), on grid edges and ties, and show
+in 0.25 <= |u| < 4 (the sum is exact for 0.5 <= |u| < 2^22 and cannot reach
+an integer below 0.25), on grid edges and ties, and show
 that the fused kernel is used only where it was asked for.
 """
 

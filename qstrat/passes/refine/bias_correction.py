@@ -308,9 +308,9 @@ def _bias_value(wrapper: QuantizeWrapper) -> np.ndarray:
 
 def _channel_means(x) -> np.ndarray:
     """Per-channel (last axis) mean of a batch: summed per sample in float32, then over samples in float64."""
-    x = keras.ops.cast(x, "float32")
-    axes = tuple(range(1, len(x.shape) - 1))
-    per_sample = keras.ops.convert_to_numpy(keras.ops.sum(x, axis=axes) if axes else x)
+    from qstrat.passes.calibrate import per_sample_channel_sums
+
+    per_sample = keras.ops.convert_to_numpy(per_sample_channel_sums(x))
     return np.sum(per_sample, axis=0, dtype=np.float64) / (x.shape[0] * int(np.prod(x.shape[1:-1])))
 
 
