@@ -36,7 +36,9 @@ from qstrat.quantizers.stats import (
 )
 
 
-def _finite_range(name: str, lo, hi):
+def finite_range(name: str, lo, hi):
+    """``(lo, hi)`` as 1-element float64 arrays; a `CalibrationDataError` naming the tensor where either is not
+    finite (the float model made NaN or Inf)."""
     lo, hi = np.array([float(lo)]), np.array([float(hi)])
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise CalibrationDataError(
@@ -131,7 +133,7 @@ class MinMaxObserver(Observer):
 
     def update_range(self, lo, hi, count: int) -> None:
         """Add a batch given by its precomputed min and max (per tensor)."""
-        lo, hi = _finite_range(self.name, lo, hi)
+        lo, hi = finite_range(self.name, lo, hi)
         self.channels = self.channels or 1
         self.min = lo if self.min is None else np.minimum(self.min, lo)
         self.max = hi if self.max is None else np.maximum(self.max, hi)
@@ -280,7 +282,7 @@ class HistogramObserver(Observer):
 
     def update_histogram(self, counts, exponent: int, lo, hi, count: int) -> None:
         """Add a batch given by its own aligned histogram (per tensor), merged exactly."""
-        lo, hi = _finite_range(self.name, lo, hi)
+        lo, hi = finite_range(self.name, lo, hi)
         if self.counts is None:
             self._init_state(1)
             self.channels = 1

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from qstrat.quantizers.stats import EMPTY_EXPONENT
+from qstrat.quantizers.stats import EMPTY_EXPONENT, coarsen
 
 
 def _exponent(amax):
@@ -135,6 +135,56 @@ def unpack_stats(outs, kinds) -> list[list]:
         else:
             per.append([lo[i], hi[i], size[i]])
     return per
+
+
+class PackedStats:
+    """`StatsTaps`' packed statistics of many batches, summed exactly: ``add`` each batch's, then
+    ``per_tensor()`` gives what `unpack_stats` gives for one batch, for all of them.
+
+    Ranges take the minimum and maximum and add the element counts. Histograms
+    are aligned to the largest exponent so far (`coarsen`: exact, since the bins
+    are power-of-2 aligned) and added, so the sum equals the histogram of all
+    the values, whatever the order of the batches. An observer then takes one
+    update per tensor instead of one per batch, with the same result as its
+    exact merge of the batches (`qstrat.calibration.HistogramObserver`).
+    """
+
+    def __init__(self, kinds):
+        self.kinds = list(kinds)
+        self.lo = self.hi = self.size = self.counts = self.k = None
+
+    def add(self, outs) -> bool:
+        """Add one batch's packed outputs; False (nothing added) where a range is not finite (NaN, Inf)."""
+        lo, hi, size = (np.asarray(o) for o in outs[:3])
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            return False
+        if self.lo is None:
+            self.lo, self.hi, self.size = lo.astype(np.float32), hi.astype(np.float32), size.astype(np.int64)
+        else:
+            self.lo, self.hi = np.minimum(self.lo, lo), np.maximum(self.hi, hi)
+            self.size += size
+        if len(outs) > 3:
+            counts, k = np.asarray(outs[3]), np.asarray(outs[4]).astype(np.int64)
+            if self.counts is None:
+                self.counts, self.k = np.zeros(counts.shape, np.int64), np.full(k.shape, EMPTY_EXPONENT, np.int64)
+            top = np.maximum(self.k, k)
+            for h in np.flatnonzero(top > self.k):
+                self.counts[h] = coarsen(self.counts[h], int(top[h] - self.k[h]))
+            late = np.flatnonzero(top > k)
+            if late.size:
+                counts = counts.astype(np.int64)
+                for h in late:
+                    counts[h] = coarsen(counts[h], int(top[h] - k[h]))
+            np.add(self.counts, counts, out=self.counts, casting="unsafe")
+            self.k = top
+        return True
+
+    def per_tensor(self) -> list[list]:
+        """Per tensor, over every batch added: ``[min, max, size]`` or ``[counts, exponent, min, max]``."""
+        outs = [self.lo, self.hi, self.size]
+        if self.counts is not None:
+            outs += [self.counts, self.k]
+        return unpack_stats(outs, self.kinds)
 
 
 class StatsTaps(keras.layers.Layer):

@@ -105,3 +105,54 @@ def test_a_group_of_batches_counts_the_first_samples_of_each():
     first = np.concatenate([x[0:2], x[4:6], x[8:10]])
     assert np.array_equal(counts, bin_counts(first.reshape(-1), int(k), DEFAULT_BINS_PER_SIDE))
     assert float(lo) == x.min() and float(hi) == x.max()
+
+
+def test_packed_statistics_of_many_batches_equal_the_observers_updated_batch_by_batch():
+    """`PackedStats` sums each batch's packed outputs (ranges, histograms aligned to the largest exponent so far,
+    in either direction, from empty tensors up) and gives the observers what they get from every batch in turn:
+    the same counts, exponent, range and size, exactly."""
+    from qstrat.layers.probe import PackedStats
+
+    rng = np.random.default_rng(5)
+    kinds = ["histogram", "range", "share", "histogram"]
+    scales = [[1.0, 40.0, 0.01, 0.0, 3.0], [2.0, 0.5, 900.0, 1e-3, 1.0], [0.0, 0.0, 5.0, 0.25, 70.0]]
+    packed, observers = PackedStats(kinds), []
+    for b in range(5):
+        xs = [(rng.standard_t(3, size=(4, 6, 3)) * s[b]).astype("float32") for s in (scales[0], scales[1], scales[2])]
+        xs.append(np.zeros((4, 2), "float32") if b < 2 else xs[0] * -3)  # empty at first, then it grows
+        outs = [ops.convert_to_numpy(t) for t in StatsTaps(kinds, hist_rows=2)([ops.convert_to_tensor(x) for x in xs])]
+        assert packed.add(outs)
+        for i, got in enumerate(unpack_stats(outs, kinds)):
+            if b == 0:
+                observers.append(MinMaxObserver() if kinds[i] == "range" else HistogramObserver())
+            if kinds[i] == "range":
+                observers[i].update_range(got[0], got[1], int(got[2]))
+            else:
+                observers[i].update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
+    assert len({int(k) for k in packed.k}) == 3  # the histograms ended at different exponents
+    for obs, kind, got in zip(observers, kinds, packed.per_tensor(), strict=True):
+        one = MinMaxObserver() if kind == "range" else HistogramObserver()
+        if kind == "range":
+            one.update_range(got[0], got[1], int(got[2]))
+        else:
+            one.update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
+        want, have = obs.result(), one.result()
+        assert float(want.min) == float(have.min) and float(want.max) == float(have.max)
+        assert want.count == have.count
+        if kind != "range":
+            assert np.array_equal(want.counts, have.counts) and int(want.exponent) == int(have.exponent)
+
+
+def test_packed_statistics_refuse_a_batch_that_is_not_finite():
+    from qstrat.layers.probe import PackedStats
+
+    packed = PackedStats(["range", "histogram"])
+    good = [ops.convert_to_tensor(np.ones((2, 3), "float32")), ops.convert_to_tensor(np.ones((2, 3), "float32"))]
+    outs = [ops.convert_to_numpy(t) for t in StatsTaps(packed.kinds)(good)]
+    assert packed.add(outs)
+    for bad in (np.nan, np.inf):
+        lo = outs[0].copy()
+        lo[1] = bad
+        assert not packed.add([lo, *outs[1:]])
+    (lo, hi, size), (counts, k, _, _) = packed.per_tensor()
+    assert int(size) == 6 and counts.sum() == 6 and float(lo) == 1.0  # the good batch only

@@ -14,10 +14,11 @@ import numpy as np
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import array_samples, count_batches, iterate_batches
+from qstrat.calibration.observers import finite_range
 from qstrat.errors import ConfigError
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.layers.probe import HISTOGRAMS, StatsTaps, unpack_stats
+from qstrat.layers.probe import HISTOGRAMS, PackedStats, StatsTaps, unpack_stats
 from qstrat.passes.distributed import Spread, groups, placement
 from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
@@ -200,16 +201,28 @@ def calibrate_activations(
     spread = _spread(probe, kinds_out)
     what = "activation statistics" + (f" ({spread.where.describe()})" if spread is not None else "")
     bar = progress.data_pass(count_batches(data, batch_size, steps), "batch", what=what)
+    packed = PackedStats(kinds)  # the taps' statistics of every batch, which the observers take at the end
+
+    def observe(keys, values):
+        _observe(dict(zip(keys, values, strict=True)), owners, refs, pair_modes, observers)
+
     for group in groups(iterate_batches(data, input_specs(qmodel), batch_size, steps), spread.width if spread else 1):
-        everything = spread(group) if spread is not None else [probe(b) if probe else None for b in group]
+        everything = _checked(
+            spread or (lambda g: [probe(b) if probe else None for b in g]), group, float_graph, owners, refs
+        )
         for batch, outs in zip(group, everything, strict=True):
             if outs is not None:
-                _observe(outs, raw, tapped, kinds, n_stats, owners, refs, pair_modes, observers)
+                observe(raw, ([out] for out in outs[: len(raw)]))
+                stats = outs[len(raw) : len(raw) + n_stats]
+                if tapped and stats[0] is not None and not packed.add(stats):
+                    observe(tapped, unpack_stats(stats, kinds))  # not finite: the observer raises, naming the tensor
                 if summed:
                     sums.add(outs[len(outs) - len(summed) :])
             batches += 1
             samples += len(batch[0])
             bar.update(batches)
+    if tapped and packed.lo is not None:
+        observe(tapped, packed.per_tensor())
     done = [fq for fq in fqs if fq.name in taps]
     for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
         _assign(fq.state, state)
@@ -239,13 +252,31 @@ def _spread(probe, outputs: list[str]) -> Spread | None:
     return Spread(probe, where, outputs) if where is not None else None
 
 
-def _observe(outs, raw, tapped, kinds, n_stats, owners, refs, pair_modes, observers) -> None:
-    """Update each FakeQuant's observer from one batch's probe outputs (statistics None: given with another
-    batch's, see `Spread`)."""
-    results = {key: [out] for key, out in zip(raw, outs[: len(raw)], strict=True)}
-    stats = outs[len(raw) : len(raw) + n_stats]
-    if tapped and stats[0] is not None:
-        results.update(zip(tapped, unpack_stats(stats, kinds), strict=True))
+def _checked(run, group, float_graph, owners, refs) -> list:
+    """``run(group)``; where it fails (TensorFlow's and torch's histogram kernels refuse NaN), a
+    `CalibrationDataError` naming the first tapped tensor that is not finite on a batch of the group, found by
+    running the float model on it eagerly; else the failure itself."""
+    try:
+        return run(group)
+    except Exception:
+        from keras import ops
+
+        from qstrat.graph.rebuild import run_graph
+
+        names = {}
+        for fq, ref in zip(owners, refs, strict=True):
+            names.setdefault(ref, fq.target or fq.name)
+        for batch in group:
+            tensors = run_graph(float_graph, [ops.convert_to_tensor(a) for a in batch], list(names), False)
+            for name, t in zip(names.values(), tensors, strict=True):
+                t = np.asarray(ops.convert_to_numpy(t), np.float64)
+                finite_range(name, t.min() if t.size else 0.0, t.max() if t.size else 0.0)
+        raise
+
+
+def _observe(results: dict, owners, refs, pair_modes, observers) -> None:
+    """Update each FakeQuant's observer from ``results``: ``{(tensor, mode): statistics}``, a raw batch or
+    the statistics of its tap (`unpack_stats`), for the keys given."""
     for fq, ref, mode in zip(owners, refs, pair_modes, strict=True):
         if (ref, mode) not in results:
             continue

@@ -123,3 +123,20 @@ def test_fast_calibration_gives_the_straightforward_state_bit_for_bit(strategy, 
         if type(whole[name]) is HistogramObserver:
             share = rows is not None and name in shares
             assert counted[name] == whole[name].count * (266 if share else 600) // 600, name
+
+
+@pytest.mark.parametrize("strategy", ["pof2s", "fs"])
+def test_activations_that_are_not_finite_name_the_tensor(strategy):
+    """Finite data that the float model turns into Inf (1e10 * 1e30) and then NaN (Inf - Inf): a
+    CalibrationDataError names the first such tensor, on every backend, although TensorFlow's and torch's
+    histogram kernels themselves fail on NaN."""
+    from qstrat.errors import CalibrationDataError
+
+    i = keras.Input((4,))
+    big = L.Dense(4, kernel_initializer=keras.initializers.Constant(1e30), name="big")(i)
+    neg = L.Dense(4, kernel_initializer=keras.initializers.Constant(-1e30), name="neg")(i)
+    model = keras.Model(i, L.Dense(2, name="out")(L.ReLU(name="relu")(L.Add(name="add")([big, neg]))))
+    x = np.full((64, 4), 1e10, "float32")
+    assert np.isnan(ops.convert_to_numpy(model(x))).all()
+    with pytest.raises(CalibrationDataError, match=r"(big|add|relu|out)/\w+: the tensor holds NaN or Inf values"):
+        qstrat.Quantizer(model, strategy).quantize_model(x, verbose=0)
