@@ -168,10 +168,12 @@ def calibrate_activations(
 
     Activations are observed on the float model: one probe model outputs, for
     every tapped tensor, its min/max or its aligned histogram computed in the
-    graph (`StatsTap`), or the tensor itself for per-channel and per-batch
-    observers. Observing float activations (not partly quantized ones) lets one
-    inference pass calibrate every quantizer at once.
-    Returns the number of batches seen.
+    graph (`StatsTaps`), or the tensor itself for per-channel and per-batch
+    observers. The batches' statistics are added up exactly (`PackedStats`)
+    and each observer takes the sum once; the raw tensors go to their
+    observers batch by batch. Observing float activations (not partly
+    quantized ones) lets one inference pass calibrate every quantizer at once.
+    Returns the number of samples seen.
     """
 
     specs = {id(fq): fq.quantizer.observer_spec(policy) for fq in fake_quant_layers(qmodel)}
