@@ -98,6 +98,12 @@ def test_share_histograms_count_the_first_samples_with_the_whole_batchs_range_an
     assert float(got.max) == np.float32(9.5)
 
 
+def test_a_batch_shorter_than_the_share_is_counted_whole():
+    x = np.random.default_rng(6).normal(size=(3, 5)).astype("float32")
+    counts, k, _, _ = tap_stats(ops.convert_to_tensor(x), "share", hist_rows=8)
+    assert np.array_equal(counts, bin_counts(x.reshape(-1), int(k), DEFAULT_BINS_PER_SIDE))
+
+
 def test_a_group_of_batches_counts_the_first_samples_of_each():
     # A distribution runs a group of whole batches as one array: each batch's first samples are counted.
     x = np.random.default_rng(4).normal(size=(12, 5)).astype("float32")  # three batches of 4
