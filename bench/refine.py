@@ -23,7 +23,9 @@ images (`zoo.face_images_n`), each in a fresh process; ``fast_ft_samples``
 
 Run: ``.venv/bin/python bench/refine.py`` (about half an hour on 2 cores);
 ``--only digits`` or ``--only xception`` for one model; ``--memory`` for the
-memory check alone.
+memory check alone; ``--seeds N`` for the mini-Xception with 4-bit weights
+and fast finetune under N shuffling seeds of its training batches (about a
+minute and a half each): how far agreement moves with that order alone.
 """
 
 from __future__ import annotations
@@ -100,10 +102,16 @@ def _scores(model, qmodel, x, labels, faces) -> dict:
     return out
 
 
-def one(model_name: str, setting: str, variant: str, calib_count: int | None = None) -> dict:
-    """One configuration, in this process: scores, time ratio and memory."""
+def one(model_name: str, setting: str, variant: str, calib_count: int | None = None, seed: int | None = None) -> dict:
+    """One configuration, in this process: scores, time ratio and memory (``seed``: fast finetune's shuffling
+    seed instead of its own)."""
     warnings.filterwarnings("ignore")
     import qstrat
+
+    if seed is not None:
+        from qstrat.passes.refine import fast_ft
+
+        fast_ft.SEED = seed
 
     model, calib, x, labels, faces = _task(model_name, calib_count)
     model.predict(calib, batch_size=32, verbose=0)
@@ -123,13 +131,16 @@ def one(model_name: str, setting: str, variant: str, calib_count: int | None = N
     out = {"ratio": took / predict, "seconds": took, "peak_mb": peak, "added_mb": peak - before}
     if q.fast_finetune is not None:
         out["ft_samples"] = q.fast_finetune.samples
+        out["ft_output_mse"] = [q.fast_finetune.output_mse_before, q.fast_finetune.output_mse_after]
     if calib_count is None:
         out.update(_scores(model, qmodel, x, labels, faces))
     return out
 
 
-def _spawn(*args: str) -> dict:
+def _spawn(*args: str, seed: int | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", *args]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -152,15 +163,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=MODELS)
     parser.add_argument("--memory", action="store_true", help="only the 256 / 4096 calibration images memory check")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="only the mini-Xception with 4-bit weights and fast finetune, with its shuffling seed 0 to N-1",
+    )
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         name, setting, variant, *count = args.one
-        print(json.dumps(one(name, setting, variant, int(count[0]) if count else None)))
+        print(json.dumps(one(name, setting, variant, int(count[0]) if count else None, args.seed)))
         return 0
     import keras
 
     print(f"qstrat bench/refine.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores")
+    if args.seeds:
+        return _seeds(args.seeds)
     if not args.memory:
         for name in MODELS if args.only is None else (args.only,):
             title = "digits MobileNet-style" if name == "digits" else "mini-Xception"
@@ -185,6 +205,29 @@ def main() -> int:
         )
     a, b = peaks[256], peaks[4096]
     print(f"  4096 / 256: peak {b['peak_mb'] / a['peak_mb']:.2f}x, added {b['added_mb'] / max(a['added_mb'], 1):.2f}x")
+    return 0
+
+
+def _seeds(n: int) -> int:
+    """The mini-Xception, pof2s with 4-bit weights and fast finetune, once per shuffling seed: how far its
+    scores move with the order of the training batches alone."""
+    print("\nmini-Xception, pof2s w4 +fast_ft, by fast finetune's shuffling seed (the default is 0):", flush=True)
+    rows = []
+    for seed in range(n):
+        r = _spawn("xception", "pof2s w4", "+fast_ft", seed=seed)
+        rows.append(r)
+        before, after = r["ft_output_mse"]
+        print(
+            f"  seed {seed}: agree {r['agree']:6.2f}% / faces {r['faces']:6.2f}%  {r['sqnr']:5.2f} dB  "
+            f"outputs' MSE on the finetuned samples {before:.3g} -> {after:.3g}",
+            flush=True,
+        )
+    mean = {k: sum(r[k] for r in rows) / n for k in ("agree", "faces", "sqnr")}
+    low, high = min(r["agree"] for r in rows), max(r["agree"] for r in rows)
+    print(
+        f"  mean: agree {mean['agree']:6.2f}% / faces {mean['faces']:6.2f}%  {mean['sqnr']:5.2f} dB; "
+        f"agreement from {low:.2f}% to {high:.2f}%"
+    )
     return 0
 
 
