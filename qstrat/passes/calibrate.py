@@ -260,19 +260,25 @@ def _checked(run, group, float_graph, owners, refs) -> list:
     running the float model on it eagerly; else the failure itself."""
     try:
         return run(group)
-    except Exception:
+    except Exception as failure:
         from keras import ops
 
+        from qstrat.errors import CalibrationDataError
         from qstrat.graph.rebuild import run_graph
 
         names = {}
         for fq, ref in zip(owners, refs, strict=True):
             names.setdefault(ref, fq.target or fq.name)
-        for batch in group:
-            tensors = run_graph(float_graph, [ops.convert_to_tensor(a) for a in batch], list(names), False)
-            for name, t in zip(names.values(), tensors, strict=True):
-                t = np.asarray(ops.convert_to_numpy(t), np.float64)
-                finite_range(name, t.min() if t.size else 0.0, t.max() if t.size else 0.0)
+        try:
+            for batch in group:
+                tensors = run_graph(float_graph, [ops.convert_to_tensor(a) for a in batch], list(names), False)
+                for name, t in zip(names.values(), tensors, strict=True):
+                    t = np.asarray(ops.convert_to_numpy(t), np.float64)
+                    finite_range(name, t.min() if t.size else 0.0, t.max() if t.size else 0.0)
+        except CalibrationDataError as found:
+            raise found from None
+        except Exception:  # noqa: BLE001 - the check itself failed (memory, ...): the probe's failure is the one to see
+            raise failure from None
         raise
 
 

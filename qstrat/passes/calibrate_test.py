@@ -140,3 +140,16 @@ def test_activations_that_are_not_finite_name_the_tensor(strategy):
     assert np.isnan(ops.convert_to_numpy(model(x))).all()
     with pytest.raises(CalibrationDataError, match=r"(big|add|relu|out)/\w+: the tensor holds NaN or Inf values"):
         qstrat.Quantizer(model, strategy).quantize_model(x, verbose=0)
+
+
+def test_a_probe_failure_with_finite_activations_is_raised_as_it_is(monkeypatch):
+    """Only non-finite activations become a CalibrationDataError; any other failure of a probe batch (here an
+    error raised by the runner) reaches the caller unchanged."""
+    from qstrat.passes import runner
+
+    def broken(self, batch):
+        raise RuntimeError("the probe broke")
+
+    monkeypatch.setattr(runner.BatchRunner, "__call__", broken)
+    with pytest.raises(RuntimeError, match="the probe broke"):
+        qstrat.Quantizer(_model(), "pof2s").quantize_model(np.ones((8, 10, 10, 3), "float32"), verbose=0)
