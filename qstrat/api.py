@@ -62,7 +62,9 @@ class Quantizer:
         custom_quantize_strategy: str | os.PathLike | Mapping | None = None,
         custom_objects: Mapping[str, type] | None = None,
     ):
-        guards.refuse_quantized(capture(model))  # fails early, with a clear message, on models qstrat cannot read
+        graph = capture(model)  # fails early, with a clear message, on models qstrat cannot read
+        guards.refuse_quantized(graph)
+        guards.refuse_non_finite_weights(graph)
         self.model = model
         self.custom_objects = dict(custom_objects or {})
         self._base = quantize_strategy

@@ -47,6 +47,29 @@ def refuse_quantized(graph: Graph) -> None:
         )
 
 
+def refuse_non_finite_weights(graph: Graph) -> None:
+    """A weight that holds NaN or Inf (a diverged training run, a damaged file) makes every quantizer after it
+    meaningless; name it before any work, rather than the activation it spoils."""
+    import keras
+    import numpy as np
+
+    from qstrat.errors import UnsupportedError
+
+    seen = set()
+    for node in graph.nodes:
+        for v in getattr(node.op, "weights", ()):
+            if id(v) in seen or not keras.backend.is_float_dtype(v.dtype):
+                continue
+            seen.add(id(v))
+            values = keras.ops.convert_to_numpy(v)
+            if not np.isfinite(values).all():
+                bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+                raise UnsupportedError(
+                    f"'{graph.name}': weight {v.path} holds {bad} NaN or Inf values (of {values.size}). The float "
+                    "model cannot be quantized with them: retrain it, or load its weights again."
+                )
+
+
 # Frames keras.models.load_model uses besides one per layer of the longest path.
 _LOAD_FRAMES = 100
 

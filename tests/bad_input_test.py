@@ -305,6 +305,23 @@ def test_quantizing_a_quantized_model_is_refused():
         qstrat.Quantizer(qmodel, "fs")
 
 
+# ---- weights that are not finite ------------------------------------------------------------
+
+
+@portable
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_weight_that_is_not_finite_is_named_before_any_work(bad):
+    """One NaN or Inf in a kernel: the Quantizer refuses the model and names the weight (not the activation it
+    spoils, which calibration would name otherwise)."""
+    model = small_cnn()
+    conv = next(layer for layer in model.layers if isinstance(layer, L.Conv2D))
+    weights = conv.get_weights()
+    weights[0].flat[5] = bad
+    conv.set_weights(weights)
+    with pytest.raises(UnsupportedError, match=rf"weight {conv.name}/kernel holds 1 NaN or Inf values \(of "):
+        qstrat.Quantizer(model, "pof2s")
+
+
 # ---- 1-D and 3-D layers -----------------------------------------------------------------------
 
 
