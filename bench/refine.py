@@ -10,7 +10,8 @@ each plain (the strategy's defaults), with ``include_act_eq``, with
 ``fast_ft_input="float"``: each layer finetuned on the float model's
 activations instead of the quantized model's), and fast finetune at
 ``fast_ft_lr`` 0.03 against the default's row (0.1), alone and (pof2s)
-with activation-aware equalization. For each: the wall time of
+with activation-aware equalization; and pof2s (8-bit and 4-bit weights)
+without CLE, plain and with fast finetune. For each: the wall time of
 ``quantize_model`` as a ratio to a warm ``model.predict`` of the calibration
 data, and the process's peak resident memory, with how much of it the call
 added. Every configuration runs in a fresh process, so that each peak is its
@@ -25,7 +26,8 @@ Run: ``.venv/bin/python bench/refine.py`` (about half an hour on 2 cores);
 ``--only digits`` or ``--only xception`` for one model; ``--memory`` for the
 memory check alone; ``--seeds N`` for the mini-Xception with 4-bit weights
 and fast finetune under N shuffling seeds of its training batches (about a
-minute and a half each): how far agreement moves with that order alone.
+minute and a half each): how far agreement moves with that order alone;
+``--no-cle`` for the rows without CLE alone.
 """
 
 from __future__ import annotations
@@ -51,10 +53,13 @@ VARIANTS = {
     "+both, float inputs": {"include_act_eq": True, "include_fast_ft": True, "fast_ft_input": "float"},
     "+fast_ft, lr 0.03": {"include_fast_ft": True, "fast_ft_lr": 0.03},
     "+both, lr 0.03": {"include_act_eq": True, "include_fast_ft": True, "fast_ft_lr": 0.03},
+    "no CLE": {"include_cle": False},
+    "+fast_ft, no CLE": {"include_cle": False, "include_fast_ft": True},
 }
 MAIN = ("plain", "+act_eq", "+fast_ft", "+both")  # for every setting; the float-inputs row for pof2s only
 LEARNING_RATE = "+fast_ft, lr 0.03"  # for every setting, after the main rows: against the default fast_ft_lr
 BOTH_LEARNING_RATE = "+both, lr 0.03"  # for pof2s only
+NO_CLE = ("no CLE", "+fast_ft, no CLE")  # pof2s and pof2s w4: weight-only CLE off (act_eq then has no pairs)
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
 
@@ -169,6 +174,9 @@ def main() -> int:
         metavar="N",
         help="only the mini-Xception with 4-bit weights and fast finetune, with its shuffling seed 0 to N-1",
     )
+    parser.add_argument(
+        "--no-cle", action="store_true", help="only the pof2s rows without CLE (plain and with fast finetune)"
+    )
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,6 +189,11 @@ def main() -> int:
     print(f"qstrat bench/refine.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores")
     if args.seeds:
         return _seeds(args.seeds)
+    if args.no_cle:
+        for name in MODELS if args.only is None else (args.only,):
+            print(f"\n{'digits MobileNet-style' if name == 'digits' else 'mini-Xception'}:", flush=True)
+            _no_cle(name)
+        return 0
     if not args.memory:
         for name in MODELS if args.only is None else (args.only,):
             title = "digits MobileNet-style" if name == "digits" else "mini-Xception"
@@ -193,6 +206,7 @@ def main() -> int:
             for setting in SETTINGS:
                 print(_line(setting, LEARNING_RATE, _spawn(name, setting, LEARNING_RATE)), flush=True)
             print(_line("pof2s", BOTH_LEARNING_RATE, _spawn(name, "pof2s", BOTH_LEARNING_RATE)), flush=True)
+            _no_cle(name)
     print("\nfast finetune's memory against the calibration set (mini-Xception, pof2s):", flush=True)
     peaks = {}
     for count in (256, 4096):
@@ -206,6 +220,12 @@ def main() -> int:
     a, b = peaks[256], peaks[4096]
     print(f"  4096 / 256: peak {b['peak_mb'] / a['peak_mb']:.2f}x, added {b['added_mb'] / max(a['added_mb'], 1):.2f}x")
     return 0
+
+
+def _no_cle(name: str) -> None:
+    for setting in ("pof2s", "pof2s w4"):
+        for variant in NO_CLE:
+            print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
 
 
 def _seeds(n: int) -> int:
