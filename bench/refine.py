@@ -62,6 +62,7 @@ BOTH_LEARNING_RATE = "+both, lr 0.03"  # for pof2s only
 NO_CLE = ("no CLE", "+fast_ft, no CLE")  # pof2s and pof2s w4: weight-only CLE off (act_eq then has no pairs)
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
+TITLES = {"digits": "digits MobileNet-style", "xception": "mini-Xception"}
 
 
 def _rss_mb() -> float:
@@ -191,13 +192,12 @@ def main() -> int:
         return _seeds(args.seeds)
     if args.no_cle:
         for name in MODELS if args.only is None else (args.only,):
-            print(f"\n{'digits MobileNet-style' if name == 'digits' else 'mini-Xception'}:", flush=True)
+            print(f"\n{TITLES[name]}:", flush=True)
             _no_cle(name)
         return 0
     if not args.memory:
         for name in MODELS if args.only is None else (args.only,):
-            title = "digits MobileNet-style" if name == "digits" else "mini-Xception"
-            print(f"\n{title}:", flush=True)
+            print(f"\n{TITLES[name]}:", flush=True)
             for setting in SETTINGS:
                 for variant in MAIN:
                     print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
