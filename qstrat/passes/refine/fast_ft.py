@@ -297,6 +297,8 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
     ran = 0
     try:
         trainer.compile(optimizer=keras.optimizers.Adam(lr))
+        # Its slots made now, outside the training step: TensorFlow traces a step that makes variables twice.
+        trainer.optimizer.build(trainer.trainable_variables)
         best_val, best, waited = trainer.hard_error(val_x, val_y), _Snapshot(trainer.rounding_variables()), 0
         rng = np.random.default_rng(SEED)
         for epoch in range(epochs):
