@@ -25,8 +25,10 @@ images (`zoo.face_images_n`), each in a fresh process; ``fast_ft_samples``
 Run: ``.venv/bin/python bench/refine.py`` (about half an hour on 2 cores);
 ``--only digits`` or ``--only xception`` for one model; ``--memory`` for the
 memory check alone; ``--seeds N`` for the mini-Xception with 4-bit weights
-and fast finetune under N shuffling seeds of its training batches (about a
-minute and a half each): how far agreement moves with that order alone;
+and fast finetune, and at 8-bit with fast finetune and no CLE, under N
+shuffling seeds of its training batches (about a minute each): how far
+agreement moves with that order alone (``--epochs E`` with it: at
+``fast_ft_epochs`` E);
 ``--no-cle`` for the rows without CLE alone.
 """
 
@@ -108,9 +110,16 @@ def _scores(model, qmodel, x, labels, faces) -> dict:
     return out
 
 
-def one(model_name: str, setting: str, variant: str, calib_count: int | None = None, seed: int | None = None) -> dict:
+def one(
+    model_name: str,
+    setting: str,
+    variant: str,
+    calib_count: int | None = None,
+    seed: int | None = None,
+    epochs: int | None = None,
+) -> dict:
     """One configuration, in this process: scores, time ratio and memory (``seed``: fast finetune's shuffling
-    seed instead of its own)."""
+    seed instead of its own; ``epochs``: its ``fast_ft_epochs`` instead of the strategy's)."""
     warnings.filterwarnings("ignore")
     import qstrat
 
@@ -131,7 +140,8 @@ def one(model_name: str, setting: str, variant: str, calib_count: int | None = N
     before = _rss_mb()
     q = qstrat.Quantizer(model, base)
     t = time.perf_counter()
-    qmodel = q.quantize_model(calib, verbose=0, **extra, **VARIANTS[variant])
+    more = {} if epochs is None else {"fast_ft_epochs": epochs}
+    qmodel = q.quantize_model(calib, verbose=0, **extra, **VARIANTS[variant], **more)
     took = time.perf_counter() - t
     peak = _peak_mb()
     out = {"ratio": took / predict, "seconds": took, "peak_mb": peak, "added_mb": peak - before}
@@ -143,10 +153,12 @@ def one(model_name: str, setting: str, variant: str, calib_count: int | None = N
     return out
 
 
-def _spawn(*args: str, seed: int | None = None) -> dict:
+def _spawn(*args: str, seed: int | None = None, epochs: int | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", *args]
     if seed is not None:
         cmd += ["--seed", str(seed)]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -173,23 +185,26 @@ def main() -> int:
         "--seeds",
         type=int,
         metavar="N",
-        help="only the mini-Xception with 4-bit weights and fast finetune, with its shuffling seed 0 to N-1",
+        help="only the mini-Xception with fast finetune (4-bit weights; 8-bit without CLE), shuffling seeds 0 to N-1",
     )
     parser.add_argument(
         "--no-cle", action="store_true", help="only the pof2s rows without CLE (plain and with fast finetune)"
     )
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--epochs", type=int, help="with --seeds: fast finetune's fast_ft_epochs (the strategy's 5 by default)"
+    )
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         name, setting, variant, *count = args.one
-        print(json.dumps(one(name, setting, variant, int(count[0]) if count else None, args.seed)))
+        print(json.dumps(one(name, setting, variant, int(count[0]) if count else None, args.seed, args.epochs)))
         return 0
     import keras
 
     print(f"qstrat bench/refine.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores")
     if args.seeds:
-        return _seeds(args.seeds)
+        return _seeds(args.seeds, args.epochs)
     if args.no_cle:
         for name in MODELS if args.only is None else (args.only,):
             print(f"\n{TITLES[name]}:", flush=True)
@@ -228,26 +243,36 @@ def _no_cle(name: str) -> None:
             print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
 
 
-def _seeds(n: int) -> int:
-    """The mini-Xception, pof2s with 4-bit weights and fast finetune, once per shuffling seed: how far its
-    scores move with the order of the training batches alone."""
-    print("\nmini-Xception, pof2s w4 +fast_ft, by fast finetune's shuffling seed (the default is 0):", flush=True)
-    rows = []
-    for seed in range(n):
-        r = _spawn("xception", "pof2s w4", "+fast_ft", seed=seed)
-        rows.append(r)
-        before, after = r["ft_output_mse"]
+SEEDED = (  # the rows nearest their targets: (setting, variant, title)
+    ("pof2s w4", "+fast_ft", "pof2s w4 +fast_ft"),
+    ("pof2s", "+fast_ft, no CLE", "pof2s 8-bit +fast_ft, no CLE"),
+)
+
+
+def _seeds(n: int, epochs: int | None = None) -> int:
+    """The mini-Xception rows nearest their targets (4-bit weights with fast finetune; 8-bit with fast finetune
+    and no CLE), once per shuffling seed of fast finetune's training batches: how far their scores move with
+    the order of the batches alone."""
+    for setting, variant, title in SEEDED:
+        more = "" if epochs is None else f", {epochs} epochs"
+        print(f"\nmini-Xception, {title}{more}, by fast finetune's shuffling seed (the default is 0):", flush=True)
+        rows = []
+        for seed in range(n):
+            r = _spawn("xception", setting, variant, seed=seed, epochs=epochs)
+            rows.append(r)
+            before, after = r["ft_output_mse"]
+            print(
+                f"  seed {seed}: agree {r['agree']:6.2f}% / faces {r['faces']:6.2f}%  {r['sqnr']:5.2f} dB  "
+                f"outputs' MSE on the finetuned samples {before:.3g} -> {after:.3g}",
+                flush=True,
+            )
+        mean = {k: sum(r[k] for r in rows) / n for k in ("agree", "faces", "sqnr")}
+        low, high = min(r["agree"] for r in rows), max(r["agree"] for r in rows)
         print(
-            f"  seed {seed}: agree {r['agree']:6.2f}% / faces {r['faces']:6.2f}%  {r['sqnr']:5.2f} dB  "
-            f"outputs' MSE on the finetuned samples {before:.3g} -> {after:.3g}",
+            f"  mean: agree {mean['agree']:6.2f}% / faces {mean['faces']:6.2f}%  {mean['sqnr']:5.2f} dB; "
+            f"agreement from {low:.2f}% to {high:.2f}%",
             flush=True,
         )
-    mean = {k: sum(r[k] for r in rows) / n for k in ("agree", "faces", "sqnr")}
-    low, high = min(r["agree"] for r in rows), max(r["agree"] for r in rows)
-    print(
-        f"  mean: agree {mean['agree']:6.2f}% / faces {mean['faces']:6.2f}%  {mean['sqnr']:5.2f} dB; "
-        f"agreement from {low:.2f}% to {high:.2f}%"
-    )
     return 0
 
 
