@@ -182,20 +182,3 @@ def test_a_strided_1x1_conv_trains_at_stride_1_on_the_pixels_it_reads():
         got = keras.ops.convert_to_numpy(Chain([wrapper], name="picked")(pick(x)))
     assert wrapper.layer.strides == (2, 3)
     np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="counts TensorFlow traces")
-def test_each_block_traces_its_training_step_once(monkeypatch, few_steps):
-    from qstrat.passes.refine import soft_round
-
-    traced = []
-
-    def counted(self, data):  # on TensorFlow, Python runs the step only while tracing it
-        traced.append(self.name)
-        return keras.Model.train_step(self, data)
-
-    monkeypatch.setattr(soft_round.Trainer, "train_step", counted, raising=False)
-    q = qstrat.Quantizer(_model(), "pof2s")
-    q.quantize_model(_data(), verbose=0, weight_bit=4, include_bias_corr=False, **FT)
-    trained = [f"qstrat_fast_ft_{b.layer}_rounding" for b in q.fast_finetune.blocks if b.epochs]
-    assert len(trained) == 5 and traced == trained
