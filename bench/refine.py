@@ -196,6 +196,8 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.epochs is not None and not (args.seeds or args.one):
+        parser.error("--epochs goes with --seeds")
     if args.one:
         name, setting, variant, *count = args.one
         print(json.dumps(one(name, setting, variant, int(count[0]) if count else None, args.seed, args.epochs)))
