@@ -189,13 +189,13 @@ def take_samples(
     """``count`` samples of the calibration data (all of it if it holds fewer), as checked arrays, one per input.
 
     In-memory arrays with ``spread`` give a fixed random choice of rows
-    (seed 0) in their order, so data sorted by class still gives a mix;
-    other sources, and arrays without ``spread``, give their first samples.
+    (`sample_rows`), so data sorted by class still gives a mix; other
+    sources, and arrays without ``spread``, give their first samples.
     """
     arrays = array_bundle(data, specs) if spread else None
     if arrays is not None:
         total = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
-        rows = np.sort(np.random.default_rng(0).permutation(total)[:count])
+        rows = sample_rows(total, count)
         return check_batch([a[rows] for a in arrays], specs, 0)
     parts, have = [], 0
     for batch in iterate_batches(data, specs, batch_size, steps):
@@ -205,6 +205,13 @@ def take_samples(
         if have >= count:
             break
     return [np.concatenate([p[i] for p in parts]) for i in range(len(specs))]
+
+
+def sample_rows(total: int, count: int) -> np.ndarray:
+    """The rows `take_samples` takes from ``total`` samples in memory: ``count`` of them (all where there are
+    fewer), a fixed random choice (seed 0), in increasing order. Rows spread at random, not the first of
+    each batch: data made of copies of a set in turn (augmentations) would give few distinct samples."""
+    return np.sort(np.random.default_rng(0).permutation(total)[:count])
 
 
 def iterate_batches(

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from qstrat.quantizers.stats import EMPTY_EXPONENT, coarsen
+from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE, EMPTY_EXPONENT, coarsen
 
 
 def _exponent(amax):
@@ -71,8 +71,9 @@ def _stats(xs, kinds, bins_per_side: int, hist_rows: int | None = None, batch: i
     time grows with its op count.
     """
     n = bins_per_side
+    kern = _kernels(n)
     xs = [ops.cast(x, "float32") for x in xs]
-    los, his = [ops.min(x) for x in xs], [ops.max(x) for x in xs]
+    los, his = [kern.min(x) for x in xs], [kern.max(x) for x in xs]
     lo, hi = ops.stack(los), ops.stack(his)
     # Element counts matter only for ranges (a histogram's is the sum of its counts).
     if "range" in kinds:
@@ -93,17 +94,82 @@ def _stats(xs, kinds, bins_per_side: int, hist_rows: int | None = None, batch: i
     ks = ops.where(amax > 0, ops.maximum(e, -114.0), e)
     scales = ops.where(amax > 0, _pow2(float(math.log2(n)) - ks), ops.ones_like(ks))
     # No clip needed: k comes from this tensor's own extremes, so every floor(x * scale) is in [-n, n).
-    counted = [_first_rows(xs[i], hist_rows, batch) if hist_rows and kinds[i] == "share" else xs[i] for i in hist]
+    counted = [kern.first_rows(xs[i], hist_rows, batch) if hist_rows and kinds[i] == "share" else xs[i] for i in hist]
     scaled = [ops.floor(x * scale) for x, scale in zip(counted, ops.unstack(scales, len(hist)), strict=True)]
-    if keras.backend.backend() == "tensorflow":
+    return out + [ops.cast(ops.stack([kern.counts(f) for f in scaled]), "int32"), ks]
+
+
+def _kernels(n: int = DEFAULT_BINS_PER_SIDE):
+    return _TensorFlowKernels(n) if keras.backend.backend() == "tensorflow" else _KerasKernels(n)
+
+
+class _KerasKernels:
+    """The per-tensor operations of `_stats` and `ChannelSumTaps`, in Keras ops (torch, JAX)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def channel_sums(self, x):
+        return per_sample_channel_sums(x)
+
+    def min(self, x):
+        return ops.min(x)
+
+    def max(self, x):
+        return ops.max(x)
+
+    def first_rows(self, x, rows: int, batch: int | None):
+        return _first_rows(x, rows, batch)
+
+    def counts(self, f):
+        """The histogram of integer-valued floats ``f`` in [-n, n), in 2n bins."""
+        return _bincount(ops.cast(ops.reshape(f, (-1,)), "int32") + self.n, 2 * self.n)
+
+
+class _TensorFlowKernels(_KerasKernels):
+    """The same operations on TensorFlow: one op each, their constant operands made once.
+
+    Making an op is most of the probe's trace time (about a quarter of a
+    millisecond each on a 2-core machine); ``ops.min`` or a slice would make
+    one or three constants per tensor beside the op itself.
+    """
+
+    def __init__(self, n: int):
         import tensorflow as tf
 
-        # One kernel per tensor, on the integer-valued floats as they are: bin floor(x * scale) - (-n), exact.
-        edges, bins = tf.constant([-float(n), float(n)]), tf.constant(2 * n)
-        counts = [tf.histogram_fixed_width(f, edges, nbins=bins) for f in scaled]
-    else:
-        counts = [_bincount(ops.cast(ops.reshape(f, (-1,)), "int32") + n, 2 * n) for f in scaled]
-    return out + [ops.cast(ops.stack(counts), "int32"), ks]
+        super().__init__(n)
+        self.tf, self._consts, self._range = tf, {}, None
+
+    def _const(self, values):
+        values = tuple(int(v) for v in values)
+        if values not in self._consts:
+            self._consts[values] = self.tf.constant(values, self.tf.int32, shape=(len(values),))
+        return self._consts[values]
+
+    def channel_sums(self, x):
+        x = self.tf.cast(x, self.tf.float32)
+        if len(x.shape) <= 2:
+            return x
+        return self.tf.raw_ops.Sum(input=x, axis=self._const(range(1, len(x.shape) - 1)))
+
+    def min(self, x):
+        return self.tf.raw_ops.Min(input=x, axis=self._const(range(len(x.shape))))
+
+    def max(self, x):
+        return self.tf.raw_ops.Max(input=x, axis=self._const(range(len(x.shape))))
+
+    def first_rows(self, x, rows: int, batch: int | None):
+        if batch and x.shape[0] is not None and x.shape[0] > batch:
+            return _first_rows(x, rows, batch)  # a group of batches
+        ends = self._const([rows])  # beyond the batch's end: the whole batch, as x[:rows]
+        return self.tf.raw_ops.StridedSlice(input=x, begin=self._const([0]), end=ends, strides=self._const([1]))
+
+    def counts(self, f):
+        # One kernel, on the integer-valued floats as they are: bin floor(x * scale) - (-n), exact.
+        if self._range is None:
+            self._range = self.tf.constant([-float(self.n), float(self.n)]), self.tf.constant(2 * self.n)
+        edges, bins = self._range
+        return self.tf.raw_ops.HistogramFixedWidth(values=f, value_range=edges, nbins=bins)
 
 
 def _bincount(idx, length: int):
@@ -212,6 +278,25 @@ class StatsTaps(keras.layers.Layer):
         config = {"kinds": self.kinds, "bins_per_side": self.bins_per_side}
         config.update(hist_rows=self.hist_rows, batch=self.batch)
         return {**super().get_config(), **config}
+
+
+def per_sample_channel_sums(x):
+    """(samples, channels): each sample's sum over every axis but the first and the last, in float32 (bias
+    correction's float and quantized means both start from these)."""
+    x = ops.cast(x, "float32")
+    axes = tuple(range(1, len(x.shape) - 1))
+    return ops.sum(x, axis=axes) if axes else x
+
+
+class ChannelSumTaps(keras.layers.Layer):
+    """`per_sample_channel_sums` of each tensor: (samples, channels) each."""
+
+    def call(self, xs):
+        kern = _kernels()
+        return [kern.channel_sums(x) for x in xs]
+
+    def compute_output_spec(self, xs):
+        return [keras.KerasTensor((None, x.shape[-1]), dtype="float32") for x in xs]
 
 
 def tap_stats(x, kind: str, bins_per_side: int = 8192, hist_rows: int | None = None, batch=None) -> list:

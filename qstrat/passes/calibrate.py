@@ -18,7 +18,7 @@ from qstrat.calibration.observers import finite_range
 from qstrat.errors import ConfigError
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.layers.probe import HISTOGRAMS, PackedStats, StatsTaps, unpack_stats
+from qstrat.layers.probe import HISTOGRAMS, ChannelSumTaps, PackedStats, StatsTaps, unpack_stats
 from qstrat.passes.distributed import Spread, groups, placement
 from qstrat.passes.runner import BatchRunner, graph_probe
 from qstrat.progress import Progress
@@ -131,25 +131,40 @@ def fake_quant_layers(qmodel) -> list[FakeQuant]:
 
 
 class ChannelSums:
-    """Per-channel sums of float tensors over the calibration samples, taken by the calibration probe.
+    """Per-channel sums of float tensors over the samples bias correction measures, taken by the calibration
+    probe.
 
     Bias correction needs the float model's per-channel output means over the
-    samples it measures; where those are all the calibration samples, the
-    probe that runs the float model for calibration takes them on the way, and
+    samples it measures (`qstrat.calibration.data.take_samples`): all the
+    calibration samples, or the ``rows`` of them that `sample_rows` picks. The
+    probe that runs the float model for calibration meets those samples on
+    its way: it outputs each sample's sums, the rows measured are kept, and
     bias correction's own float pass is not needed. As there, each sample's
     channels are summed in float32 (the last axis is the channel), then the
     samples in float64.
     """
 
-    def __init__(self, refs, sizes: list[int]):
+    def __init__(self, refs, sizes: list[int], rows: np.ndarray | None = None, count: int | None = None):
         self.refs, self.sizes = list(refs), list(sizes)  # sizes: values per channel in one sample
+        self.rows = rows  # the indices of the samples measured, increasing; None: every sample
+        self.count = count  # the samples bias correction asked for, for it to check
         self.sums: list = [None] * len(self.refs)
-        self.samples = 0
+        self.samples = 0  # the samples added
 
-    def add(self, per_sample: list) -> None:
+    def add(self, per_sample: list, start: int) -> None:
+        """Add one batch's per-sample sums (one (samples, channels) array per tensor) where bias correction
+        measures its samples; ``start``: the index of the batch's first sample in the calibration data."""
+        keep = None
+        if self.rows is not None:
+            lo, hi = np.searchsorted(self.rows, [start, start + len(per_sample[0])])
+            if lo == hi:
+                return
+            keep = self.rows[lo:hi] - start
         for j, rows in enumerate(per_sample):
-            total = np.sum(np.asarray(rows), axis=0, dtype=np.float64)
+            rows = np.asarray(rows) if keep is None else np.asarray(rows)[keep]
+            total = np.sum(rows, axis=0, dtype=np.float64)
             self.sums[j] = total if self.sums[j] is None else self.sums[j] + total
+        self.samples += len(per_sample[0]) if keep is None else len(keep)
 
     def means(self) -> list[np.ndarray]:
         return [total / (self.samples * size) for total, size in zip(self.sums, self.sizes, strict=True)]
@@ -219,7 +234,7 @@ def calibrate_activations(
                 if tapped and stats[0] is not None and not packed.add(stats):
                     observe(tapped, unpack_stats(stats, kinds))  # not finite: the observer raises, naming the tensor
                 if summed:
-                    sums.add(outs[len(outs) - len(summed) :])
+                    sums.add(outs[len(outs) - len(summed) :], samples)
             batches += 1
             samples += len(batch[0])
             bar.update(batches)
@@ -228,8 +243,6 @@ def calibrate_activations(
     done = [fq for fq in fqs if fq.name in taps]
     for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
         _assign(fq.state, state)
-    if sums is not None:
-        sums.samples = samples
     return samples
 
 
@@ -340,22 +353,15 @@ def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | N
     tapped = [(ref, mode) for ref, mode in keys if mode != "raw"]
     name = unique_name("qstrat_stats_taps", names)
     taps = StatsTaps([mode for _, mode in tapped], hist_rows=hist_rows, batch=batch, name=name) if tapped else None
+    row_sums = ChannelSumTaps(name=unique_name("qstrat_channel_sums", names | {name})) if summed else None
 
     def body(inputs, symbolic):
         by_ref = dict(zip(refs, run_graph(float_graph, inputs, refs, symbolic), strict=True))
         outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
         if taps is not None:
             outputs += taps([by_ref[ref] for ref, _ in tapped])
-        return outputs + [per_sample_channel_sums(by_ref[ref]) for ref in summed]
+        if row_sums is not None:
+            outputs += row_sums([by_ref[ref] for ref in summed])
+        return outputs
 
     return graph_probe(float_graph, body, unique_name("qstrat_calibration_stats", names))
-
-
-def per_sample_channel_sums(x):
-    """(samples, channels): each sample's sum over every axis but the first and the last, in float32 (bias
-    correction's float and quantized means both start from these)."""
-    from keras import ops
-
-    x = ops.cast(x, "float32")
-    axes = tuple(range(1, len(x.shape) - 1))
-    return ops.sum(x, axis=axes) if axes else x

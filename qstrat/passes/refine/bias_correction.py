@@ -16,13 +16,12 @@ quantized model once, eagerly, layer by layer in graph order, on a fixed set
 of `SAMPLES` calibration samples held in memory: at each corrected layer it
 measures the shift on those samples, corrects the layer, computes its output
 again and goes on from there. Whatever the depth, that is one forward pass
-of the quantized model over those samples, with no function to trace, and
-one of the float model for its means, which the calibration probe takes on
-its pass instead where the samples are all the calibration samples
-(`float_sums`: arrays of at most `SAMPLES`, where the fixed costs of a
-quantize call count most); a tensor is dropped once the layers that read it
-have run, so memory is bounded by the number of samples, not by the
-calibration set: `SAMPLES`, or fewer (`MIN_SAMPLES` at least) where one
+of the quantized model over those samples, with no function to trace. The
+float model's means on the same samples come from the calibration probe,
+which sees them on its pass (`float_sums`, where the data is arrays in
+memory), else from a float pass over them. A tensor is dropped once the
+layers that read it have run, so memory is bounded by the number of samples,
+not by the calibration set: `SAMPLES`, or fewer (`MIN_SAMPLES` at least) where one
 activation for that many would pass `TENSOR_BYTES` (large inputs). The shift
 is the mean of a difference between the quantized and the float output of
 the same samples, which varies far less from sample to sample than either
@@ -113,9 +112,10 @@ def _targets(qmodel, float_graph: Graph):
 
 def float_sums(qmodel, float_graph: Graph, data, steps=None, batch_size=32):
     """A `ChannelSums` of the float tensors bias correction measures, for the calibration probe to fill, where
-    the samples it measures are all the calibration samples (arrays in memory, no more than `sample_count`);
-    else None, and `correct_biases` runs the float model itself."""
-    from qstrat.calibration.data import array_samples
+    the data is arrays in memory, so the samples bias correction takes (`take_samples`: all of them, or the
+    `sample_rows` of `sample_count`) are known before the probe runs; else None, and `correct_biases` runs
+    the float model itself on the samples it took."""
+    from qstrat.calibration.data import array_samples, sample_rows
     from qstrat.passes.calibrate import ChannelSums
 
     total = array_samples(data)
@@ -123,8 +123,6 @@ def float_sums(qmodel, float_graph: Graph, data, steps=None, batch_size=32):
         return None
     if steps is not None:
         total = min(total, steps * batch_size)
-    if total > sample_count(float_graph):
-        return None
     targets = _targets(qmodel, float_graph)
     sizes = []
     for wrapper, _, _ in targets:
@@ -132,7 +130,11 @@ def float_sums(qmodel, float_graph: Graph, data, steps=None, batch_size=32):
         if any(d is None for d in shape[1:]):
             return None
         sizes.append(int(np.prod(shape[1:-1], dtype=np.int64)))
-    return ChannelSums([ref for _, ref, _ in targets], sizes) if targets else None
+    if not targets:
+        return None
+    count = sample_count(float_graph)
+    rows = None if total <= count else sample_rows(total, count)
+    return ChannelSums([ref for _, ref, _ in targets], sizes, rows, count)
 
 
 def correctable(qmodel, float_graph: Graph) -> bool:
@@ -191,7 +193,7 @@ def correct_biases(
     progress = progress or Progress(verbose)
     bar = progress.data_pass(len(targets), "layer", 1, f"{len(targets)} layers measured on {n} samples")
     refs = [ref for _, ref, _ in targets]
-    if sums is not None and sums.samples == n and sums.refs == refs:
+    if sums is not None and sums.count == count and sums.samples == n and sums.refs == refs:
         float_means = sums.means()
     else:
         float_means = _float_means(float_graph, refs, x)
@@ -308,7 +310,7 @@ def _bias_value(wrapper: QuantizeWrapper) -> np.ndarray:
 
 def _channel_means(x) -> np.ndarray:
     """Per-channel (last axis) mean of a batch: summed per sample in float32, then over samples in float64."""
-    from qstrat.passes.calibrate import per_sample_channel_sums
+    from qstrat.layers.probe import per_sample_channel_sums
 
     per_sample = keras.ops.convert_to_numpy(per_sample_channel_sums(x))
     return np.sum(per_sample, axis=0, dtype=np.float64) / (x.shape[0] * int(np.prod(x.shape[1:-1])))

@@ -106,17 +106,32 @@ def test_bias_correction_reads_only_the_samples_it_measures(budget, held, monkey
     assert reads == list(range(40)) + list(range(-(-held // 16)))  # calibration, then bias correction's samples
 
 
+class _Batches(keras.utils.PyDataset):
+    """The samples ``x`` in batches of 32: data that is not arrays in memory."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+    def __len__(self):
+        return -(-len(self.x) // 32)
+
+    def __getitem__(self, k):
+        return self.x[32 * k : 32 * (k + 1)]
+
+
 @pytest.mark.parametrize(
-    "samples,steps,budget,probe",
+    "samples,steps,budget,dataset",
     [
-        (128, None, None, True),  # every calibration sample is measured: the probe takes the float means
-        (129, None, None, False),  # 128 of 129: the float model runs on those 128
-        (300, 4, None, True),  # 4 steps of 32 read 128 samples, all of which are measured
+        (128, None, None, False),  # every calibration sample is measured
+        (129, None, None, False),  # 128 of the 129 are measured
+        (300, 4, None, False),  # 4 steps of 32 read 128 samples, all of which are measured
         (100, None, 864 * 48, False),  # large activations: 48 of the 100 are measured
+        (129, None, None, True),  # a dataset: the float model runs on the samples bias correction took
     ],
 )
-def test_the_calibration_probe_takes_the_float_means_only_where_they_cover_the_measured_samples(
-    samples, steps, budget, probe, monkeypatch
+def test_the_calibration_probe_takes_the_float_means_where_the_data_is_in_memory(
+    samples, steps, budget, dataset, monkeypatch
 ):
     from qstrat.passes.refine import bias_correction
 
@@ -126,28 +141,33 @@ def test_the_calibration_probe_takes_the_float_means_only_where_they_cover_the_m
     real = bias_correction._float_means
     monkeypatch.setattr(bias_correction, "_float_means", lambda *a: float_passes.append(1) or real(*a))
     q = qstrat.Quantizer(_model(False), "pof2s")
-    q.quantize_model(_data(samples), steps, 32, verbose=0)
-    assert q.bias_corrections and len(float_passes) == (not probe)
+    x = _data(samples)
+    q.quantize_model(_Batches(x) if dataset else x, steps, 32, verbose=0)
+    assert q.bias_corrections and len(float_passes) == dataset
 
 
-def test_the_float_means_taken_by_the_probe_equal_those_of_a_float_pass():
-    """Both sum each sample's channels in float32 and the samples in float64, in another order (by batch, or
-    all at once): the float64 sums' last bits may differ (rtol 1e-12). JAX compiles the probe, whose
-    convolutions may round a float32 value's last bit differently from eager ones: a few float32 ulps there
-    (2^-20 relative)."""
+@pytest.mark.parametrize("samples,budget", [(100, None), (300, None), (100, 864 * 48)])
+def test_the_float_means_taken_by_the_probe_equal_those_of_a_float_pass(samples, budget, monkeypatch):
+    """On all 100 samples, on 128 of 300, and on 48 of 100 (large activations: `sample_count`). Both sum
+    each sample's channels in float32 and the samples in float64, in another order (by batch, or all at
+    once): the float64 sums' last bits may differ (rtol 1e-12). JAX compiles the probe, whose convolutions
+    may round a float32 value's last bit differently from eager ones: a few float32 ulps there (2^-20
+    relative)."""
     from qstrat.calibration.data import take_samples
     from qstrat.passes.calibrate import calibrate_activations, input_specs
     from qstrat.passes.refine import bias_correction
 
-    model, x = _model(False), _data(100)
+    if budget is not None:
+        monkeypatch.setattr(bias_correction, "TENSOR_BYTES", budget)
+    model, x = _model(False), _data(samples)
     q = qstrat.Quantizer(model, "pof2s")
     qmodel = q.quantize_model(x, verbose=0, include_bias_corr=False)
     graph = capture(q.optimize_model())
     sums = bias_correction.float_sums(qmodel, graph, x)
     assert sums is not None and len(sums.refs) == 2  # c1 and c2
     calibrate_activations(qmodel, graph, {}, x, verbose=0, sums=sums)
-    assert sums.samples == 100
-    (held,) = take_samples(x, input_specs(qmodel), bias_correction.SAMPLES)
+    (held,) = take_samples(x, input_specs(qmodel), bias_correction.sample_count(graph))
+    assert sums.samples == len(held) == {(100, None): 100, (300, None): 128, (100, 864 * 48): 48}[(samples, budget)]
     walked = bias_correction._float_means(graph, sums.refs, [ops.convert_to_tensor(held)])
     rtol = 2.0**-20 if keras.backend.backend() == "jax" else 1e-12
     for got, want in zip(sums.means(), walked, strict=True):
@@ -211,8 +231,8 @@ def _check_against_reference(model, data, names, custom=None, **overrides):
 def test_corrections_match_a_straightforward_layer_by_layer_path(after, samples, monkeypatch):
     """A corrected layer whose output is its linear part plus the bias moves its output by the change of its
     quantized bias; any other runs again (here every layer, with `BIAS_LAST` emptied). The float means come
-    from the calibration probe where bias correction measures every calibration sample (100 of 100), else
-    from a float pass of their own (128 of 300)."""
+    from the calibration probe, which meets the samples bias correction measures (100 of 100, or 128 of 300)
+    on its pass."""
     from qstrat.passes.refine import bias_correction
     from qstrat.quantizers import fake_quant
 
@@ -228,7 +248,7 @@ def test_corrections_match_a_straightforward_layer_by_layer_path(after, samples,
     y = L.Conv2D(4, 1, name="c3")(x)
     model = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D(name="gap")(y)))
     _check_against_reference(model, _data(samples), ["c1", "c2", "c3", "d"])
-    assert len(float_passes) == (samples > bias_correction.SAMPLES)
+    assert float_passes == []
     # On TensorFlow the walk ran the activation quantizers fused (`fused_measurement`); the reference, exact.
     assert any(f is not None for f in fused) == (keras.backend.backend() == "tensorflow")
 
