@@ -113,11 +113,16 @@ def test_a_group_of_batches_counts_the_first_samples_of_each():
     assert float(lo) == x.min() and float(hi) == x.max()
 
 
-def test_packed_statistics_of_many_batches_equal_the_observers_updated_batch_by_batch():
-    """`PackedStats` sums each batch's packed outputs (ranges, histograms aligned to the largest exponent so far,
-    in either direction, from empty tensors up) and gives the observers what they get from every batch in turn:
-    the same counts, exponent, range and size, exactly."""
+@pytest.mark.parametrize("levels", [1, 2, 4])
+def test_packed_statistics_of_many_batches_equal_the_observers_updated_batch_by_batch(levels, monkeypatch):
+    """`PackedStats` sums each batch's packed outputs (ranges; histograms at each exponent met, aligned to the
+    largest at the end, from empty tensors up; with ``levels`` sums held at most per histogram, the lowest two
+    merged beyond that) and gives the observers what they get from every batch in turn: the same counts,
+    exponent, range and size, exactly."""
+    from qstrat.layers import probe
     from qstrat.layers.probe import PackedStats
+
+    monkeypatch.setattr(probe, "LEVELS", levels)
 
     rng = np.random.default_rng(5)
     kinds = ["histogram", "range", "share", "histogram"]
@@ -136,6 +141,8 @@ def test_packed_statistics_of_many_batches_equal_the_observers_updated_batch_by_
             else:
                 observers[i].update_histogram(got[0], int(got[1]), got[2], got[3], int(np.sum(got[0])))
     assert len({int(k) for k in packed.k}) == 3  # the histograms ended at different exponents
+    held = [len(h) for h in packed.levels]
+    assert max(held) == levels  # the first histogram met five exponents: more than any ``levels`` here held
     for obs, kind, got in zip(observers, kinds, packed.per_tensor(), strict=True):
         one = MinMaxObserver() if kind == "range" else HistogramObserver()
         if kind == "range":
