@@ -364,4 +364,7 @@ def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | N
             outputs += row_sums([by_ref[ref] for ref in summed])
         return outputs
 
-    return graph_probe(float_graph, body, unique_name("qstrat_calibration_stats", names))
+    # Statistics and sums are read once, as they come: views of the outputs, not copies. Raw tensors go to
+    # observers, which may keep them: copies.
+    views = all(mode != "raw" for _, mode in keys)
+    return graph_probe(float_graph, body, unique_name("qstrat_calibration_stats", names), views)

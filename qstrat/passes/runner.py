@@ -58,8 +58,9 @@ class BatchRunner:
         return [np.asarray(o) if self.views else o.numpy() for o in outs]
 
 
-def graph_probe(graph, body: Callable[[list, bool], list], name: str) -> BatchRunner:
-    """A runner of ``body(inputs, symbolic)`` -> output tensors, for inputs like ``graph``'s.
+def graph_probe(graph, body: Callable[[list, bool], list], name: str, views: bool = False) -> BatchRunner:
+    """A runner of ``body(inputs, symbolic)`` -> output tensors, for inputs like ``graph``'s (``views``: see
+    `BatchRunner`).
 
     On TensorFlow ``body`` is traced on the batch's tensors (``symbolic``
     False: it may call the graph's own layers, which a traced call only
@@ -73,7 +74,7 @@ def graph_probe(graph, body: Callable[[list, bool], list], name: str) -> BatchRu
 
     if keras.backend.backend() == "tensorflow":
         specs = [(tuple(t.shape), t.dtype) for t in (graph.node(r.node).op.output for r in graph.inputs)]
-        return BatchRunner(fn=lambda *xs: body(list(xs), False), specs=specs)
+        return BatchRunner(fn=lambda *xs: body(list(xs), False), specs=specs, views=views)
     inputs = input_tensors(graph)
     outputs = body(inputs, True)
     return BatchRunner(functional_model(inputs if len(inputs) > 1 else inputs[0], outputs, name=name))
