@@ -353,15 +353,15 @@ def _stats_probe(float_graph, keys, hist_rows: int | None = None, batch: int | N
     tapped = [(ref, mode) for ref, mode in keys if mode != "raw"]
     name = unique_name("qstrat_stats_taps", names)
     taps = StatsTaps([mode for _, mode in tapped], hist_rows=hist_rows, batch=batch, name=name) if tapped else None
-    row_sums = ChannelSumTaps(name=unique_name("qstrat_channel_sums", names | {name})) if summed else None
+    channel_sums = ChannelSumTaps(name=unique_name("qstrat_channel_sums", names | {name})) if summed else None
 
     def body(inputs, symbolic):
         by_ref = dict(zip(refs, run_graph(float_graph, inputs, refs, symbolic), strict=True))
         outputs = [by_ref[ref] for ref, mode in keys if mode == "raw"]
         if taps is not None:
             outputs += taps([by_ref[ref] for ref, _ in tapped])
-        if row_sums is not None:
-            outputs += row_sums([by_ref[ref] for ref in summed])
+        if channel_sums is not None:
+            outputs += channel_sums([by_ref[ref] for ref in summed])
         return outputs
 
     # Statistics and sums are read once, as they come: views of the outputs, not copies. Raw tensors go to
