@@ -3,10 +3,13 @@
 For one model, calibration size and strategy (defaults, bias correction on),
 in one run: every probe qstrat runs (`qstrat.passes.runner.BatchRunner`) is
 timed call by call, so its first call (tracing, plus one batch) shows apart
-from the rest; bias correction's eager runs (`bias_correction._walk`: the
-float model's, then the quantized model's) are timed whole; and a warm batch
-of 32 through the float model and through the quantized model shows what the
-FakeQuant layers cost per batch.
+from the rest, with the number of ops its traced function holds (on
+TensorFlow: making them is most of a trace); the time spent adding up the
+batches' statistics (`qstrat.layers.probe.PackedStats`); bias correction's
+eager runs (`bias_correction._walk`: the float model's, where the
+calibration probe did not take its means, and the quantized model's) are
+timed whole; and a warm batch of 32 through the float model and through the
+quantized model shows what the FakeQuant layers cost per batch.
 
 Run: ``.venv/bin/python bench/traces.py --model mobilenet_v2 --samples 1024``
 (models as in bench/speed.py; about a minute).
@@ -47,43 +50,87 @@ def main() -> int:
     from speed import load
 
     import qstrat
+    from qstrat.layers import probe as stats_layers
     from qstrat.passes import runner
     from qstrat.passes.refine import bias_correction
 
     calls: list[tuple[int, float]] = []  # (the probe that ran, seconds)
-    walks: list[float] = []  # bias correction's eager runs: the float model's, then the quantized model's
-    plain_call, plain_walk = runner.BatchRunner.__call__, bias_correction._walk
+    probes: dict[int, object] = {}
+    walks: list[tuple[str, float]] = []  # bias correction's eager runs: ("float" or "quantized", seconds)
+    adding = [0.0]  # seconds in `PackedStats`: adding each batch's statistics, then aligning them
+    plain_call, plain_walk, plain_means = (
+        runner.BatchRunner.__call__,
+        bias_correction._walk,
+        bias_correction._float_means,
+    )
+    plain_add, plain_per_tensor = stats_layers.PackedStats.add, stats_layers.PackedStats.per_tensor
+    in_float = [False]
 
     def timed(self, batch):
         t = time.perf_counter()
         out = plain_call(self, batch)
         calls.append((id(self), time.perf_counter() - t))
+        probes[id(self)] = self
         return out
 
     def timed_walk(*args):
         t = time.perf_counter()
         plain_walk(*args)
-        walks.append(time.perf_counter() - t)
+        walks.append(("float" if in_float[0] else "quantized", time.perf_counter() - t))
+
+    def timed_means(*args):
+        in_float[0] = True
+        try:
+            return plain_means(*args)
+        finally:
+            in_float[0] = False
+
+    def timed_stats(plain):
+        def run(*args):
+            t = time.perf_counter()
+            try:
+                return plain(*args)
+            finally:
+                adding[0] += time.perf_counter() - t
+
+        return run
 
     net, x = load(args.model, args.samples)
-    runner.BatchRunner.__call__, bias_correction._walk = timed, timed_walk
+    patches = [
+        (runner.BatchRunner, "__call__", timed),
+        (bias_correction, "_walk", timed_walk),
+        (bias_correction, "_float_means", timed_means),
+        (stats_layers.PackedStats, "add", timed_stats(plain_add)),
+        (stats_layers.PackedStats, "per_tensor", timed_stats(plain_per_tensor)),
+    ]
+    for owner, name, fn in patches:
+        setattr(owner, name, fn)
     q = qstrat.Quantizer(net, args.strategy)
     t = time.perf_counter()
     qmodel = q.quantize_model(x, calib_batch_size=32, verbose=0)
     total = time.perf_counter() - t
     runner.BatchRunner.__call__, bias_correction._walk = plain_call, plain_walk
+    bias_correction._float_means = plain_means
+    stats_layers.PackedStats.add, stats_layers.PackedStats.per_tensor = plain_add, plain_per_tensor
     print(f"{args.model}, {args.samples} samples, {args.strategy}: quantize_model {total:.2f} s", end="")
     print(f", bias correction {q.timings['bias correction']:.2f} s" if "bias correction" in q.timings else "")
     for probe in dict.fromkeys(c[0] for c in calls):
         mine = [c[1] for c in calls if c[0] == probe]
+        fn = getattr(probes[probe], "_fn", None)
+        ops = f", {len(fn.get_concrete_function().graph.get_operations())} ops traced" if fn is not None else ""
         print(
-            f"  calibration probe: {len(mine)} calls; first (trace + 1 batch) {mine[0]:.2f} s, the other {sum(mine[1:]):.2f} s"
+            f"  calibration probe: {len(mine)} calls{ops}; first (trace + 1 batch) {mine[0]:.2f} s, "
+            f"the other {sum(mine[1:]):.2f} s"
         )
-    if walks:
-        runs = ", ".join(f"{w:.2f} s" for w in walks[1:])
-        print(
-            f"  bias correction on {bias_correction.SAMPLES} samples, eagerly: float model {walks[0]:.2f} s, quantized model {runs} (corrections included)"
-        )
+    print(f"  adding up the batches' statistics (PackedStats): {adding[0]:.3f} s")
+    for kind in ("float", "quantized"):
+        runs = [w for k, w in walks if k == kind]
+        if runs:
+            what = "corrections included" if kind == "quantized" else "the probe did not take its means"
+            print(
+                f"  bias correction's {kind} model on {bias_correction.SAMPLES} samples at most, eagerly: "
+                f"{', '.join(f'{w:.2f} s' for w in runs)} ({what})"
+            )
     batch = [x[:32]]
     float_s = _warm_batch_s(runner.BatchRunner(net), batch)
     quant_s = _warm_batch_s(runner.BatchRunner(qmodel), batch)

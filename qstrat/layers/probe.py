@@ -129,9 +129,9 @@ class _KerasKernels:
 class _TensorFlowKernels(_KerasKernels):
     """The same operations on TensorFlow: one op each, their constant operands made once.
 
-    Making an op is most of the probe's trace time (about a quarter of a
-    millisecond each on a 2-core machine); ``ops.min`` or a slice would make
-    one or three constants per tensor beside the op itself.
+    The probe's trace time grows with the ops it makes; ``ops.min`` or a
+    slice would make one or three constants per tensor beside the op itself
+    (`bench/traces.py` prints the probe's op count).
     """
 
     def __init__(self, n: int):
