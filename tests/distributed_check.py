@@ -40,10 +40,14 @@ import numpy as np  # noqa: E402
 import qstrat  # noqa: E402
 from qstrat import zoo  # noqa: E402
 from qstrat.layers import FakeQuant, QuantizeWrapper  # noqa: E402
-from qstrat.passes import distributed  # noqa: E402
+from qstrat.passes import distributed, runner  # noqa: E402
 
 warnings.filterwarnings("ignore")
 BATCH = 8  # 100 samples: twelve full batches and a short one, so full groups spread and the last does not
+# On one device and under a distribution alike, a small model's consecutive batches run joined, as one call
+# (`qstrat.passes.runner.merged`); a distribution spreads those units. Two batches a unit here: six units of
+# two and the short batch, so that several groups of units spread (JAX compiles per shape: one batch a unit).
+runner.MERGE_SAMPLES = 2 * BATCH
 
 
 def task():

@@ -49,11 +49,13 @@ HISTOGRAMS = frozenset({"histogram", "share"})  # "share": of a share of each ba
 
 
 def _first_rows(x, rows: int, batch: int | None):
-    """The first ``rows`` samples of the batch ``x``; of each batch, where ``x`` is a group of whole batches
-    of ``batch`` samples (a distribution runs a group sharded on the batch axis as one array)."""
+    """The first ``rows`` samples of the batch ``x``; of each batch, where ``x`` is batches of ``batch`` samples
+    joined (a distribution's group, sharded on the batch axis, or `qstrat.passes.runner.merged`)."""
     n = x.shape[0]
     if batch and n is not None and n > batch and n % batch == 0:
         return ops.reshape(ops.reshape(x, (n // batch, batch, *x.shape[1:]))[:, :rows], (-1, *x.shape[1:]))
+    if batch and n is not None and n > batch:  # whole batches, then a short one
+        return ops.take(x, np.flatnonzero(np.arange(n) % batch < rows), axis=0)
     return x[:rows]
 
 
@@ -159,10 +161,18 @@ class _TensorFlowKernels(_KerasKernels):
         return self.tf.raw_ops.Max(input=x, axis=self._const(range(len(x.shape))))
 
     def first_rows(self, x, rows: int, batch: int | None):
-        if batch and x.shape[0] is not None and x.shape[0] > batch:
-            return _first_rows(x, rows, batch)  # a group of batches
-        ends = self._const([rows])  # beyond the batch's end: the whole batch, as x[:rows]
-        return self.tf.raw_ops.StridedSlice(input=x, begin=self._const([0]), end=ends, strides=self._const([1]))
+        if not batch:
+            ends = self._const([rows])  # beyond the batch's end: the whole batch, as x[:rows]
+            return self.tf.raw_ops.StridedSlice(input=x, begin=self._const([0]), end=ends, strides=self._const([1]))
+        # The traced batch axis is open: one batch or several joined (`qstrat.passes.runner.merged`). The rows
+        # to count are found once per trace, from the first tensor's length (every tapped tensor's first axis
+        # is the batch's).
+        if (rows, batch) not in self._consts:
+            tf = self.tf
+            index = tf.range(tf.shape(x, out_type=tf.int32)[0])
+            self._consts[rows, batch] = tf.reshape(tf.where(tf.math.floormod(index, batch) < rows), [-1])
+            self._consts["axis"] = tf.constant(0, tf.int32)
+        return self.tf.raw_ops.GatherV2(params=x, indices=self._consts[rows, batch], axis=self._consts["axis"])
 
     def counts(self, f):
         # One kernel, on the integer-valued floats as they are: bin floor(x * scale) - (-n), exact.

@@ -113,6 +113,22 @@ def test_a_group_of_batches_counts_the_first_samples_of_each():
     assert float(lo) == x.min() and float(hi) == x.max()
 
 
+@pytest.mark.parametrize("n", [4, 12, 10, 3])
+def test_a_traced_probe_counts_the_first_samples_of_each_joined_batch(n):
+    # The calibration probe runs with its batch axis open, on one batch or several joined (batches of 4 here,
+    # and a short last one for n = 10): each batch's first two samples are counted, whatever n.
+    from qstrat.passes.runner import BatchRunner
+
+    i = keras.Input((5,))
+    runner = BatchRunner(keras.Model(i, StatsTaps(["share"], hist_rows=2, batch=4)([i])))
+    x = np.random.default_rng(5).normal(size=(n, 5)).astype("float32")
+    counts, k, lo, hi = unpack_stats(runner([x]), ["share"])[0]
+    first = x[(np.arange(n) % 4) < 2]
+    assert len(first) == {4: 2, 12: 6, 10: 6, 3: 2}[n]
+    assert np.array_equal(counts, bin_counts(first.reshape(-1), int(k), DEFAULT_BINS_PER_SIDE))
+    assert float(lo) == x.min() and float(hi) == x.max()
+
+
 @pytest.mark.parametrize("levels", [1, 2, 4])
 def test_packed_statistics_of_many_batches_equal_the_observers_updated_batch_by_batch(levels, monkeypatch):
     """`PackedStats` sums each batch's packed outputs (ranges; histograms at each exponent met, aligned to the

@@ -20,7 +20,7 @@ from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import HISTOGRAMS, ChannelSumTaps, PackedStats, StatsTaps, unpack_stats
 from qstrat.passes.distributed import Spread, groups, placement
-from qstrat.passes.runner import BatchRunner, graph_probe
+from qstrat.passes.runner import BatchRunner, graph_probe, join, merged, sample_bytes, split_outputs
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
@@ -50,7 +50,7 @@ def quiet_probes():
 
 # The in-graph histograms of power-of-2 positions (`_mode` "share") of a larger calibration set count
 # about this many samples, a share of every batch (`histogram_rows`): counting is the costly part of a
-# calibration batch (a single-threaded loop over every value), and a search among a few power-of-2 positions
+# calibration batch (a loop over every value), and a search among a few power-of-2 positions
 # picks the same one from hundreds of samples' activations as from more (bench/ptq.py, table 5). Float
 # scales are continuous and move with every sample: their histograms count all of it. Ranges see every
 # sample.
@@ -223,11 +223,15 @@ def calibrate_activations(
     def observe(keys, values):
         _observe(dict(zip(keys, values, strict=True)), owners, refs, pair_modes, observers)
 
-    for group in groups(iterate_batches(data, input_specs(qmodel), batch_size, steps), spread.width if spread else 1):
+    # Consecutive batches of a small model run joined, as one call (`merged`: the statistics are exact sums,
+    # and each batch's rows come back apart); a distribution spreads those units over its devices.
+    units = merged(iterate_batches(data, input_specs(qmodel), batch_size, steps), sample_bytes(float_graph))
+    for group in groups(units, spread.width) if spread is not None else ([unit] for unit in units):
+        batch_group = [batch for unit in group for batch in unit]
         everything = _checked(
-            spread or (lambda g: [probe(b) if probe else None for b in g]), group, float_graph, owners, refs
+            lambda g=group: _run_units(probe, spread, g, kinds_out), batch_group, float_graph, owners, refs
         )
-        for batch, outs in zip(group, everything, strict=True):
+        for batch, outs in zip(batch_group, everything, strict=True):
             if outs is not None:
                 observe(raw, ([out] for out in outs[: len(raw)]))
                 stats = outs[len(raw) : len(raw) + n_stats]
@@ -267,12 +271,23 @@ def _spread(probe, outputs: list[str]) -> Spread | None:
     return Spread(probe, where, outputs) if where is not None else None
 
 
+def _run_units(probe, spread, units, kinds) -> list:
+    """Per batch of ``units`` (lists of batches, each run as one: `qstrat.passes.runner.join`), the probe's
+    outputs (`split_outputs`; None without a probe): on one device, or the units spread over a distribution's."""
+    if probe is None:
+        return [None] * sum(len(unit) for unit in units)
+    joined = [join(unit) for unit in units]
+    outs = spread(joined) if spread is not None else [probe(batch) for batch in joined]
+    sizes = [[len(batch[0]) for batch in unit] for unit in units]
+    return [mine for out, size in zip(outs, sizes, strict=True) for mine in split_outputs(out, kinds, size)]
+
+
 def _checked(run, group, float_graph, owners, refs) -> list:
-    """``run(group)``; where it fails (TensorFlow's and torch's histogram kernels refuse NaN), a
-    `CalibrationDataError` naming the first tapped tensor that is not finite on a batch of the group, found by
+    """``run()``; where it fails (TensorFlow's and torch's histogram kernels refuse NaN), a
+    `CalibrationDataError` naming the first tapped tensor that is not finite on a batch of ``group``, found by
     running the float model on it eagerly; else the failure itself."""
     try:
-        return run(group)
+        return run()
     except Exception as failure:
         from keras import ops
 

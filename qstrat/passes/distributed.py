@@ -3,12 +3,18 @@
 When a `keras.distribution` is set (JAX: ``DataParallel``, or ``ModelParallel``
 with a batch axis in its mesh) or calibration runs inside a
 ``tf.distribute.MirroredStrategy`` scope (TensorFlow), the calibration probe
-runs on a *group* of batches at once, one whole batch on each device, and the
-observers take the batches' results in batch order, as on one device.
+runs on a *group* of units at once, one whole unit on each device, and the
+observers take the batches' results in batch order, as on one device. A unit
+is what one device runs as one call: a batch, or for a small model on
+TensorFlow or torch several consecutive batches joined
+(`qstrat.passes.runner.merged`, the same on one device and under a
+distribution).
 
-No batch is split. Each device computes exactly the batch one device would,
-so every per-sample value is bit for bit the same (rows computed in smaller
-pieces can round differently: kernels pick their paths by shape). The
+No unit is split. Each device computes exactly the unit one device would,
+with the same graph (the probe runs unoptimized either way:
+`qstrat.passes.runner.unrewritten`), so every per-sample value is bit for bit
+the same (rows computed in smaller pieces can round differently: kernels pick
+their paths by shape). The
 per-channel, moving-average and per-batch-vote observers see the same
 batches in the same order.
 
@@ -17,11 +23,12 @@ one batch. The per-tensor statistics the probe reduces in the graph (ranges,
 aligned histograms) come back as one reduction over the group: minima, maxima
 and integer counts, which the all-reduces across the devices compute exactly.
 The observer takes them as one update, which its exact ``merge`` makes the
-same as one update per batch. On TensorFlow each replica runs its own batch
-through the probe (``strategy.run``) and returns that batch's statistics.
+same as one update per batch (on JAX a unit is one batch). On TensorFlow each
+replica runs its own unit through the probe (``strategy.run``) and returns
+that unit's statistics.
 
 A group that is not full, or (JAX) whose batches differ in size, runs one
-batch at a time as without a distribution.
+unit at a time as without a distribution.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qstrat.passes.runner import BatchRunner
+from qstrat.passes.runner import BatchRunner, split_outputs, unrewritten
 
 
 @dataclass(frozen=True)
@@ -137,16 +144,7 @@ class Spread:
             inputs.append(jax.device_put(whole, dist.get_data_layout(whole.shape).backend_layout))
         outs = self.runner.model.predict_on_batch(inputs)
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-        per_batch = [[] for _ in group]
-        for out, kind in zip(outs, self.outputs, strict=True):
-            out = np.asarray(out)
-            if kind == "rows":
-                parts = np.split(out, len(group))
-            else:
-                parts = [out] + [None] * (len(group) - 1)
-            for mine, part in zip(per_batch, parts, strict=True):
-                mine.append(part)
-        return per_batch
+        return split_outputs(outs, self.outputs, [len(batch[0]) for batch in group])
 
     def _tensorflow(self, group):
         import tensorflow as tf
@@ -161,7 +159,8 @@ class Spread:
             )
             for k in range(len(group[0]))
         ]
-        outs = self._step(*values)
+        with unrewritten():  # as the one-device probe runs (`BatchRunner`): the same kernels, the same bits
+            outs = self._step(*values)
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         local = [strategy.experimental_local_results(out) for out in outs]
         return [[np.asarray(replicas[r]) for replicas in local] for r in range(len(group))]

@@ -16,7 +16,8 @@ of copies of the layers, as ``predict_on_batch`` needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -53,9 +54,46 @@ class BatchRunner:
         if self._fn is None:
             outs = self.model.predict_on_batch(list(batch))
             return list(outs) if isinstance(outs, (list, tuple)) else [outs]
-        outs = self._fn(*batch)
+        with unrewritten():
+            outs = self._fn(*batch)
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         return [np.asarray(o) if self.views else o.numpy() for o in outs]
+
+
+@contextlib.contextmanager
+def unrewritten():
+    """TensorFlow functions called inside, in this thread, run as traced: TensorFlow's graph optimizer
+    (grappler) leaves them as they are.
+
+    A function is optimized when first called with given options, and again for other options: a probe's
+    every call must run inside. A probe runs a few dozen batches at most, and taps most of its tensors,
+    which keeps the optimizer's fusions from applying: optimizing took 0.03 s (digits models) to 0.3 s
+    (ResNet50) of the first call, and later batches ran no faster (`bench/traces.py`). Other threads'
+    options are left alone.
+    """
+    try:
+        from tensorflow.core.protobuf import config_pb2
+        from tensorflow.python.eager import context
+
+        ctx = context.context()
+        before = ctx.function_call_options
+        key = (before.executor_type, before.config_proto_serialized)
+    except (ImportError, AttributeError):  # TensorFlow's internals moved: optimized as usual
+        yield
+        return
+    if key not in _PLAIN:
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(before.config_proto_serialized)
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+        _PLAIN[key] = context.FunctionCallOptions(executor_type=before.executor_type, config_proto=config)
+    ctx.function_call_options = _PLAIN[key]
+    try:
+        yield
+    finally:
+        ctx.function_call_options = before
+
+
+_PLAIN: dict = {}  # per options a thread calls with (executor, config): the same with the optimizer off
 
 
 def graph_probe(graph, body: Callable[[list, bool], list], name: str, views: bool = False) -> BatchRunner:
@@ -78,3 +116,75 @@ def graph_probe(graph, body: Callable[[list, bool], list], name: str, views: boo
     inputs = input_tensors(graph)
     outputs = body(inputs, True)
     return BatchRunner(functional_model(inputs if len(inputs) > 1 else inputs[0], outputs, name=name))
+
+
+# A probe runs consecutive batches joined into one where that changes nothing it returns but the time
+# (`merged`): on small models each batch's cost is mostly per-op overhead, paid once per call.
+MERGE_SAMPLES = 256  # samples in one joined call, at most
+MERGE_BYTES = 16 * 2**20  # ... and the largest activation of a joined call, at most (as a float model holds it)
+
+
+def sample_bytes(graph) -> int:
+    """The bytes one sample takes in the largest activation of ``graph`` with a static shape (0 if none)."""
+    per_sample = 0
+    for node in graph.nodes:
+        for t in node.in_tensors:
+            shape = getattr(t, "shape", None)
+            if shape is None or any(d is None for d in shape[1:]):
+                continue
+            size = np.dtype(getattr(t, "dtype", "float32") or "float32").itemsize
+            per_sample = max(per_sample, size * int(np.prod(shape[1:], dtype=np.int64)))
+    return per_sample
+
+
+def merge_width(batch: int, per_sample: int) -> int:
+    """How many batches of ``batch`` samples one call joins: within `MERGE_SAMPLES` and `MERGE_BYTES` (1 on
+    JAX, which compiles a probe per input shape, or where the activations' size is unknown)."""
+    import keras
+
+    if keras.backend.backend() == "jax" or not per_sample:
+        return 1
+    return max(1, min(MERGE_SAMPLES // batch, MERGE_BYTES // (batch * per_sample)))
+
+
+def merged(batches: Iterable[list[np.ndarray]], per_sample: int) -> Iterator[list[list[np.ndarray]]]:
+    """The batches in order, in groups to run as one call: batches of the first batch's size, `merge_width` of
+    them at most (the last group may hold fewer); a batch of another size (the short last one) alone."""
+    group: list = []
+    unit = width = None
+    for batch in batches:
+        size = len(batch[0])
+        if unit is None:
+            unit, width = size, merge_width(size, per_sample)
+        if size != unit:
+            if group:
+                yield group
+                group = []
+            yield [batch]
+            continue
+        group.append(batch)
+        if len(group) == width:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def split_outputs(outs: list, kinds: list[str], sizes: list[int]) -> list[list]:
+    """Per batch of a joined call (of ``sizes`` samples each), its outputs: ``kinds[k]`` "rows" (one row per
+    sample: each batch its rows) or "reduced" (a statistic of all the rows: the first batch gets it, the
+    others None)."""
+    ends = np.cumsum(sizes)[:-1]
+    per_batch: list[list] = [[] for _ in sizes]
+    for out, kind in zip(outs, kinds, strict=True):
+        parts = np.split(np.asarray(out), ends) if kind == "rows" else [out] + [None] * (len(sizes) - 1)
+        for mine, part in zip(per_batch, parts, strict=True):
+            mine.append(part)
+    return per_batch
+
+
+def join(unit: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """One batch of the batches of ``unit`` (a group `merged` yields), input by input."""
+    if len(unit) == 1:
+        return unit[0]
+    return [np.concatenate([batch[k] for batch in unit]) for k in range(len(unit[0]))]

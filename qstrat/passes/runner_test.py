@@ -36,3 +36,93 @@ def test_tensorflow_traces_once_whatever_the_batch_sizes():
     for n in (32, 7, 1, 32, 12):
         runner([rng.normal(size=(n, 6, 6, 2)).astype("float32"), rng.normal(size=(n, 3)).astype("float32")])
     assert runner._fn.experimental_get_tracing_count() == 1
+
+
+def _batches(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[rng.normal(size=(n, 2)).astype("float32")] for n in sizes]
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize(
+    "sizes, width, groups",
+    [
+        ([32] * 9 + [8], 4, [4, 4, 1, 1]),  # the short last batch alone
+        ([32] * 8, 8, [8]),
+        ([32, 32, 16, 32], 2, [2, 1, 1]),  # a batch of another size alone; those after it too (their own group)
+        ([5], 8, [1]),
+    ],
+)
+def test_merged_joins_batches_of_the_first_size_up_to_the_width(sizes, width, groups, monkeypatch):
+    from qstrat.passes import runner
+
+    monkeypatch.setattr(runner, "merge_width", lambda batch, per_sample: width)
+    batches = _batches(sizes)
+    got = list(runner.merged(iter(batches), 1))
+    assert [len(g) for g in got] == groups
+    assert [b for g in got for b in g] == batches  # every batch once, in order
+
+
+@pytest.mark.portable
+def test_merge_width_keeps_to_the_sample_and_byte_budgets():
+    from qstrat.passes.runner import MERGE_BYTES, MERGE_SAMPLES, merge_width
+
+    if keras.backend.backend() == "jax":
+        assert merge_width(32, 100) == 1  # JAX compiles per input shape: no joined calls
+        return
+    assert merge_width(32, 100) == MERGE_SAMPLES // 32  # tiny samples: the sample budget
+    assert merge_width(32, MERGE_BYTES // 64) == 2  # 32 samples of MERGE_BYTES / 64: two batches fit
+    assert merge_width(32, MERGE_BYTES // 63) == 1
+    assert merge_width(32, 10 * MERGE_BYTES) == 1  # never under one batch
+    assert merge_width(32, 0) == 1  # unknown sizes: one batch at a time
+    assert merge_width(MERGE_SAMPLES * 2, 1) == 1
+
+
+@pytest.mark.portable
+def test_a_joined_call_gives_each_batch_its_rows_and_the_first_the_reduction():
+    i = keras.Input((2,))
+    rows = keras.layers.Dense(3, name="rows")(i)
+    model = keras.Model(i, [rows, keras.layers.Lambda(lambda t: keras.ops.max(t, axis=0), name="reduced")(i)])
+    from qstrat.passes.runner import join, split_outputs
+
+    runner = BatchRunner(model)
+    group = _batches([4, 4, 3], seed=1)
+    got = split_outputs(runner(join(group)), ["rows", "reduced"], [4, 4, 3])
+    assert len(got) == 3
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in model.get_layer("rows").weights)
+    for batch, (r, _) in zip(group, got, strict=True):
+        # The same rows, from a call of another shape: kernels may sum x0*w0 + x1*w1 + b in another order.
+        # Each result is within 3 roundings (half a float32 ulp each) of the exact sum of |terms|, so two
+        # results differ by at most 6 half-ulps of it.
+        bound = 3 * np.finfo(np.float32).eps * (np.abs(batch[0]) @ np.abs(kernel) + np.abs(bias))
+        assert np.all(np.abs(r - runner(batch)[0]) <= bound)
+        assert r.shape == (len(batch[0]), 3)
+    whole = np.concatenate([b[0] for b in group])
+    assert np.array_equal(got[0][1], whole.max(axis=0))  # a max is exact
+    assert got[1][1] is None and got[2][1] is None
+    assert join(group[:1]) is group[0]  # one batch: as it is
+    alone = split_outputs(runner(group[0]), ["rows", "reduced"], [4])
+    assert len(alone) == 1 and alone[0][0].shape == (4, 3) and alone[0][1].shape == (2,)
+
+
+def test_tensorflow_runs_probes_unrewritten_and_restores_the_threads_options():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the graph optimizer is TensorFlow's")
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    from qstrat.passes.runner import unrewritten
+
+    def meta_optimizer_off() -> bool:
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+        return config.graph_options.rewrite_options.disable_meta_optimizer
+
+    before = context.context().function_call_options
+    assert not meta_optimizer_off()
+    with unrewritten():
+        assert meta_optimizer_off()
+    assert context.context().function_call_options is before
+    with pytest.raises(ValueError), unrewritten():
+        raise ValueError("a failing batch")
+    assert context.context().function_call_options is before

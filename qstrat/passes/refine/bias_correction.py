@@ -62,6 +62,7 @@ from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.graph.rebuild import call_node, needed
 from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import quantized_once
+from qstrat.passes.runner import sample_bytes
 from qstrat.progress import Progress
 from qstrat.quantizers.fused import fused_measurement
 
@@ -145,14 +146,7 @@ def correctable(qmodel, float_graph: Graph) -> bool:
 def sample_count(graph: Graph, samples: int = SAMPLES) -> int:
     """How many samples to hold: ``samples``, fewer (not under `MIN_SAMPLES`) where one of the graph's
     activations for that many would take more than `TENSOR_BYTES` (a large input resolution)."""
-    per_sample = 0
-    for node in graph.nodes:
-        for t in node.in_tensors:
-            shape = getattr(t, "shape", None)
-            if shape is None or any(d is None for d in shape[1:]):
-                continue
-            size = np.dtype(getattr(t, "dtype", "float32") or "float32").itemsize
-            per_sample = max(per_sample, size * int(np.prod(shape[1:], dtype=np.int64)))
+    per_sample = sample_bytes(graph)
     if not per_sample:
         return samples
     return max(min(samples, MIN_SAMPLES), min(samples, TENSOR_BYTES // per_sample))
