@@ -11,8 +11,8 @@ TensorFlow or torch several consecutive batches joined
 distribution).
 
 No unit is split. Each device computes exactly the unit one device would,
-with the same graph (the probe runs unoptimized either way:
-`qstrat.passes.runner.unrewritten`), so every per-sample value is bit for bit
+with the same graph (optimized the same way:
+`qstrat.passes.runner.lightly_optimized`), so every per-sample value is bit for bit
 the same (rows computed in smaller pieces can round differently: kernels pick
 their paths by shape). The
 per-channel, moving-average and per-batch-vote observers see the same
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qstrat.passes.runner import BatchRunner, split_outputs, unrewritten
+from qstrat.passes.runner import BatchRunner, lightly_optimized, split_outputs
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Spread:
             )
             for k in range(len(group[0]))
         ]
-        with unrewritten():  # as the one-device probe runs (`BatchRunner`): the same kernels, the same bits
+        with lightly_optimized():  # as the one-device probe runs (`BatchRunner`): the same graph, the same bits
             outs = self._step(*values)
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
         local = [strategy.experimental_local_results(out) for out in outs]

@@ -105,24 +105,51 @@ def test_a_joined_call_gives_each_batch_its_rows_and_the_first_the_reduction():
     assert len(alone) == 1 and alone[0][0].shape == (4, 3) and alone[0][1].shape == (2,)
 
 
-def test_tensorflow_runs_probes_unrewritten_and_restores_the_threads_options():
+def test_tensorflow_probes_are_lightly_optimized_and_compute_what_the_optimized_model_does():
+    """Inside `lightly_optimized`, the thread calls functions with the arithmetic optimizer alone; outside, and
+    after a failure, its options are as they were. A probe's outputs are those of the same function under the
+    default options (the model's own ``predict``), bit for bit, on a model whose arithmetic the optimizer
+    rewrites (with no optimizer at all, they differ)."""
     if keras.backend.backend() != "tensorflow":
         pytest.skip("the graph optimizer is TensorFlow's")
-    from tensorflow.core.protobuf import config_pb2
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
     from tensorflow.python.eager import context
 
-    from qstrat.passes.runner import unrewritten
+    from qstrat.passes.runner import lightly_optimized
 
-    def meta_optimizer_off() -> bool:
+    def rewrites():
         config = config_pb2.ConfigProto()
         config.ParseFromString(context.context().function_call_options.config_proto_serialized)
-        return config.graph_options.rewrite_options.disable_meta_optimizer
+        return config.graph_options.rewrite_options
 
+    off = rewriter_config_pb2.RewriterConfig.OFF
     before = context.context().function_call_options
-    assert not meta_optimizer_off()
-    with unrewritten():
-        assert meta_optimizer_off()
+    assert rewrites().remapping != off
+    with lightly_optimized():
+        r = rewrites()
+        assert r.arithmetic_optimization != off and r.remapping == off and r.constant_folding == off
+        assert r.layout_optimizer == off and r.meta_optimizer_iterations == rewriter_config_pb2.RewriterConfig.ONE
     assert context.context().function_call_options is before
-    with pytest.raises(ValueError), unrewritten():
+    with pytest.raises(ValueError), lightly_optimized():
         raise ValueError("a failing batch")
     assert context.context().function_call_options is before
+
+    # Two conv + BatchNormalization branches added, as in a residual block: the optimizer rewrites the sum of
+    # the two (x * scale + offset) as one sum of four terms, which rounds differently.
+    i = keras.Input((12, 12, 3))
+    rng = np.random.default_rng(2)
+    branches = []
+    for name in ("a", "b"):
+        bn = keras.layers.BatchNormalization(name=f"{name}_bn")
+        branches.append(bn(keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name=name)(i)))
+        bn.set_weights([rng.uniform(0.5, 2, 16), rng.normal(size=16), rng.normal(size=16), rng.uniform(0.1, 3, 16)])
+    x = keras.layers.Add()(branches)
+    model = keras.Model(i, [x, keras.layers.Conv2D(8, 3)(x)])
+    batch = rng.normal(size=(16, 12, 12, 3)).astype("float32")
+    spec = tf.TensorSpec((None, 12, 12, 3), tf.float32)
+    optimized = tf.function(lambda t: model(t, training=False), input_signature=[spec], autograph=False)
+    want = [np.asarray(o) for o in optimized(batch)]
+    got = BatchRunner(model)([batch])
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w)
