@@ -12,12 +12,16 @@ timed whole; and a warm batch of 32 through the float model and through the
 quantized model shows what the FakeQuant layers cost per batch.
 
 Run: ``.venv/bin/python bench/traces.py --model mobilenet_v2 --samples 1024``
-(models as in bench/speed.py; about a minute).
+(models as in bench/speed.py; about a minute). ``--no-join`` runs the
+calibration probe one batch a call, ``--full-optimizer`` gives its function
+TensorFlow's whole graph optimizer: each undoes one of qstrat's choices, to
+measure what it saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -45,6 +49,10 @@ def main() -> int:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--strategy", default="pof2s")
+    p.add_argument("--no-join", action="store_true", help="run the probe one batch a call (no `runner.merged` units)")
+    p.add_argument(
+        "--full-optimizer", action="store_true", help="probes get TensorFlow's whole graph optimizer (as tf.function)"
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     from speed import load
@@ -96,6 +104,10 @@ def main() -> int:
         return run
 
     net, x = load(args.model, args.samples)
+    if args.no_join:
+        runner.MERGE_SAMPLES = 0
+    if args.full_optimizer:
+        runner.lightly_optimized = contextlib.nullcontext
     patches = [
         (runner.BatchRunner, "__call__", timed),
         (bias_correction, "_walk", timed_walk),

@@ -67,13 +67,13 @@ def lightly_optimized():
 
     A function is optimized when first called with given options, and again for other options: a probe's
     every call must run inside. A probe runs a few dozen batches at most, and taps most of its tensors,
-    which keeps the optimizer's fusions from applying: the whole optimizer took 0.09 s (mini-Xception) to
-    0.35 s (MobileNetV2) of the first call, and later batches ran no faster. The arithmetic optimizer
-    changes float results (it sums a residual Add of two BatchNormalizations as one sum of four terms):
-    kept, it makes the probe's outputs those of the fully optimized function, bit for bit, on the
-    `bench/speed.py` models, for 0.01 s (mini-Xception) to 0.03 s (MobileNetV2). Without it, fs scales
-    moved and the mini-Xception's agreement on one `bench/ptq.py` split by 4 images of 348. Other threads'
-    options are left alone.
+    which keeps the optimizer's fusions from applying: with the whole optimizer, the first call of
+    MobileNetV2's probe took 1.26 s against 0.87 s, and later batches ran no faster (`bench/traces.py
+    --full-optimizer`). The arithmetic optimizer changes float results (it sums a residual Add of two
+    BatchNormalizations as one sum of four terms): kept, it makes the probe's outputs those of the fully
+    optimized function, bit for bit, on the `bench/speed.py` models. Without it, fs scales moved, and the
+    mini-Xception's agreement on one `bench/ptq.py` split by 4 images of 348. Other threads' options are
+    left alone.
     """
     try:
         from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
