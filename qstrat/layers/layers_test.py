@@ -133,3 +133,17 @@ def test_training_reaches_the_float_weights():
     m.fit(rand(16, 6), rand(16, 3, seed=1) * 4, epochs=2, verbose=0)
     assert not np.allclose(np_(w.layer.kernel), k0)  # straight-through to the float kernel
     assert float(np_(m.layers[-1].state["log_th"])) != t0  # TQT threshold trains
+
+
+def test_recorded_corrections_add_up_and_survive_the_config_exactly():
+    import json
+
+    w = QuantizeWrapper(keras.layers.Dense(3, name="d"), {"kernel": POF2})
+    first, second = np.array([0.1, -2.0, 1e-9]), np.array([0.2, 0.5, 3.0])
+    w.record_correction("bias", first)
+    w.record_correction("bias", second.astype("float32"))
+    assert np.array_equal(w.corrections["bias"], first + second.astype("float32").astype(np.float64))
+    config = json.loads(json.dumps(w.get_config()))  # plain JSON: lists of floats
+    assert isinstance(config["corrections"]["bias"], list)
+    back = QuantizeWrapper.from_config(config)
+    assert np.array_equal(back.corrections["bias"], w.corrections["bias"])  # float64 through JSON, exactly

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import keras
+import numpy as np
 
 from qstrat.errors import ConfigError
 from qstrat.layers.fake_quant import _gate, make_quantizer
@@ -60,14 +61,14 @@ class QuantizeWrapper(keras.layers.Layer):
             attr: shared_state_from_config(s, f"{self.name}.{attr}") if isinstance(s, Mapping) else s
             for attr, s in (shared_states or {}).items()
         }
-        self.corrections = {k: [float(v) for v in vs] for k, vs in (corrections or {}).items()}
+        # Float64 arrays, lists in the config: Keras tracks a list held by a layer element by element (27
+        # thousand tracking calls in one bias correction of a ResNet50), an array as one value.
+        self.corrections = {k: np.asarray(vs, np.float64).ravel() for k, vs in (corrections or {}).items()}
 
     def record_correction(self, where: str, added) -> None:
         """Note that bias correction added ``added`` (per channel) to ``where`` (see ``corrections``)."""
-        import numpy as np
-
-        before = np.asarray(self.corrections.get(where, 0.0), np.float64)
-        self.corrections[where] = [float(v) for v in before + np.asarray(added, np.float64).ravel()]
+        before = self.corrections.get(where, 0.0)
+        self.corrections[where] = before + np.asarray(added, np.float64).ravel()
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -149,5 +150,9 @@ class QuantizeWrapper(keras.layers.Layer):
             "layer": keras.saving.serialize_keras_object(self.layer),
             "weight_quantizers": self.weight_quantizers,
             "shared_states": {a: keras.saving.serialize_keras_object(s) for a, s in self.shared_states.items()},
-            **({"corrections": self.corrections} if self.corrections else {}),
+            **(
+                {"corrections": {k: [float(v) for v in vs] for k, vs in self.corrections.items()}}
+                if self.corrections
+                else {}
+            ),
         }
