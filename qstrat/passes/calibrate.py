@@ -19,8 +19,8 @@ from qstrat.errors import ConfigError
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import HISTOGRAMS, ChannelSumTaps, PackedStats, StatsTaps, unpack_stats
-from qstrat.passes.distributed import Spread, groups, placement
-from qstrat.passes.runner import BatchRunner, graph_probe, join, merged, sample_bytes, split_outputs
+from qstrat.passes.distributed import Spread, placement
+from qstrat.passes.runner import BatchRunner, graph_probe, groups, join, merged, sample_bytes, split_outputs
 from qstrat.progress import Progress
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 

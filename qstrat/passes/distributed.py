@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,18 +96,6 @@ def placement() -> Placement | None:
         return None  # called from inside a replica's step: that replica's device already
     width = strategy.num_replicas_in_sync
     return Placement("tensorflow", int(width), strategy) if width > 1 else None
-
-
-def groups(batches: Iterable[list[np.ndarray]], width: int) -> Iterator[list[list[np.ndarray]]]:
-    """The batches in order, ``width`` at a time (the last group may be shorter)."""
-    group = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == width:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 class Spread:

@@ -7,7 +7,8 @@ processes, in `tests/distributed_test.py`, where the devices can be made before 
 import numpy as np
 import pytest
 
-from qstrat.passes.distributed import Placement, Spread, groups, placement
+from qstrat.passes.distributed import Placement, Spread, placement
+from qstrat.passes.runner import groups
 
 pytestmark = pytest.mark.portable
 

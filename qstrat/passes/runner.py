@@ -17,6 +17,7 @@ of copies of the layers, as ``predict_on_batch`` needs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -157,27 +158,26 @@ def merge_width(batch: int, per_sample: int) -> int:
     return max(1, min(MERGE_SAMPLES // batch, MERGE_BYTES // (batch * per_sample)))
 
 
-def merged(batches: Iterable[list[np.ndarray]], per_sample: int) -> Iterator[list[list[np.ndarray]]]:
-    """The batches in order, in groups to run as one call: batches of the first batch's size, `merge_width` of
-    them at most (the last group may hold fewer); a batch of another size (the short last one) alone."""
-    group: list = []
-    unit = width = None
+def groups(batches: Iterable[list[np.ndarray]], width: int) -> Iterator[list[list[np.ndarray]]]:
+    """The batches in order, ``width`` at a time (the last group may be shorter)."""
+    group = []
     for batch in batches:
-        size = len(batch[0])
-        if unit is None:
-            unit, width = size, merge_width(size, per_sample)
-        if size != unit:
-            if group:
-                yield group
-                group = []
-            yield [batch]
-            continue
         group.append(batch)
         if len(group) == width:
             yield group
             group = []
     if group:
         yield group
+
+
+def merged(batches: Iterable[list[np.ndarray]], per_sample: int) -> Iterator[list[list[np.ndarray]]]:
+    """The batches in order, in groups to run as one call: batches of the first batch's size, `merge_width` of
+    them at most (the last group may hold fewer); a batch of another size (the short last one) alone."""
+    unit = width = None
+    for size, run in itertools.groupby(batches, key=lambda batch: len(batch[0])):
+        if unit is None:
+            unit, width = size, merge_width(size, per_sample)
+        yield from groups(run, width if size == unit else 1)
 
 
 def split_outputs(outs: list, kinds: list[str], sizes: list[int]) -> list[list]:
