@@ -60,16 +60,24 @@ def _numpy(v) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(v))
 
 
+SMALL = 1 << 14  # values: a weight this small is quantized by its quantizer's NumPy twin, where exact
+
+
 def quantized_once(wrapper: QuantizeWrapper, attr: str) -> np.ndarray:
     """``wrapper.quantized_weight(attr)`` as NumPy, bit for bit, computed as a `Fixed` layer computes.
 
     The state goes in as constants (`forward_only`): fewer eager ops than the
-    wrapper's own path, which also builds its gate and custom gradient.
+    wrapper's own path, which also builds its gate and custom gradient. A
+    weight of at most `SMALL` values (a bias) goes through the quantizer's
+    NumPy twin instead where that is exact (``exact_twin``).
     """
     w = _numpy(getattr(wrapper.layer, attr))
     if float(_numpy(wrapper.enabled[attr])) <= 0.5:
         return w
     values = {k: _numpy(v) for k, v in wrapper.state[attr].items()}
+    q = wrapper.quantizers[attr]
+    if w.size <= SMALL and w.dtype == np.float32 and q.exact_twin and not hasattr(wrapper.layer, "target_value"):
+        return np.asarray(q.reference(w, values), np.float32)
     with forward_only():
         return _numpy(wrapper.quantizers[attr](keras.ops.convert_to_tensor(w), values, training=False))
 

@@ -51,3 +51,27 @@ def test_frozen_copy_gives_the_quantized_outputs_and_follows_changes(strategy):
     bias = dense.quantized_weight("bias") if "bias" in dense.quantizers else dense.layer.bias
     np.testing.assert_array_equal(ops.convert_to_numpy(got.bias), ops.convert_to_numpy(bias))
     assert not np.array_equal(ops.convert_to_numpy(got.kernel), ops.convert_to_numpy(dense.quantized_weight("kernel")))
+
+
+@pytest.mark.parametrize("strategy", ["pof2s", "fs", "tqt"])
+def test_weights_quantized_once_are_the_wrappers_bit_for_bit_small_or_large(strategy):
+    from qstrat.passes.frozen import SMALL, quantized_once
+
+    i = keras.Input((SMALL // 64 + 1,))
+    x = L.Dense(64, name="big")(i)  # a kernel over SMALL values: the quantizer's own kernel
+    model = keras.Model(i, L.Dense(5, name="small")(x))  # the rest: NumPy twins, where exact
+    rng = np.random.default_rng(1)
+    for layer in model.layers[1:]:
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape) * rng.lognormal(0, 1, size=layer.kernel.shape[-1]))
+        layer.bias.assign(rng.normal(size=layer.bias.shape))
+    data = rng.normal(size=(16, i.shape[1])).astype("float32")
+    qmodel = qstrat.Quantizer(model, strategy).quantize_model(data, verbose=0, include_bias_corr=False)
+    sizes = []
+    for name in ("quant_big", "quant_small"):
+        wrapper = qmodel.get_layer(name)
+        for attr in wrapper.quantizers:
+            sizes.append(int(np.prod(getattr(wrapper.layer, attr).shape)))
+            np.testing.assert_array_equal(
+                quantized_once(wrapper, attr), ops.convert_to_numpy(wrapper.quantized_weight(attr))
+            )
+    assert max(sizes) > SMALL >= min(sizes)

@@ -255,6 +255,13 @@ class Quantizer:
         """Optional: the NumPy twin of ``__call__``, bit for bit; tests compare the two."""
         raise UnsupportedError(f"{self.type_name} has no NumPy twin: define reference(self, x, state).")
 
+    @property
+    def exact_twin(self) -> bool:
+        """Whether `reference` is inference's ``__call__`` bit for bit with these parameters (tests compare
+        the two); passes that quantize a small constant tensor (a bias) then do it in NumPy, where each of
+        the kernel's ops on a few hundred values costs more to launch than to compute."""
+        return False
+
     # ---- calibration ------------------------------------------------------------------
 
     def observer_spec(self, policy: str | None = None) -> ObserverSpec | None:

@@ -131,6 +131,11 @@ def forward_only():
         _FORWARD_ONLY.reset(token)
 
 
+def is_forward_only() -> bool:
+    """Whether the caller is inside `forward_only`."""
+    return _FORWARD_ONLY.get()
+
+
 def _custom_gradient(f):
     """``ops.custom_gradient(f)``; inside `forward_only`, f's forward value alone."""
     if _FORWARD_ONLY.get():

@@ -22,6 +22,7 @@ from qstrat.quantizers import batch_ranges, ranges
 from qstrat.quantizers import fake_quant as fq
 from qstrat.quantizers import reference as ref
 from qstrat.quantizers.base import Quantizer, StateSpec, _check_policy, _to_numpy
+from qstrat.quantizers.framework_eager import per_channel_fake_quant
 from qstrat.quantizers.grid import DataFormat, Method, float32_inside
 from qstrat.quantizers.params import COMMON_PARAMS
 from qstrat.quantizers.registry import register_quantizer
@@ -179,6 +180,10 @@ class FSQuantizer(_FloatScale):
         zp = fq.state_value(state["zero_point"])
         lo, hi = (g.qmin - zp) * s, (g.qmax - zp) * s
         axis = self.axis
+        if axis is not None:  # eagerly and forward only, the op's own arithmetic as whole-tensor ops
+            fast = per_channel_fake_quant(x, lo, hi, axis, self.params.bit_width, self.params.narrow_range)
+            if fast is not None:
+                return fast
         if axis is not None and axis % len(x.shape) != len(x.shape) - 1:
             # Keras' torch and JAX versions of this op only broadcast over the last axis.
             moved = ops.moveaxis(x, axis, -1)
@@ -189,6 +194,12 @@ class FSQuantizer(_FloatScale):
         return keras.quantizers.fake_quant_with_min_max_vars(
             x, lo, hi, num_bits=self.params.bit_width, narrow_range=self.params.narrow_range, axis=axis
         )
+
+    @property
+    def exact_twin(self) -> bool:
+        # fake_quant_test: the affine and float-format kernels against their twins; the framework op is the
+        # twin's grid within one level only (test_framework_quantizer_agrees_with_half_up_kernel).
+        return not self.params.use_framework_quantizer
 
     def reference(self, x, state) -> np.ndarray:
         p = self.params

@@ -181,6 +181,8 @@ class Pof2SQuantizer(_Pof2Positions):
             state[key].assign(value)
         return new
 
+    exact_twin = True  # fake_quant_test: the kernel against `reference` on every grid's edges and ties
+
     def reference(self, x, state) -> np.ndarray:
         x = np.asarray(x)
         return ref.pof2_fake_quant_np(

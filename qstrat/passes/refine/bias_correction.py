@@ -33,7 +33,12 @@ On TensorFlow the walk runs the per-tensor HALF_UP power-of-2 quantizers
 where the exact kernel makes nine. It equals the exact kernel at every input
 but one, x = (0.5 - 2^-25) * step, which it rounds to one step instead of 0;
 such a value moves a channel's measured mean by one step over the number of
-values averaged. The quantized model itself keeps the exact kernel.
+values averaged. The quantized model itself keeps the exact kernel. The walk
+also runs `forward_only` (no custom gradients), where fs's per-channel
+framework kernel is the same arithmetic as whole-tensor ops
+(`qstrat.quantizers.framework_eager`) and a bias is quantized by its
+quantizer's NumPy twin where that is exact (`qstrat.passes.frozen.quantized_once`):
+both give the values the model computes, bit for bit.
 
 Where a layer shares its bias quantizer state with a layer that already ran
 (a ``shared_quantizer``), its correction recalibrates that state, so the
@@ -64,6 +69,7 @@ from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import quantized_once
 from qstrat.passes.runner import sample_bytes
 from qstrat.progress import Progress
+from qstrat.quantizers.fake_quant import forward_only
 from qstrat.quantizers.fused import fused_measurement
 
 SAMPLES = 128  # calibration samples every layer's shift is measured on, at most
@@ -217,7 +223,7 @@ def correct_biases(
     while True:
         ran.clear()
         try:
-            with fused_measurement():
+            with fused_measurement(), forward_only():
                 _walk(graph, x, _outputs(graph, targets), visit)
             break
         except _Restart:
