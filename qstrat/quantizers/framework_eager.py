@@ -21,7 +21,8 @@ third of the time:
 values put on every tie. It is used only where nothing differentiates
 (inside `qstrat.quantizers.fake_quant.forward_only`), eagerly, on
 TensorFlow, for float32 inputs whose channel ranges are proper (min < max,
-both finite); everything else runs the op. Traced code keeps the op, so a
+and every float of the nudge finite and normal: TensorFlow flushes subnormals
+to zero, NumPy does not); everything else runs the op. Traced code keeps the op, so a
 saved or converted model holds it.
 """
 
@@ -64,6 +65,9 @@ def per_channel_fake_quant(x, lo, hi, axis: int, bits: int, narrow: bool):
         return None
     qmin, qmax = (1 if narrow else 0), 2**bits - 1
     nmin, nmax, scale, inv, quant_zero = nudged(lo, hi, qmin, qmax)
+    # TensorFlow's threads flush subnormal floats to zero, NumPy does not: keep the nudge to normal floats.
+    if not all(_normal(v) for v in (lo, hi, scale, inv, nmin, nmax)):
+        return None
     shape = [1] * len(x.shape)
     shape[axis % len(x.shape)] = -1
 
@@ -73,3 +77,9 @@ def per_channel_fake_quant(x, lo, hi, axis: int, bits: int, narrow: bool):
     nmin_t = c(nmin)
     clamped = tf.maximum(tf.minimum(x, c(nmax)), nmin_t)
     return tf.floor((clamped - nmin_t) * c(inv) - c(quant_zero) + 0.5) * c(scale)
+
+
+def _normal(v: np.ndarray) -> bool:
+    """Every value finite, and 0 or a normal float32 (no subnormal, where flush-to-zero would differ)."""
+    a = np.abs(v)
+    return bool(np.all(np.isfinite(v)) and np.all((a == 0) | (a >= np.finfo(np.float32).tiny)))

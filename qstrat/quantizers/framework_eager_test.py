@@ -89,5 +89,7 @@ def test_only_where_asked():
         assert per_channel_fake_quant(x, np.float32([0.0, -2.0]), np.float32([0.0, 2.0]), -1, 8, False) is None
         assert per_channel_fake_quant(x, hi, lo, -1, 8, False) is None
         assert per_channel_fake_quant(tf.cast(x, "float16"), lo, hi, -1, 8, False) is None
+        tiny = np.float32(1e-39)  # a subnormal range: TensorFlow would flush it to zero, NumPy would not
+        assert per_channel_fake_quant(x, np.float32([-tiny, -2.0]), np.float32([tiny, 2.0]), -1, 8, False) is None
         traced = tf.function(lambda v: per_channel_fake_quant(v, lo, hi, -1, 8, False) is None)
         assert bool(traced(x))  # traced code keeps the op
