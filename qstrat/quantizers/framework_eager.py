@@ -39,15 +39,15 @@ def nudged(lo, hi, qmin: int, qmax: int):
     f = np.float32
     lo, hi = np.asarray(lo, f), np.asarray(hi, f)
     qminf, qmaxf = f(qmin), f(qmax)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # a degenerate range gives inf or nan here, and the caller runs the op
         scale = (hi - lo) / (qmaxf - qminf)
         inv = (qmaxf - qminf) / (hi - lo)
         from_min = qminf - lo / scale
-    floor = np.floor(from_min)
-    away = floor + (from_min - floor >= f(0.5)).astype(f)  # half away from zero; from_min >= 0 where used
-    zp = np.where(from_min < qminf, qminf, np.where(from_min > qmaxf, qmaxf, away)).astype(f)
-    nmin, nmax = (qminf - zp) * scale, (qmaxf - zp) * scale
-    return nmin, nmax, scale, inv, np.floor(-nmin * inv + f(0.5))
+        floor = np.floor(from_min)
+        away = floor + (from_min - floor >= f(0.5)).astype(f)  # half away from zero; from_min >= 0 where used
+        zp = np.where(from_min < qminf, qminf, np.where(from_min > qmaxf, qmaxf, away)).astype(f)
+        nmin, nmax = (qminf - zp) * scale, (qmaxf - zp) * scale
+        return nmin, nmax, scale, inv, np.floor(-nmin * inv + f(0.5))
 
 
 def per_channel_fake_quant(x, lo, hi, axis: int, bits: int, narrow: bool):
