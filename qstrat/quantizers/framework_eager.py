@@ -61,12 +61,10 @@ def per_channel_fake_quant(x, lo, hi, axis: int, bits: int, narrow: bool):
         return None
     lo = np.asarray(keras.ops.convert_to_numpy(lo), np.float32).ravel()
     hi = np.asarray(keras.ops.convert_to_numpy(hi), np.float32).ravel()
-    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo < hi)):
-        return None
     qmin, qmax = (1 if narrow else 0), 2**bits - 1
     nmin, nmax, scale, inv, quant_zero = nudged(lo, hi, qmin, qmax)
     # TensorFlow's threads flush subnormal floats to zero, NumPy does not: keep the nudge to normal floats.
-    if not all(_normal(v) for v in (lo, hi, scale, inv, nmin, nmax)):
+    if not (np.all(lo < hi) and all(_normal(v) for v in (lo, hi, scale, inv, nmin, nmax))):
         return None
     shape = [1] * len(x.shape)
     shape[axis % len(x.shape)] = -1
