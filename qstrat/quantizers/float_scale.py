@@ -22,7 +22,7 @@ from qstrat.quantizers import batch_ranges, ranges
 from qstrat.quantizers import fake_quant as fq
 from qstrat.quantizers import reference as ref
 from qstrat.quantizers.base import Quantizer, StateSpec, _check_policy, _to_numpy
-from qstrat.quantizers.framework_eager import per_channel_fake_quant
+from qstrat.quantizers.framework_op import framework_fake_quant
 from qstrat.quantizers.grid import DataFormat, Method, float32_inside
 from qstrat.quantizers.params import COMMON_PARAMS
 from qstrat.quantizers.registry import register_quantizer
@@ -173,27 +173,8 @@ class FSQuantizer(_FloatScale):
         return fq.affine_fake_quant(x, s, zp, g.qmin, g.qmax, self.params.round_mode, self.axis)
 
     def _framework(self, x, state):
-        import keras
-
-        g = self.grid
-        s = fq.state_value(state["scale"])
-        zp = fq.state_value(state["zero_point"])
-        lo, hi = (g.qmin - zp) * s, (g.qmax - zp) * s
-        axis = self.axis
-        if axis is not None:  # eagerly and forward only, the op's own arithmetic as whole-tensor ops
-            fast = per_channel_fake_quant(x, lo, hi, axis, self.params.bit_width, self.params.narrow_range)
-            if fast is not None:
-                return fast
-        if axis is not None and axis % len(x.shape) != len(x.shape) - 1:
-            # Keras' torch and JAX versions of this op only broadcast over the last axis.
-            moved = ops.moveaxis(x, axis, -1)
-            y = keras.quantizers.fake_quant_with_min_max_vars(
-                moved, lo, hi, num_bits=self.params.bit_width, narrow_range=self.params.narrow_range, axis=-1
-            )
-            return ops.moveaxis(y, -1, axis)
-        return keras.quantizers.fake_quant_with_min_max_vars(
-            x, lo, hi, num_bits=self.params.bit_width, narrow_range=self.params.narrow_range, axis=axis
-        )
+        g, p = self.grid, self.params
+        return framework_fake_quant(x, state, g.qmin, g.qmax, self.axis, p.bit_width, p.narrow_range)
 
     @property
     def exact_twin(self) -> bool:

@@ -36,7 +36,7 @@ such a value moves a channel's measured mean by one step over the number of
 values averaged. The quantized model itself keeps the exact kernel. The walk
 also runs `forward_only` (no custom gradients), where fs's per-channel
 framework kernel is the same arithmetic as whole-tensor ops
-(`qstrat.quantizers.framework_eager`) and a bias is quantized by its
+(`qstrat.quantizers.framework_op`) and a bias is quantized by its
 quantizer's NumPy twin where that is exact (`qstrat.passes.frozen.quantized_once`):
 both give the values the model computes, bit for bit.
 

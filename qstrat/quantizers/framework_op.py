@@ -1,12 +1,14 @@
-"""TensorFlow's per-channel framework fake-quant, computed bit for bit by whole-tensor ops, for eager passes.
+"""`FSQuantizer`'s framework quantizer: Keras' ``fake_quant_with_min_max_vars``, and where nothing differentiates
+an eager copy of TensorFlow's per-channel kernel in whole-tensor ops.
 
-`FSQuantizer` with ``use_framework_quantizer`` runs TensorFlow's
-``FakeQuantWithMinMaxVarsPerChannel`` (through Keras), the op converters
-recognise. Its CPU kernel loops over the channels and evaluates each one as a
-strided column of the tensor: on a ResNet50's kernels it takes about 16 ns
-per weight, most of bias correction's cost with fs. The same arithmetic
-as broadcast ops over the whole tensor gives the same float32s at about a
-third of the time:
+With ``use_framework_quantizer``, `FSQuantizer` runs Keras'
+``fake_quant_with_min_max_vars`` (`framework_fake_quant`), which on
+TensorFlow is ``FakeQuantWithMinMaxVars(PerChannel)``, the op converters
+recognise. The per-channel CPU kernel loops over the channels and evaluates
+each one as a strided column of the tensor: on a ResNet50's kernels it takes
+about 16 ns per weight, most of bias correction's cost with fs. The same
+arithmetic as broadcast ops over the whole tensor (`per_channel_fake_quant`)
+gives the same float32s at about a third of the time:
 
 - per channel, the kernel's nudge (here in NumPy float32, the same float32
   operations in the same order): scale = (max - min) / (qmax - qmin),
@@ -17,21 +19,41 @@ third of the time:
 - per value: floor((clip(x, nudged_min, nudged_max) - nudged_min) * inv -
   quant_zero + 0.5) * scale.
 
-`framework_eager_test` checks equality with the op on random tensors with
+`framework_op_test` checks equality with the op on random tensors with
 values put on every tie. It is used only where nothing differentiates
 (inside `qstrat.quantizers.fake_quant.forward_only`), eagerly, on
 TensorFlow, for float32 inputs whose channel ranges are proper (min < max,
 and every float of the nudge finite and normal: TensorFlow flushes subnormals
-to zero, NumPy does not); everything else runs the op. Traced code keeps the op, so a
-saved or converted model holds it.
+to zero, NumPy does not); everything else runs the op. Traced code keeps the
+op, so a saved or converted model holds it.
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
+from keras import ops
 
 from qstrat.quantizers import fake_quant as fq
+
+
+def framework_fake_quant(x, state, qmin: int, qmax: int, axis: int | None, bits: int, narrow: bool):
+    """Keras' ``fake_quant_with_min_max_vars`` of ``x`` with the range of an FS ``state`` (scale, zero point) on
+    the grid [qmin, qmax], per channel over ``axis`` (None: per tensor)."""
+    s = fq.state_value(state["scale"])
+    zp = fq.state_value(state["zero_point"])
+    lo, hi = (qmin - zp) * s, (qmax - zp) * s
+    if axis is None:
+        return keras.quantizers.fake_quant_with_min_max_vars(x, lo, hi, num_bits=bits, narrow_range=narrow)
+    fast = per_channel_fake_quant(x, lo, hi, axis, bits, narrow)
+    if fast is not None:
+        return fast
+    if axis % len(x.shape) != len(x.shape) - 1:
+        # Keras' torch and JAX versions of this op only broadcast over the last axis.
+        moved = ops.moveaxis(x, axis, -1)
+        y = keras.quantizers.fake_quant_with_min_max_vars(moved, lo, hi, num_bits=bits, narrow_range=narrow, axis=-1)
+        return ops.moveaxis(y, -1, axis)
+    return keras.quantizers.fake_quant_with_min_max_vars(x, lo, hi, num_bits=bits, narrow_range=narrow, axis=axis)
 
 
 def nudged(lo, hi, qmin: int, qmax: int):

@@ -1,4 +1,4 @@
-"""`qstrat.quantizers.framework_eager`: the whole-tensor version of TensorFlow's per-channel framework op, value for
+"""`qstrat.quantizers.framework_op`: the whole-tensor version of TensorFlow's per-channel framework op, value for
 value against the op itself, and used only where it was asked for.
 
 The values tested are where a rounding could go either way: every grid point,
@@ -17,7 +17,7 @@ from keras import ops
 
 from qstrat.quantizers import FSQuantizer
 from qstrat.quantizers import fake_quant as fq
-from qstrat.quantizers.framework_eager import nudged, per_channel_fake_quant
+from qstrat.quantizers.framework_op import nudged, per_channel_fake_quant
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow kernel")
 
