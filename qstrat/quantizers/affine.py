@@ -18,6 +18,7 @@ import numpy as np
 
 from qstrat.errors import UnsupportedError
 from qstrat.quantizers.float_scale import FSQuantizer, MAFSQuantizer
+from qstrat.quantizers.framework_op import nudge
 from qstrat.quantizers.pof2 import Pof2SQuantizer, TQTQuantizer
 
 
@@ -66,14 +67,14 @@ def _framework_grid(scale, zero_point, qmin: int, qmax: int, bits: int, narrow: 
 
     It is given [(qmin - zp) * s, (qmax - zp) * s] and recomputes the scale
     from that range on its own unsigned grid, in float32, then nudges the
-    zero point to an integer (TensorFlow's FakeQuantWithMinMaxVars).
+    zero point to an integer (TensorFlow's FakeQuantWithMinMaxVars,
+    `qstrat.quantizers.framework_op.nudge`).
     """
     f = np.float32
     s, zp = np.asarray(scale, f), np.asarray(zero_point, f)
     lo, hi = (f(qmin) - zp) * s, (f(qmax) - zp) * s
-    umin, umax = (1 if narrow else 0), 2**bits - 1
-    s2 = ((hi - lo) / f(umax - umin)).astype(f)
-    zp_u = np.clip(np.round(f(umin) - lo / s2), umin, umax)
+    umin = 1 if narrow else 0
+    s2, _, zp_u = nudge(lo, hi, umin, 2**bits - 1)
     return s2, (zp_u + (qmin - umin)).astype(np.int64)
 
 

@@ -56,8 +56,9 @@ def framework_fake_quant(x, state, qmin: int, qmax: int, axis: int | None, bits:
     return keras.quantizers.fake_quant_with_min_max_vars(x, lo, hi, num_bits=bits, narrow_range=narrow, axis=axis)
 
 
-def nudged(lo, hi, qmin: int, qmax: int):
-    """(nudged_min, nudged_max, scale, inv, quant_zero) per channel, float32, as the kernel computes them."""
+def nudge(lo, hi, qmin: int, qmax: int):
+    """(scale, inv, zero point) per channel, float32, as the kernel computes them from the range [lo, hi]: the
+    zero point qmin - lo / scale clamped to [qmin, qmax] and rounded half away from zero."""
     f = np.float32
     lo, hi = np.asarray(lo, f), np.asarray(hi, f)
     qminf, qmaxf = f(qmin), f(qmax)
@@ -68,7 +69,15 @@ def nudged(lo, hi, qmin: int, qmax: int):
         floor = np.floor(from_min)
         away = floor + (from_min - floor >= f(0.5)).astype(f)  # half away from zero; from_min >= 0 where used
         zp = np.where(from_min < qminf, qminf, np.where(from_min > qmaxf, qmaxf, away)).astype(f)
-        nmin, nmax = (qminf - zp) * scale, (qmaxf - zp) * scale
+    return scale, inv, zp
+
+
+def nudged(lo, hi, qmin: int, qmax: int):
+    """(nudged_min, nudged_max, scale, inv, quant_zero) per channel, float32, as the kernel computes them."""
+    f = np.float32
+    scale, inv, zp = nudge(lo, hi, qmin, qmax)
+    with np.errstate(all="ignore"):
+        nmin, nmax = (f(qmin) - zp) * scale, (f(qmax) - zp) * scale
         return nmin, nmax, scale, inv, np.floor(-nmin * inv + f(0.5))
 
 

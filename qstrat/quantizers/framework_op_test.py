@@ -93,3 +93,18 @@ def test_only_where_asked():
         assert per_channel_fake_quant(x, np.float32([-tiny, -2.0]), np.float32([tiny, 2.0]), -1, 8, False) is None
         traced = tf.function(lambda v: per_channel_fake_quant(v, lo, hi, -1, 8, False) is None)
         assert bool(traced(x))  # traced code keeps the op
+
+
+def test_export_grid_nudges_a_tied_zero_point_as_the_op_does():
+    import tensorflow as tf
+
+    from qstrat.quantizers.affine import affine_of
+
+    # FS state for the range [-2.5, 252.5]: scale 1, and a zero point qmin - lo / scale = 2.5 on the op's
+    # unsigned grid, a tie the op rounds away from zero (to 3: its grid starts at -3), not to even (2).
+    q = FSQuantizer(per_channel=False, symmetry=False, round_mode="HALF_UP", use_framework_quantizer=True)
+    state = {"scale": np.float32(1.0), "zero_point": np.float32(-125.5)}
+    scale, zp, _ = affine_of(q, state, "t")
+    lowest = float((q.grid.qmin - zp) * scale)
+    op = tf.quantization.fake_quant_with_min_max_vars(tf.constant([-10.0]), -2.5, 252.5, num_bits=8).numpy()
+    assert lowest == float(op[0]) == -3.0
