@@ -10,8 +10,10 @@ each plain (the strategy's defaults), with ``include_act_eq``, with
 ``fast_ft_input="float"``: each layer finetuned on the float model's
 activations instead of the quantized model's), and fast finetune at
 ``fast_ft_lr`` 0.03 against the default's row (0.1), alone and (pof2s)
-with activation-aware equalization; and pof2s (8-bit and 4-bit weights)
-without CLE, plain and with fast finetune. For each: the wall time of
+with activation-aware equalization; fast finetune in shuffled batches of
+32 samples against the default's (``fast_ft_batch_size`` 256: one batch of
+all the samples it trains on, so their order does not matter); and pof2s
+(8-bit and 4-bit weights) without CLE, plain and with fast finetune. For each: the wall time of
 ``quantize_model`` as a ratio to a warm ``model.predict`` of the calibration
 data, and the process's peak resident memory, with how much of it the call
 added. Every configuration runs in a fresh process, so that each peak is its
@@ -22,12 +24,12 @@ mini-Xception quantized with fast finetune on 256 and on 4096 calibration
 images (`zoo.face_images_n`), each in a fresh process; ``fast_ft_samples``
 (256 by default) bounds what it holds.
 
-Run: ``.venv/bin/python bench/refine.py`` (about half an hour on 2 cores);
+Run: ``.venv/bin/python bench/refine.py`` (about an hour on 2 cores);
 ``--only digits`` or ``--only xception`` for one model; ``--memory`` for the
 memory check alone; ``--seeds N`` for the mini-Xception with 4-bit weights
-and fast finetune, and at 8-bit with fast finetune and no CLE, under N
-shuffling seeds of its training batches (about a minute each): how far
-agreement moves with that order alone (``--epochs E`` with it: at
+and fast finetune, and at 8-bit with fast finetune and no CLE, both in
+shuffled batches of 32, under N shuffling seeds of those batches (about a
+minute each): how far agreement moves with their order alone (``--epochs E`` with it: at
 ``fast_ft_epochs`` E);
 ``--no-cle`` for the rows without CLE alone.
 """
@@ -57,10 +59,13 @@ VARIANTS = {
     "+both, lr 0.03": {"include_act_eq": True, "include_fast_ft": True, "fast_ft_lr": 0.03},
     "no CLE": {"include_cle": False},
     "+fast_ft, no CLE": {"include_cle": False, "include_fast_ft": True},
+    "+fast_ft, batch 32": {"include_fast_ft": True, "fast_ft_batch_size": 32},
+    "+fast_ft, no CLE, batch 32": {"include_cle": False, "include_fast_ft": True, "fast_ft_batch_size": 32},
 }
 MAIN = ("plain", "+act_eq", "+fast_ft", "+both")  # for every setting; the float-inputs row for pof2s only
 LEARNING_RATE = "+fast_ft, lr 0.03"  # for every setting, after the main rows: against the default fast_ft_lr
 BOTH_LEARNING_RATE = "+both, lr 0.03"  # for pof2s only
+BATCH = "+fast_ft, batch 32"  # for every setting: shuffled batches of 32 against the default's one batch of all samples
 NO_CLE = ("no CLE", "+fast_ft, no CLE")  # pof2s and pof2s w4: weight-only CLE off (act_eq then has no pairs)
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
@@ -172,7 +177,7 @@ def _line(setting: str, variant: str, r: dict) -> str:
     else:
         score = f"agree {r['agree']:6.2f}% / faces {r['faces']:6.2f}%"
     return (
-        f"  {setting:<9} {variant:<19} {score}  {r['sqnr']:5.2f} dB  {r['ratio']:7.1f}x predict"
+        f"  {setting:<9} {variant:<20} {score}  {r['sqnr']:5.2f} dB  {r['ratio']:7.1f}x predict"
         f"  peak {r['peak_mb']:6.0f} MiB (+{r['added_mb']:4.0f})"
     )
 
@@ -223,6 +228,8 @@ def main() -> int:
             for setting in SETTINGS:
                 print(_line(setting, LEARNING_RATE, _spawn(name, setting, LEARNING_RATE)), flush=True)
             print(_line("pof2s", BOTH_LEARNING_RATE, _spawn(name, "pof2s", BOTH_LEARNING_RATE)), flush=True)
+            for setting in SETTINGS:
+                print(_line(setting, BATCH, _spawn(name, setting, BATCH)), flush=True)
             _no_cle(name)
     print("\nfast finetune's memory against the calibration set (mini-Xception, pof2s):", flush=True)
     peaks = {}
@@ -245,15 +252,15 @@ def _no_cle(name: str) -> None:
             print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
 
 
-SEEDED = (  # the rows nearest their targets: (setting, variant, title)
-    ("pof2s w4", "+fast_ft", "pof2s w4 +fast_ft"),
-    ("pof2s", "+fast_ft, no CLE", "pof2s 8-bit +fast_ft, no CLE"),
+SEEDED = (  # the rows nearest their targets, in shuffled batches of 32: (setting, variant, title)
+    ("pof2s w4", BATCH, "pof2s w4 +fast_ft, batch 32"),
+    ("pof2s", "+fast_ft, no CLE, batch 32", "pof2s 8-bit +fast_ft, no CLE, batch 32"),
 )
 
 
 def _seeds(n: int, epochs: int | None = None) -> int:
     """The mini-Xception rows nearest their targets (4-bit weights with fast finetune; 8-bit with fast finetune
-    and no CLE), once per shuffling seed of fast finetune's training batches: how far their scores move with
+    and no CLE), in shuffled batches of 32, once per shuffling seed of fast finetune's training batches: how far their scores move with
     the order of the batches alone."""
     for setting, variant, title in SEEDED:
         more = "" if epochs is None else f", {epochs} epochs"

@@ -15,7 +15,9 @@ place:
   "float", the reference tool's choice) or those of the quantized model,
   the blocks before it already finetuned ("quantized");
 - an epoch is a pass over the cached samples in a fresh seeded order (more
-  than one pass when that makes fewer than `MIN_STEPS` steps); a held-out
+  than one pass when that makes fewer than `MIN_STEPS` steps), in batches of
+  ``fast_ft_batch_size``; where the samples are no more than that, every step
+  takes all of them, and the order no longer matters; a held-out
   eighth of the samples measures the block's error with the rounding chosen
   so far after each epoch: the best choice is kept, and training stops after
   `PATIENCE` epochs past the warm-up without a better one;
@@ -293,6 +295,7 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
         v.trainable = False
     train_x, train_y = (x[: len(x) - held], y[: len(y) - held]) if held else (x, y)
     val_x, val_y = (x[len(x) - held :], y[len(y) - held :]) if held else (x, y)
+    batch_size = min(batch_size, len(train_x))  # no more than there are: then every step takes them all
     trainer.swap()
     ran = 0
     try:

@@ -182,3 +182,22 @@ def test_a_strided_1x1_conv_trains_at_stride_1_on_the_pixels_it_reads():
         got = keras.ops.convert_to_numpy(Chain([wrapper], name="picked")(pick(x)))
     assert wrapper.layer.strides == (2, 3)
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_batch_as_large_as_the_samples_makes_the_result_independent_of_their_order(few_steps, monkeypatch):
+    from qstrat.passes.refine import fast_ft
+
+    model, x = _model(), _data()
+    common = {**FT, "fast_ft_samples": 40, "weight_bit": 4, "include_bias_corr": False}  # 35 train, 5 held out
+
+    def tuned(seed, batch):
+        monkeypatch.setattr(fast_ft, "SEED", seed)
+        q = qstrat.Quantizer(model, "pof2s")
+        out = _out(q.quantize_model(x, verbose=0, **{**common, "fast_ft_batch_size": batch}), x)
+        assert any(b.kept for b in q.fast_finetune.blocks)
+        return out
+
+    # Batches of 8: the shuffling seed picks them, and the result moves with it (so the seed is live here).
+    assert not np.array_equal(tuned(0, 8), tuned(1, 8))
+    # A batch size above the 35 training samples: every step takes them all, whatever the seed.
+    np.testing.assert_array_equal(tuned(0, 64), tuned(1, 64))
