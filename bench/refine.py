@@ -31,7 +31,10 @@ and fast finetune, and at 8-bit with fast finetune and no CLE, both in
 shuffled batches of 32, under N shuffling seeds of those batches (about a
 minute each): how far agreement moves with their order alone (``--epochs E`` with it: at
 ``fast_ft_epochs`` E);
-``--no-cle`` for the rows without CLE alone.
+``--no-cle`` for the rows without CLE alone; ``--margins`` for how many
+evaluated images the float mini-Xception itself nearly ties on (the gap
+between its two largest logits against grid steps there), and how many of
+the images pof2s and fs disagree on are those.
 """
 
 from __future__ import annotations
@@ -195,6 +198,11 @@ def main() -> int:
     parser.add_argument(
         "--no-cle", action="store_true", help="only the pof2s rows without CLE (plain and with fast finetune)"
     )
+    parser.add_argument(
+        "--margins",
+        action="store_true",
+        help="only the float mini-Xception's top-2 logit margins on the evaluated images",
+    )
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument(
         "--epochs", type=int, help="with --seeds: fast finetune's fast_ft_epochs (the strategy's 5 by default)"
@@ -212,6 +220,8 @@ def main() -> int:
     print(f"qstrat bench/refine.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores")
     if args.seeds:
         return _seeds(args.seeds, args.epochs)
+    if args.margins:
+        return _margins()
     if args.no_cle:
         for name in MODELS if args.only is None else (args.only,):
             print(f"\n{TITLES[name]}:", flush=True)
@@ -250,6 +260,39 @@ def _no_cle(name: str) -> None:
     for setting in ("pof2s", "pof2s w4"):
         for variant in NO_CLE:
             print(_line(setting, variant, _spawn(name, setting, variant)), flush=True)
+
+
+def _margins() -> int:
+    """How many evaluated images the float mini-Xception itself nearly ties on: the gap between its two largest
+    logits (the softmax's input) against the steps of an 8-bit power-of-2 grid there. A quantized model can swap
+    such a pair with an error of that size, or tie them (the first of a tie is its top-1). Then, for pof2s and
+    fs (plain), how many of the images each disagrees on are such near ties."""
+    import keras
+    import numpy as np
+
+    import qstrat
+
+    warnings.filterwarnings("ignore")
+    model, calib, x, _, faces = _task("xception")
+    logits = keras.Model(model.inputs, model.layers[-1].input).predict(x, batch_size=64, verbose=0)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    steps = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+    print(
+        f"\nmini-Xception float logits on the {len(x)} evaluated images ({int(faces.sum())} faces): "
+        f"from {logits.min():.2f} to {logits.max():.2f}; gap between the two largest below",
+        flush=True,
+    )
+    for step in steps:
+        below = margin < step
+        print(f"  {step:6.4f}: {int(below.sum()):3d} images, {int(below[faces].sum()):2d} of them faces", flush=True)
+    top = model.predict(x, batch_size=64, verbose=0).argmax(1)
+    for strategy in ("pof2s", "fs"):
+        qmodel = qstrat.Quantizer(model, strategy).quantize_model(calib, verbose=0)
+        differ = qmodel.predict(x, batch_size=64, verbose=0).argmax(1) != top
+        counts = ", ".join(f"{int((differ & (margin < step)).sum())} below {step:g}" for step in steps)
+        print(f"  {strategy} disagrees on {int(differ.sum())} images: {counts}", flush=True)
+    return 0
 
 
 SEEDED = (  # the rows nearest their targets, in shuffled batches of 32: (setting, variant, title)
