@@ -13,11 +13,11 @@ activations instead of the quantized model's), and fast finetune at
 with activation-aware equalization; fast finetune in shuffled batches of
 32 samples against the default's (``fast_ft_batch_size`` 256: one batch of
 all the samples it trains on, so their order does not matter); and pof2s
-(8-bit and 4-bit weights) without CLE, plain and with fast finetune. For each: the wall time of
-``quantize_model`` as a ratio to a warm ``model.predict`` of the calibration
-data, and the process's peak resident memory, with how much of it the call
-added. Every configuration runs in a fresh process, so that each peak is its
-own.
+(8-bit and 4-bit weights) without CLE, plain and with fast finetune. For
+each: the wall time of ``quantize_model`` as a ratio to a warm
+``model.predict`` of the calibration data, and the process's peak resident
+memory, with how much of it the call added. Every configuration runs in a
+fresh process, so that each peak is its own.
 
 Then fast finetune's memory against the calibration set's size: the
 mini-Xception quantized with fast finetune on 256 and on 4096 calibration
@@ -29,8 +29,8 @@ Run: ``.venv/bin/python bench/refine.py`` (about an hour on 2 cores);
 memory check alone; ``--seeds N`` for the mini-Xception with 4-bit weights
 and fast finetune, and at 8-bit with fast finetune and no CLE, both in
 shuffled batches of 32, under N shuffling seeds of those batches (about a
-minute each): how far agreement moves with their order alone (``--epochs E`` with it: at
-``fast_ft_epochs`` E);
+minute each): how far agreement moves with their order alone (``--epochs
+E`` with it: at ``fast_ft_epochs`` E);
 ``--no-cle`` for the rows without CLE alone; ``--margins`` for how many
 evaluated images the float mini-Xception itself nearly ties on (the gap
 between its two largest logits against grid steps there), and how many of
@@ -201,7 +201,8 @@ def main() -> int:
     parser.add_argument(
         "--margins",
         action="store_true",
-        help="only the float mini-Xception's top-2 logit margins on the evaluated images",
+        help="only the float mini-Xception's top-2 logit gaps on the evaluated images, and pof2s's and fs's "
+        "disagreements among them",
     )
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -303,8 +304,8 @@ SEEDED = (  # the rows nearest their targets, in shuffled batches of 32: (settin
 
 def _seeds(n: int, epochs: int | None = None) -> int:
     """The mini-Xception rows nearest their targets (4-bit weights with fast finetune; 8-bit with fast finetune
-    and no CLE), in shuffled batches of 32, once per shuffling seed of fast finetune's training batches: how far their scores move with
-    the order of the batches alone."""
+    and no CLE), in shuffled batches of 32, once per shuffling seed of those batches: how far their scores move
+    with the order of the batches alone."""
     for setting, variant, title in SEEDED:
         more = "" if epochs is None else f", {epochs} epochs"
         print(f"\nmini-Xception, {title}{more}, by fast finetune's shuffling seed (the default is 0):", flush=True)
