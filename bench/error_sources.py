@@ -83,19 +83,11 @@ def _quantized(model, calib, setting: str, variant: str, **more):
 
 
 def _enable(qmodel, tensors: bool, layers: bool) -> int:
-    """Turn the tensor quantizers (`FakeQuant`) and the layers' (`QuantizeWrapper`) on or off; returns how many
-    tensor quantizers the model has."""
-    from qstrat.layers import FakeQuant, QuantizeWrapper
+    """The activations' quantizers on or off, and the weights'; returns how many the activations have."""
+    from qstrat.layers import set_quantizers_enabled
 
-    count = 0
-    for layer in qmodel.layers:
-        if isinstance(layer, FakeQuant):
-            layer.enabled.assign(float(tensors))
-            count += 1
-        elif isinstance(layer, QuantizeWrapper):
-            for flag in layer.enabled.values():
-                flag.assign(float(layers))
-    return count
+    set_quantizers_enabled(qmodel, layers, which="weights")
+    return set_quantizers_enabled(qmodel, tensors, which="activations")
 
 
 def _score(r: dict) -> str:

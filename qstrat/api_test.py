@@ -104,6 +104,42 @@ def test_bypassed_quantizers_reproduce_the_optimized_float_model(setup):
     assert not np.array_equal(yo, np_(qmodel(data)))
 
 
+def _flags(qmodel):
+    """The on/off flags of the tensors' quantizers (FakeQuant) and of the layers' (QuantizeWrapper)."""
+    from qstrat.layers import FakeQuant
+
+    tensors = [float(np_(layer.enabled)) for layer in qmodel.layers if isinstance(layer, FakeQuant)]
+    layers = [
+        float(np_(f)) for layer in qmodel.layers if isinstance(layer, QuantizeWrapper) for f in layer.enabled.values()
+    ]
+    return tensors, layers
+
+
+def test_bypass_of_the_activations_or_the_weights_alone(setup):
+    model, data, _, _, qmodel = setup
+    try:
+        n_act = set_quantizers_enabled(qmodel, False, which="activations")
+        tensors, layers = _flags(qmodel)
+        assert n_act == len(tensors) > 0 and set(tensors) == {0.0} and set(layers) == {1.0}
+        weights_alone = np_(qmodel(data))
+        set_quantizers_enabled(qmodel, True)
+        n_w = set_quantizers_enabled(qmodel, False, which="weights")
+        tensors, layers = _flags(qmodel)
+        assert n_w == len(layers) > 0 and set(tensors) == {1.0} and set(layers) == {0.0}
+        activations_alone = np_(qmodel(data))
+        set_quantizers_enabled(qmodel, False, which="activations")  # the rest off too: the float computation
+        nothing = np_(qmodel(data))
+        assert set_quantizers_enabled(qmodel, True) == n_act + n_w
+        everything = np_(qmodel(data))
+        for part in (weights_alone, activations_alone):  # each half alone is neither all nor none of the error
+            assert not np.array_equal(part, everything) and not np.array_equal(part, nothing)
+        with pytest.raises(ConfigError, match="activations, weights"):
+            set_quantizers_enabled(qmodel, False, which="biases")
+        assert set(_flags(qmodel)[0]) == set(_flags(qmodel)[1]) == {1.0}  # refused before any flag moved
+    finally:
+        set_quantizers_enabled(qmodel, True)
+
+
 def test_with_the_optimize_stage_off_bypass_is_exactly_the_users_model():
     model = zoo_model()
     data = np.random.default_rng(2).normal(size=(16, 16, 16, 3)).astype("float32")

@@ -90,20 +90,32 @@ class FakeQuant(keras.layers.Layer):
         }
 
 
-def set_quantizers_enabled(model, enabled: bool) -> int:
-    """Turn every quantizer of a quantized model on or off (off: exactly the float computation).
+QUANTIZER_KINDS = ("all", "activations", "weights")
 
-    Returns how many quantizers were set. Useful to find which part of a model
-    loses accuracy: bypass all, then enable layer by layer.
+
+def set_quantizers_enabled(model, enabled: bool, which: str = "all") -> int:
+    """Turn the quantizers of a quantized model on or off (off: exactly the float computation).
+
+    ``which``: ``"all"``; ``"activations"``, the tensors' (`FakeQuant` layers:
+    the model's inputs and the tensors between layers); or ``"weights"``, the
+    layers' own (`QuantizeWrapper`: weights and biases). Returns how many
+    quantizers were set. Useful to find which part of a model loses accuracy:
+    bypass the weights' to score the activations' alone, or bypass all, then
+    enable layer by layer.
     """
+    from qstrat.errors import ConfigError
     from qstrat.layers.wrapper import QuantizeWrapper
 
+    if which not in QUANTIZER_KINDS:
+        raise ConfigError(
+            "set_quantizers_enabled(which=...)", f"unknown kind {which!r}", f"Use one of {', '.join(QUANTIZER_KINDS)}."
+        )
     value, n = 1.0 if enabled else 0.0, 0
     for layer in model.layers:
-        if isinstance(layer, FakeQuant):
+        if isinstance(layer, FakeQuant) and which != "weights":
             layer.enabled.assign(value)
             n += 1
-        elif isinstance(layer, QuantizeWrapper):
+        elif isinstance(layer, QuantizeWrapper) and which != "activations":
             for flag in layer.enabled.values():
                 flag.assign(value)
                 n += 1
