@@ -11,9 +11,9 @@ layer outputs; the weights float), and with only the layers' own
 (`QuantizeWrapper`: weights and biases; the activations float), with how
 many tensor quantizers it has. The configurations: pof2s (plain, with
 activation-aware equalization, without CLE), pof2s with 4-bit weights,
-pof2s with float scales (its own quantizers, at the same tensors, with the
-same per-tensor symmetric signed grids, as `FSQuantizer`s: any float scale,
-not only powers of 2), and fs as it is, with per-tensor weights, and with
+pof2s with float scales (plain and without CLE; its own quantizers, at
+the same tensors, with the same per-tensor symmetric signed grids, as
+`FSQuantizer`s: any float scale, not only powers of 2), and fs as it is, with per-tensor weights, and with
 per-tensor weights and symmetric signed activations. fs quantizes the
 inputs of its compute layers; pof2s, as the DPU, every tensor a layer
 writes (the depthwise half of a separable convolution, every Add, pool and
