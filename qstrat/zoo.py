@@ -233,7 +233,7 @@ def _train_and_cache(model, x_train, y_train, path: str, verbose: int):
         metrics=["accuracy"],
     )
     model.fit(x_train, y_train, epochs=40, batch_size=32, verbose=verbose)
-    tmp = path + ".tmp.keras"
+    tmp = f"{path}.{os.getpid()}.tmp.keras"  # this process's own: runs on other backends may train at once
     model.save(tmp)
     os.replace(tmp, path)  # atomic: a half-written cache is never read
     return keras.models.load_model(path, compile=False)
