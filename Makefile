@@ -7,7 +7,7 @@ FER    := fer==25.10.3
 export TF_CPP_MIN_LOG_LEVEL := 2
 export KERAS_BACKEND ?= tensorflow
 
-.PHONY: demo setup test test-portable test-torch test-jax bench lint clean
+.PHONY: demo setup test test-portable test-torch test-jax test-jax-devices bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,13 +40,16 @@ demo: $(VENV)/.core
 test: $(VENV)/.core $(VENV)/.browser
 	$(PY) -m pytest -q -p no:cacheprovider -m "not jax_devices"
 
-test-portable: test-torch test-jax
+test-portable: test-torch test-jax test-jax-devices
 
 test-torch: $(VENV)/.portable
 	KERAS_BACKEND=torch $(PY) -m pytest -q -p no:cacheprovider -m portable
 
 test-jax: $(VENV)/.portable
 	KERAS_BACKEND=jax $(PY) -m pytest -q -p no:cacheprovider -m portable
+
+# Calibration and QAT on four JAX devices, each case in a child process of its own.
+test-jax-devices: $(VENV)/.portable
 	$(PY) -m pytest -q -p no:cacheprovider -m jax_devices
 
 bench: $(VENV)/.core

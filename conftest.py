@@ -1,6 +1,15 @@
-"""Test-wide settings: quiet TensorFlow, and a fixed hypothesis profile for CI."""
+"""Test-wide settings: quiet TensorFlow, a fixed hypothesis profile for CI, and on JAX a compilation cache.
+
+On JAX, many tests build the same small models again (each fixture and
+parametrization makes its own), and XLA compiles each one anew: a disk
+cache for this session's compiled programs, keyed by the program, not by
+the Keras objects, lets the repeats load them instead. It lives in a fresh
+directory, removed when the session ends, so no run reuses another's.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -11,3 +20,22 @@ settings.register_profile(
     "qstrat", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.load_profile("qstrat")
+
+_jax_cache = None
+
+
+def pytest_configure(config):
+    global _jax_cache
+    if os.environ["KERAS_BACKEND"] != "jax" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    import jax
+
+    _jax_cache = tempfile.mkdtemp(prefix="qstrat-jax-cache-")
+    jax.config.update("jax_compilation_cache_dir", _jax_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # small models compile fast, repeat often
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    if _jax_cache is not None:
+        shutil.rmtree(_jax_cache, ignore_errors=True)
