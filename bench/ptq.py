@@ -122,8 +122,8 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 def overhead_table(n: int = 1024, batch: int = 32, repeats: int = 3) -> list[str]:
     import qstrat
     from qstrat import zoo
-    from qstrat.api import _rebuild_quantized
     from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
+    from qstrat.passes.ptq import rebuild_quantized
     from qstrat.passes.quantize import annotate, insert
 
     data = _images(n)
@@ -152,7 +152,7 @@ def overhead_table(n: int = 1024, batch: int = 32, repeats: int = 3) -> list[str
             strategy = q._strategy({"activation_method": method, "input_method": method})
             graph = q._optimized_graph(strategy)  # what quantize_model calibrates: the optimized graph
             qgraph, taps = insert(graph, annotate(graph, strategy))
-            qmodel = _rebuild_quantized(qgraph, "q")
+            qmodel = rebuild_quantized(qgraph, "q")
             t0 = time.perf_counter()
             calibrate_weights(qmodel)
             calibrate_activations(

@@ -19,22 +19,13 @@ from qstrat.errors import ConfigError
 from qstrat.export.outputs import output_target, write_output
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
-from qstrat.graph.rebuild import copy_layer
-from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, input_specs, quiet_probes
-from qstrat.passes.dpu_versions import to_dpu_versions
+from qstrat.inspect.info import get_quantize_info
+from qstrat.passes.calibrate import input_specs
 from qstrat.passes.optimize import OptimizeReport, optimize
-from qstrat.passes.quantize import QuantizeReport, annotate, cast_annotation, insert
-from qstrat.passes.refine.bias_correction import (
-    ONE_SHOT_MESSAGE,
-    Correction,
-    correct_biases,
-    correctable,
-    float_sums,
-    is_one_shot,
-)
-from qstrat.passes.refine.fast_ft import FAST_FT_ONE_SHOT, fast_finetune
-from qstrat.passes.refine.positions import PositionChange, apply_constraints, idle_rules
+from qstrat.passes.ptq import annotated, calibrate_and_refine, note_fast_finetune, rebuild_quantized
+from qstrat.passes.quantize import QuantizeReport, cast_annotation, insert
+from qstrat.passes.refine.bias_correction import Correction
+from qstrat.passes.refine.positions import PositionChange
 from qstrat.passes.runtime_rounding import round_like
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy, dump_quantize_strategy, load_strategy, set_quantize_strategy
@@ -187,7 +178,7 @@ class Quantizer:
                 qmodel, graph, taps, strategy, calib_dataset, calib_steps, calib_batch_size, verbose, progress
             )
             self.report = annotation.report
-            _note_fast_finetune(self.report, self.fast_finetune)
+            note_fast_finetune(self.report, self.fast_finetune)
             qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
             progress.done("quantized")
             self.timings = {**progress.times, "data_passes": progress.data_passes}
@@ -215,68 +206,14 @@ class Quantizer:
         self.timings = {**self.timings, "mixed precision (whole call)": time.perf_counter() - started}
         return qmodel
 
-    def _calibrate(
-        self,
-        qmodel,
-        graph,
-        taps,
-        strategy,
-        data,
-        steps,
-        batch_size,
-        verbose,
-        progress,
-        activations=True,
-        constraints=True,
-    ) -> None:
-        """Calibrate ``qmodel``'s weights, then (with ``activations``) its activations on ``data``, the DPU position constraints
-        (with ``constraints``) and bias correction (``include_bias_corr``). Sets ``bias_corrections`` and
-        ``position_changes``; then fast finetune (``include_fast_ft``), which sets ``fast_finetune``."""
-        self.bias_corrections, self.position_changes, self.fast_finetune = [], [], None
-        with progress.stage("weight calibration"):
-            calibrate_weights(qmodel)
-        if not activations:
-            return
-        bias_corr = strategy.refine["include_bias_corr"]
-        if bias_corr and is_one_shot(data):
-            warnings.warn(ONE_SHOT_MESSAGE, stacklevel=3)
-            bias_corr = False
-        # Where bias correction measures every calibration sample, the calibration probe takes its float means.
-        sums = float_sums(qmodel, graph, data, steps, batch_size) if bias_corr else None
-        with quiet_probes():
-            with progress.stage("activation calibration"):
-                calibrate_activations(
-                    qmodel, graph, taps, data, steps, batch_size, strategy.quantize["calib_position_policy"], verbose,
-                    progress, sums,
-                )  # fmt: skip
-            if constraints:
-                with progress.stage("position constraints"):
-                    self.position_changes = apply_constraints(qmodel, strategy.refine)
-                for rule in idle_rules(qmodel, strategy.refine):
-                    warnings.warn(
-                        f"refine_pipeline_config.{rule} = true does nothing: the model has no power-of-2 "
-                        "quantizers, whose positions the DPU compiler constraints adjust.",
-                        stacklevel=3,
-                    )
-            if bias_corr and correctable(qmodel, graph):
-                with progress.stage("bias correction"):
-                    self.bias_corrections = correct_biases(
-                        qmodel, graph, data, steps, batch_size, verbose, progress, sums=sums
-                    )
-                if constraints:  # a corrected bias gets a new position: the rules check it again
-                    self.position_changes += apply_constraints(qmodel, strategy.refine)
-            # After bias correction: the layers it corrected are where fast finetune starts, and its check that
-            # the outputs' error did not go up is then a check of the final model. Measured on the mini-Xception
-            # (pof2s, act_eq): bias correction after fast finetune instead gave 0.9 dB less, and once more after
-            # it 0.4 dB less.
-            if strategy.refine["include_fast_ft"]:
-                if is_one_shot(data):
-                    warnings.warn(FAST_FT_ONE_SHOT, stacklevel=3)
-                else:
-                    with progress.stage("fast finetune"):
-                        self.fast_finetune = fast_finetune(
-                            qmodel, graph, data, strategy.refine, steps, batch_size, progress, self.model
-                        )
+    def _calibrate(self, qmodel, graph, taps, strategy, data, steps, batch_size, verbose, progress, **which) -> None:
+        """`qstrat.passes.ptq.calibrate_and_refine` on ``qmodel``; sets ``bias_corrections``, ``position_changes``
+        and ``fast_finetune``."""
+        done = calibrate_and_refine(
+            qmodel, graph, taps, strategy, data, steps, batch_size, verbose, progress, self.model, **which
+        )
+        self.bias_corrections, self.position_changes = done.bias_corrections, done.position_changes
+        self.fast_finetune = done.fast_finetune
 
     def _build(
         self, strategy: Strategy, progress: Progress, suffix: str = "quantized", data=None, steps=None, batch_size=32
@@ -289,14 +226,12 @@ class Quantizer:
             graph = self._optimized_graph(strategy, data, steps, batch_size, progress)
         guards.warn_unknown_layer_names(strategy, graph, self.optimize_report)
         with progress.stage("annotate + insert + rebuild"):
-            graph, dpu = to_dpu_versions(graph, strategy.quantize)
-            annotation = annotate(graph, strategy, self.custom_objects)
-            _note_dpu_versions(annotation.report, dpu)
+            graph, annotation = annotated(graph, strategy, self.custom_objects)
             rounding = strategy.quantize["export_rounding"]
             if rounding:
                 annotation = round_like(graph, annotation, rounding)
             qgraph, taps = insert(graph, annotation)
-            qmodel = _rebuild_quantized(qgraph, f"{self.model.name}_{suffix}")
+            qmodel = rebuild_quantized(qgraph, f"{self.model.name}_{suffix}")
             guards.warn_deep(qgraph)
         return graph, annotation, qmodel, taps
 
@@ -312,9 +247,7 @@ class Quantizer:
 
         strategy = self._strategy(overrides)
         graph = self._optimized_graph(strategy)
-        graph, dpu = to_dpu_versions(graph, strategy.quantize)
-        annotation = annotate(graph, strategy, self.custom_objects)
-        _note_dpu_versions(annotation.report, dpu)
+        graph, annotation = annotated(graph, strategy, self.custom_objects)
         float_layers = [(layer.name, type(layer).__name__) for layer in self.model.layers]
         return inspect_rows(float_layers, graph, annotation, self.optimize_report)
 
@@ -406,7 +339,7 @@ class Quantizer:
         with progress.stage("annotate + insert + rebuild"):
             annotation = cast_annotation(graph, dtype, strategy)
             qgraph, _ = insert(graph, annotation)
-            model = _rebuild_quantized(qgraph, f"{self.model.name}_{dtype}")
+            model = rebuild_quantized(qgraph, f"{self.model.name}_{dtype}")
         self.report, self.bias_corrections = annotation.report, []
         progress.done(f"cast to {dtype}")
         self.timings = {**progress.times, "data_passes": progress.data_passes}
@@ -420,73 +353,4 @@ class Quantizer:
         return self.strategy
 
 
-def _note_dpu_versions(report: QuantizeReport, dpu) -> None:
-    """Each DPU layer version made, or kept with its reason, as a note on its layer in the quantize report."""
-    for event in dpu.events:
-        entry = report.layers.get(event.node)
-        if entry is not None:
-            entry.notes.append(f"DPU version: {event.detail}")
-
-
-def _note_fast_finetune(report: QuantizeReport, result) -> None:
-    """Each finetuned block's error before and after, as a note on its layer in the quantize report."""
-    if result is None:
-        return
-    for block in result.blocks:
-        entry = report.layers.get(block.layer)
-        if entry is not None:
-            kept = "" if block.kept else ", not kept (no gain)"
-            entry.notes.append(
-                f"fast finetune: block MSE {block.mse_before:.3g} -> {block.mse_after:.3g} ({block.epochs} epochs{kept})"
-            )
-    if result.reverted:
-        warnings.warn(
-            f"fast finetune raised the model outputs' error against the float model ({result.output_mse_before:.4g} "
-            f"-> {result.output_mse_after:.4g} on {result.samples} calibration samples): every layer was put back.",
-            stacklevel=3,
-        )
-
-
-def _rebuild_quantized(qgraph: Graph, name: str):
-    copies: dict[int, object] = {}
-
-    def op_for(node):
-        if node.meta.get("own_op") or isinstance(node.op, FakeQuant) or type(node.op).__name__ == "InputLayer":
-            return node.op
-        if id(node.op) not in copies:
-            copies[id(node.op)] = copy_layer(node.op)
-        return copies[id(node.op)]
-
-    return rebuild(qgraph, op_for=op_for, name=name)
-
-
-def get_quantize_info(qmodel) -> dict[str, dict[str, dict[str, Any]]]:
-    """Every quantizer of a quantized model: ``{layer: {target: {target_type, quantizer, bit_width, ...}}}``."""
-    import keras
-
-    if not isinstance(qmodel, keras.Model):
-        raise ConfigError("get_quantize_info", f"expected a quantized keras.Model, got {type(qmodel).__name__}")
-    info: dict[str, dict[str, dict[str, Any]]] = {}
-    for layer in qmodel.layers:
-        if isinstance(layer, QuantizeWrapper):
-            entry = info.setdefault(layer.layer.name, {})
-            for attr, q in layer.quantizers.items():
-                kind = "bias" if attr == "bias" else "weight"
-                entry[attr] = {"target_type": kind, **_describe(q, layer.state[attr])}
-        elif isinstance(layer, FakeQuant):
-            for target in [layer.target or layer.name, *layer.more_targets]:
-                owner, _, what = target.partition("/")
-                kind = "input" if what.startswith("input") or not what else "output"
-                info.setdefault(owner, {})[what or "output"] = {
-                    "target_type": kind,
-                    **_describe(layer.quantizer, layer.state),
-                }
-    return info
-
-
-def _describe(q, state) -> dict[str, Any]:
-    d = q.describe(state)
-    if "pos" in d:
-        pos = d.pop("pos")
-        d["quantize_pos"] = int(pos) if isinstance(pos, float) else [int(p) for p in pos]
-    return d
+__all__ = ["Quantizer", "get_quantize_info"]

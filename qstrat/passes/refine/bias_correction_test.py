@@ -50,9 +50,10 @@ def test_bias_correction_removes_the_mean_shift(strategy, bn):
 def test_a_generator_skips_bias_correction_with_a_warning():
     model, x = _model(False), _data()
     q = qstrat.Quantizer(model, "pof2s")
-    with pytest.warns(UserWarning, match="generator can be read only once"):
+    with pytest.warns(UserWarning, match="generator can be read only once") as record:
         q.quantize_model((x[i : i + 16] for i in range(0, 64, 16)), verbose=0)
     assert q.bias_corrections == []
+    assert [w.filename for w in record if "read only once" in str(w.message)] == [__file__]  # the user's call
     with pytest.raises(CalibrationDataError, match="include_bias_corr"):
         correct_biases(q.quantize_model(x, verbose=0), capture(model), iter([x]))
 

@@ -161,9 +161,10 @@ def test_samples_are_capped_and_float_inputs_are_a_choice(few_steps):
 def test_a_generator_skips_fast_finetune_with_a_warning(few_steps):
     model, x = _model(), _data()
     q = qstrat.Quantizer(model, "pof2s")
-    with pytest.warns(UserWarning, match="fast finetune .* was skipped"):
+    with pytest.warns(UserWarning, match="fast finetune .* was skipped") as record:
         q.quantize_model((x[i : i + 32] for i in range(0, 96, 32)), verbose=0, include_bias_corr=False, **FT)
     assert q.fast_finetune is None
+    assert [w.filename for w in record if "fast finetune" in str(w.message)] == [__file__]  # the user's call
 
 
 def test_a_strided_1x1_conv_trains_at_stride_1_on_the_pixels_it_reads():
