@@ -123,8 +123,9 @@ def overhead_table(n: int = 1024, batch: int = 32, repeats: int = 3) -> list[str
     import qstrat
     from qstrat import zoo
     from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
+    from qstrat.passes.insert import insert
     from qstrat.passes.ptq import rebuild_quantized
-    from qstrat.passes.quantize import annotate, insert
+    from qstrat.passes.quantize import annotate
 
     data = _images(n)
     # Baseline: a user's first model.predict over the data on a freshly loaded model, which

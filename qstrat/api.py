@@ -21,9 +21,10 @@ from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
 from qstrat.inspect.info import get_quantize_info
 from qstrat.passes.calibrate import input_specs
+from qstrat.passes.insert import insert
 from qstrat.passes.optimize import OptimizeReport, optimize
 from qstrat.passes.ptq import annotated, calibrate_and_refine, note_fast_finetune, rebuild_quantized
-from qstrat.passes.quantize import QuantizeReport, cast_annotation, insert
+from qstrat.passes.quantize import QuantizeReport, cast_annotation
 from qstrat.passes.refine.bias_correction import Correction
 from qstrat.passes.refine.positions import PositionChange
 from qstrat.passes.runtime_rounding import round_like

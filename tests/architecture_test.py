@@ -99,6 +99,7 @@ def test_every_module_has_a_test_or_is_covered():
         "calibration/data.py",
         "passes/calibrate.py",
         "api.py",
+        "passes/insert.py",  # passes/quantize_test.py: exact insertion counts, shared quantizers, bypass equality
         "passes/ptq.py",  # api_test.py, qat_test.py and the refine tests: every stage it runs, through the API
         "inspect/info.py",  # api_test.py, cli_test.py: get_quantize_info on every strategy's models
         # export/onnx_export_test.py and onnx_models_test.py: files against ONNX Runtime, bit for bit

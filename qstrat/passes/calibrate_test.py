@@ -14,7 +14,8 @@ import qstrat
 from qstrat.calibration import HistogramObserver, make_observer
 from qstrat.graph import rebuild
 from qstrat.passes.calibrate import HISTOGRAM_SAMPLES, histogram_rows
-from qstrat.passes.quantize import annotate, insert
+from qstrat.passes.insert import insert
+from qstrat.passes.quantize import annotate
 from qstrat.passes.refine.constraints import RULES
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
