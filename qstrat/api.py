@@ -207,12 +207,26 @@ class Quantizer:
         self.timings = {**self.timings, "mixed precision (whole call)": time.perf_counter() - started}
         return qmodel
 
-    def _calibrate(self, qmodel, graph, taps, strategy, data, steps, batch_size, verbose, progress, **which) -> None:
+    def _calibrate(
+        self,
+        qmodel,
+        graph,
+        taps,
+        strategy,
+        data,
+        steps,
+        batch_size,
+        verbose,
+        progress,
+        activations=True,
+        constraints=True,
+    ) -> None:
         """`qstrat.passes.ptq.calibrate_and_refine` on ``qmodel``; sets ``bias_corrections``, ``position_changes``
         and ``fast_finetune``."""
         done = calibrate_and_refine(
-            qmodel, graph, taps, strategy, data, steps, batch_size, verbose, progress, self.model, **which
-        )
+            qmodel, graph, taps, strategy, data, steps, batch_size, verbose, progress, self.model, activations,
+            constraints,
+        )  # fmt: skip
         self.bias_corrections, self.position_changes = done.bias_corrections, done.position_changes
         self.fast_finetune = done.fast_finetune
 
