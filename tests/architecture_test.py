@@ -74,7 +74,8 @@ def test_every_module_has_a_test_or_is_covered():
         "quantizers/batch_ranges.py",  # quantizers/training_test.py
         "quantizers/registry.py",
         "strategy/readers.py",  # strategy/load_test.py, strategy/reference_layout_test.py: their errors
-        "strategy/parse.py",  # strategy/load_test.py and fuzz_test.py: every validation error  # quantizers/quantizers_test.py, tests/custom_quantizer_test.py
+        "strategy/parse.py",  # strategy/load_test.py and fuzz_test.py: every validation error
+        "strategy/parse_registry.py",  # the same, for quantizer configs and patterns; quantizers/quantizers_test.py
         "inspect/units.py",  # inspect/analyze_test.py: the units, taps and flags every analysis run uses
         "inspect/measures.py",  # inspect/analyze_test.py: the sums against NumPy, the ranges and clipped counts
         "quantizers/affine.py",  # export/onnx_export_test.py (grid_of) and passes/refine/fast_ft_test.py
@@ -86,6 +87,7 @@ def test_every_module_has_a_test_or_is_covered():
         "strategy/schema.py",
         "strategy/layer_types.py",
         "strategy/views.py",
+        "strategy/resolve.py",  # strategy/match_test.py: resolution, precedence and explain
         "graph/ir.py",
         "graph/rebuild.py",
         "graph/rewrite.py",
@@ -114,5 +116,6 @@ def test_every_module_has_a_test_or_is_covered():
         "export/outputs.py",  # export/onnx_export_test.py: quantize_model writes what output_format says
         "passes/runtime_rounding.py",  # export/onnx_export_test.py, tflite_test.py: export_rounding
         "export/tflite_file.py",  # export/tflite_test.py: the file's ops, metadata and report
+        "export/tflite_twin.py",  # export/tflite_test.py: the twin each export converts, folds and ranges
     }
     assert sorted(set(untested) - covered_elsewhere) == []

@@ -19,7 +19,7 @@ from qstrat.passes.scope import limit_to_scope
 from qstrat.quantizers import DEFAULT_POSITION_POLICY
 from qstrat.strategy import LayerQuantConfig, Strategy, resolve_views
 from qstrat.strategy.keys import HANDY_KEYS
-from qstrat.strategy.match import weight_names
+from qstrat.strategy.resolve import weight_names
 
 ADD_LIKE = ("Add", "Multiply")
 RELU_LIKE_ACTS = ("relu", "relu6", "linear")

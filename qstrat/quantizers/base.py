@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError, did_you_mean
-from qstrat.quantizers import ranges
+from qstrat.quantizers import percentile_kl
 from qstrat.quantizers.grid import DataFormat, IntGrid, Method
 from qstrat.quantizers.params import QuantizerParams, parse_params
 from qstrat.quantizers.stats import Histogram, ObserverSpec, histogram_of_rows, move_axis_last
@@ -331,9 +331,9 @@ class Quantizer:
         los, his = [], []
         for h in hist.channels():
             if p.method == Method.PERCENTILE:
-                lo, hi = ranges.percentile_range(h, p.method_percentile, p.symmetry)
+                lo, hi = percentile_kl.percentile_range(h, p.method_percentile, p.symmetry)
             elif p.method == Method.MIN_KL:
-                lo, hi = ranges.kl_range(h, self.grid, p.symmetry)
+                lo, hi = percentile_kl.kl_range(h, self.grid, p.symmetry)
             else:
                 lo, hi = float(h.min), float(h.max)
             los.append(lo)

@@ -21,14 +21,15 @@ from keras import ops
 import qstrat
 from qstrat.errors import ConfigError
 from qstrat.layers import QuantizeWrapper
-from qstrat.quantizers import FSQuantizer, MAFSQuantizer, Pof2SQuantizer, TQTQuantizer, ranges
+from qstrat.quantizers import FSQuantizer, MAFSQuantizer, Pof2SQuantizer, TQTQuantizer, percentile_kl, ranges
 from qstrat.quantizers import fake_quant as fq
 from qstrat.quantizers import reference as ref
 from qstrat.quantizers.fake_quant_test import grad_of
 from qstrat.quantizers.grid import RoundMode, float32_inside, int_grid
 from qstrat.quantizers.stats import histogram_of_rows
 from qstrat.strategy import load_strategy
-from qstrat.strategy.match import NodeView, resolve_views
+from qstrat.strategy.match import NodeView
+from qstrat.strategy.resolve import resolve_views
 
 pytestmark = pytest.mark.portable
 
@@ -394,7 +395,7 @@ def test_histogram_positions_at_32_bits():
         lo, hi = ranges.fs_mse_range_hist(hist, grid, symmetric, "HALF_TO_EVEN", 1e-20)
         # 32 bits leave no rounding error worth clipping for: the search keeps (nearly) the whole range.
         assert lo <= 0.99 * b.min() and hi >= 0.99 * b.max()
-        lo, hi = ranges.kl_range(hist, grid, symmetric)  # 2^31 levels: no KL candidates to try
+        lo, hi = percentile_kl.kl_range(hist, grid, symmetric)  # 2^31 levels: no KL candidates to try
         assert (lo, hi) == (float(b.min()), float(b.max()))
 
 

@@ -10,8 +10,8 @@ from qstrat.strategy.load import (
     read_strategy_file,
     set_quantize_strategy,
 )
-from qstrat.strategy.match import LayerQuantConfig, ResolvedTarget, explain, resolve_views
 from qstrat.strategy.parse import parse_strategy
+from qstrat.strategy.resolve import LayerQuantConfig, ResolvedTarget, explain, resolve_views
 from qstrat.strategy.schema import (
     InputQuantizeConfig,
     LayerPattern,

@@ -5,7 +5,8 @@ import pytest
 
 from qstrat.errors import ConfigError
 from qstrat.strategy import load_strategy
-from qstrat.strategy.match import NodeView, explain, resolve_views
+from qstrat.strategy.match import NodeView
+from qstrat.strategy.resolve import explain, resolve_views
 from qstrat.strategy.views import views_of_model
 
 pytestmark = pytest.mark.portable
