@@ -1,3 +1,5 @@
+"""Percentile and Min_KL ranges against NumPy and the per-candidate KL definition."""
+
 import numpy as np
 import pytest
 
@@ -5,6 +7,7 @@ from qstrat.quantizers import percentile_kl
 from qstrat.quantizers.grid import int_grid
 from qstrat.quantizers.stats import histogram_of_rows
 
+pytestmark = pytest.mark.portable
 G8 = int_grid(8)
 
 
