@@ -34,7 +34,11 @@ E`` with it: at ``fast_ft_epochs`` E);
 ``--no-cle`` for the rows without CLE alone; ``--margins`` for how many
 evaluated images the float mini-Xception itself nearly ties on (the gap
 between its two largest logits against grid steps there), and how many of
-the images pof2s and fs disagree on are those.
+the images pof2s and fs disagree on are those; ``--peer-split`` for the
+mini-Xception's main rows on the split sizes the peers were compared on
+(100 calibration images; 638 evaluated, 269 of them faces: the 376 images
+left over, topped up with mirrored and shifted copies of them), so that
+its scores stand beside theirs.
 """
 
 from __future__ import annotations
@@ -73,6 +77,19 @@ NO_CLE = ("no CLE", "+fast_ft, no CLE")  # pof2s and pof2s w4: weight-only CLE o
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
 TITLES = {"digits": "digits MobileNet-style", "xception": "mini-Xception"}
+# The split sizes of the peers' comparison (the reference's PTQ findings): calibration, evaluated, faces among them.
+PEER_SPLIT = (100, 638, 269)
+PEER_ROWS = (  # (setting, variant) on the peers' split
+    ("fs", "plain"),
+    ("pof2s", "plain"),
+    ("pof2s", "+act_eq"),
+    ("pof2s", "+fast_ft"),
+    ("pof2s", "+both"),
+    ("pof2s", "no CLE"),
+    ("pof2s", "+fast_ft, no CLE"),
+    ("pof2s w4", "plain"),
+    ("pof2s w4", "+fast_ft"),
+)
 
 
 def _rss_mb() -> float:
@@ -85,7 +102,31 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _task(name: str, calib_count: int | None = None):
+def _mirrored(images, n: int, seed: int):
+    """``n`` images made of ``images`` in turn, each mirrored left-right and shifted sideways by up to 4 pixels
+    (wrapping around): never a copy of one of them."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    picks = [images[k % len(images)] for k in range(n)]
+    return np.stack([np.roll(im[:, ::-1], int(rng.integers(-4, 5)), axis=1) for im in picks])
+
+
+def _peer_split(images, is_face):
+    """The peers' split sizes (``PEER_SPLIT``): the first calibration images of a seeded order, the others
+    evaluated, topped up with `_mirrored` copies of the evaluated faces and non-faces to make the counts."""
+    import numpy as np
+
+    calib_n, eval_n, faces_n = PEER_SPLIT
+    order = np.random.default_rng(0).permutation(len(images))
+    calib, rest = images[order[:calib_n]], order[calib_n:]
+    face, other = images[rest[is_face[rest]]], images[rest[~is_face[rest]]]
+    face = np.concatenate([face, _mirrored(face, faces_n - len(face), 1)])
+    other = np.concatenate([other, _mirrored(other, eval_n - faces_n - len(other), 2)])
+    return calib, np.concatenate([face, other]), np.arange(eval_n) < faces_n
+
+
+def _task(name: str, calib_count: int | None = None, split: str = "demo"):
     import numpy as np
 
     from qstrat import zoo
@@ -93,8 +134,11 @@ def _task(name: str, calib_count: int | None = None):
     if name == "digits":
         x_train, _, x_test, y_test = zoo.digits_split()
         return zoo.digits_mobilenet(), x_train[:CALIB], x_test, y_test, None
-    images, is_face = zoo.face_images()  # the demo's split: 128 calibration images, the rest evaluated
-    order = np.random.default_rng(0).permutation(len(images))
+    images, is_face = zoo.face_images()
+    if split == "peers":
+        calib, x, faces = _peer_split(images, is_face)
+        return zoo.emotion_model(), calib, x, None, faces
+    order = np.random.default_rng(0).permutation(len(images))  # the demo's split: 128 calibration, the rest evaluated
     calib, rest = order[:128], order[128:]
     if calib_count is not None:
         return zoo.emotion_model(), zoo.face_images_n(calib_count, seed=1), images[rest], None, is_face[rest]
@@ -125,9 +169,11 @@ def one(
     calib_count: int | None = None,
     seed: int | None = None,
     epochs: int | None = None,
+    split: str = "demo",
 ) -> dict:
     """One configuration, in this process: scores, time ratio and memory (``seed``: fast finetune's shuffling
-    seed instead of its own; ``epochs``: its ``fast_ft_epochs`` instead of the strategy's)."""
+    seed instead of its own; ``epochs``: its ``fast_ft_epochs`` instead of the strategy's; ``split`` "peers":
+    the mini-Xception on `_peer_split`)."""
     warnings.filterwarnings("ignore")
     import qstrat
 
@@ -136,7 +182,7 @@ def one(
 
         fast_ft.SEED = seed
 
-    model, calib, x, labels, faces = _task(model_name, calib_count)
+    model, calib, x, labels, faces = _task(model_name, calib_count, split)
     model.predict(calib, batch_size=32, verbose=0)
     times = []
     for _ in range(3):
@@ -161,8 +207,8 @@ def one(
     return out
 
 
-def _spawn(*args: str, seed: int | None = None, epochs: int | None = None) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", *args]
+def _spawn(*args: str, seed: int | None = None, epochs: int | None = None, split: str = "demo") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", *args, "--split", split]
     if seed is not None:
         cmd += ["--seed", str(seed)]
     if epochs is not None:
@@ -209,12 +255,20 @@ def main() -> int:
         "--epochs", type=int, help="with --seeds: fast finetune's fast_ft_epochs (the strategy's 5 by default)"
     )
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--split", default="demo", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--peer-split",
+        action="store_true",
+        help="only the mini-Xception's main rows on the peers' split sizes (100 calibration images; 638 evaluated, "
+        "269 faces)",
+    )
     args = parser.parse_args()
     if args.epochs is not None and not (args.seeds or args.one):
         parser.error("--epochs goes with --seeds")
     if args.one:
         name, setting, variant, *count = args.one
-        print(json.dumps(one(name, setting, variant, int(count[0]) if count else None, args.seed, args.epochs)))
+        count = int(count[0]) if count else None
+        print(json.dumps(one(name, setting, variant, count, args.seed, args.epochs, args.split)))
         return 0
     import keras
 
@@ -223,6 +277,8 @@ def main() -> int:
         return _seeds(args.seeds, args.epochs)
     if args.margins:
         return _margins()
+    if args.peer_split:
+        return _peers()
     if args.no_cle:
         for name in MODELS if args.only is None else (args.only,):
             print(f"\n{TITLES[name]}:", flush=True)
@@ -300,6 +356,19 @@ SEEDED = (  # the rows nearest their targets, in shuffled batches of 32: (settin
     ("pof2s w4", BATCH, "pof2s w4 +fast_ft, batch 32"),
     ("pof2s", "+fast_ft, no CLE, batch 32", "pof2s 8-bit +fast_ft, no CLE, batch 32"),
 )
+
+
+def _peers() -> int:
+    """The mini-Xception's main rows on `_peer_split`, the split sizes the peers were compared on."""
+    calib_n, eval_n, faces_n = PEER_SPLIT
+    print(
+        f"\nmini-Xception on the peers' split sizes ({calib_n} calibration images; {eval_n} evaluated, {faces_n} "
+        "faces, mirrored copies making up the counts):",
+        flush=True,
+    )
+    for setting, variant in PEER_ROWS:
+        print(_line(setting, variant, _spawn("xception", setting, variant, split="peers")), flush=True)
+    return 0
 
 
 def _seeds(n: int, epochs: int | None = None) -> int:
