@@ -33,7 +33,8 @@ from qstrat.errors import ConfigError
 from qstrat.passes.refine import fast_ft
 from qstrat.passes.refine.constraints import RULES
 from qstrat.strategy import load_strategy
-from qstrat.strategy.keys import HANDY_FAMILIES, HANDY_KEYS, HANDY_SUFFIXES, SECTIONS
+from qstrat.strategy.keys import SECTIONS
+from qstrat.strategy.user_keys import HANDY_FAMILIES, HANDY_KEYS, HANDY_SUFFIXES
 
 _DPU = "the DPU softmax and LayerNormalization units are not described precisely enough to simulate bit for bit"
 

@@ -18,8 +18,8 @@ from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtyp
 from qstrat.passes.scope import limit_to_scope
 from qstrat.quantizers import DEFAULT_POSITION_POLICY
 from qstrat.strategy import LayerQuantConfig, Strategy, resolve_views
-from qstrat.strategy.keys import HANDY_KEYS
 from qstrat.strategy.resolve import weight_names
+from qstrat.strategy.user_keys import HANDY_KEYS
 
 ADD_LIKE = ("Add", "Multiply")
 RELU_LIKE_ACTS = ("relu", "relu6", "linear")

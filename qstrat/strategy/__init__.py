@@ -1,6 +1,6 @@
 """Quantize strategies: JSON data, validated once at the door, then immutable."""
 
-from qstrat.strategy.keys import SECTIONS, keys_table_markdown
+from qstrat.strategy.keys import SECTIONS
 from qstrat.strategy.load import (
     BUILTINS,
     builtin_dict,
@@ -21,6 +21,15 @@ from qstrat.strategy.schema import (
     Strategy,
     UserConfig,
 )
+
+
+def keys_table_markdown() -> str:
+    """The documentation table of every pipeline key (`qstrat.strategy.keys_doc`, imported here only when called,
+    so that ``python -m qstrat.strategy.keys_doc`` runs it fresh)."""
+    from qstrat.strategy.keys_doc import keys_table_markdown as table
+
+    return table()
+
 
 __all__ = [
     "BUILTINS",

@@ -4,7 +4,8 @@ import pathlib
 
 import pytest
 
-from qstrat.strategy.keys import README_BEGIN, README_END, SECTIONS, keys_table_markdown
+from qstrat.strategy.keys import SECTIONS
+from qstrat.strategy.keys_doc import README_BEGIN, README_END, keys_table_markdown
 
 pytestmark = pytest.mark.portable
 
@@ -66,7 +67,7 @@ def test_every_reference_key_has_a_meaning():
 def test_readme_table_is_generated_from_the_schema():
     readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme[readme.index(README_BEGIN) + len(README_BEGIN) : readme.index(README_END)]
-    assert block.strip() == keys_table_markdown().strip(), "run: python -m qstrat.strategy.keys README.md"
+    assert block.strip() == keys_table_markdown().strip(), "run: python -m qstrat.strategy.keys_doc README.md"
 
 
 def _sections(strategy):

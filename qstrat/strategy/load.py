@@ -27,7 +27,7 @@ from importlib import resources
 from typing import Any
 
 from qstrat.errors import ConfigError, did_you_mean
-from qstrat.strategy.keys import LEGACY_KEYS, SECTIONS, USER_KEYS
+from qstrat.strategy.keys import LEGACY_KEYS, SECTIONS
 from qstrat.strategy.parse import REGISTRY, REGISTRY_KEYS, TOP_KEYS, parse_strategy
 from qstrat.strategy.readers import check_known as _known
 from qstrat.strategy.readers import expect_list as _list
@@ -35,6 +35,7 @@ from qstrat.strategy.readers import expect_object as _obj
 from qstrat.strategy.readers import expect_str as _str
 from qstrat.strategy.reference_layout import Conversion, convert, is_reference_layout
 from qstrat.strategy.schema import Strategy
+from qstrat.strategy.user_keys import USER_KEYS
 
 BUILTINS = ("pof2s", "fs", "tqt")
 ALIASES = {"pof2s_tqt": "tqt", "8bit": "pof2s", "8bit_tqt": "tqt"}

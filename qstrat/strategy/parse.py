@@ -14,14 +14,7 @@ from typing import Any
 from qstrat.errors import ConfigError, did_you_mean
 from qstrat.quantizers.grid import DataFormat
 from qstrat.quantizers.params import PARAM_NAMES, parse_params
-from qstrat.strategy.keys import (
-    HANDY_KEYS,
-    LAYER_CONFIG_DTYPES,
-    PARTITION_KEYS,
-    SECTIONS,
-    USER_KEYS,
-    KeySpec,
-)
+from qstrat.strategy.keys import SECTIONS, KeySpec
 from qstrat.strategy.parse_registry import check_patterns, check_target_bit_width, parse_pattern, parse_quantizer
 from qstrat.strategy.readers import check_known as _known
 from qstrat.strategy.readers import comment, str_list
@@ -34,6 +27,7 @@ from qstrat.strategy.schema import (
     UserConfig,
     freeze,
 )
+from qstrat.strategy.user_keys import HANDY_KEYS, LAYER_CONFIG_DTYPES, PARTITION_KEYS, USER_KEYS
 
 REGISTRY = "quantize_registry_config"
 TOP_KEYS = ("_comment", "base", *SECTIONS, REGISTRY)

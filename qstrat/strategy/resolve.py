@@ -21,10 +21,10 @@ from typing import Any
 
 from qstrat.errors import ConfigError
 from qstrat.quantizers import Quantizer, get_quantizer_class
-from qstrat.strategy.keys import HANDY_KEYS
 from qstrat.strategy.match import LayerView, Matcher, NodeView, config_of, layer_names, param_value
 from qstrat.strategy.parse_registry import check_target_bit_width
 from qstrat.strategy.schema import LayerPattern, PatternRef, QuantTarget, Strategy, thaw
+from qstrat.strategy.user_keys import HANDY_KEYS
 
 RELU_ACTIVATIONS = ("relu", "relu6")
 
