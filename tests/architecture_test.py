@@ -82,6 +82,7 @@ def test_every_module_has_a_test_or_is_covered():
         "quantizers/exact32.py",  # quantizers/wide_bits_test.py: 17 to 32-bit grids, bit for bit
         "quantizers/pof2.py",
         "quantizers/float_scale.py",
+        "quantizers/float_formats.py",  # quantizers/fake_quant_test.py: FP16, BF16 and BFP16 against their twins
         "zoo.py",
         "guards.py",  # api_test.py, cli_test.py, tests/strategy_keys_test.py: each refusal and warning
         "strategy/schema.py",

@@ -40,6 +40,8 @@ float64 inputs hold every integer of a 32-bit grid, so the plain formula is
 exact there. float16 and bfloat16 inputs get the plain formula in their own
 type, exact only while the grid's integers fit it.
 
+The float formats (FP16, BF16, BFP16) are in `float_formats.py`.
+
 Portability rules learned the hard way (see the environment notes):
 - variables go through ``ops.convert_to_tensor`` before any op (JAX ``clip``,
   torch ``custom_gradient``);
@@ -62,7 +64,6 @@ from keras import ops
 from qstrat.quantizers.exact32 import (
     NumPyMath,
     OpsMath,
-    floor_log2,
     grid_bounds,
     is_wide,
     limbs,
@@ -71,8 +72,7 @@ from qstrat.quantizers.exact32 import (
     times_scale,
 )
 from qstrat.quantizers.fused import fused_pof2
-from qstrat.quantizers.grid import BFP_BLOCK_SIZE, BFP_MANTISSA_BITS, RoundMode
-from qstrat.quantizers.reference import BF16_MAX, FP16_MAX
+from qstrat.quantizers.grid import RoundMode
 
 
 def round_ops(u, mode: RoundMode):
@@ -136,7 +136,7 @@ def is_forward_only() -> bool:
     return _FORWARD_ONLY.get()
 
 
-def _custom_gradient(f):
+def custom_gradient(f):
     """``ops.custom_gradient(f)``; inside `forward_only`, f's forward value alone."""
     if _FORWARD_ONLY.get():
         return lambda *args: f(*args)[0]
@@ -167,7 +167,7 @@ def _constant(x, param, ndim: int, axis: int | None):
     return param.reshape(shape)
 
 
-def _grad_args(args, upstream):
+def grad_args(args, upstream):
     return args[0] if upstream is None else upstream
 
 
@@ -197,7 +197,7 @@ def _affine(x, s, inv, zp, qmin: int, qmax: int, round_mode):
     """
     (cmin, cmax), (mmin, mmax) = grid_bounds(x.dtype, qmin, qmax)
 
-    @_custom_gradient
+    @custom_gradient
     def fq(x, s, inv):
         n = round_ops(x * inv, round_mode)
         if zp is not None:
@@ -206,7 +206,7 @@ def _affine(x, s, inv, zp, qmin: int, qmax: int, round_mode):
         y = (q if zp is None else q - zp) * s
 
         def grad(*args, upstream=None):
-            dy = _grad_args(args, upstream)
+            dy = grad_args(args, upstream)
             inside = ops.cast(ops.logical_and(n >= mmin, n <= mmax), dy.dtype)
             return dy * inside, ops.zeros_like(s), ops.zeros_like(inv)
 
@@ -259,7 +259,7 @@ def _wide_affine(x, s, inv, zp, qmin: int, qmax: int, round_mode, pof2: bool):
     if not pof2:
         y_lo, y_hi = times_scale(m, lo_h, lo_l, s), times_scale(m, hi_h, hi_l, s)
 
-    @_custom_gradient
+    @custom_gradient
     def fq(x, s, inv):
         n = round_ops(x * inv, round_mode)
         if pof2:
@@ -268,7 +268,7 @@ def _wide_affine(x, s, inv, zp, qmin: int, qmax: int, round_mode, pof2: bool):
             y = ops.minimum(ops.maximum(n * s, y_lo), y_hi)
 
         def grad(*args, upstream=None):
-            dy = _grad_args(args, upstream)
+            dy = grad_args(args, upstream)
             # n >= L exactly: above round32(L), or equal to it where round32(L) >= L; likewise n <= H.
             ge = ops.logical_or(n > lo, ops.logical_and(n == lo, lo_r <= 0.0))
             le = ops.logical_or(n < hi, ops.logical_and(n == hi, hi_r >= 0.0))
@@ -325,80 +325,14 @@ def tqt_fake_quant(
     if enabled is not None:
         raise ValueError("tqt_fake_quant applies enabled only in its fused TensorFlow kernels")
 
-    @_custom_gradient
+    @custom_gradient
     def fq(x, lt):
         y, inside = tqt_forward(x, lt, bit_width, cmin, cmax, mmin, mmax, round_mode, unsigned)
 
         def grad(*args, upstream=None):
-            dx, dlog = tqt_grads(x, y, inside, _grad_args(args, upstream))
+            dx, dlog = tqt_grads(x, y, inside, grad_args(args, upstream))
             return dx, ops.reshape(dlog, ops.shape(lt))
 
         return y, grad
 
     return fq(x, lt)
-
-
-def _with_clipped_ste(x, forward, lo: float, hi: float):
-    """forward(x), with gradient 1 where lo <= x <= hi and 0 elsewhere."""
-
-    @_custom_gradient
-    def f(x):
-        y = forward(x)
-        inside = ops.cast(ops.logical_and(x >= lo, x <= hi), x.dtype)
-
-        def grad(*args, upstream=None):
-            return _grad_args(args, upstream) * inside
-
-        return y, grad
-
-    return f(x)
-
-
-def fp16_fake_quant(x):
-    """Round to IEEE half precision (nearest even), saturating at ±65504."""
-
-    def forward(v):
-        return ops.cast(ops.cast(ops.clip(v, -FP16_MAX, FP16_MAX), "float16"), v.dtype)
-
-    return _with_clipped_ste(x, forward, -FP16_MAX, FP16_MAX)
-
-
-def bf16_fake_quant(x):
-    """Round to bfloat16 (nearest even), saturating at the largest bfloat16."""
-
-    def forward(v):
-        return ops.cast(ops.cast(ops.clip(v, -BF16_MAX, BF16_MAX), "bfloat16"), v.dtype)
-
-    return _with_clipped_ste(x, forward, -BF16_MAX, BF16_MAX)
-
-
-def bfp16_fake_quant(x, axis: int = -1, round_mode=RoundMode.HALF_TO_EVEN):
-    """Block floating point: 8 values along ``axis`` share an exponent; 7-bit magnitudes.
-
-    The gradient is straight-through: BFP16 only clips values far beyond the
-    block maximum's own range, which never happens to the block's members.
-    """
-    round_mode = RoundMode(round_mode)
-    ndim = len(x.shape)
-    axis = axis % ndim
-
-    def forward(v):
-        moved = ops.moveaxis(v, axis, -1)
-        shape = tuple(moved.shape)
-        c = shape[-1]
-        pad = (-c) % BFP_BLOCK_SIZE
-        if pad:
-            moved = ops.pad(moved, [(0, 0)] * (ndim - 1) + [(0, pad)])
-        lead = tuple(ops.shape(moved)[:-1])
-        blocks = ops.reshape(moved, lead + ((c + pad) // BFP_BLOCK_SIZE, BFP_BLOCK_SIZE))
-        m = ops.max(ops.abs(blocks), axis=-1, keepdims=True)
-        safe = ops.where(m > 0, m, ops.ones_like(m))
-        step = pow2(floor_log2(safe) - float(BFP_MANTISSA_BITS - 1))
-        lim = float(2**BFP_MANTISSA_BITS - 1)
-        y = ops.clip(round_ops(blocks * (1.0 / step), round_mode), -lim, lim) * step
-        y = ops.where(m > 0, y, ops.zeros_like(y))
-        y = ops.reshape(y, lead + (c + pad,))[..., :c]
-        return ops.moveaxis(y, -1, axis)
-
-    big = float("inf")
-    return _with_clipped_ste(x, forward, -big, big)

@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from qstrat.errors import UnsupportedError
-from qstrat.quantizers import batch_ranges, ranges
+from qstrat.quantizers import batch_ranges, float_formats, ranges
 from qstrat.quantizers import fake_quant as fq
 from qstrat.quantizers import reference as ref
 from qstrat.quantizers.base import Quantizer, StateSpec, _check_policy, _to_numpy
@@ -208,10 +208,10 @@ class FSQuantizer(_FloatScale):
 
 # data_format -> (keras.ops kernel, NumPy twin), each called as f(x, params).
 _FLOAT_FORMATS = {
-    DataFormat.FP16: (lambda x, p: fq.fp16_fake_quant(x), lambda x, p: ref.fp16_np(x)),
-    DataFormat.BF16: (lambda x, p: fq.bf16_fake_quant(x), lambda x, p: ref.bf16_np(x)),
+    DataFormat.FP16: (lambda x, p: float_formats.fp16_fake_quant(x), lambda x, p: ref.fp16_np(x)),
+    DataFormat.BF16: (lambda x, p: float_formats.bf16_fake_quant(x), lambda x, p: ref.bf16_np(x)),
     DataFormat.BFP16: (
-        lambda x, p: fq.bfp16_fake_quant(x, p.channel_axis, p.round_mode),
+        lambda x, p: float_formats.bfp16_fake_quant(x, p.channel_axis, p.round_mode),
         lambda x, p: ref.bfp16_np(x, p.channel_axis, p.round_mode),
     ),
 }
