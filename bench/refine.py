@@ -77,7 +77,7 @@ NO_CLE = ("no CLE", "+fast_ft, no CLE")  # pof2s and pof2s w4: weight-only CLE o
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
 TITLES = {"digits": "digits MobileNet-style", "xception": "mini-Xception"}
-# The split sizes of the peers' comparison (the reference's PTQ findings): calibration, evaluated, faces among them.
+# The split sizes peer tools were compared on for this model: calibration, evaluated, faces among them.
 PEER_SPLIT = (100, 638, 269)
 PEER_ROWS = (  # (setting, variant) on the peers' split
     ("fs", "plain"),
@@ -104,7 +104,7 @@ def _peak_mb() -> float:
 
 def _mirrored(images, n: int, seed: int):
     """``n`` images made of ``images`` in turn, each mirrored left-right and shifted sideways by up to 4 pixels
-    (wrapping around): never a copy of one of them."""
+    (wrapping around); unlike `zoo.shifted_flips`, every one is mirrored, so none is an image as it was."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
