@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import keras
 import numpy as np
@@ -24,11 +23,11 @@ from keras import ops
 
 from qstrat.errors import UnsupportedError
 from qstrat.integer import kernels as K
+from qstrat.integer.activations import activate, hard_sigmoid, leaky, relu_layer
 from qstrat.integer.tensors import (
     IntTensor,
     align,
     as_pos,
-    at_least,
     common_pos,
     from_grid,
     full_den,
@@ -38,9 +37,6 @@ from qstrat.integer.tensors import (
     uniform,
 )
 from qstrat.layers.dpu import (
-    HARD_SIGMOID_MULTIPLIER,
-    HARD_SIGMOID_SHIFT,
-    LEAKY_RELU_SLOPE,
     DPUAveragePooling2D,
     DPUGlobalAveragePooling2D,
     DPUHardSigmoid,
@@ -171,7 +167,7 @@ def wrapped(wrapper: QuantizeWrapper, x: IntTensor, ctx: Context):
         pos = top
     ctx.accumulator(wrapper.layer.name, acc)
     t = IntTensor(acc, pos, den)
-    return _activate(t, _activation_name(layer))
+    return activate(t, _activation_name(layer))
 
 
 def _accumulate(layer, x: IntTensor, weight, wrapper):
@@ -208,53 +204,6 @@ def _prelu(wrapper, x: IntTensor, ctx: Context):
     neg = shift_left(x.values * a, np.asarray(top) - neg_pos)
     nonneg = shift_left(x.values, np.asarray(top) - x.pos)
     return IntTensor(np.where(x.values < 0, neg, nonneg), top, x.den)
-
-
-# ---- activations ----------------------------------------------------------------------------------
-
-
-def _clip_above(t: IntTensor, limit: float) -> IntTensor:
-    """min(t, limit) for a float32 constant ``limit`` (a dyadic rational), exactly."""
-    frac = Fraction(float(np.float32(limit)))
-    e = int(math.log2(frac.denominator))
-    t = at_least(t, e)
-    bound = shift_left(np.int64(frac.numerator), np.asarray(t.pos) - e) * np.asarray(t.den)
-    return IntTensor(np.minimum(t.values, bound), t.pos, t.den)
-
-
-def _activate(t: IntTensor, name: str) -> IntTensor:
-    if name == "linear":
-        return t
-    t = IntTensor(np.maximum(t.values, 0), t.pos, t.den)
-    return _clip_above(t, 6.0) if name == "relu6" else t
-
-
-def _leaky(t: IntTensor, slope: float, where: str) -> IntTensor:
-    """LeakyReLU with the DPU's slope 26/256: negatives times 26 at pos + 8, the rest shifted left by 8."""
-    if float(np.float32(slope)) != LEAKY_RELU_SLOPE:
-        raise UnsupportedError(
-            f"{where}: LeakyReLU slope {slope} is not the DPU's 26/256, so it has no integer form. "
-            "Use slope 0.1 with the strategy key convert_leaky_relu_to_dpu_version, which makes it 26/256."
-        )
-    v = t.values
-    return IntTensor(np.where(v < 0, v * 26, shift_left(v, 8)), as_pos(np.asarray(t.pos) + 8), t.den)
-
-
-def _relu_layer(layer, t: IntTensor):
-    if float(layer.threshold) != 0.0:
-        return None
-    if float(layer.negative_slope) != 0.0:
-        return None if layer.max_value is not None else _leaky(t, layer.negative_slope, layer.name)
-    t = IntTensor(np.maximum(t.values, 0), t.pos, t.den)
-    return t if layer.max_value is None else _clip_above(t, layer.max_value)
-
-
-def _hard_sigmoid(t: IntTensor) -> IntTensor:
-    """relu6(x + 3) * 2731 at pos + 14, with pos >= 0 so that 3 and 6 are integers."""
-    t = at_least(t, 0)
-    unit = shift_left(np.int64(1), np.asarray(t.pos)) * np.asarray(t.den)
-    clipped = np.clip(t.values + 3 * unit, 0, 6 * unit)
-    return IntTensor(clipped * HARD_SIGMOID_MULTIPLIER, as_pos(np.asarray(t.pos) + HARD_SIGMOID_SHIFT), t.den)
 
 
 # ---- merging --------------------------------------------------------------------------------------
@@ -389,14 +338,14 @@ def integer_layer(op, inputs: list[IntTensor], ctx: Context) -> IntTensor | None
     if isinstance(op, IDENTITY):
         return t
     if isinstance(op, L.ReLU):
-        return _relu_layer(op, t)
+        return relu_layer(op, t)
     if isinstance(op, L.LeakyReLU):
-        return _leaky(t, op.negative_slope, op.name)
+        return leaky(t, op.negative_slope, op.name)
     if type(op) is L.Activation:
         name = _activation_name(op)
-        return _activate(t, name) if name in ("linear", "relu", "relu6") else None
+        return activate(t, name) if name in ("linear", "relu", "relu6") else None
     if isinstance(op, DPUHardSigmoid):
-        return _hard_sigmoid(t)
+        return hard_sigmoid(t)
     if isinstance(op, POOLING):
         return _pooling(op, t)
     if isinstance(op, LAYOUT):
