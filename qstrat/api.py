@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from qstrat import guards
-from qstrat.calibration.data import check_count
-from qstrat.errors import ConfigError
+from qstrat.calibration.data import check_count, is_one_shot
+from qstrat.errors import CalibrationDataError, ConfigError
 from qstrat.export.outputs import output_target, write_output
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
@@ -192,6 +192,12 @@ class Quantizer:
         from qstrat.inspect.mixed import check_budget, first_samples, search
 
         check_budget(budget, eval_fn, target_sqnr, max_raised, raise_to)
+        if is_one_shot(data):
+            raise CalibrationDataError(
+                "mixed precision (accuracy_budget, target_sqnr, eval_fn) quantizes the model several times and "
+                "reads the calibration data each time, and a generator can be read only once. Pass an array, a "
+                "tf.data.Dataset or a keras.utils.PyDataset."
+            )
         started = time.perf_counter()
         user_config = dict(self._strategy(overrides).user["layer_config"] or {})
 

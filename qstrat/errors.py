@@ -12,6 +12,7 @@ own JSON path in front of the path a quantizer reported.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -91,3 +92,11 @@ class UnsupportedError(QstratError, ValueError):
 
 class PendingKeyWarning(UserWarning):
     """A strategy key is set, but qstrat does not act on it yet (the warning says what is missing)."""
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line: Keras's "Arguments received" block and TensorFlow's node tags left out."""
+    text = str(error).split("Arguments received")[0]
+    text = re.sub(r"\x1b\[[0-9;]*m|\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]", "", text)
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."

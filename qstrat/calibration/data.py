@@ -16,6 +16,7 @@ read as arrays, never iterated sample by sample.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,6 +35,8 @@ def _is_arraylike(x) -> bool:
 
 
 def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, np.ma.MaskedArray):
+        return np.ma.getdata(x)  # what the model reads: the values under the mask too
     if isinstance(x, np.ndarray):
         return x
     if getattr(x, "requires_grad", False):  # a torch tensor in a graph
@@ -131,7 +134,32 @@ def check_batch(arrays: Sequence[Any], specs: Sequence[tuple], step: int) -> lis
                 f"{where}: the model reads {want_dtype} here (e.g. token ids), got floats ({arr.dtype}). "
                 f"Pass the data as integers, e.g. .astype('{want_dtype}')."
             )
-        out.append(arr if arr.dtype == want_dtype else arr.astype(want_dtype))
+        out.append(_cast(arr, want_dtype, where))
+    return out
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+    """``arr`` in the input's dtype; values it cannot hold (float32 overflow, integers out of range) are errors."""
+    if arr.dtype == dtype:
+        return arr
+    if dtype.kind in "iu" and arr.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        low, high = int(arr.min()), int(arr.max())
+        if low < info.min or high > info.max:
+            raise CalibrationDataError(
+                f"{where}: values from {low} to {high} do not fit the model's input dtype {dtype} "
+                f"([{info.min}, {info.max}]); they would wrap around. Check the data (token ids past the vocabulary?)."
+            )
+        return arr.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dtype)
+    if dtype.kind == "f" and not np.isfinite(out).all():
+        bad = int(np.count_nonzero(~np.isfinite(out)))
+        raise CalibrationDataError(
+            f"{where}: {bad} of {arr.size} values overflow the model's input dtype {dtype} "
+            f"(largest magnitude {float(np.max(np.abs(arr))):.4g}). Scale the data to the range the model was "
+            "trained on."
+        )
     return out
 
 
@@ -197,13 +225,24 @@ def take_samples(
         total = len(arrays[0]) if steps is None else min(len(arrays[0]), steps * batch_size)
         rows = sample_rows(total, count)
         return check_batch([a[rows] for a in arrays], specs, 0)
-    parts, have = [], 0
+    parts, have, other = [], 0, 0
     for batch in iterate_batches(data, specs, batch_size, steps):
+        if parts and any(a.shape[1:] != b.shape[1:] for a, b in zip(batch, parts[0], strict=True)):
+            other += 1  # samples of another size (free input dimensions) cannot be stacked with the first
+            continue
         take = min(len(batch[0]), count - have)
         parts.append([a[:take] for a in batch])
         have += take
         if have >= count:
             break
+    if other:
+        shapes = ", ".join(str(a.shape[1:]) for a in parts[0])
+        warnings.warn(
+            f"{other} calibration batch(es) of another sample shape than the first ({shapes}) were left out of "
+            f"the {have} samples read again after calibration (bias correction, fast finetune, mixed precision): "
+            "those steps measure samples of one shape.",
+            stacklevel=3,
+        )
     return [np.concatenate([p[i] for p in parts]) for i in range(len(specs))]
 
 
@@ -236,22 +275,63 @@ def iterate_batches(
             yield check_batch([a[i : i + batch_size] for a in arrays], specs, count)
             count += 1
         return
+    if isinstance(data, dict):
+        _bad_dict(data)
     source = data
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and hasattr(data, "on_epoch_end"):  # PyDataset
         source = (data[i] for i in range(len(data)))
-    elif not hasattr(data, "__iter__") or isinstance(data, (str, bytes, dict)):
+    elif not hasattr(data, "__iter__") or isinstance(data, (str, bytes)):
         raise CalibrationDataError(
             f"calibration data of type {type(data).__name__} is not supported. Use a numpy array, "
             "a tf.data.Dataset, a keras.utils.PyDataset or a generator of batches."
         )
-    for element in source:
-        if steps is not None and count >= steps:
+    if steps is None and _infinite(data):
+        raise CalibrationDataError(
+            "the calibration dataset never ends (it repeats without a count). Pass calib_steps, the number "
+            "of batches to read, or make the dataset finite (e.g. .take(n))."
+        )
+    elements = iter(source)
+    while steps is None or count < steps:  # checked before reading: never a batch more than asked for
+        try:
+            element = next(elements)
+        except StopIteration:
             break
         where = f"calibration batch {count}"
         yield check_batch(model_inputs(split_element(element, specs), specs, where), specs, count)
         count += 1
     if count == 0:
         raise CalibrationDataError("the calibration dataset yielded no batches.")
+
+
+def _bad_dict(data: dict):
+    """Why a dict given as calibration data is not arrays in memory (`array_bundle` took those): a clear error."""
+    if not data:
+        raise CalibrationDataError(
+            "calibration data is an empty dict. Give one array per model input, keyed by input name."
+        )
+    for key, value in data.items():
+        if not _is_arraylike(value):
+            raise CalibrationDataError(
+                f"calibration data, input '{key}': expected an array, got {type(value).__name__}. Give one "
+                "array per model input (np.asarray(...) a list first)."
+            )
+
+
+def _infinite(data) -> bool:
+    """True for a tf.data.Dataset that repeats forever (a known infinite cardinality), and a PyDataset with no
+    number of batches (None, or neither ``num_batches`` nor ``__len__``: Keras reads it without end)."""
+    if hasattr(data, "on_epoch_end") and hasattr(data, "__getitem__") and not hasattr(data, "__len__"):
+        try:
+            return data.num_batches is None
+        except NotImplementedError:
+            return True
+    cardinality = getattr(data, "cardinality", None)
+    if not callable(cardinality) or not hasattr(data, "element_spec"):
+        return False
+    try:
+        return int(cardinality()) == -1  # tf.data.INFINITE_CARDINALITY
+    except Exception:  # noqa: BLE001 - a look only: where it cannot tell, the data is read as it comes
+        return False
 
 
 def array_samples(data: Any) -> int | None:

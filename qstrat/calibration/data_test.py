@@ -1,4 +1,4 @@
-"""count_batches: the progress bar's length, known up front for arrays and PyDatasets."""
+"""Calibration data: batch counts, reading no more than asked, and clear errors for data the model cannot read."""
 
 import keras
 import numpy as np
@@ -52,3 +52,78 @@ def test_take_samples_spreads_over_arrays_and_takes_the_first_samples_of_other_s
     assert gen[:, 0].tolist() == list(range(10))
     (steps,) = take_samples(x, specs, 200, batch_size=8, steps=3)  # 3 batches of 8: the data holds 24
     assert sorted(steps[:, 0].astype(int).tolist()) == list(range(24))
+
+
+def _errors(data, specs, **kw):
+    from qstrat.errors import CalibrationDataError
+
+    with pytest.raises(CalibrationDataError) as info:
+        list(iterate_batches(data, specs, **kw))
+    return str(info.value)
+
+
+def test_steps_never_reads_a_batch_more_than_asked_for():
+    read = []
+
+    class Files(keras.utils.PyDataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, k):
+            read.append(k)
+            if k >= 2:
+                raise OSError(f"file {k} is not there")
+            return np.zeros((2, 4), "float32")
+
+    specs = [("x", (None, 4), "float32")]
+    assert len(list(iterate_batches(Files(), specs, steps=2))) == 2
+    assert read == [0, 1]
+    gen = (np.full((2, 4), k, "float32") for k in range(5))
+    assert len(list(iterate_batches(gen, specs, steps=2))) == 2
+    assert next(gen)[0, 0] == 2  # the generator's third batch is still there
+
+
+def test_data_without_an_end_needs_calib_steps():
+    class Endless(keras.utils.PyDataset):
+        @property
+        def num_batches(self):
+            return None
+
+        def __getitem__(self, k):
+            return np.zeros((2, 4), "float32")
+
+    specs = [("x", (None, 4), "float32")]
+    assert "calib_steps" in _errors(Endless(), specs)
+    assert len(list(iterate_batches(Endless(), specs, steps=3))) == 3
+
+
+def test_values_the_input_dtype_cannot_hold_are_errors_not_silent_casts():
+    specs = [("img", (None, 4), "float32")]
+    huge = np.full((2, 4), 1e39)  # finite in float64, inf in float32
+    said = _errors(huge, specs)
+    assert "overflow" in said and "float32" in said and "'img'" in said
+    masked = np.ma.masked_invalid(np.array([[np.nan, 1, 2, 3]] * 2))  # the model reads the NaN under the mask
+    assert "NaN or Inf" in _errors(masked, specs)
+    ids = [("tok", (None, 3), "int32")]
+    said = _errors(np.full((2, 3), 2**32 + 3, np.int64), ids)
+    assert "4294967299" in said and "int32" in said
+    (ok,) = next(iterate_batches(np.full((2, 3), 7, np.int64), ids))
+    assert ok.dtype == np.int32 and ok[0, 0] == 7
+
+
+def test_a_dict_that_is_not_arrays_by_name_says_which_input():
+    specs = [("a", (None, 4), "float32"), ("b", (None, 4), "float32")]
+    said = _errors({"a": np.zeros((2, 4), "float32"), "b": [[0.0] * 4] * 2}, specs)
+    assert "input 'b'" in said and "list" in said
+    assert "empty dict" in _errors({}, specs)
+
+
+def test_samples_of_another_shape_than_the_first_are_left_out_with_a_warning():
+    from qstrat.calibration.data import take_samples
+
+    specs = [("img", (None, None, None, 3), "float32")]
+    sizes = [(2, 8, 8, 3), (2, 12, 10, 3), (2, 8, 8, 3)]
+    batches = [np.full(s, k, "float32") for k, s in enumerate(sizes)]
+    with pytest.warns(UserWarning, match="1 calibration batch"):
+        (got,) = take_samples(iter(batches), specs, 10)
+    assert got.shape == (4, 8, 8, 3) and sorted(set(got[:, 0, 0, 0].tolist())) == [0.0, 2.0]

@@ -15,7 +15,7 @@ import numpy as np
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import array_samples, count_batches, iterate_batches
 from qstrat.calibration.observers import finite_range
-from qstrat.errors import ConfigError
+from qstrat.errors import ConfigError, one_line
 from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import HISTOGRAMS, ChannelSumTaps, PackedStats, StatsTaps, unpack_stats
@@ -229,7 +229,7 @@ def calibrate_activations(
     for group in groups(units, spread.width) if spread is not None else ([unit] for unit in units):
         batch_group = [batch for unit in group for batch in unit]
         everything = _checked(
-            lambda g=group: _run_units(probe, spread, g, kinds_out), batch_group, float_graph, owners, refs
+            lambda g=group: _run_units(probe, spread, g, kinds_out), batch_group, float_graph, owners, refs, batches
         )
         for batch, outs in zip(batch_group, everything, strict=True):
             if outs is not None:
@@ -282,10 +282,11 @@ def _run_units(probe, spread, units, kinds) -> list:
     return [mine for out, size in zip(outs, sizes, strict=True) for mine in split_outputs(out, kinds, size)]
 
 
-def _checked(run, group, float_graph, owners, refs) -> list:
-    """``run()``; where it fails (TensorFlow's and torch's histogram kernels refuse NaN), a
-    `CalibrationDataError` naming the first tapped tensor that is not finite on a batch of ``group``, found by
-    running the float model on it eagerly; else the failure itself."""
+def _checked(run, group, float_graph, owners, refs, first: int = 0) -> list:
+    """``run()``; where it fails, the batches of ``group`` (calibration batches ``first`` on) run through the
+    float model eagerly, to say why: a `CalibrationDataError` naming the first tapped tensor that is not finite
+    (TensorFlow's and torch's histogram kernels refuse NaN), or the batch the float model itself fails on
+    (token ids past an Embedding's vocabulary); else the failure itself."""
     try:
         return run()
     except Exception as failure:
@@ -298,8 +299,18 @@ def _checked(run, group, float_graph, owners, refs) -> list:
         for fq, ref in zip(owners, refs, strict=True):
             names.setdefault(ref, fq.target or fq.name)
         try:
-            for batch in group:
-                tensors = run_graph(float_graph, [ops.convert_to_tensor(a) for a in batch], list(names), False)
+            for k, batch in enumerate(group):
+                try:
+                    tensors = run_graph(float_graph, [ops.convert_to_tensor(a) for a in batch], list(names), False)
+                except MemoryError:
+                    raise
+                except Exception as own:
+                    said = one_line(own)
+                    raise CalibrationDataError(
+                        f"calibration batch {first + k}: the float model itself fails on it "
+                        f"({type(own).__name__}: {said}). Check the data against what the model reads "
+                        "(shapes, value ranges, token ids within an Embedding's vocabulary)."
+                    ) from own
                 for name, t in zip(names.values(), tensors, strict=True):
                     t = np.asarray(ops.convert_to_numpy(t), np.float64)
                     finite_range(name, t.min() if t.size else 0.0, t.max() if t.size else 0.0)

@@ -171,13 +171,14 @@ def groups(batches: Iterable[list[np.ndarray]], width: int) -> Iterator[list[lis
 
 
 def merged(batches: Iterable[list[np.ndarray]], per_sample: int) -> Iterator[list[list[np.ndarray]]]:
-    """The batches in order, in groups to run as one call: batches of the first batch's size, `merge_width` of
-    them at most (the last group may hold fewer); a batch of another size (the short last one) alone."""
+    """The batches in order, in groups to run as one call: batches of the first batch's shapes, `merge_width` of
+    them at most (the last group may hold fewer); a batch of other shapes (the short last one, or images of
+    another size for a model whose inputs have free dimensions) alone."""
     unit = width = None
-    for size, run in itertools.groupby(batches, key=lambda batch: len(batch[0])):
+    for shapes, run in itertools.groupby(batches, key=lambda batch: tuple(a.shape for a in batch)):
         if unit is None:
-            unit, width = size, merge_width(size, per_sample)
-        yield from groups(run, width if size == unit else 1)
+            unit, width = shapes, merge_width(shapes[0][0], per_sample)
+        yield from groups(run, width if shapes == unit else 1)
 
 
 def split_outputs(outs: list, kinds: list[str], sizes: list[int]) -> list[list]:

@@ -153,3 +153,17 @@ def test_tensorflow_probes_are_lightly_optimized_and_compute_what_the_optimized_
     got = BatchRunner(model)([batch])
     for g, w in zip(got, want, strict=True):
         assert np.array_equal(g, w)
+
+
+@pytest.mark.portable
+def test_merged_never_joins_batches_of_other_shapes(monkeypatch):
+    """A model with free dimensions reads images of several sizes: batches of 4 at 8x8 and 12x10 stay apart."""
+    from qstrat.passes import runner
+
+    monkeypatch.setattr(runner, "merge_width", lambda batch, per_sample: 8)
+    rng = np.random.default_rng(0)
+    shapes = [(4, 8, 8, 3), (4, 8, 8, 3), (4, 12, 10, 3), (4, 8, 8, 3)]
+    batches = [[rng.normal(size=s).astype("float32")] for s in shapes]
+    got = list(runner.merged(iter(batches), 1))
+    assert [len(g) for g in got] == [2, 1, 1]
+    assert [runner.join(g)[0].shape for g in got] == [(8, 8, 8, 3), (4, 12, 10, 3), (4, 8, 8, 3)]
