@@ -62,6 +62,16 @@ def check_out_path(out: str) -> str:
     return path
 
 
+def not_the_input(out: str, source: str, flag: str) -> None:
+    """Refuse to write over the file the command reads: it would be lost, replaced by what was made of it."""
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
+        stem, ext = os.path.splitext(source)
+        raise QstratError(
+            f"{flag} {out}: that is {source}, the file this command reads; writing there would replace it. "
+            f"Give another name, e.g. {flag} {stem}_q{ext}."
+        )
+
+
 def load_custom_objects(items: list[str] | None) -> dict[str, type]:
     """``["mypkg.layers:MyConv", ...]`` -> ``{"MyConv": class}``, with errors that say what failed."""
     out: dict[str, type] = {}
@@ -138,6 +148,8 @@ def _quantize(args) -> int:
     import qstrat
 
     out = check_out_path(args.out) if args.out else None
+    if out:
+        not_the_input(out, args.model, "--out")
     custom_objects = load_custom_objects(args.custom_objects)
     model = load_model(args.model, custom_objects)
     data = load_calib(args.calib, args.calib_key, [t.name for t in model.inputs])
@@ -204,9 +216,9 @@ def _export(args) -> int:
     suffix = "." + args.format
     if not out.endswith(suffix):
         raise QstratError(f"-o {args.out}: a {args.format} file must end in {suffix}")
-    from qstrat.export.files import check_writable
+    from qstrat.files import check_writable
 
-    check_writable(out)
+    check_writable(out, "-o")
     custom_objects = load_custom_objects(args.custom_objects)
     qmodel = load_model(args.model, custom_objects)
     if args.format == "onnx":
@@ -276,7 +288,7 @@ def cmd_analyze(args) -> int:
 
 def _analyze(args) -> int:
     """``qstrat analyze FLOAT.keras QMODEL.keras --data DATA.npz [--html OUT.html] [--json]``."""
-    from qstrat.export.files import check_writable
+    from qstrat.files import check_writable
     from qstrat.inspect import analyze
 
     for flag, path, suffix in (("--html", args.html, ".html"), ("--json-out", args.json_out, ".json")):
@@ -351,6 +363,10 @@ def _convert_strategy(args) -> int:
     out = os.path.abspath(args.out)
     if not out.endswith(".json") or not os.path.isdir(os.path.dirname(out)):
         raise QstratError(f"-o {args.out}: give a .json file in a folder that exists")
+    from qstrat.files import check_writable
+
+    check_writable(out, "-o")
+    not_the_input(out, args.name, "-o")
     custom_objects = load_custom_objects(args.custom_objects)
     data = read_strategy_file(args.name)
     said = {"source": args.name, "reference_layout": is_reference_layout(data), "mapped": [], "changed": []}

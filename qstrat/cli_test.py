@@ -104,6 +104,25 @@ def test_a_bad_out_path_is_refused_before_any_work(tmp_path, capsys, monkeypatch
     assert _no_temporary_files(tmp_path)
 
 
+def test_the_input_model_is_never_the_output(tmp_path, capsys, monkeypatch):
+    import qstrat
+
+    called = []
+    monkeypatch.setattr(qstrat.Quantizer, "quantize_model", lambda *a, **k: called.append(1))
+    args = _model_and_data(tmp_path)
+    before = (tmp_path / "m.keras").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*args, "--out", "./m.keras"]) == 2  # the same file by another name
+    err = capsys.readouterr().err
+    assert "the file this command reads" in err and "--out" in err and "m_q.keras" in err
+    assert called == [] and (tmp_path / "m.keras").read_bytes() == before
+    strategy = tmp_path / "s.json"
+    strategy.write_text('{"base": "pof2s", "user_defined_quantize_config": {"weight_bit": 4}}')
+    assert cli.main(["strategy", "convert", str(strategy), "-o", str(strategy)]) == 2
+    assert "the file this command reads" in capsys.readouterr().err
+    assert "weight_bit" in strategy.read_text() and "quantize_registry_config" not in strategy.read_text()
+
+
 def test_a_failed_save_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path, capsys, monkeypatch):
     import keras
 

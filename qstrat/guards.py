@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -61,7 +62,7 @@ def refuse_non_finite_weights(graph: Graph) -> None:
             if id(v) in seen or not keras.backend.is_float_dtype(v.dtype):
                 continue
             seen.add(id(v))
-            values = keras.ops.convert_to_numpy(v)
+            values = np.asarray(v.numpy())  # a Keras variable (convert_to_numpy of one warns on NumPy 2)
             if not np.isfinite(values).all():
                 bad = int(values.size - np.count_nonzero(np.isfinite(values)))
                 raise UnsupportedError(
@@ -121,6 +122,15 @@ def warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeR
                 f"has that name, so the setting does nothing.{hint}".rstrip(),
                 stacklevel=3,
             )
+    for i, pattern in enumerate(strategy.patterns):
+        if not pattern.layer_name or any(re.fullmatch(pattern.layer_name, name) for name in known):
+            continue
+        hint = did_you_mean(pattern.layer_name, known) or ""
+        warnings.warn(
+            f'quantize_registry_config.layer_quantize_config[{i}] ({pattern.pattern_name}): layer_name "'
+            f'{pattern.layer_name}" matches no layer of the optimized model, so the rule does nothing. {hint}'.rstrip(),
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager

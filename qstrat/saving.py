@@ -14,7 +14,7 @@ import json
 import os
 import zipfile
 
-from qstrat.errors import QstratError
+from qstrat.errors import ConfigError, QstratError
 from qstrat.graph.rebuild import recursion_room
 
 # The room given to a legacy .h5 file, whose layer count is not read up front.
@@ -57,6 +57,8 @@ def load_model(path: str | os.PathLike, custom_objects: dict | None = None, comp
     """
     import keras
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise QstratError(f"load_model: expected the path of a model file, got {type(path).__name__}.")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise QstratError(f"{path}: no such model file.")
@@ -74,10 +76,23 @@ def load_model(path: str | os.PathLike, custom_objects: dict | None = None, comp
         with recursion_room(layers):
             return keras.models.load_model(path, custom_objects=custom_objects, compile=compile)
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
+        own = _qstrat_cause(exc)
+        if own is not None:  # qstrat's own message first, not Keras's wrappers and config dumps around it
+            raise QstratError(f"{path}: cannot load the Keras model: {own}") from None
         hint = ""
         if "Could not locate" in str(exc) or "Unknown layer" in str(exc):
             hint = " It uses a custom class: pass it in custom_objects (CLI: --custom-objects module:Name)."
         raise QstratError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc}).{hint}") from None
+
+
+def _qstrat_cause(exc: BaseException) -> QstratError | None:
+    """The qstrat error a load failure came from (Keras wraps a layer's from_config error twice), or None."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, QstratError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def save_model(model, path: str | os.PathLike) -> None:
@@ -87,7 +102,18 @@ def save_model(model, path: str | os.PathLike) -> None:
     """
     import uuid
 
+    from qstrat.files import check_writable
+
+    check_writable(path, "save_model path")
     path = os.fspath(path)
+    if not path.endswith(".keras"):
+        stem = os.path.splitext(path)[0]
+        raise ConfigError(
+            "save_model path",
+            f"{path} does not end in .keras: the model is saved in the .keras format, which Keras loads only "
+            "from a file of that name",
+            f"Use {stem}.keras.",
+        )
     folder = os.path.dirname(os.path.abspath(path)) or "."
     # A name of its own (not mkstemp's 0600 file): the saved model gets the umask's permissions.
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.keras")

@@ -94,16 +94,18 @@ def split_element(element, specs) -> Any:
     return element
 
 
-def check_batch(arrays: Sequence[Any], specs: Sequence[tuple], step: int) -> list[np.ndarray]:
-    """Check one batch against the model inputs ``specs`` [(name, shape, dtype)]; cast to the input dtypes."""
+def check_batch(arrays: Sequence[Any], specs: Sequence[tuple], step: int, label: str = "") -> list[np.ndarray]:
+    """Check one batch against the model inputs ``specs`` [(name, shape, dtype)]; cast to the input dtypes.
+    Errors name it ``label``, by default "calibration batch <step>"."""
+    label = label or f"calibration batch {step}"
     if len(arrays) != len(specs):
         raise CalibrationDataError(
-            f"calibration batch {step}: {len(arrays)} input arrays for a model with {len(specs)} inputs "
+            f"{label}: {len(arrays)} input arrays for a model with {len(specs)} inputs "
             f"({_names(specs)}). Give one array per model input (a list in input order, or a dict by name)."
         )
     out = []
     for arr, (name, shape, dtype) in zip(arrays, specs, strict=True):
-        where = f"calibration batch {step}, input '{name}'"
+        where = f"{label}, input '{name}'"
         if not _is_arraylike(arr):
             raise CalibrationDataError(
                 f"{where}: expected an array, got {type(arr).__name__}. Give one array per model input."
@@ -125,9 +127,7 @@ def check_batch(arrays: Sequence[Any], specs: Sequence[tuple], step: int) -> lis
             raise CalibrationDataError(f"{where}: the batch is empty.")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = int(np.count_nonzero(~np.isfinite(arr)))
-            raise CalibrationDataError(
-                f"{where}: {bad} of {arr.size} values are NaN or Inf. Clean the data before calibrating."
-            )
+            raise CalibrationDataError(f"{where}: {bad} of {arr.size} values are NaN or Inf. Clean the data first.")
         want_dtype = np.dtype(str(dtype)) if _numpy_dtype(dtype) else np.dtype("float32")
         if want_dtype.kind in "iub" and arr.dtype.kind == "f":
             raise CalibrationDataError(

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
-from qstrat.export.files import write_atomically
+from qstrat.files import write_atomically
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.quantizers import Pof2SQuantizer, TQTQuantizer
 

@@ -37,11 +37,11 @@ import warnings
 import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
-from qstrat.export.files import check_writable, write_atomically
 from qstrat.export.onnx_layers import EMITTERS, op_operands
 from qstrat.export.onnx_report import OPSET21_NOTE, QDQ_INT8_OPTION, ExportReport, SaturationWarning
 from qstrat.export.onnx_writer import DEFAULT_OPSET, Writer, version
 from qstrat.export.qdq import Grid
+from qstrat.files import check_writable, write_atomically
 from qstrat.graph import capture
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.quantizers.grid import RoundMode
@@ -73,8 +73,15 @@ def export_onnx(
     Returns:
         An `ExportReport`.
     """
+    check_writable(path, "export_onnx path")
     path = os.fspath(path)
-    check_writable(path)
+    if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in qmodel.layers):
+        raise UnsupportedError(
+            f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer), then export the "
+            "quantized model."
+        )
+    if data is not None:
+        data = _checked_data(qmodel, data)
     graph = capture(qmodel)
     _check_supported(graph)
     b, report = Writer(graph, opset).run()
@@ -155,3 +162,23 @@ def _check_supported(graph) -> None:
             + '. Replace them with supported layers (README "Export" lists them; of keras.ops, add, subtract, '
             "multiply, divide, maximum and minimum of a float32 tensor and a float32 constant export), or file an issue."
         )
+
+
+def _checked_data(qmodel, data):
+    """``data`` as the model's inputs, checked as calibration data is (shapes, dtypes, no NaN or Inf): a dict
+    stays matched by input name."""
+    from qstrat.calibration.data import array_bundle, check_batch
+    from qstrat.errors import CalibrationDataError
+    from qstrat.passes.calibrate import input_specs
+
+    specs = input_specs(qmodel)
+    arrays = array_bundle(data, specs)
+    if arrays is None:
+        raise CalibrationDataError(
+            f"export_onnx data: expected an array, or a list or dict of arrays (one per input), got "
+            f"{type(data).__name__}."
+        )
+    arrays = check_batch(arrays, specs, 0, "export_onnx data")
+    if isinstance(data, dict):
+        return {spec[0]: a for spec, a in zip(specs, arrays, strict=True)}
+    return arrays[0] if len(arrays) == 1 else arrays

@@ -6,7 +6,7 @@ import json
 import os
 
 from qstrat.errors import ConfigError
-from qstrat.export.files import check_writable, write_atomically
+from qstrat.files import check_writable, write_atomically
 from qstrat.strategy import Strategy
 
 
@@ -23,7 +23,7 @@ def output_target(strategy: Strategy) -> str | None:
             "refine_pipeline_config.output_dir", f"cannot create {folder}: {exc}", "Choose another folder."
         ) from None
     path = os.path.join(folder, f"quantized_model.{fmt}")
-    check_writable(path)
+    check_writable(path, "refine_pipeline_config.output_dir")
     return path
 
 

@@ -40,9 +40,9 @@ from collections.abc import Mapping
 import keras
 
 from qstrat.errors import ConfigError, UnsupportedError
-from qstrat.export.files import check_writable, write_atomically
 from qstrat.export.tflite_file import convert, float_ops, read_tflite_metadata, report, with_metadata  # noqa: F401 - read_tflite_metadata is public here
 from qstrat.export.tflite_twin import Twin, layer_name
+from qstrat.files import check_writable, write_atomically
 from qstrat.layers.fake_quant import FakeQuant
 from qstrat.layers.wrapper import QuantizeWrapper
 

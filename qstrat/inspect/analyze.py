@@ -125,7 +125,7 @@ class Analysis:
     def write_json(self, path: str) -> str:
         import json
 
-        from qstrat.export.files import check_writable, write_atomically
+        from qstrat.files import check_writable, write_atomically
 
         check_writable(path)
         write_atomically(path, json.dumps(self.to_dict(), indent=1).encode())

@@ -174,7 +174,7 @@ corrections taken out) matches the float model at {_db(analysis.bypass_sqnr_db)}
 
 def write_report(analysis, path: str) -> str:
     """Render and write atomically; the path is checked before the plots are drawn."""
-    from qstrat.export.files import check_writable, write_atomically
+    from qstrat.files import check_writable, write_atomically
 
     check_writable(path)
     write_atomically(path, render(analysis).encode("utf-8"))

@@ -24,6 +24,7 @@ Budgets:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,13 @@ def check_budget(accuracy_budget, eval_fn, target_sqnr, max_raised, raise_to) ->
         )
     if eval_fn is not None and accuracy_budget is None:
         raise ConfigError(where, "eval_fn is given without accuracy_budget", "Add accuracy_budget=... (e.g. 0.01).")
+    for name, value in (("target_sqnr", target_sqnr), ("accuracy_budget", accuracy_budget)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(where, f"{name} must be a number, got {value!r}", None)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(where, f"{name} must be a finite number, got {value!r}", "Give the target in dB.")
+    if accuracy_budget is not None and accuracy_budget < 0:
+        raise ConfigError(where, f"accuracy_budget must be 0 or more, got {accuracy_budget!r}", None)
     if not 0.0 < float(max_raised) <= 1.0:
         raise ConfigError(where, f"max_raised must be a fraction in (0, 1], got {max_raised!r}", None)
     if raise_to not in PRECISIONS:

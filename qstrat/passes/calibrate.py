@@ -22,6 +22,7 @@ from qstrat.layers.probe import HISTOGRAMS, ChannelSumTaps, PackedStats, StatsTa
 from qstrat.passes.distributed import Spread, placement
 from qstrat.passes.runner import BatchRunner, graph_probe, groups, join, merged, sample_bytes, split_outputs
 from qstrat.progress import Progress
+from qstrat.quantizers.registry import checked_state
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
 
@@ -61,9 +62,10 @@ def input_specs(model) -> list[tuple]:
     return [(t.name, tuple(t.shape), t.dtype) for t in model.inputs]
 
 
-def _assign(state: dict, values: dict) -> None:
-    for key, value in values.items():
-        state[key].assign(np.asarray(value, dtype=state[key].dtype))
+def _assign(state: dict, values, quantizer, method: str, where: str) -> None:
+    """Set ``state`` to what ``quantizer.<method>`` returned (`checked_state`: None leaves it as it is)."""
+    for key, value in (checked_state(quantizer, values, state, method, where) or {}).items():
+        state[key].assign(value)
 
 
 def weight_groups(qmodel) -> list[list[tuple[QuantizeWrapper, str]]]:
@@ -117,7 +119,9 @@ def calibrate_weight_group(group: list[tuple[QuantizeWrapper, str]]) -> None:
     q = wrapper.quantizers[attr]
     tensors = [_weight_value(w, a) for w, a in group]
     where = f"{wrapper.layer.name}.{attr}"
-    _assign(wrapper.state[attr], q.state_from_tensor(joint_tensor(tensors, q.axis, where)))
+    _assign(
+        wrapper.state[attr], q.state_from_tensor(joint_tensor(tensors, q.axis, where)), q, "state_from_tensor", where
+    )
 
 
 def calibrate_weights(qmodel) -> None:
@@ -246,7 +250,7 @@ def calibrate_activations(
         observe(tapped, packed.per_tensor())
     done = [fq for fq in fqs if fq.name in taps]
     for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
-        _assign(fq.state, state)
+        _assign(fq.state, state, fq.quantizer, "state_from_stats", fq.target or fq.name)
     return samples
 
 

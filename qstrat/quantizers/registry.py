@@ -49,6 +49,8 @@ def register_quantizer(cls=None, *, name: str | None = None, replace: bool = Fal
     """
 
     def add(klass):
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigError.expected("register_quantizer name", "a non-empty string", name)
         key = name or getattr(klass, "__name__", repr(klass))
         if not (isinstance(klass, type) and issubclass(klass, Quantizer)):
             raise ConfigError(
@@ -153,3 +155,41 @@ def get_quantizer_class(name: str, path: str = "type") -> type[Quantizer]:
 
 def registered_quantizers() -> dict[str, type[Quantizer]]:
     return dict(_REGISTRY)
+
+
+def checked_state(quantizer: Quantizer, values, state: dict, method: str, where: str) -> dict | None:
+    """What ``quantizer.<method>`` returned, checked against the state it sets (``{key: variable}``): None (the
+    state stays as it is), or a value for every key, in its shape, finite; else a `ConfigError` naming the
+    class, the method, the tensor and the key."""
+    import numpy as np
+
+    if values is None:
+        return None
+    path = f"{type(quantizer).__name__}.{method} ({where})"
+    fix = "Return {key: array} for every key of state_spec, in its shape (README: Custom quantizers)."
+    if not isinstance(values, dict):
+        raise ConfigError(path, f"returned a {type(values).__name__}, not a dict of state values", fix)
+    extra, missing = sorted(set(values) - set(state), key=str), sorted(set(state) - set(values), key=str)
+    if extra or missing:
+        said = "; ".join(
+            part
+            for part in (
+                f"keys not in state_spec: {', '.join(map(str, extra))}" if extra else "",
+                f"no value for {', '.join(map(str, missing))}" if missing else "",
+            )
+            if part
+        )
+        raise ConfigError(path, said, fix)
+    out = {}
+    for key, value in values.items():
+        want = tuple(state[key].shape)
+        try:
+            arr = np.asarray(value, dtype=np.dtype(str(state[key].dtype)))
+        except (TypeError, ValueError):
+            raise ConfigError(path, f"state '{key}' is not numbers: {value!r:.60}", fix) from None
+        if arr.shape != want:
+            raise ConfigError(path, f"state '{key}' has shape {arr.shape}; its state_spec says {want}", fix)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ConfigError(path, f"state '{key}' holds NaN or Inf", "Return finite values: check the statistics.")
+        out[key] = arr
+    return out

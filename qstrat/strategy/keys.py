@@ -161,15 +161,19 @@ QUANTIZE_KEYS = (
         "DPU: simulate the DPU LayerNormalization unit (bfloat16 arithmetic).",
         _DPU_UNDOCUMENTED.format(unit="LayerNormalization"),
     ),
-    _b(
+    KeySpec(
         "no_quant_in_conv_bn_act",
+        "bool",
         "No quantizer between a conv, its folded BatchNormalization and its activation: only the activation output is quantized.",
+        True,
     ),
-    _b(
+    KeySpec(
         "no_quant_in_conv_act",
+        "bool",
         "No quantizer between a conv and its activation: only the activation output is quantized.",
+        True,
     ),
-    _b("no_quant_in_add_act", "No quantizer between an Add/Multiply and the activation after it."),
+    KeySpec("no_quant_in_add_act", "bool", "No quantizer between an Add/Multiply and the activation after it.", True),
     KeySpec(
         "export_rounding",
         "enum",

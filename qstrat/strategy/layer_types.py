@@ -2,8 +2,8 @@
 
 A ``layer_type`` token is a Keras layer class name (``"Conv2D"``), the name of
 a custom class the user passed in ``custom_types``/``custom_objects``, a
-registered Keras serializable name, or a dotted path (``"mypkg.layers.MyConv"``)
-imported when matching. A layer matches a type if it is an instance of that
+registered Keras serializable name, or a dotted path (``"mypkg.layers.MyConv"``):
+checked at load time where its module imports, else matched by its last name. A layer matches a type if it is an instance of that
 class or of a subclass, so user subclasses of Conv2D match ``"Conv2D"``.
 """
 
@@ -64,16 +64,37 @@ def resolve_layer_class(token: str, custom_types: Mapping[str, type] | None = No
 
 
 def check_layer_type(token: str, path: str, custom_types: Mapping[str, type] | None = None) -> None:
-    """Reject a layer_type token that names no class (dotted paths are checked when matching)."""
+    """Reject a layer_type token that names no layer class. A dotted path whose module cannot be imported here
+    is let through: it then matches layers whose class has its last name."""
     if not token:
         raise ConfigError(path, 'an empty alternative in layer_type (a stray "|")', 'Remove the extra "|".')
-    if "." in token or resolve_layer_class(token, custom_types) is not None:
+    if "." in token and not (custom_types and token in custom_types):
+        _check_dotted(token, path)
+        return
+    if resolve_layer_class(token, custom_types) is not None:
         return
     choices = list(keras_layer_classes()) + list(custom_types or ())
     hint = did_you_mean(token, choices) or (
         'Use a Keras layer class name, a dotted path such as "mypkg.MyLayer", or pass the class in custom_objects.'
     )
     raise ConfigError(path, f'unknown layer type "{token}"', hint)
+
+
+def _check_dotted(token: str, path: str) -> None:
+    import keras
+
+    module_name, _, attr = token.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except (ImportError, ValueError):
+        return  # not importable here: matched by its class name
+    cls = getattr(module, attr, None)
+    if cls is None:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        hint = did_you_mean(attr, names) or f"Check the class name in {module_name}."
+        raise ConfigError(path, f'"{token}": {module_name} has no {attr}', hint)
+    if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
+        raise ConfigError(path, f'"{token}" is not a Keras layer class', "Name a keras.layers.Layer subclass.")
 
 
 def _init_params(cls: type) -> set[str] | None:

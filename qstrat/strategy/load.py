@@ -20,13 +20,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
 from qstrat.errors import ConfigError, did_you_mean
+from qstrat.files import check_writable, write_atomically
 from qstrat.strategy.keys import LEGACY_KEYS, SECTIONS
 from qstrat.strategy.parse import REGISTRY, REGISTRY_KEYS, TOP_KEYS, parse_strategy
 from qstrat.strategy.readers import check_known as _known
@@ -64,6 +64,10 @@ def read_strategy_file(path: str) -> dict[str, Any]:
             text = fh.read()
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read the strategy file ({exc.strerror})", "Check the path.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path), f"not a text file (byte {exc.start} is not UTF-8)", "Give a strategy JSON file, saved as UTF-8."
+        ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -240,20 +244,12 @@ def _base_data(name: str, path: str) -> dict[str, Any]:
 
 
 def dump_quantize_strategy(strategy: Strategy, path: str | os.PathLike, verbose: int = 2) -> str:
-    """Write a strategy as JSON, atomically (a temporary file renamed into place)."""
-    text = json.dumps(strategy.to_dict(verbose), indent=2) + "\n"
+    """Write a strategy as JSON, atomically (a temporary file renamed into place); ``verbose`` 0, 1 or 2."""
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ConfigError.expected("dump_quantize_strategy verbose", "0, 1 or 2", verbose)
+    check_writable(path, "dump_quantize_strategy path")
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".strategy-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, (json.dumps(strategy.to_dict(verbose), indent=2) + "\n").encode("utf-8"))
     return path
 
 

@@ -85,7 +85,8 @@ class Matcher:
 
     def _cls(self, token: str) -> type | None:
         if token not in self._classes:
-            self._classes[token] = resolve_layer_class(token, self.custom_types)
+            cls = resolve_layer_class(token, self.custom_types)
+            self._classes[token] = cls if isinstance(cls, type) else None
         return self._classes[token]
 
     def type_matches(self, pattern: LayerPattern, layer) -> bool:

@@ -9,15 +9,18 @@ import uuid
 from qstrat.errors import ConfigError
 
 
-def check_writable(path: str) -> None:
-    """Fail before any long work when ``path`` cannot be written."""
+def check_writable(path: str, where: str = "path") -> None:
+    """Fail before any long work when ``path`` cannot be written (``where``: the argument or flag that gave it)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(where, f"expected a file path, got {type(path).__name__}", "Give the file to write.")
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
-        raise ConfigError("path", f"{path} is a folder", "Give the file to write, e.g. model.onnx.")
+        raise ConfigError(where, f"{path} is a folder", "Give the file to write, e.g. model.onnx.")
     if not os.path.isdir(folder):
-        raise ConfigError("path", f"the folder {folder} does not exist", "Create it first, or choose another path.")
+        raise ConfigError(where, f"the folder {folder} does not exist", "Create it first, or choose another path.")
     if not os.access(folder, os.W_OK):
-        raise ConfigError("path", f"the folder {folder} is not writable", "Choose a folder you can write to.")
+        raise ConfigError(where, f"the folder {folder} is not writable", "Choose a folder you can write to.")
 
 
 def write_atomically(path: str, data: bytes) -> None:
