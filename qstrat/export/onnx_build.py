@@ -179,7 +179,7 @@ def per_axis(scale_full: np.ndarray, zp_full: np.ndarray, channel_full: np.ndarr
 
     ``channel_full``, for a per-channel grid, holds each element's channel
     index (moved the same way): it names the axis even where every channel
-    has the same scale. Otherwise a uniform scale is per tensor (axis None).
+    has the same scale. Otherwise a uniform scale is per tensor (axis None), as is a weight of one channel.
     """
     s, z = np.asarray(scale_full), np.asarray(zp_full)
     if channel_full is None:
@@ -187,6 +187,8 @@ def per_axis(scale_full: np.ndarray, zp_full: np.ndarray, channel_full: np.ndarr
             return s.flat[0], z.flat[0], None
         raise ValueError("a per-tensor grid with scales that vary")
     c = np.asarray(channel_full)
+    if c.size and np.all(c == c.flat[0]):  # one channel (Dense(1), a 1-filter transposed conv): its one grid
+        return s.flat[0], z.flat[0], None
     for axis in range(c.ndim):
         first = tuple(0 if a != axis else slice(None) for a in range(c.ndim))
         shape = [1] * c.ndim

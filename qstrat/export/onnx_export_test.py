@@ -514,3 +514,28 @@ def test_dpu_layer_versions_export_bit_for_bit(tmp_path):
     assert np.array_equal(run(tmp_path / "dpu.onnx", x_data, optimize=False), keras_out(qmodel, x_data))
     nodes = {n.name: n.op_type for n in onnx.load(tmp_path / "dpu.onnx").graph.node}
     assert nodes["gate"] == "Mul" and nodes["avg"] == "Mul" and nodes["gap"] == "Mul"
+
+
+@pytest.mark.parametrize("head", ["dense", "conv_transpose"])
+def test_fs_exports_a_layer_of_one_output_channel(head, tmp_path):
+    """A per-channel weight of one channel (a regression head) exports as its one grid, not along another axis."""
+    i = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(i)
+    if head == "dense":
+        y = keras.layers.Dense(1, name="head")(keras.layers.GlobalAveragePooling2D()(x))
+    else:
+        y = keras.layers.Conv2DTranspose(1, 3, strides=2, name="head")(x)
+    model = keras.Model(i, y)
+    x = np.random.default_rng(1).normal(size=(32, 6, 6, 3)).astype("float32")
+    qmodel = quantize(model, x, "fs", weight_per_channel=True)
+    path = tmp_path / "q.onnx"
+    export_onnx(qmodel, path)
+    kernels = [i for i in onnx.load(path).graph.initializer if i.name.endswith("/kernel/scale")]
+    assert [tuple(k.dims) for k in kernels] == [(4,), ()]  # per channel, then the head's one scale
+    # The head reads its input on a grid where ONNX Runtime may round an element one step the other way (a
+    # float scale, README "Export"): its output moves by at most that step times the head's summed |weights|.
+    info = qstrat.get_quantize_info(qmodel)["head"]
+    kernel = ops.convert_to_numpy(qmodel.get_layer("quant_head").quantized_weight("kernel"))
+    bound = info["input_0"]["scale"] * np.abs(kernel).sum() + 1e-5 * np.abs(kernel).sum()
+    got, want = run(path, x, optimize=False), keras_out(qmodel, x)
+    assert got.shape == want.shape and np.max(np.abs(got - want)) <= bound

@@ -72,8 +72,15 @@ def refill(layer) -> None:
         return
     del layer._qstrat_initializers
     for key, value in held.value.items():
-        if hasattr(layer, key):
-            setattr(layer, key, keras.initializers.get(value))
+        # A recurrent layer's initializers are read-only views of its cell's: set them there.
+        for owner in (layer, getattr(layer, "cell", None)):
+            if owner is None or not hasattr(owner, key):
+                continue
+            try:
+                setattr(owner, key, keras.initializers.get(value))
+                break
+            except AttributeError:
+                continue
 
 
 class Editor:

@@ -100,6 +100,8 @@ def _targets(qmodel, float_graph: Graph):
     for layer in qmodel.layers:
         if not isinstance(layer, QuantizeWrapper) or len(layer._inbound_nodes) != 1:
             continue
+        if getattr(layer.layer, "data_format", "channels_last") != "channels_last":
+            continue  # its channels are not on the last axis, where the means are measured: left as it is
         nodes = by_layer.get(layer.layer.name, [])
         if len(nodes) != 1:
             continue
@@ -113,6 +115,8 @@ def _targets(qmodel, float_graph: Graph):
                 bn = qmodel.get_layer(users[0].layer_name)
             except ValueError:
                 continue
+            if int(np.ravel(bn.axis)[0]) % len(bn.input.shape) != len(bn.input.shape) - 1:
+                continue  # normalizes another axis than the last
         out.append((layer, TensorRef(node.name, 0), bn))
     return out
 

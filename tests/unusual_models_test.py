@@ -1,0 +1,54 @@
+"""Model structures outside the DPU's layers: recurrent layers and channels_first convolutions.
+
+Each quantizes: what qstrat cannot quantize runs in float and is listed in the
+report, and bias correction leaves alone the layers whose channels are not
+on the last axis instead of correcting them along the wrong one.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import qstrat
+
+L = keras.layers
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "SimpleRNN"])
+def test_a_recurrent_layer_is_skipped_and_runs_in_float_with_its_weights(kind):
+    i = keras.Input((6, 5))
+    model = keras.Model(i, L.Dense(2, name="head")(getattr(L, kind)(4, name="rnn")(i)))
+    x = np.random.default_rng(0).normal(size=(16, 6, 5)).astype("float32")
+    q = qstrat.Quantizer(model, "pof2s")
+    qmodel = q.quantize_model(x, verbose=0)
+    assert q.report.layers["rnn"].status == "skipped" and f"({kind})" in q.report.layers["rnn"].reason
+    assert q.report.layers["head"].status == "quantized"
+    rnn = qmodel.get_layer("rnn")
+    for got, want in zip(rnn.get_weights(), model.get_layer("rnn").get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    probe = keras.Model(qmodel.inputs, rnn.output)  # the float layer on the quantized model input
+    quantized_input = ops.convert_to_numpy(keras.Model(qmodel.inputs, rnn.input)(x))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(probe(x)), ops.convert_to_numpy(model.get_layer("rnn")(quantized_input)), atol=1e-6
+    )
+
+
+@pytest.mark.portable
+def test_bias_correction_leaves_channels_first_convolutions_as_they_are():
+    """Its means are per last axis: a channels_first conv whose width equals its channel count would be
+    'corrected' per column, silently, so it is not corrected at all."""
+    i = keras.Input((3, 8, 8))
+    x = L.Conv2D(4, 3, data_format="channels_first", name="conv")(i)  # output (4, 6, 6)
+    x = L.Conv2D(6, 3, data_format="channels_first", name="wide")(x)  # output (6, 4, 4)
+    model = keras.Model(i, L.Dense(2, name="head")(L.Flatten()(x)))
+    x = np.random.default_rng(0).normal(size=(32, 3, 8, 8)).astype("float32")
+    q = qstrat.Quantizer(model, "pof2s")
+    plain = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, include_bias_corr=False)
+    qmodel = q.quantize_model(x, verbose=0)
+    assert {c.layer for c in q.bias_corrections} == {"head"}
+    for name in ("quant_conv", "quant_wide"):
+        np.testing.assert_array_equal(
+            qmodel.get_layer(name).layer.bias.numpy(), plain.get_layer(name).layer.bias.numpy()
+        )
