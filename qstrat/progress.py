@@ -29,6 +29,10 @@ class Progress:
     """Stage names and times, and progress bars, for one long call."""
 
     def __init__(self, verbose: int = 1, stream=None, data: str = "calibration data"):
+        if not isinstance(verbose, int) or verbose < 0:  # True and False are 1 and 0
+            from qstrat.errors import ConfigError
+
+            raise ConfigError.expected("verbose", "0 (silent), 1 or 2", verbose)
         self.verbose = verbose
         self.data = data
         self.stream = stream

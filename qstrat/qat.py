@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import keras
+import numpy as np
 
 from qstrat.calibration.data import check_count
 from qstrat.errors import ConfigError, UnsupportedError
@@ -80,8 +81,10 @@ def qat_model(
         overrides: other strategy keys.
     """
     overrides = dict(overrides)
+    _flag(init_quant, "get_qat_model init_quant")
     if train_with_bn is not None:
-        overrides["train_with_bn"] = bool(train_with_bn)
+        _flag(train_with_bn, "get_qat_model train_with_bn")
+        overrides["train_with_bn"] = train_with_bn
     if freeze_bn_delay is not None:
         overrides["freeze_bn_delay"] = freeze_bn_delay
     calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
@@ -98,6 +101,12 @@ def qat_model(
             "calib_dataset",
             "init_quant=True calibrates the activation quantizers from data, and no calib_dataset was given",
             "Pass calib_dataset (a few hundred training samples), or init_quant=False.",
+        )
+    if calib_dataset is not None and not init_quant:
+        warnings.warn(
+            "get_qat_model: calib_dataset does nothing without init_quant=True, and the activation quantizers "
+            "start uncalibrated. Pass init_quant=True to calibrate them on it first.",
+            stacklevel=3,
         )
     warn_pending(strategy)
     for key, why in _PTQ_ONLY.items():
@@ -149,6 +158,36 @@ def qat_model(
     return model
 
 
+# The keys that act in get_deploy_model: the refine stage's constraints and where the model is written.
+_DEPLOY_KEYS = frozenset(
+    {
+        "adjust_dpu_sigmoid", "adjust_dpu_shift_cut", "adjust_dpu_shift_bias", "adjust_dpu_shift_bias_leakyrelu",
+        "adjust_dpu_shift_read", "adjust_dpu_shift_write", "adjust_dpu_shift_swish", "align_concat", "align_pool",
+        "output_format", "output_dir", "onnx_opset_version",
+    }
+)  # fmt: skip
+
+
+def _flag(value, where: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError.expected(where, "True or False", value)
+
+
+def _refuse_diverged(model) -> None:
+    """Refuse a QAT model whose weights or quantizer state hold NaN or Inf (training diverged), by name."""
+    for v in model.weights:
+        if not keras.backend.is_float_dtype(v.dtype):
+            continue
+        values = np.asarray(v.numpy())
+        if not np.isfinite(values).all():
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            raise UnsupportedError(
+                f"'{model.name}': {v.path} holds {bad} NaN or Inf values (of {values.size}): training diverged, "
+                "and no deployable model can be made of it. Train again (a lower learning rate), or deploy a "
+                "checkpoint from before it diverged."
+            )
+
+
 def _check_quantized(model) -> None:
     if not isinstance(model, keras.Model):
         raise ConfigError("qat_model", f"expected the trained QAT keras.Model, got {type(model).__name__}")
@@ -169,6 +208,17 @@ def deploy_model(
 ):
     """`Quantizer.get_deploy_model`: the deployable copy of a trained QAT model (see the module doc)."""
     _check_quantized(model)
+    _flag(convert_to_pof2s_quantize_strategy, "get_deploy_model convert_to_pof2s_quantize_strategy")
+    _flag(convert_to_fs_quantize_strategy, "get_deploy_model convert_to_fs_quantize_strategy")
+    _refuse_diverged(model)
+    for key in overrides:
+        if key not in _DEPLOY_KEYS:
+            warnings.warn(
+                f"get_deploy_model: {key} does nothing here: the QAT model's layers and quantizers were set by "
+                "get_qat_model (give it there); get_deploy_model takes the refine stage's position constraints, "
+                "output_format, output_dir and onnx_opset_version.",
+                stacklevel=3,
+            )
     strategy = q._strategy(
         {
             **overrides,
@@ -186,6 +236,13 @@ def deploy_model(
             converted, report = to_pof2s(deployed)
         if report.converted():
             deployed, pof2s_report = converted, report
+        left = [f"{t.layer}.{t.target} ({t.note})" for t in report.not_converted() if t.from_type == "TQTQuantizer"]
+        if left:
+            warnings.warn(
+                f"get_deploy_model: {len(left)} TQT quantizer(s) could not become power-of-2 positions and stay "
+                f"TQT in the deploy model: {'; '.join(left[:4])}{'; ...' if len(left) > 4 else ''}.",
+                stacklevel=3,
+            )
     with progress.stage("position constraints"):
         q.position_changes = apply_constraints(deployed, strategy.refine)
     q.bias_corrections = []

@@ -79,6 +79,8 @@ def _stem(target: str) -> str:
 
 
 def _check_dir(output_dir: str) -> str:
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise ConfigError.expected("dump_model output_dir", "a folder path", output_dir)
     output_dir = os.fspath(output_dir)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError("output_dir", f"{output_dir} is a file", "Give a folder for the dump files.")
@@ -123,6 +125,8 @@ def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=Fal
     from qstrat.passes.calibrate import input_specs
 
     output_dir = _check_dir(output_dir)
+    if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in qmodel.layers):
+        raise UnsupportedError(f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer).")
     entries: dict[str, tuple[dict, np.ndarray, np.ndarray | None, np.dtype]] = {}
 
     def add(target: str, kind: str, q, state, ints: np.ndarray, pos: np.ndarray, floats):

@@ -41,15 +41,18 @@ import keras
 
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.export.tflite_file import convert, float_ops, read_tflite_metadata, report, with_metadata  # noqa: F401 - read_tflite_metadata is public here
-from qstrat.export.tflite_twin import Twin, layer_name
+from qstrat.export.tflite_twin import Twin, layer_name, tflite_grid
 from qstrat.files import check_writable, write_atomically
+from qstrat.graph.ir import TensorRef
 from qstrat.layers.fake_quant import FakeQuant
 from qstrat.layers.wrapper import QuantizeWrapper
 
 
-def _check_args(path, metadata) -> tuple[str, dict[str, str]]:
+def _check_args(path, metadata, int8_io) -> tuple[str, dict[str, str]]:
+    check_writable(path, "export_tflite path")
     path = os.fspath(path)
-    check_writable(path)
+    if not isinstance(int8_io, bool):
+        raise ConfigError.expected("export_tflite.int8_io", "True or False", int8_io)
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ConfigError("export_tflite.metadata", f"expected a mapping of str to str, got {type(metadata).__name__}")
     items = dict(metadata or {})
@@ -101,7 +104,7 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
             "KERAS_BACKEND=tensorflow (e.g. KERAS_BACKEND=tensorflow python, then qstrat.load_model(path)) "
             "and export it there."
         )
-    path, metadata = _check_args(path, metadata)
+    path, metadata = _check_args(path, metadata, int8_io)
     if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in qmodel.layers):
         raise UnsupportedError(f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer).")
     dpu = [layer.name for layer in qmodel.layers if type(layer).__name__ in DPU_LAYERS]
@@ -113,6 +116,7 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
             "convert_sigmoid_to_hard_sigmoid keys off."
         )
     twin = Twin(qmodel)
+    _check_resizes(twin)
     unranged = twin.unranged()
     if unranged and calib_data is None:
         names = ", ".join(layer_name(twin.graph.node(r.node)) for r in unranged)
@@ -121,7 +125,7 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
             "Pass calib_data (a few hundred samples) to give them min/max ranges."
         )
     if unranged:
-        twin.add_ranges(unranged, calib_data)
+        twin.add_ranges(unranged, _checked_calib(qmodel, calib_data))
     model = convert(twin.build(), int8_io)
     floats = float_ops(model)
     if floats:
@@ -129,3 +133,39 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
     data = with_metadata(model, metadata)
     write_atomically(path, data)
     return report(model, path, len(data), int8_io, twin, metadata)
+
+
+def _check_resizes(twin: Twin) -> None:
+    """Refuse a bilinear resize whose output grid is not its input's: TFLite's int8 kernel writes the input's
+    scale (qstrat's own output grid would be lost, by many steps), so the file would not compute the model."""
+    for node in twin.graph.nodes:
+        op = node.op
+        if type(op).__name__ != "UpSampling2D" or getattr(op, "interpolation", "nearest") == "nearest":
+            continue
+        before = twin.graph.node(node.inputs[0].node) if node.inputs else None
+        after = twin.graph.consumers(TensorRef(node.name, 0))
+        fqs = [n.op for n in [before, *after] if n is not None and isinstance(n.op, FakeQuant)]
+        grids = [tuple(float(v) for v in tflite_grid(q.quantizer, q.state, q.enabled, q.name, False)[:2]) for q in fqs]
+        if len(grids) == 2 and grids[0] != grids[1]:
+            (s_in, z_in), (s_out, z_out) = grids
+            raise UnsupportedError(
+                f"{op.name}: UpSampling2D (bilinear) writes another grid (scale {s_out:g}, zero point {z_out:g}) "
+                f"than it reads (scale {s_in:g}, zero point {z_in:g}), and TFLite's int8 resize keeps its input's: "
+                'the file would not compute the model. Export to ONNX, or use interpolation="nearest".'
+            )
+
+
+def _checked_calib(qmodel, calib_data):
+    """``calib_data`` checked as calibration data is (shapes, dtypes, no NaN), as a list of arrays."""
+    from qstrat.calibration.data import array_bundle, check_batch
+    from qstrat.errors import CalibrationDataError
+
+    specs = [(t.name, tuple(t.shape), t.dtype) for t in qmodel.inputs]
+    arrays = array_bundle(calib_data, specs)
+    if arrays is None:
+        raise CalibrationDataError(
+            f"export_tflite calib_data: expected an array, or a list of arrays (one per input), got "
+            f"{type(calib_data).__name__}."
+        )
+    arrays = check_batch(arrays, specs, 0, "export_tflite calib_data")
+    return arrays[0] if len(arrays) == 1 else arrays

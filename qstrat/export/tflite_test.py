@@ -289,8 +289,10 @@ def test_fs_without_calib_data_names_the_float_tensors(fs, tmp_path):
     qmodel, *_ = fs
     with pytest.raises(qstrat.UnsupportedError, match=r"outputs of bn4, relu4, logits in float.*calib_data"):
         export_tflite(qmodel, tmp_path / "m.tflite")
-    with pytest.raises(qstrat.CalibrationDataError, match="expected 1 non-empty array"):
+    with pytest.raises(qstrat.CalibrationDataError, match="calib_data: 2 input arrays for a model with 1 inputs"):
         export_tflite(qmodel, tmp_path / "m.tflite", calib_data=[np.zeros((2, 16, 16, 1))] * 2)
+    with pytest.raises(qstrat.CalibrationDataError, match=r"calib_data, input 'digit': expected shape \(None, 16"):
+        export_tflite(qmodel, tmp_path / "m.tflite", calib_data=np.zeros((2, 5, 5, 1)))
     assert os.listdir(tmp_path) == []
 
 

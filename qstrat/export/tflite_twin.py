@@ -56,7 +56,7 @@ def _numpy(v) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(v), np.float64)
 
 
-def _grid(q, state, enabled, where: str, weight: bool):
+def tflite_grid(q, state, enabled, where: str, weight: bool):
     """(scale, zero_point, qmin, qmax) of a qstrat quantizer, or an `UnsupportedError` on what TFLite cannot hold."""
     p, fix = q.params, "for this target in the strategy"
     checks = (
@@ -145,7 +145,9 @@ class Twin:
                 self.ops[node.name] = keras.layers.Lambda(lambda x: x, name=node.op.name)
             elif isinstance(node.op, FakeQuant):
                 fq = node.op
-                scale, zp, qmin, qmax = _grid(fq.quantizer, fq.state, fq.enabled, f"{fq.name} ({fq.target})", False)
+                scale, zp, qmin, qmax = tflite_grid(
+                    fq.quantizer, fq.state, fq.enabled, f"{fq.name} ({fq.target})", False
+                )
                 lo, hi = float((qmin - zp) * scale), float((qmax - zp) * scale)
                 self.ops[node.name] = _fake_quant(lo, hi, qmax - qmin == 254, fq.name)
             elif isinstance(node.op, QuantizeWrapper):
@@ -186,7 +188,7 @@ class Twin:
             if attr == "bias":  # TFLite quantizes a bias to int32 at input scale * weight scale
                 bias = values
                 continue
-            scale, _, qmin, qmax = _grid(q, w.state[attr], w.enabled[attr], where, True)
+            scale, _, qmin, qmax = tflite_grid(q, w.state[attr], w.enabled[attr], where, True)
             axis = None if q.axis is None else q.axis % values.ndim
             if depthwise and axis == 2:  # TFLite's depthwise filter is (1, kh, kw, in * multiplier)
                 scale = np.repeat(scale, values.shape[3])

@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -49,6 +50,10 @@ from qstrat.inspect.units import Flags, find_units
 from qstrat.passes.calibrate import input_specs
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
+
+# The bypassed quantized model differs from its float model only by the optimize stage's float rewrites and
+# the DPU layer versions (an average's 1/9 as 7/64 is a 1.6% change, about 36 dB): far above this.
+BYPASS_SQNR_FLOOR = 20.0
 
 
 @dataclass
@@ -221,6 +226,12 @@ def analyze(
                 off = _as_list(tap_runner(batch))
                 flags.restore()
                 on = _as_list(tap_runner(batch))
+                shapes = [(np.shape(f), np.shape(b)) for f, b in zip(f_out, off[:n_out], strict=True)]
+                if any(a != b for a, b in shapes):
+                    raise CalibrationDataError(
+                        f"analyze: the float model's outputs have shapes {[a for a, _ in shapes]} and the quantized "
+                        f"model's {[b for _, b in shapes]}; pass the float model the quantized one was made from."
+                    )
                 references.append(off[:n_out])
                 for f, b, q in zip(f_out, off[:n_out], on[:n_out], strict=True):
                     out_quant.add(f, q)
@@ -288,6 +299,13 @@ def analyze(
             passes[key] = len(runs)
     finally:
         flags.restore()
+    if bypass.sqnr() is not None and bypass.sqnr() < BYPASS_SQNR_FLOOR:
+        warnings.warn(
+            f"analyze: with every quantizer bypassed, '{qmodel.name}' computes the float model's outputs only to "
+            f"{bypass.sqnr():.1f} dB, below {BYPASS_SQNR_FLOOR} dB: the float model given is likely not the one it "
+            "was quantized from, and every figure against it is off.",
+            stacklevel=2,
+        )
     return Analysis(
         qmodel.name,
         samples,

@@ -73,7 +73,7 @@ def check_budget(accuracy_budget, eval_fn, target_sqnr, max_raised, raise_to) ->
             raise ConfigError(where, f"{name} must be a finite number, got {value!r}", "Give the target in dB.")
     if accuracy_budget is not None and accuracy_budget < 0:
         raise ConfigError(where, f"accuracy_budget must be 0 or more, got {accuracy_budget!r}", None)
-    if not 0.0 < float(max_raised) <= 1.0:
+    if isinstance(max_raised, bool) or not isinstance(max_raised, (int, float)) or not 0.0 < max_raised <= 1.0:
         raise ConfigError(where, f"max_raised must be a fraction in (0, 1], got {max_raised!r}", None)
     if raise_to not in PRECISIONS:
         raise ConfigError(where, f"raise_to {raise_to!r} is not one of {', '.join(PRECISIONS)}", None)
@@ -126,10 +126,24 @@ def search(
     """
     progress = Progress(verbose)
 
-    def score(model) -> float:
-        return output_sqnr(float_model, model, sample, batch_size) if target_sqnr is not None else float(eval_fn(model))
+    def evaluated(model) -> float:
+        got = eval_fn(model)
+        try:
+            value = float(got)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(got, (bool, str)) or not math.isfinite(value):
+            raise ConfigError(
+                "quantize_model eval_fn",
+                f"returned {got!r:.80} for '{model.name}'",
+                "Return a finite number, higher for better (e.g. the accuracy on a held-out set).",
+            )
+        return value
 
-    target = target_sqnr if target_sqnr is not None else float(eval_fn(float_model)) - float(accuracy_budget)
+    def score(model) -> float:
+        return output_sqnr(float_model, model, sample, batch_size) if target_sqnr is not None else evaluated(model)
+
+    target = target_sqnr if target_sqnr is not None else evaluated(float_model) - float(accuracy_budget)
     base = score(qmodel)
     tried = [(0, base)]
     progress.say(
@@ -145,17 +159,17 @@ def search(
 
     def attempt(k: int):
         config = {**user_layer_config, **{n: raise_to for n in ranking[:k]}}
-        with progress.stage(f"mixed precision: {k} layers at {raise_to}"):
+        with progress.stage(f"mixed precision: {k} layer{'s' * (k != 1)} at {raise_to}"):
             model = quantize(config)
         s = score(model)
         tried.append((k, s))
-        progress.say(f"mixed precision: {k} layers raised: {_said(s, target_sqnr)}")
+        progress.say(f"mixed precision: {k} layer{'s' * (k != 1)} raised: {_said(s, target_sqnr)}")
         return model, s
 
     best = attempt(cap) if cap > 0 else (qmodel, base)
     if best[1] < target:
         warnings.warn(
-            f"mixed precision: the budget is not met with {cap} layers at {raise_to} (the cap, max_raised="
+            f"mixed precision: the budget is not met with {cap} layer{'s' * (cap != 1)} at {raise_to} (the cap, max_raised="
             f"{max_raised}): {_said(best[1], target_sqnr)} against {_said(target, target_sqnr)}. Returning that "
             "model; raise max_raised, or loosen the budget.",
             stacklevel=3,

@@ -16,7 +16,7 @@ from keras import ops
 
 import qstrat
 from qstrat import zoo
-from qstrat.errors import UnsupportedError
+from qstrat.errors import CalibrationDataError, UnsupportedError
 from qstrat.graph import capture
 from qstrat.graph.ir import TensorRef
 from qstrat.integer import run_integer, simulate_integer
@@ -261,7 +261,7 @@ def test_simulate_integer_equals_predict(mixed_data):
     assert all(np.array_equal(a, b) for a, b in zip(want, whole, strict=True))
     by_name = simulate_integer(qmodel, {"image": x[0], "sequence": x[1]}, batch_size=20)
     assert all(np.array_equal(a, b) for a, b in zip(whole, by_name, strict=True))
-    with pytest.raises(UnsupportedError, match="2 inputs"):
+    with pytest.raises(CalibrationDataError, match="1 input arrays for a model with 2 inputs"):
         simulate_integer(qmodel, x[0])
 
 
