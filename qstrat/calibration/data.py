@@ -206,6 +206,20 @@ def array_bundle(data, specs) -> list[np.ndarray] | None:
     return arrays
 
 
+def checked_arrays(data, model, label: str) -> list[np.ndarray]:
+    """Samples held in memory (an array, or a list or dict of arrays, one per input of ``model``), checked as
+    calibration batches are (`check_batch`: a dict by input name, shapes, dtypes, no NaN or Inf), in the
+    model's input order; errors name them ``label`` (e.g. "export_onnx data")."""
+    specs = [(t.name, tuple(t.shape), t.dtype) for t in model.inputs]
+    arrays = array_bundle(data, specs)
+    if arrays is None:
+        raise CalibrationDataError(
+            f"{label}: expected an array, or a list or dict of arrays (one per model input), got "
+            f"{type(data).__name__}. Give the samples themselves (a dataset is not read here)."
+        )
+    return check_batch(arrays, specs, 0, label)
+
+
 def is_one_shot(data) -> bool:
     """True for data that can be read only once (a generator or another iterator)."""
     return data is not None and hasattr(data, "__next__") and iter(data) is data

@@ -165,20 +165,10 @@ def _check_supported(graph) -> None:
 
 
 def _checked_data(qmodel, data):
-    """``data`` as the model's inputs, checked as calibration data is (shapes, dtypes, no NaN or Inf): a dict
-    stays matched by input name."""
-    from qstrat.calibration.data import array_bundle, check_batch
-    from qstrat.errors import CalibrationDataError
-    from qstrat.passes.calibrate import input_specs
+    """``data`` checked as calibration data is (`checked_arrays`); a dict stays matched by input name."""
+    from qstrat.calibration.data import checked_arrays
 
-    specs = input_specs(qmodel)
-    arrays = array_bundle(data, specs)
-    if arrays is None:
-        raise CalibrationDataError(
-            f"export_onnx data: expected an array, or a list or dict of arrays (one per input), got "
-            f"{type(data).__name__}."
-        )
-    arrays = check_batch(arrays, specs, 0, "export_onnx data")
+    arrays = checked_arrays(data, qmodel, "export_onnx data")
     if isinstance(data, dict):
-        return {spec[0]: a for spec, a in zip(specs, arrays, strict=True)}
+        return {t.name: a for t, a in zip(qmodel.inputs, arrays, strict=True)}
     return arrays[0] if len(arrays) == 1 else arrays

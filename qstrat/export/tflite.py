@@ -156,16 +156,8 @@ def _check_resizes(twin: Twin) -> None:
 
 
 def _checked_calib(qmodel, calib_data):
-    """``calib_data`` checked as calibration data is (shapes, dtypes, no NaN), as a list of arrays."""
-    from qstrat.calibration.data import array_bundle, check_batch
-    from qstrat.errors import CalibrationDataError
+    """``calib_data`` checked as calibration data is (`checked_arrays`)."""
+    from qstrat.calibration.data import checked_arrays
 
-    specs = [(t.name, tuple(t.shape), t.dtype) for t in qmodel.inputs]
-    arrays = array_bundle(calib_data, specs)
-    if arrays is None:
-        raise CalibrationDataError(
-            f"export_tflite calib_data: expected an array, or a list of arrays (one per input), got "
-            f"{type(calib_data).__name__}."
-        )
-    arrays = check_batch(arrays, specs, 0, "export_tflite calib_data")
+    arrays = checked_arrays(calib_data, qmodel, "export_tflite calib_data")
     return arrays[0] if len(arrays) == 1 else arrays

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from keras import ops
 
-from qstrat.errors import CalibrationDataError, UnsupportedError
+from qstrat.errors import UnsupportedError
 from qstrat.graph import capture
 from qstrat.integer.layers import Context, check_enabled, integer_layer, numpy_state, quantizer_position
 from qstrat.integer.tensors import IntTensor, as_pos, from_grid, requantize, to_float
@@ -82,14 +82,14 @@ def run_integer(qmodel, x, batch_size: int | None = None) -> IntegerRun:
         >>> run = run_integer(qmodel, images)
         >>> ints, pos = run.tensors["conv1_output_q"]     # conv1's output is ints * 2^-pos
     """
-    from qstrat.calibration.data import check_count
+    from qstrat.calibration.data import check_count, checked_arrays
 
     batch_size = check_count(batch_size, "run_integer batch_size", allow_none=True)
     graph = capture(qmodel)
     if not any(isinstance(n.op, (FakeQuant, QuantizeWrapper)) for n in graph.nodes):
         raise UnsupportedError(f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer).")
     check_quantizers(graph)
-    inputs = _inputs(qmodel, x)
+    inputs = checked_arrays(x, qmodel, "simulate_integer x")
     n = inputs[0].shape[0] if inputs else 0
     step = n if batch_size is None else batch_size
     ctx, floats, parts = Context(), [], []
@@ -114,21 +114,6 @@ def check_quantizers(graph) -> None:
                 where = f"{node.op.layer.name}.{attr}"
                 check_enabled(node.op.enabled[attr], where)
                 quantizer_position(q, numpy_state(node.op.state[attr]), where)
-
-
-def _inputs(qmodel, x) -> list[np.ndarray]:
-    """The model inputs in the model's order, in their Keras dtypes, checked as calibration data is (a dict by
-    input name, shapes, dtypes, no NaN or Inf)."""
-    from qstrat.calibration.data import array_bundle, check_batch
-
-    specs = [(t.name, tuple(t.shape), t.dtype) for t in qmodel.inputs]
-    arrays = array_bundle(x, specs)
-    if arrays is None:
-        raise CalibrationDataError(
-            f"simulate_integer x: expected an array, or a list or dict of arrays (one per input), got "
-            f"{type(x).__name__}. Give the samples themselves (a dataset is not read here)."
-        )
-    return check_batch(arrays, specs, 0, "simulate_integer x")
 
 
 def _walk(graph, inputs: list[np.ndarray], ctx: Context, floats: list[str]):
