@@ -52,3 +52,27 @@ def test_bias_correction_leaves_channels_first_convolutions_as_they_are():
         np.testing.assert_array_equal(
             qmodel.get_layer(name).layer.bias.numpy(), plain.get_layer(name).layer.bias.numpy()
         )
+
+
+@pytest.mark.portable
+def test_a_frozen_batch_normalization_stays_frozen_when_qat_trains_with_bn():
+    """Keras runs a BatchNormalization with trainable=False in inference mode; its fake fold starts frozen."""
+    from qstrat.layers import FoldedConvBN, QuantizeWrapper
+
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn1")(L.Conv2D(4, 3, name="conv1")(i)))
+    x = L.ReLU()(L.BatchNormalization(name="bn2")(L.Conv2D(4, 3, name="conv2")(x)))
+    model = keras.Model(i, L.Dense(2, name="fc")(L.GlobalAveragePooling2D()(x)))
+    model.get_layer("bn1").trainable = False
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8, 8, 3)).astype("float32"), rng.normal(size=(32, 2)).astype("float32")
+    q = qstrat.Quantizer(model, "pof2s")
+    qat = q.get_qat_model(init_quant=True, calib_dataset=x, train_with_bn=True, verbose=0)
+    folds = {w.layer.name: w.layer for w in qat.layers if isinstance(w, QuantizeWrapper)}
+    assert isinstance(folds["conv1"], FoldedConvBN) and isinstance(folds["conv2"], FoldedConvBN)
+    before = {n: ops.convert_to_numpy(folds[n].moving_mean).copy() for n in ("conv1", "conv2")}
+    qat.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    qat.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    np.testing.assert_array_equal(ops.convert_to_numpy(folds["conv1"].moving_mean), before["conv1"])
+    assert not np.array_equal(ops.convert_to_numpy(folds["conv2"].moving_mean), before["conv2"])  # trains as before

@@ -69,7 +69,10 @@ def fold_layer(node, freeze_bn_delay: int) -> FoldedConvBN:
     bn_config = {**bn.get_config(), "scale": True, "center": True, "name": f"{conv.name}_bn"}
     out_shape = (None,) * (len(shape) - 1) + (channels,)
     new_bn = built_layer(type(bn), bn_config, out_shape, [a.astype(dtype) for a in (g, new_beta, mean, var)])
-    return FoldedConvBN(new_conv, new_bn, freeze_bn_delay=freeze_bn_delay, name=conv.name)
+    # A BatchNormalization the user froze (trainable=False) runs in inference mode in Keras: its fold starts
+    # frozen, on its moving statistics, which training then leaves as they are.
+    delay = freeze_bn_delay if bn.trainable else 0
+    return FoldedConvBN(new_conv, new_bn, freeze_bn_delay=delay, name=conv.name)
 
 
 def fake_fold(qmodel, float_graph: Graph, freeze_bn_delay: int, report: OptimizeReport):
