@@ -103,6 +103,11 @@ def load_calib(path: str, key: str | None, input_names: list[str], key_flag: str
     except (OSError, ValueError) as exc:
         raise CalibrationDataError(f"{path}: cannot read calibration data ({exc}). Give a .npy or .npz file.") from None
     if isinstance(data, np.ndarray):
+        if key is not None:
+            raise CalibrationDataError(
+                f"{path}: {key_flag} {key} picks an array of a .npz, and a .npy holds one array. "
+                f"Leave out {key_flag}, or save an .npz."
+            )
         if len(input_names) > 1:
             raise CalibrationDataError(
                 f"{path}: one array for a model with {len(input_names)} inputs ({', '.join(input_names)}). "
@@ -249,8 +254,8 @@ def _export(args) -> int:
 
 def _strategy_args(name: str) -> tuple[str, str | None]:
     """``--strategy`` as (built-in name, custom file or None)."""
-    if name.endswith(".json") or os.path.sep in name:
-        return "pof2s", name
+    if name.endswith(".json") or os.path.sep in name or os.path.isfile(name):
+        return "pof2s", name  # a file: a custom strategy over pof2s (its "base" picks another)
     return name, None
 
 

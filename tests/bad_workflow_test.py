@@ -115,6 +115,10 @@ def test_analyze_with_another_float_model_says_so():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*likely not the one.*")
         qstrat.analyze(model(), qmodel, data(), verbose=0)
+    with pytest.raises(CalibrationDataError, match="analyze batch_size must be a positive integer"):
+        qstrat.analyze(model(), qmodel, data(), batch_size=0, verbose=0)
+    with pytest.raises(CalibrationDataError, match=r"analyze data, batch 0, input 'image': expected shape"):
+        qstrat.analyze(model(), qmodel, np.zeros((4, 5, 5, 3), "float32"), verbose=0)
 
 
 @portable

@@ -268,11 +268,13 @@ def sample_rows(total: int, count: int) -> np.ndarray:
 
 
 def iterate_batches(
-    data: Any, specs: Sequence[tuple], batch_size: int = 32, steps: int | None = None
+    data: Any, specs: Sequence[tuple], batch_size: int = 32, steps: int | None = None, caller: str = ""
 ) -> Iterator[list]:
-    """Yield checked batches (lists of arrays, one per model input) from any supported source."""
-    batch_size = check_count(batch_size, "calib_batch_size")
-    steps = check_count(steps, "calib_steps", allow_none=True)
+    """Yield checked batches (lists of arrays, one per model input) from any supported source. ``caller``
+    ("analyze", ...): errors name its data and its ``batch_size``/``steps`` arguments, not calibration's."""
+    batch_size = check_count(batch_size, f"{caller} batch_size" if caller else "calib_batch_size")
+    steps = check_count(steps, f"{caller} steps" if caller else "calib_steps", allow_none=True)
+    label = f"{caller} data, batch" if caller else "calibration batch"
     if data is None:
         raise CalibrationDataError(
             "no calibration data: pass calib_dataset (an array, a tf.data.Dataset, a PyDataset or a generator)."
@@ -286,7 +288,7 @@ def iterate_batches(
         for i in range(0, total, batch_size):
             if steps is not None and count >= steps:
                 return
-            yield check_batch([a[i : i + batch_size] for a in arrays], specs, count)
+            yield check_batch([a[i : i + batch_size] for a in arrays], specs, count, f"{label} {count}")
             count += 1
         return
     if isinstance(data, dict):
@@ -310,8 +312,8 @@ def iterate_batches(
             element = next(elements)
         except StopIteration:
             break
-        where = f"calibration batch {count}"
-        yield check_batch(model_inputs(split_element(element, specs), specs, where), specs, count)
+        where = f"{label} {count}"
+        yield check_batch(model_inputs(split_element(element, specs), specs, where), specs, count, where)
         count += 1
     if count == 0:
         raise CalibrationDataError("the calibration dataset yielded no batches.")

@@ -155,7 +155,7 @@ def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=Fal
             add(target, "bias" if attr == "bias" else "weight", q, state, ints, pos, w)
     if dataset is not None:
         calls = list(_fq_calls(qmodel))
-        batch = next(iter(iterate_batches(dataset, input_specs(qmodel), batch_size, steps=1)))
+        batch = next(iter(iterate_batches(dataset, input_specs(qmodel), batch_size, steps=1, caller="dump_model")))
         probe = keras.Model(qmodel.inputs, [c[2] for c in calls] + ([c[1] for c in calls] if dump_float else []))
         values = probe.predict(batch if len(batch) > 1 else batch[0], verbose=0, batch_size=batch_size)
         values = [keras.ops.convert_to_numpy(v) for v in (values if isinstance(values, list) else [values])]

@@ -187,7 +187,7 @@ def analyze(
     progress = Progress(verbose, data="analysis data")
     units = find_units(qmodel)
     with progress.stage("read data"):
-        batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps))
+        batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps, caller="analyze"))
     samples = sum(len(b[0]) for b in batches)
     n_out = len(qmodel.outputs)
     tensors: list = list(qmodel.outputs)
