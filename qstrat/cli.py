@@ -300,7 +300,7 @@ def _analyze(args) -> int:
         if path:
             if not path.endswith(suffix):
                 raise QstratError(f"{flag} {path}: give a file ending in {suffix}")
-            check_writable(path)
+            check_writable(path, flag)
     custom_objects = load_custom_objects(args.custom_objects)
     float_model = load_model(args.float_model, custom_objects)
     qmodel = load_model(args.model, custom_objects)

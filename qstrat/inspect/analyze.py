@@ -132,7 +132,7 @@ class Analysis:
 
         from qstrat.files import check_writable, write_atomically
 
-        check_writable(path)
+        check_writable(path, "write_json path")
         write_atomically(path, json.dumps(self.to_dict(), indent=1).encode())
         return path
 

@@ -176,6 +176,6 @@ def write_report(analysis, path: str) -> str:
     """Render and write atomically; the path is checked before the plots are drawn."""
     from qstrat.files import check_writable, write_atomically
 
-    check_writable(path)
+    check_writable(path, "write_report path")
     write_atomically(path, render(analysis).encode("utf-8"))
     return path
