@@ -51,24 +51,30 @@ def refuse_quantized(graph: Graph) -> None:
 def refuse_non_finite_weights(graph: Graph) -> None:
     """A weight that holds NaN or Inf (a diverged training run, a damaged file) makes every quantizer after it
     meaningless; name it before any work, rather than the activation it spoils."""
+    variables = [v for node in graph.nodes for v in getattr(node.op, "weights", ())]
+    refuse_non_finite(
+        variables, graph.name, "The float model cannot be quantized with them: retrain it, or load its weights again."
+    )
+
+
+def refuse_non_finite(variables, owner: str, fix: str) -> None:
+    """Raise `UnsupportedError` naming the first float variable of ``variables`` that holds NaN or Inf."""
     import keras
     import numpy as np
 
     from qstrat.errors import UnsupportedError
 
     seen = set()
-    for node in graph.nodes:
-        for v in getattr(node.op, "weights", ()):
-            if id(v) in seen or not keras.backend.is_float_dtype(v.dtype):
-                continue
-            seen.add(id(v))
-            values = np.asarray(v.numpy())  # a Keras variable (convert_to_numpy of one warns on NumPy 2)
-            if not np.isfinite(values).all():
-                bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-                raise UnsupportedError(
-                    f"'{graph.name}': weight {v.path} holds {bad} NaN or Inf values (of {values.size}). The float "
-                    "model cannot be quantized with them: retrain it, or load its weights again."
-                )
+    for v in variables:
+        if id(v) in seen or not keras.backend.is_float_dtype(v.dtype):
+            continue
+        seen.add(id(v))
+        values = np.asarray(v.numpy())  # a Keras variable (convert_to_numpy of one warns on NumPy 2)
+        if not np.isfinite(values).all():
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            raise UnsupportedError(
+                f"'{owner}': weight {v.path} holds {bad} NaN or Inf values (of {values.size}). {fix}"
+            )
 
 
 # Frames keras.models.load_model uses besides one per layer of the longest path.

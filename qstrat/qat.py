@@ -41,7 +41,7 @@ import numpy as np
 from qstrat.calibration.data import check_count
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.export.outputs import output_target
-from qstrat.guards import warn_pending
+from qstrat.guards import refuse_non_finite, warn_pending
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.calibrate import calibrate_weights
 from qstrat.passes.optimize.fake_fold import fake_fold
@@ -173,21 +173,6 @@ def _flag(value, where: str) -> None:
         raise ConfigError.expected(where, "True or False", value)
 
 
-def _refuse_diverged(model) -> None:
-    """Refuse a QAT model whose weights or quantizer state hold NaN or Inf (training diverged), by name."""
-    for v in model.weights:
-        if not keras.backend.is_float_dtype(v.dtype):
-            continue
-        values = np.asarray(v.numpy())
-        if not np.isfinite(values).all():
-            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-            raise UnsupportedError(
-                f"'{model.name}': {v.path} holds {bad} NaN or Inf values (of {values.size}): training diverged, "
-                "and no deployable model can be made of it. Train again (a lower learning rate), or deploy a "
-                "checkpoint from before it diverged."
-            )
-
-
 def _check_quantized(model) -> None:
     if not isinstance(model, keras.Model):
         raise ConfigError("qat_model", f"expected the trained QAT keras.Model, got {type(model).__name__}")
@@ -210,7 +195,12 @@ def deploy_model(
     _check_quantized(model)
     _flag(convert_to_pof2s_quantize_strategy, "get_deploy_model convert_to_pof2s_quantize_strategy")
     _flag(convert_to_fs_quantize_strategy, "get_deploy_model convert_to_fs_quantize_strategy")
-    _refuse_diverged(model)
+    refuse_non_finite(
+        model.weights,
+        model.name,
+        "Training diverged, and no deployable model can be made of it: train again (a lower learning rate), or "
+        "deploy a checkpoint from before it diverged.",
+    )
     for key in overrides:
         if key not in _DEPLOY_KEYS:
             warnings.warn(

@@ -35,7 +35,7 @@ import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.files import write_atomically
-from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
 from qstrat.quantizers import Pof2SQuantizer, TQTQuantizer
 
 INDEX = "dump_index.json"
@@ -125,8 +125,7 @@ def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=Fal
     from qstrat.passes.calibrate import input_specs
 
     output_dir = _check_dir(output_dir)
-    if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in qmodel.layers):
-        raise UnsupportedError(f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer).")
+    require_quantizers(qmodel)
     entries: dict[str, tuple[dict, np.ndarray, np.ndarray | None, np.dtype]] = {}
 
     def add(target: str, kind: str, q, state, ints: np.ndarray, pos: np.ndarray, floats):

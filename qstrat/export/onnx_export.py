@@ -43,7 +43,7 @@ from qstrat.export.onnx_writer import DEFAULT_OPSET, Writer, version
 from qstrat.export.qdq import Grid
 from qstrat.files import check_writable, write_atomically
 from qstrat.graph import capture
-from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
 from qstrat.quantizers.grid import RoundMode
 
 
@@ -75,11 +75,7 @@ def export_onnx(
     """
     check_writable(path, "export_onnx path")
     path = os.fspath(path)
-    if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in qmodel.layers):
-        raise UnsupportedError(
-            f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer), then export the "
-            "quantized model."
-        )
+    require_quantizers(qmodel, ", then export the quantized model")
     if data is not None:
         data = _checked_data(qmodel, data)
     graph = capture(qmodel)

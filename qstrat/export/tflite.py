@@ -44,8 +44,7 @@ from qstrat.export.tflite_file import convert, float_ops, read_tflite_metadata, 
 from qstrat.export.tflite_twin import Twin, layer_name, tflite_grid
 from qstrat.files import check_writable, write_atomically
 from qstrat.graph.ir import TensorRef
-from qstrat.layers.fake_quant import FakeQuant
-from qstrat.layers.wrapper import QuantizeWrapper
+from qstrat.layers.fake_quant import FakeQuant, require_quantizers
 
 
 def _check_args(path, metadata, int8_io) -> tuple[str, dict[str, str]]:
@@ -105,8 +104,7 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
             "and export it there."
         )
     path, metadata = _check_args(path, metadata, int8_io)
-    if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in qmodel.layers):
-        raise UnsupportedError(f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer).")
+    require_quantizers(qmodel)
     dpu = [layer.name for layer in qmodel.layers if type(layer).__name__ in DPU_LAYERS]
     if dpu:
         raise UnsupportedError(

@@ -30,7 +30,7 @@ from qstrat.errors import UnsupportedError
 from qstrat.graph import capture
 from qstrat.integer.layers import Context, check_enabled, integer_layer, numpy_state, quantizer_position
 from qstrat.integer.tensors import IntTensor, as_pos, from_grid, requantize, to_float
-from qstrat.layers.fake_quant import FakeQuant
+from qstrat.layers.fake_quant import FakeQuant, require_quantizers
 from qstrat.layers.wrapper import QuantizeWrapper
 from qstrat.quantizers.reference import expand
 
@@ -86,8 +86,7 @@ def run_integer(qmodel, x, batch_size: int | None = None) -> IntegerRun:
 
     batch_size = check_count(batch_size, "run_integer batch_size", allow_none=True)
     graph = capture(qmodel)
-    if not any(isinstance(n.op, (FakeQuant, QuantizeWrapper)) for n in graph.nodes):
-        raise UnsupportedError(f"'{qmodel.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer).")
+    require_quantizers(qmodel)
     check_quantizers(graph)
     inputs = checked_arrays(x, qmodel, "simulate_integer x")
     n = inputs[0].shape[0] if inputs else 0

@@ -2,7 +2,13 @@
 
 from qstrat.layers.conv_bn import FoldedConvBN
 from qstrat.layers.dpu import DPUAveragePooling2D, DPUGlobalAveragePooling2D, DPUHardSigmoid
-from qstrat.layers.fake_quant import FakeQuant, make_quantizer, quantizer_config, set_quantizers_enabled
+from qstrat.layers.fake_quant import (
+    FakeQuant,
+    make_quantizer,
+    quantizer_config,
+    require_quantizers,
+    set_quantizers_enabled,
+)
 from qstrat.layers.scale_shift import ScaleShift
 from qstrat.layers.shared_state import QuantState
 from qstrat.layers.wrapper import QuantizeWrapper
@@ -18,5 +24,6 @@ __all__ = [
     "ScaleShift",
     "make_quantizer",
     "quantizer_config",
+    "require_quantizers",
     "set_quantizers_enabled",
 ]

@@ -93,6 +93,15 @@ class FakeQuant(keras.layers.Layer):
 QUANTIZER_KINDS = ("all", "activations", "weights")
 
 
+def require_quantizers(model, then: str = "") -> None:
+    """Refuse a model with no qstrat quantizer layer (a float model given where a quantized one is needed)."""
+    from qstrat.errors import UnsupportedError
+    from qstrat.layers.wrapper import QuantizeWrapper
+
+    if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in model.layers):
+        raise UnsupportedError(f"'{model.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer){then}.")
+
+
 def set_quantizers_enabled(model, enabled: bool, which: str = "all") -> int:
     """Turn the quantizers of a quantized model on or off (off: exactly the float computation).
 
