@@ -165,6 +165,7 @@ def test_a_target_sqnr_that_is_not_a_finite_number_is_refused_before_any_work(va
         qstrat.Quantizer(small_model(), "pof2s").quantize_model(data(), target_sqnr=value, verbose=0)
 
 
+@portable
 def test_save_model_checks_the_path_first(tmp_path):
     qmodel = qstrat.Quantizer(small_model(), "pof2s").quantize_model(data(), verbose=0)
     for path, said in (
@@ -178,6 +179,7 @@ def test_save_model_checks_the_path_first(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
+@portable
 def test_dump_quantize_strategy_checks_the_path_and_verbose(tmp_path):
     s = load_strategy("pof2s")
     with pytest.raises(ConfigError, match="is a folder"):
@@ -190,6 +192,7 @@ def test_dump_quantize_strategy_checks_the_path_and_verbose(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@portable
 def test_export_onnx_refuses_a_float_model_and_checks_its_data(tmp_path):
     from qstrat.export.onnx_export import export_onnx
 
@@ -208,6 +211,7 @@ def test_export_onnx_refuses_a_float_model_and_checks_its_data(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+@portable
 def test_loading_a_model_with_an_unknown_quantizer_leads_with_qstrat_s_message(tmp_path):
     import zipfile
 
