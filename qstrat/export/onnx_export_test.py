@@ -536,6 +536,10 @@ def test_fs_exports_a_layer_of_one_output_channel(head, tmp_path):
     # float scale, README "Export"): its output moves by at most that step times the head's summed |weights|.
     info = qstrat.get_quantize_info(qmodel)["head"]
     kernel = ops.convert_to_numpy(qmodel.get_layer("quant_head").quantized_weight("kernel"))
-    bound = info["input_0"]["scale"] * np.abs(kernel).sum() + 1e-5 * np.abs(kernel).sum()
+    # Plus float32 summation in another order: at most (terms) * 2^-24 * sum |w| * the largest input on the grid.
+    step, terms = info["input_0"]["scale"], kernel.size
+    zp = info["input_0"]["zero_point"]
+    largest = max(abs(-128 - zp), abs(127 - zp)) * step  # the int8 grid's farthest value from zero
+    bound = step * np.abs(kernel).sum() + terms * 2.0**-24 * np.abs(kernel).sum() * largest
     got, want = run(path, x, optimize=False), keras_out(qmodel, x)
     assert got.shape == want.shape and np.max(np.abs(got - want)) <= bound
