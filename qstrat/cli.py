@@ -19,6 +19,7 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from qstrat.calibration.data import input_specs  # noqa: E402
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError  # noqa: E402
 from qstrat.saving import load_model, save_model  # noqa: E402 - the CLI loads and saves models through them
 
@@ -157,7 +158,7 @@ def _quantize(args) -> int:
         not_the_input(out, args.model, "--out")
     custom_objects = load_custom_objects(args.custom_objects)
     model = load_model(args.model, custom_objects)
-    data = load_calib(args.calib, args.calib_key, [t.name for t in model.inputs])
+    data = load_calib(args.calib, args.calib_key, [s[0] for s in input_specs(model)])
     strategy, custom = _strategy_args(args.strategy)
     q = qstrat.Quantizer(model, strategy, custom, custom_objects)
     budget = {"target_sqnr": args.target_sqnr, "max_raised": args.max_raised, "raise_to": args.raise_to}
@@ -229,7 +230,7 @@ def _export(args) -> int:
     if args.format == "onnx":
         from qstrat.export.onnx_export import export_onnx
 
-        names = [t.name for t in qmodel.inputs]
+        names = [s[0] for s in input_specs(qmodel)]
         data = load_calib(args.data, args.data_key, names, "--data-key") if args.data else None
         report = export_onnx(qmodel, out, args.opset, data=data)
         if args.json:
@@ -241,7 +242,9 @@ def _export(args) -> int:
 
         # fs leaves layer outputs in float: --data gives them ranges.
         calib = (
-            load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs], "--data-key") if args.data else None
+            load_calib(args.data, args.data_key, [s[0] for s in input_specs(qmodel)], "--data-key")
+            if args.data
+            else None
         )
         report = export_tflite(qmodel, out, int8_io=args.int8_io, calib_data=calib)
         if args.json:
@@ -304,7 +307,7 @@ def _analyze(args) -> int:
     custom_objects = load_custom_objects(args.custom_objects)
     float_model = load_model(args.float_model, custom_objects)
     qmodel = load_model(args.model, custom_objects)
-    data = load_calib(args.data, args.data_key, [t.name for t in qmodel.inputs], "--data-key")
+    data = load_calib(args.data, args.data_key, [s[0] for s in input_specs(qmodel)], "--data-key")
     result = analyze(
         float_model,
         qmodel,

@@ -11,6 +11,7 @@ import pytest
 from keras import ops
 
 import qstrat
+from qstrat.saving import save_model
 
 L = keras.layers
 
@@ -76,3 +77,58 @@ def test_a_frozen_batch_normalization_stays_frozen_when_qat_trains_with_bn():
     qat.fit(x, y, batch_size=16, epochs=1, verbose=0)
     np.testing.assert_array_equal(ops.convert_to_numpy(folds["conv1"].moving_mean), before["conv1"])
     assert not np.array_equal(ops.convert_to_numpy(folds["conv2"].moving_mean), before["conv2"])  # trains as before
+
+
+def _two_inputs_two_heads():
+    """Inputs a (4) and b (4); heads 'cls' and 'box' of the same width, so a swap would not show in shapes."""
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    h = L.Concatenate(name="cat")([a, L.Dense(4, name="db")(b)])
+    return a, b, L.Dense(3, name="cls")(h), L.Dense(3, name="box")(L.Dense(5, name="hidden")(h))
+
+
+def _twin_and_data():
+    a, b, cls, box = _two_inputs_two_heads()
+    plain = keras.Model([a, b], [cls, box])
+    rng = np.random.default_rng(0)
+    xa, xb = rng.normal(size=(32, 4)).astype("float32"), 10 * rng.normal(size=(32, 4)).astype("float32")
+    return plain, xa, xb
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize("strategy", ["pof2s", "fs"])
+def test_dict_and_tuple_outputs_keep_their_keys_and_order(strategy):
+    """Keras flattens a dict of outputs by sorted key ('box' before 'cls'); the quantized model gives the
+    float model's own dict back, each key bit-identical to the same head of a list-output twin."""
+    plain, xa, xb = _twin_and_data()
+    twin = qstrat.Quantizer(plain, strategy).quantize_model([xa, xb], verbose=0).predict([xa, xb], verbose=0)
+    dict_model = keras.Model(plain.inputs, {"cls": plain.outputs[0], "box": plain.outputs[1]})
+    tuple_model = keras.Model(plain.inputs, (plain.outputs[0], plain.outputs[1]))
+    got = qstrat.Quantizer(dict_model, strategy).quantize_model([xa, xb], verbose=0).predict([xa, xb], verbose=0)
+    assert isinstance(got, dict) and set(got) == {"cls", "box"}
+    np.testing.assert_array_equal(got["cls"], twin[0])
+    np.testing.assert_array_equal(got["box"], twin[1])
+    qtuple = qstrat.Quantizer(tuple_model, strategy).quantize_model([xa, xb], verbose=0)
+    assert isinstance(qtuple.output, tuple) and len(qtuple.output) == 2
+    got = qtuple.predict([xa, xb], verbose=0)
+    np.testing.assert_array_equal(got[0], twin[0])
+    np.testing.assert_array_equal(got[1], twin[1])
+
+
+@pytest.mark.portable
+def test_inputs_keyed_other_than_by_name_are_read_by_their_keys(tmp_path):
+    """keras.Model({"x_a": a, "x_b": b}, ...) with Inputs named 'a' and 'b': Keras reads a dict of data by
+    the keys; so do calibration and the quantized model, which keeps them through saving and loading."""
+    plain, xa, xb = _twin_and_data()
+    twin = qstrat.Quantizer(plain, "pof2s").quantize_model([xa, xb], verbose=0).predict([xa, xb], verbose=0)
+    with pytest.warns(UserWarning, match="must match the names"):  # Keras's own warning, to the user
+        keyed = keras.Model({"x_a": plain.inputs[0], "x_b": plain.inputs[1]}, plain.outputs)
+    data = {"x_a": xa, "x_b": xb}
+    qmodel = qstrat.Quantizer(keyed, "pof2s").quantize_model(data, verbose=0)
+    got = qmodel.predict(data, verbose=0)
+    np.testing.assert_array_equal(got[0], twin[0])
+    np.testing.assert_array_equal(got[1], twin[1])
+    save_model(qmodel, tmp_path / "q.keras")
+    loaded = qstrat.load_model(tmp_path / "q.keras").predict(data, verbose=0)
+    np.testing.assert_array_equal(loaded[1], twin[1])
+    with pytest.raises(qstrat.CalibrationDataError, match="'a' is not an input of the model.*'x_a', 'x_b'"):
+        qstrat.Quantizer(keyed, "pof2s").quantize_model({"a": xa, "b": xb}, verbose=0)

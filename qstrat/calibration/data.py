@@ -206,11 +206,22 @@ def array_bundle(data, specs) -> list[np.ndarray] | None:
     return arrays
 
 
+def input_specs(model) -> list[tuple]:
+    """(key, shape, dtype) of each input of ``model``, in its order. The key is what a dict of data gives it
+    by, as Keras reads one: the model's own key where it takes a dict of inputs, its Input's name otherwise."""
+    keys = [t.name for t in model.inputs]
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, dict):
+        by_id = {id(t): str(k) for k, t in struct.items()}
+        keys = [by_id.get(id(t), t.name) for t in model.inputs]
+    return [(k, tuple(t.shape), t.dtype) for k, t in zip(keys, model.inputs, strict=True)]
+
+
 def checked_arrays(data, model, label: str) -> list[np.ndarray]:
     """Samples held in memory (an array, or a list or dict of arrays, one per input of ``model``), checked as
     calibration batches are (`check_batch`: a dict by input name, shapes, dtypes, no NaN or Inf), in the
     model's input order; errors name them ``label`` (e.g. "export_onnx data")."""
-    specs = [(t.name, tuple(t.shape), t.dtype) for t in model.inputs]
+    specs = input_specs(model)
     arrays = array_bundle(data, specs)
     if arrays is None:
         raise CalibrationDataError(

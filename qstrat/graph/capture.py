@@ -123,4 +123,23 @@ def capture(model) -> Graph:
     fn = _functional(model)
     order = [t._keras_history.operation.name for t in fn.inputs]
     inputs = tuple(sorted(inputs, key=lambda r: order.index(r.node) if r.node in order else len(order)))
-    return Graph(tuple(cap.nodes), inputs, tuple(outputs), model.name)
+    return Graph(tuple(cap.nodes), inputs, tuple(outputs), model.name, _structure(fn, inputs, len(outputs)))
+
+
+def _plain(struct) -> bool:
+    """One tensor, or a flat list of them: what `rebuild` makes without a recorded structure."""
+    return not isinstance(struct, (dict, tuple, list)) or (
+        isinstance(struct, list) and not any(isinstance(s, (dict, tuple, list)) for s in struct)
+    )
+
+
+def _structure(fn, inputs: tuple[TensorRef, ...], outputs: int):
+    """``fn``'s nesting of its inputs and outputs as `Graph.structure`, or None where both are plain."""
+    import keras
+
+    ins, outs = getattr(fn, "_inputs_struct", None), getattr(fn, "_outputs_struct", None)
+    if ins is None or outs is None or (_plain(ins) and _plain(outs)):
+        return None
+    order = [r.node for r in inputs]
+    skeleton_in = keras.tree.map_structure(lambda t: order.index(t._keras_history.operation.name), ins)
+    return skeleton_in, keras.tree.pack_sequence_as(outs, list(range(outputs)))

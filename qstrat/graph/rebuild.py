@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -241,12 +242,19 @@ def rebuild(
     op_for = op_for or (copier() if copy_layers else (lambda node: node.op))
     inputs = input_tensors(graph)
     outs = replay(graph, op_for, inputs, graph.outputs if outputs is None else outputs, on_call=load_pending)
-    return functional_model(
-        inputs if len(inputs) > 1 else inputs[0],
-        outs if len(outs) > 1 else outs[0],
-        name=name or graph.name,
-        layers=len(graph.nodes),
-    )
+    nested_in = inputs if len(inputs) > 1 else inputs[0]
+    nested_out = outs if len(outs) > 1 else outs[0]
+    if graph.structure is not None and outputs is None:  # the model's own dicts and tuples, keys and order
+        import keras
+
+        skeleton_in, skeleton_out = graph.structure
+        assert sorted(keras.tree.flatten(skeleton_out)) == list(range(len(outs))), "the outputs changed in number"
+        nested_in = keras.tree.map_structure(lambda i: inputs[i], skeleton_in)
+        nested_out = keras.tree.map_structure(lambda i: outs[i], skeleton_out)
+    with warnings.catch_warnings():
+        # Inputs keyed other than by their names: Keras warned the user when the float model was built.
+        warnings.filterwarnings("ignore", message="When providing `inputs` as a dict")
+        return functional_model(nested_in, nested_out, name=name or graph.name, layers=len(graph.nodes))
 
 
 # Frames Keras and its callers use besides one per layer, with room to spare.

@@ -91,6 +91,7 @@ class Editor:
         self.inputs = graph.inputs
         self.outputs: list[TensorRef] = list(graph.outputs)
         self.name = graph.name
+        self.structure = graph.structure
         self._names = {n.name for n in graph.nodes} | {n.layer_name for n in graph.nodes}
 
     # ---- reading -----------------------------------------------------------------------------
@@ -161,7 +162,7 @@ class Editor:
         self.nodes.pop(self._index(name))
 
     def graph(self) -> Graph:
-        return Graph(tuple(self.nodes), self.inputs, tuple(self.outputs), self.name)
+        return Graph(tuple(self.nodes), self.inputs, tuple(self.outputs), self.name, self.structure)
 
     def _index(self, name: str) -> int:
         for i, n in enumerate(self.nodes):

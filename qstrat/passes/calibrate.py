@@ -13,7 +13,7 @@ import contextlib
 import numpy as np
 
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
-from qstrat.calibration.data import array_samples, count_batches, iterate_batches
+from qstrat.calibration.data import array_samples, count_batches, input_specs, iterate_batches
 from qstrat.calibration.observers import finite_range
 from qstrat.errors import ConfigError, one_line
 from qstrat.graph.ir import taken_names, unique_name
@@ -56,10 +56,6 @@ def quiet_probes():
 # scales are continuous and move with every sample: their histograms count all of it. Ranges see every
 # sample.
 HISTOGRAM_SAMPLES = 256
-
-
-def input_specs(model) -> list[tuple]:
-    return [(t.name, tuple(t.shape), t.dtype) for t in model.inputs]
 
 
 def _assign(state: dict, values, quantizer, method: str, where: str) -> None:

@@ -149,4 +149,6 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
             quantized_refs.add(TensorRef(fq_node.name, 0))
     outputs = tuple(renamed.get(r, r) for r in graph.outputs)
     fqs = {id(n.op): n.op for n in nodes if isinstance(n.op, FakeQuant)}
-    return Graph(tuple(nodes), graph.inputs, outputs, graph.name), {fqs[k].name: tuple(v) for k, v in taps.items()}
+    return Graph(tuple(nodes), graph.inputs, outputs, graph.name, graph.structure), {
+        fqs[k].name: tuple(v) for k, v in taps.items()
+    }
