@@ -88,7 +88,9 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
 
     Returns:
         ``{"path", "bytes", "int8_io", "tensors": {dtype: count}, "ops": {op: count},
-        "inputs"/"outputs": [{"name", "shape", "dtype", "scale", "zero_point"}],
+        "inputs"/"outputs": [{"key", "name", "shape", "dtype", "scale", "zero_point"}] in the Keras model's
+        order (the converter orders the file's own lists otherwise); "key" is the tensor's key in the
+        file's serving_default signature (`get_signature_runner()`),
         "folded_batch_norms", "calibrated" (layers whose outputs calib_data ranged), "metadata"}``.
 
     Example:
@@ -129,8 +131,9 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
     if floats:
         raise UnsupportedError(f"TFLite left these operators in float: {'; '.join(floats[:8])}.")
     data = with_metadata(model, metadata)
+    result = report(model, path, len(data), int8_io, twin, metadata)  # it checks the file's I/O first
     write_atomically(path, data)
-    return report(model, path, len(data), int8_io, twin, metadata)
+    return result
 
 
 def _check_resizes(twin: Twin) -> None:

@@ -60,6 +60,28 @@ def float_ops(model) -> list[str]:
     return bad
 
 
+def keras_order(model, twin, side: str) -> list[tuple[str, int]]:
+    """(signature key, tensor index) of the file's ``side`` ("inputs" or "outputs") in the Keras model's
+    order. The converter orders a subgraph's inputs and outputs its own way (by name); its signature keys
+    them by Input name, by output key where the model gives a dict, and as output_0, output_1, ... otherwise."""
+    graph = twin.graph
+    if side == "inputs":
+        keys = [graph.node(r.node).op.name for r in graph.inputs]
+    else:
+        keys = [f"output_{i}" for i in range(len(graph.outputs))]
+        skeleton = graph.structure[1] if graph.structure is not None else None
+        if isinstance(skeleton, dict) and all(isinstance(i, int) for i in skeleton.values()):
+            keys = [str(k) for k, _ in sorted(skeleton.items(), key=lambda item: item[1])]
+    (signature,) = model.signatureDefs
+    tensors = {m.name.decode(): m.tensorIndex for m in getattr(signature, side)}
+    if sorted(tensors) != sorted(keys):
+        raise UnsupportedError(
+            f"the TFLite file's {side} are keyed {sorted(tensors)}, not as the model's ({keys}), so they cannot "
+            "be matched to the model's; the file was not written."
+        )
+    return [(k, tensors[k]) for k in keys]
+
+
 def report(model, path: str, size: int, int8_io: bool, twin, metadata) -> dict:
     (names, dtypes), sub, inner = _names(model), model.subgraphs[0], {}
     for op in sub.operators:  # float I/O: report the int8 side of QUANTIZE / DEQUANTIZE
@@ -84,8 +106,8 @@ def report(model, path: str, size: int, int8_io: bool, twin, metadata) -> dict:
         "int8_io": int8_io,
         "tensors": count([dtypes[t.type] for t in sub.tensors]),
         "ops": count([names[op.opcodeIndex] for op in sub.operators]),
-        "inputs": [io(i) for i in sub.inputs],
-        "outputs": [io(i) for i in sub.outputs],
+        "inputs": [{"key": k, **io(i)} for k, i in keras_order(model, twin, "inputs")],
+        "outputs": [{"key": k, **io(i)} for k, i in keras_order(model, twin, "outputs")],
         "folded_batch_norms": [bn.op.name for bn in twin.folded.values()],
         "calibrated": twin.calibrated,
         "metadata": sorted(metadata),
