@@ -246,6 +246,7 @@ class Quantizer:
         with progress.stage("capture + optimize"):
             graph = self._optimized_graph(strategy, data, steps, batch_size, progress)
         guards.warn_unknown_layer_names(strategy, graph, self.optimize_report)
+        guards.warn_unmatchable_params(strategy, graph, self.custom_objects)
         with progress.stage("annotate + insert + rebuild"):
             graph, annotation = annotated(graph, strategy, self.custom_objects)
             rounding = strategy.quantize["export_rounding"]
@@ -357,6 +358,7 @@ class Quantizer:
         with progress.stage("capture + optimize"):
             graph, self.optimize_report = optimize(capture(self.model), {**strategy.optimize, "fold_conv_bn": True})
         guards.warn_unknown_layer_names(strategy, graph, self.optimize_report)
+        guards.warn_unmatchable_params(strategy, graph, self.custom_objects)
         with progress.stage("annotate + insert + rebuild"):
             annotation = cast_annotation(graph, dtype, strategy)
             qgraph, _ = insert(graph, annotation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 import sys
 import warnings
@@ -21,6 +22,8 @@ from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.optimize import OptimizeReport
 from qstrat.strategy import Strategy
 from qstrat.strategy.keys import idle_settings, pending_settings
+from qstrat.strategy.match import Matcher, config_of, norm, param_value
+from qstrat.strategy.schema import LayerPattern, thaw
 
 
 def check_rounding_overrides(rounding: str, overrides: Mapping[str, Any]) -> None:
@@ -137,6 +140,53 @@ def warn_unknown_layer_names(strategy: Strategy, graph: Graph, report: OptimizeR
             f'{pattern.layer_name}" matches no layer of the optimized model, so the rule does nothing. {hint}'.rstrip(),
             stacklevel=3,
         )
+
+
+def _kind(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return "a dict" if isinstance(value, Mapping) else type(value).__name__
+
+
+def _patterns(entries, path: str):
+    """(pattern, its path in the strategy) for ``entries`` and the patterns in their layer_inputs."""
+    for i, pattern in enumerate(entries):
+        if isinstance(pattern, LayerPattern):
+            yield pattern, f"{path}[{i}]"
+            yield from _patterns(pattern.layer_inputs, f"{path}[{i}].layer_inputs")
+
+
+def warn_unmatchable_params(strategy: Strategy, graph: Graph, custom_types=None) -> None:
+    """Warn about a layer_params value of another kind than the layers of its type hold (``"3"`` or ``3``
+    for a kernel_size that Conv2D holds as ``[3, 3]``): matching is by equality, so it matches no layer."""
+    matcher = Matcher(strategy, custom_types)
+    entries = strategy.patterns
+    for pattern, path in _patterns(entries, "quantize_registry_config.layer_quantize_config"):
+        if not pattern.layer_params:
+            continue
+        layers = [n.op for n in graph.nodes if matcher.type_matches(pattern, n.op)]
+        for key, want in pattern.layer_params.items():
+            held = [(layer, param_value(config_of(layer), key)) for layer in layers]
+            held = [(layer, value) for layer, value in held if value is not None]
+            if not held or _kind(thaw(want)) in {_kind(value) for _, value in held}:
+                continue
+            layer, value = held[0]
+            example = json.dumps(norm(value))
+            warnings.warn(
+                f"{path}.layer_params.{key}: {json.dumps(thaw(want))} is {_kind(thaw(want))}, but "
+                f"{type(layer).__name__} layers hold {key} as {_kind(value)} ({example} on '{layer.name}'), so "
+                f"the rule ({pattern.pattern_name}) matches no layer and does nothing. Write it as they hold it, "
+                f"e.g. {example}.",
+                stacklevel=3,
+            )
 
 
 @contextlib.contextmanager

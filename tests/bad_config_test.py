@@ -95,6 +95,23 @@ def test_a_name_rule_that_matches_no_layer_warns():
         qstrat.Quantizer(small_model(), "pof2s", rule(layer_name="conv1")).quantize_model(data(), verbose=0)
 
 
+@portable
+@pytest.mark.parametrize(("value", "kind"), [("3", "text"), (3, "a number")])
+def test_a_layer_params_value_of_another_kind_than_the_layers_hold_warns(value, kind):
+    """Conv2D holds kernel_size as [3, 3]: "3" and 3 equal no layer's, so the rule would silently do nothing."""
+    with pytest.warns(UserWarning, match=rf"layer_params.kernel_size: .* is {kind}, but Conv2D layers hold .*\[3, 3\]"):
+        qmodel = qstrat.Quantizer(small_model(), "pof2s", rule(layer_params={"kernel_size": value})).quantize_model(
+            data(), verbose=0
+        )
+    assert qstrat.get_quantize_info(qmodel)["conv1"]["kernel"]["bit_width"] == 8  # the rule did nothing
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*layer_params.*")
+        qmodel = qstrat.Quantizer(small_model(), "pof2s", rule(layer_params={"kernel_size": [3, 3]})).quantize_model(
+            data(), verbose=0
+        )
+    assert qstrat.get_quantize_info(qmodel)["conv1"]["kernel"]["bit_width"] == 4
+
+
 def _abs_max(returns):
     class AbsMax(qstrat.BaseQuantizer):
         accepted = ("bit_width",)

@@ -53,11 +53,11 @@ def layer_names(name: str, layer, origin: str | None) -> tuple[str, ...]:
     return (own,) if not origin or origin == own else (own, origin)
 
 
-def _norm(v):
+def norm(v):
     if isinstance(v, (list, tuple)):
-        return [_norm(x) for x in v]
+        return [norm(x) for x in v]
     if isinstance(v, Mapping):
-        return {k: _norm(x) for k, x in v.items()}
+        return {k: norm(x) for k, x in v.items()}
     return v
 
 
@@ -114,7 +114,7 @@ class Matcher:
         if pattern.layer_params:
             config = config_of(node.layer)
             for key, want in pattern.layer_params.items():
-                if _norm(param_value(config, key)) != _norm(thaw(want)):
+                if norm(param_value(config, key)) != norm(thaw(want)):
                     return False
         mark = len(bindings)
         if pattern.layer_inputs:
