@@ -16,13 +16,56 @@ import numpy as np
 from qstrat.export.onnx_build import Call, Tensor, channel_const, physical_axis, unsupported
 from qstrat.layers.dpu import HARD_SIGMOID_MULTIPLIER, HARD_SIGMOID_SHIFT
 
+SIMPLE = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "elu": "Elu", "selu": "Selu"}
+SIMPLE |= {"softplus": "Softplus", "softsign": "Softsign", "exponential": "Exp"}
+OTHER_KEYS = ("relu6", "softmax", "log_softmax", "leaky_relu", "hard_sigmoid", "hard_silu", "hard_swish")
+ACTIVATION_KEYS = frozenset({None, "linear", *SIMPLE, *OTHER_KEYS, "silu", "swish", "gelu"})
 
-def activation(c: Call, t: Tensor, fn, name: str | None = None, axis: int = -1) -> Tensor:
-    """``fn`` (a Keras activation function or its name) applied to ``t``."""
+
+def activation_key(fn) -> str | None:
+    """The name of ``fn``, a Keras activation function or its name."""
     import keras
 
     key = fn if isinstance(fn, str) else keras.activations.serialize(fn)
-    key = key if isinstance(key, str) else key.get("config", key.get("class_name"))
+    return key if isinstance(key, str) else key.get("config", key.get("class_name"))
+
+
+def settings_refusal(layer, rank: int) -> str | None:
+    """Why a layer of a class with an emitter here has settings with no ONNX export (``rank``: its input's
+    rank), or None. The settings are known before calibration, so a quantize_model that writes ONNX checks
+    them first; the emitters check them again."""
+    kind = type(layer).__name__
+    if kind not in ("Softmax", "PReLU") and getattr(layer, "activation", None) is not None:
+        key = activation_key(layer.activation)
+        if key not in ACTIVATION_KEYS:
+            return f'with activation "{key}"'
+    if kind == "ReLU":
+        if float(layer.threshold) != 0.0:
+            return "with a threshold"
+        if float(layer.negative_slope) != 0.0 and layer.max_value is not None:
+            return "with both negative_slope and max_value"
+    if kind == "Softmax" and isinstance(layer.axis, list | tuple) and len(layer.axis) != 1:
+        return "over several axes"
+    if kind == "BatchNormalization":
+        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+        if axis % rank != rank - 1:
+            return f"on axis {layer.axis} (only the channel axis, last)"
+    if kind == "Normalization" and getattr(layer, "invert", False):
+        return "with invert=True"
+    if kind == "UpSampling2D" and layer.interpolation != "nearest":
+        return f'with interpolation "{layer.interpolation}"'
+    return None
+
+
+def refuse_settings(c: Call) -> None:
+    why = settings_refusal(c.layer, c.inputs[0].rank)
+    if why:
+        raise unsupported(c, why)
+
+
+def activation(c: Call, t: Tensor, fn, name: str | None = None, axis: int = -1) -> Tensor:
+    """``fn`` (a Keras activation function or its name) applied to ``t``."""
+    key = activation_key(fn)
     if key in (None, "linear"):
         return t
     b = c.b
@@ -32,10 +75,8 @@ def activation(c: Call, t: Tensor, fn, name: str | None = None, axis: int = -1) 
     def const(v):
         return b.const(np.float32(v), f"{c.name}/{key}_c")
 
-    simple = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "elu": "Elu", "selu": "Selu"}
-    simple |= {"softplus": "Softplus", "softsign": "Softsign", "exponential": "Exp"}
-    if key in simple:
-        y = b.one(simple[key], [x], name)
+    if key in SIMPLE:
+        y = b.one(SIMPLE[key], [x], name)
     elif key == "relu6":
         y = b.one("Clip", [x, const(0.0), b.const(np.float32(6.0), f"{c.name}/six")], name)
     elif key in ("softmax", "log_softmax"):
@@ -71,12 +112,9 @@ def _activation_layer(c: Call) -> list[Tensor]:
 
 def _relu(c: Call) -> list[Tensor]:
     layer, b, x = c.layer, c.b, c.inputs[0]
-    slope, top, th = float(layer.negative_slope), layer.max_value, float(layer.threshold)
-    if th != 0.0:
-        raise unsupported(c, "with a threshold")
+    refuse_settings(c)
+    slope, top = float(layer.negative_slope), layer.max_value
     if slope != 0.0:
-        if top is not None:
-            raise unsupported(c, "with both negative_slope and max_value")
         return [c.out(b.one("LeakyRelu", [x.name], c.name, alpha=slope), x.layout)]
     if top is None:
         return [c.out(b.one("Relu", [x.name], c.name), x.layout)]
@@ -106,10 +144,9 @@ def _prelu(c: Call) -> list[Tensor]:
 
 
 def _softmax(c: Call) -> list[Tensor]:
+    refuse_settings(c)
     axis = c.layer.axis
     if isinstance(axis, list | tuple):
-        if len(axis) != 1:
-            raise unsupported(c, "over several axes")
         axis = axis[0]
     return [activation(c, c.inputs[0], "softmax", c.name, axis=int(axis))]
 
@@ -124,9 +161,7 @@ def _affine(c: Call, scale, shift, axis: int = -1) -> list[Tensor]:
 
 def _batch_norm(c: Call) -> list[Tensor]:
     layer = c.layer
-    axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-    if axis % c.inputs[0].rank != c.inputs[0].rank - 1:
-        raise unsupported(c, f"on axis {layer.axis} (only the channel axis, last)")
+    refuse_settings(c)
     mean = np.asarray(layer.moving_mean.numpy(), np.float32)
     var = np.asarray(layer.moving_variance.numpy(), np.float32)
     gamma = layer.gamma.numpy() if layer.scale else np.ones_like(mean)
@@ -152,8 +187,7 @@ def _normalization(c: Call) -> list[Tensor]:
     import keras
 
     layer, b = c.layer, c.b
-    if getattr(layer, "invert", False):
-        raise unsupported(c, "with invert=True")
+    refuse_settings(c)
     x = b.to_keras(c.inputs[0])
     mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32)
     denom = np.maximum(

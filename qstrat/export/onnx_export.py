@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 
 from qstrat.errors import ConfigError, UnsupportedError
+from qstrat.export.onnx_activations import settings_refusal
 from qstrat.export.onnx_layers import EMITTERS, op_operands
 from qstrat.export.onnx_report import OPSET21_NOTE, QDQ_INT8_OPTION, ExportReport, SaturationWarning
 from qstrat.export.onnx_writer import DEFAULT_OPSET, Writer, version
@@ -144,7 +145,12 @@ def _check_supported(graph) -> None:
         op = n.op.layer if isinstance(n.op, QuantizeWrapper) else n.op
         kind = type(op).__name__
         layer = isinstance(op, keras.layers.Layer)  # a keras.ops operation may share a layer's class name (Add)
-        if layer and (kind in ("InputLayer", "FakeQuant") or kind in EMITTERS):
+        if layer and kind in EMITTERS:
+            why = settings_refusal(op, len(n.in_tensors[0].shape)) if n.in_tensors else None
+            if why:
+                bad.append(f"{n.name} ({kind} {why})")
+            continue
+        if layer and kind in ("InputLayer", "FakeQuant"):
             continue
         if not layer and op_operands(n) is not None:
             continue

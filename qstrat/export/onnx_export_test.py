@@ -483,6 +483,47 @@ def test_quantize_model_checks_the_onnx_export_before_calibrating(model):
     assert calls == []
 
 
+def _settings_case(case):
+    if case == "bilinear":
+        i = keras.Input((4, 4, 2))
+        x = keras.layers.UpSampling2D(interpolation="bilinear", name="odd")(keras.layers.Conv2D(2, 1)(i))
+        return (
+            keras.Model(i, x),
+            np.ones((2, 4, 4, 2), "float32"),
+            r'odd \(UpSampling2D with interpolation "bilinear"\)',
+        )
+    if case == "bn_axis_1":
+        i = keras.Input((3, 5))
+        x = keras.layers.BatchNormalization(axis=1, name="odd")(keras.layers.Dense(5)(i))
+        return keras.Model(i, x), np.ones((2, 3, 5), "float32"), r"odd \(BatchNormalization on axis 1 \(only"
+    i = keras.Input((6,))
+    x = keras.layers.Activation("mish", name="odd")(keras.layers.Dense(4)(i))
+    return keras.Model(i, x), np.ones((2, 6), "float32"), r'odd \(Activation with activation "mish"\)'
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize("case", ["bilinear", "bn_axis_1", "mish"])
+def test_layer_settings_with_no_export_are_refused_before_calibrating(case, tmp_path):
+    """A supported layer whose settings have no ONNX export is refused before the data is read, with the
+    reason export_onnx gives for the calibrated model."""
+    model, x, match = _settings_case(case)
+    calls = []
+
+    def data():
+        calls.append(1)
+        yield x
+
+    with pytest.raises(qstrat.UnsupportedError, match=match):
+        qstrat.Quantizer(model, "pof2s").quantize_model(
+            data(), verbose=0, output_format="onnx", output_dir=str(tmp_path)
+        )
+    assert calls == [] and os.listdir(tmp_path) == []
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0)
+    why = match.split("(", 1)[1]
+    with pytest.raises(qstrat.UnsupportedError, match=why):
+        export_onnx(qmodel, tmp_path / "m.onnx")
+
+
 def test_convert_datatype_saves_a_keras_file_and_refuses_onnx(model, data, tmp_path):
     q = qstrat.Quantizer(model, "pof2s")
     q.quantize_model(data, verbose=0, convert_datatype="float16", output_format="keras", output_dir=str(tmp_path))

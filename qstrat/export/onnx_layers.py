@@ -21,8 +21,8 @@ from collections.abc import Callable
 import numpy as np
 
 from qstrat.errors import UnsupportedError
-from qstrat.export.onnx_activations import ACTIVATION_EMITTERS, activation
-from qstrat.export.onnx_build import Call, Tensor, physical_axis, unsupported
+from qstrat.export.onnx_activations import ACTIVATION_EMITTERS, activation, refuse_settings
+from qstrat.export.onnx_build import Call, Tensor, physical_axis
 from qstrat.graph.ir import constant_operands
 from qstrat.layers.dpu import DPUAveragePooling2D, DPUGlobalAveragePooling2D
 
@@ -232,8 +232,7 @@ def _global_pool(c: Call, kind: str) -> list[Tensor]:
 
 def _upsampling(c: Call) -> list[Tensor]:
     b, layer = c.b, c.layer
-    if layer.interpolation != "nearest":
-        raise unsupported(c, f'with interpolation "{layer.interpolation}"')
+    refuse_settings(c)
     x = c.inputs[0]
     fmt, sizes = _spatial(c, x)
     x = _layout_in(c, x, fmt)
