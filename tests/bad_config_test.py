@@ -64,6 +64,26 @@ def test_a_strategy_file_that_is_not_text_is_named(tmp_path):
 
 
 @portable
+def test_a_strategy_nested_past_any_use_is_a_config_error(tmp_path):
+    """Merging and parsing walk a strategy recursively: 2000 nested layer_inputs were a RecursionError."""
+    pattern = {"layer_type": "Conv2D"}
+    for _ in range(2000):
+        pattern = {"layer_type": "Conv2D", "layer_inputs": [pattern]}
+    deep = {"quantize_registry_config": {"layer_quantize_config": [{"pattern_name": "deep", **pattern}]}}
+    where = r"\$\.quantize_registry_config\.layer_quantize_config\[0\]\.layer_inputs\[0\]"
+    with pytest.raises(ConfigError, match=rf"{where}.*: nested more than 100 levels deep"):
+        load_strategy("pof2s", deep)
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="deep.json: nested too deep to read"):
+        load_strategy("pof2s", str(path))
+    chain = {"layer_type": "Conv2D"}
+    for _ in range(10):
+        chain = {"layer_type": "Conv2D", "layer_inputs": [chain]}
+    load_strategy("pof2s", {"quantize_registry_config": {"layer_quantize_config": [{"pattern_name": "ok", **chain}]}})
+
+
+@portable
 @pytest.mark.parametrize(
     "layer_type,said",
     [

@@ -74,6 +74,10 @@ def read_strategy_file(path: str) -> dict[str, Any]:
         raise ConfigError(
             f"{path}:{exc.lineno}:{exc.colno}", f"not valid JSON ({exc.msg})", "Fix the JSON syntax at that line."
         ) from None
+    except RecursionError:
+        raise ConfigError(
+            str(path), "nested too deep to read", f"A strategy nests a few levels; at most {MAX_NESTING} are read."
+        ) from None
 
 
 def _merge(base: dict, custom: Mapping, path: str, pattern_paths: list | None = None) -> dict:
@@ -229,9 +233,33 @@ def _read_custom(value) -> tuple[Mapping, str]:
     else:
         cpath = "$"
     custom = _obj(value, cpath)
+    _check_nesting(custom, cpath)
     if "base" in custom:
         _str(custom["base"], f"{cpath}.base", 'a built-in strategy name, or ""')
     return custom, cpath
+
+
+# Far deeper than any strategy needs (a pattern's layer_inputs chain takes two levels per layer), and well
+# inside Python's recursion limit, which merging and parsing walk the strategy by.
+MAX_NESTING = 100
+
+
+def _check_nesting(value, path: str) -> None:
+    """Refuse a strategy nested deeper than MAX_NESTING (walked without recursion)."""
+    stack = [(value, 0, path)]
+    while stack:
+        item, depth, where = stack.pop()
+        if depth > MAX_NESTING:
+            raise ConfigError(
+                where if len(where) < 200 else f"{where[:120]}...{where[-60:]}",
+                f"nested more than {MAX_NESTING} levels deep",
+                'A layer_inputs chain that long matches no model; refer to a pattern by {"pattern": "<name>"} '
+                "instead of nesting it.",
+            )
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1, f"{where}.{k}") for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(item))
 
 
 def _base_data(name: str, path: str) -> dict[str, Any]:
