@@ -160,6 +160,16 @@ def test_export_tflite_refuses_a_bilinear_resize_that_changes_its_grid(tmp_path)
         pytest.fail("the case needs the resize to write another position than it reads")
     with pytest.raises(UnsupportedError, match=r"up: UpSampling2D \(bilinear\) writes another grid"):
         qstrat.export_tflite(qmodel, tmp_path / "m.tflite")
+    fs = quiet(qstrat.Quantizer(m, "fs").quantize_model, data(), verbose=0)  # the resize reads a float tensor
+    with pytest.raises(UnsupportedError, match=r"up: UpSampling2D \(bilinear\) reads a tensor qstrat leaves in float"):
+        qstrat.export_tflite(fs, tmp_path / "m.tflite", calib_data=data())
+    nearest = keras.Model(i, L.Conv2D(2, 1, name="c3")(L.UpSampling2D(name="up2")(x)))
+    qstrat.export_tflite(
+        quiet(qstrat.Quantizer(nearest, "fs").quantize_model, data(), verbose=0),
+        tmp_path / "n.tflite",
+        calib_data=data(),
+    )
+    (tmp_path / "n.tflite").unlink()
     with pytest.raises(ConfigError, match="int8_io: expected True or False"):
         qstrat.export_tflite(qmodel, tmp_path / "m.tflite", int8_io="yes")
     with pytest.raises(ConfigError, match="export_tflite path: expected a file path"):

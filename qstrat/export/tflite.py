@@ -138,7 +138,8 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
 
 def _check_resizes(twin: Twin) -> None:
     """Refuse a bilinear resize whose output grid is not its input's: TFLite's int8 kernel writes the input's
-    scale (qstrat's own output grid would be lost, by many steps), so the file would not compute the model."""
+    scale (qstrat's own output grid would be lost, by many steps), so the file would not compute the model.
+    An fs resize reads a float tensor, which the file would range from calib_data: refused too."""
     for node in twin.graph.nodes:
         op = node.op
         if type(op).__name__ != "UpSampling2D" or getattr(op, "interpolation", "nearest") == "nearest":
@@ -147,6 +148,14 @@ def _check_resizes(twin: Twin) -> None:
         after = twin.graph.consumers(TensorRef(node.name, 0))
         fqs = [n.op for n in [before, *after] if n is not None and isinstance(n.op, FakeQuant)]
         grids = [tuple(float(v) for v in tflite_grid(q.quantizer, q.state, q.enabled, q.name, False)[:2]) for q in fqs]
+        if grids and (before is None or not isinstance(before.op, FakeQuant)):  # fs: it reads a float tensor
+            s_out, z_out = grids[0]
+            raise UnsupportedError(
+                f"{op.name}: UpSampling2D (bilinear) reads a tensor qstrat leaves in float, which the file would "
+                f"range from calib_data on another grid than the one it writes (scale {s_out:g}, zero point "
+                f"{z_out:g}), and TFLite's int8 resize keeps its input's: the file would not compute the model. "
+                'Export to ONNX, or use interpolation="nearest".'
+            )
         if len(grids) == 2 and grids[0] != grids[1]:
             (s_in, z_in), (s_out, z_out) = grids
             raise UnsupportedError(
