@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, PendingKeyWarning, did_you_mean
 from qstrat.graph.ir import Graph
 from qstrat.layers import FakeQuant, QuantizeWrapper
@@ -72,7 +73,7 @@ def refuse_non_finite(variables, owner: str, fix: str) -> None:
         if id(v) in seen or not keras.backend.is_float_dtype(v.dtype):
             continue
         seen.add(id(v))
-        values = np.asarray(v.numpy())  # a Keras variable (convert_to_numpy of one warns on NumPy 2)
+        values = to_numpy(v)
         if not np.isfinite(values).all():
             bad = int(values.size - np.count_nonzero(np.isfinite(values)))
             raise UnsupportedError(

@@ -13,6 +13,7 @@ RANK = {
     "saving": 7,
     "progress": 0,
     "files": 0,
+    "arrays": 0,
     "quantizers": 1,
     "calibration": 2,
     "strategy": 3,

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.files import write_atomically
 from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
@@ -148,7 +149,7 @@ def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=Fal
             continue
         for attr, q in layer.quantizers.items():
             state = {k: np.asarray(v) for k, v in layer.state[attr].items()}
-            w = np.asarray(getattr(layer.layer, attr).numpy())
+            w = to_numpy(getattr(layer.layer, attr))
             target = f"{layer.layer.name}/{attr}"
             ints, pos = _integers(q, state, q.reference(w, state), target)
             add(target, "bias" if attr == "bias" else "weight", q, state, ints, pos, w)
@@ -157,7 +158,7 @@ def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=Fal
         batch = next(iter(iterate_batches(dataset, input_specs(qmodel), batch_size, steps=1, caller="dump_model")))
         probe = keras.Model(qmodel.inputs, [c[2] for c in calls] + ([c[1] for c in calls] if dump_float else []))
         values = probe.predict(batch if len(batch) > 1 else batch[0], verbose=0, batch_size=batch_size)
-        values = [keras.ops.convert_to_numpy(v) for v in (values if isinstance(values, list) else [values])]
+        values = [to_numpy(v) for v in (values if isinstance(values, list) else [values])]
         for i, (fq, _, _, target) in enumerate(calls):
             if float(np.asarray(fq.enabled)) < 0.5:
                 raise UnsupportedError(f"{target}: the quantizer is bypassed (enabled 0), so its tensor is float.")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.export.onnx_build import Call, Tensor, channel_const, physical_axis, unsupported
 from qstrat.layers.dpu import HARD_SIGMOID_MULTIPLIER, HARD_SIGMOID_SHIFT
 
@@ -162,16 +163,16 @@ def _affine(c: Call, scale, shift, axis: int = -1) -> list[Tensor]:
 def _batch_norm(c: Call) -> list[Tensor]:
     layer = c.layer
     refuse_settings(c)
-    mean = np.asarray(layer.moving_mean.numpy(), np.float32)
-    var = np.asarray(layer.moving_variance.numpy(), np.float32)
-    gamma = layer.gamma.numpy() if layer.scale else np.ones_like(mean)
-    beta = layer.beta.numpy() if layer.center else np.zeros_like(mean)
+    mean = to_numpy(layer.moving_mean).astype(np.float32)
+    var = to_numpy(layer.moving_variance).astype(np.float32)
+    gamma = to_numpy(layer.gamma) if layer.scale else np.ones_like(mean)
+    beta = to_numpy(layer.beta) if layer.center else np.zeros_like(mean)
     inv = (np.float32(1.0) / np.sqrt(var + np.float32(layer.epsilon))).astype(np.float32) * gamma
     return _affine(c, inv, (beta - mean * inv).astype(np.float32))
 
 
 def _scale_shift(c: Call) -> list[Tensor]:
-    return _affine(c, c.layer.scale.numpy(), c.layer.shift.numpy())
+    return _affine(c, to_numpy(c.layer.scale), to_numpy(c.layer.shift))
 
 
 def _rescaling(c: Call) -> list[Tensor]:
@@ -189,10 +190,8 @@ def _normalization(c: Call) -> list[Tensor]:
     layer, b = c.layer, c.b
     refuse_settings(c)
     x = b.to_keras(c.inputs[0])
-    mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32)
-    denom = np.maximum(
-        np.sqrt(np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32)), np.float32(keras.backend.epsilon())
-    )
+    mean = to_numpy(layer.mean).astype(np.float32)
+    denom = np.maximum(np.sqrt(to_numpy(layer.variance).astype(np.float32)), np.float32(keras.backend.epsilon()))
     y = b.one("Sub", [x.name, b.const(mean, f"{c.name}/mean")], f"{c.name}/Sub")
     return [c.out(b.one("Div", [y, b.const(denom.astype(np.float32), f"{c.name}/std")], c.name), "keras")]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.export.onnx_build import Builder, Tensor, per_axis
 from qstrat.export.onnx_layers import EMITTERS, Call, keras_op
@@ -320,9 +321,8 @@ def _enabled(flag) -> bool:
 
 
 def _np(v) -> np.ndarray:
-    from keras import ops
 
-    return np.asarray(v.numpy() if hasattr(v, "assign") else ops.convert_to_numpy(v))
+    return to_numpy(v)
 
 
 def version() -> str:

@@ -15,6 +15,7 @@ import hashlib
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.export.qdq import Grid, grid_of
 from qstrat.graph import capture
 from qstrat.layers import FakeQuant
@@ -52,14 +53,14 @@ def count_rounding_mismatch(qmodel, data, batch_size: int = 32) -> list[dict]:
     graph = capture(qmodel)
     nodes = []
     for n in graph.nodes:
-        if not isinstance(n.op, FakeQuant) or float(np.asarray(n.op.enabled.numpy())) <= 0.5:
+        if not isinstance(n.op, FakeQuant) or float(to_numpy(n.op.enabled)) <= 0.5:
             continue
         if n.op.quantizer.params.data_format.is_float:
             continue
         k = int(n.name.rsplit("@", 1)[1]) if "@" in n.name else 0
         targets = [n.op.target or n.op.name, *n.op.more_targets]
         target = targets[k] if k < len(targets) else n.name
-        grid = grid_of(n.op.quantizer, {key: np.asarray(v.numpy()) for key, v in n.op.state.items()}, target)
+        grid = grid_of(n.op.quantizer, {key: to_numpy(v) for key, v in n.op.state.items()}, target)
         if not grid.onnx_exact:
             nodes.append((n, target, grid))
     if not nodes:

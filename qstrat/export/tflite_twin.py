@@ -16,6 +16,7 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import CalibrationDataError, UnsupportedError
 from qstrat.graph import Graph, Node, TensorRef, capture, rebuild
 from qstrat.graph.rebuild import replay
@@ -53,7 +54,7 @@ def _calib_arrays(calib_data, n_inputs: int) -> list[np.ndarray]:
 
 
 def _numpy(v) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(v), np.float64)
+    return to_numpy(v).astype(np.float64)
 
 
 def tflite_grid(q, state, enabled, where: str, weight: bool):
@@ -309,7 +310,7 @@ def _call_wrapped(inner, weights: dict, bias, depthwise: bool, x):
     def value(v):
         if id(v) == bias_id and bias is not None:
             return bias
-        return _tf_weight(by_id[id(v)], depthwise) if id(v) in by_id else tf.constant(keras.ops.convert_to_numpy(v))
+        return _tf_weight(by_id[id(v)], depthwise) if id(v) in by_id else tf.constant(to_numpy(v))
 
     variables = ([value(v) for v in inner.trainable_variables], [value(v) for v in inner.non_trainable_variables])
     y, _ = inner.stateless_call(*variables, x)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.graph.rewrite import refill, unfilled
 
@@ -78,7 +79,7 @@ def copy_state(src, dst) -> None:
         a.save_own_variables(store)
         # Copies, never the source's buffers: on JAX a shared buffer is deleted when one
         # model's predict donates it, which would break the user's model.
-        store = {k: np.array(v.numpy() if hasattr(v, "numpy") else v) for k, v in store.items()}
+        store = {k: np.array(to_numpy(v)) for k, v in store.items()}
         if store or b._trainable_variables or b._non_trainable_variables:
             b.load_own_variables(store)
         if hasattr(a, "save_assets") and hasattr(b, "load_assets"):

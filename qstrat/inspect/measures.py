@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.inspect.units import Quant
 
 SAMPLE_PER_BATCH = 2048  # activation values drawn (with replacement) per batch and quantizer, for the histograms
@@ -129,11 +130,10 @@ def range_stats(quant: Quant, lo, hi, vmin, vmax, clipped, values) -> RangeStats
 
 
 def weight_stats(quant: Quant) -> RangeStats:
-    from keras import ops
 
     layer = quant.layer.layer
     target = getattr(layer, "target_value", None)
-    w = np.asarray(ops.convert_to_numpy(target(quant.attr) if target else getattr(layer, quant.attr).value))
+    w = to_numpy(target(quant.attr) if target else getattr(layer, quant.attr))
     lo, hi = quant.grid_ends(w)
     clipped = float(np.mean((w < lo) | (w > hi))) if w.size else 0.0
     return range_stats(quant, lo, hi, float(w.min()), float(w.max()), clipped, w.ravel())

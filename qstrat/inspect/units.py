@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError
 from qstrat.layers import FakeQuant, QuantizeWrapper
 
@@ -161,8 +162,8 @@ class Flags:
                         bn = inner.get(bn_name) or qmodel.get_layer(bn_name)
                         var = bn.moving_mean
                     self.corrections.append((var, np.asarray(added, np.float64)))
-        self.initial = {id(f): float(np.asarray(f.numpy())) for f in self.flags}
-        self.values = {id(v): np.array(v.numpy()) for v, _ in self.corrections}
+        self.initial = {id(f): float(to_numpy(f)) for f in self.flags}
+        self.values = {id(v): np.array(to_numpy(v)) for v, _ in self.corrections}
 
     def only(self, flags: list | None, corrections: bool = False) -> None:
         """Bypass every quantizer except ``flags`` (at their initial values) and take every bias correction

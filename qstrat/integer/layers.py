@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import keras
 import numpy as np
-from keras import ops
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import UnsupportedError
 from qstrat.integer import kernels as K
 from qstrat.integer.activations import activate, hard_sigmoid, leaky, relu_layer
@@ -67,7 +67,7 @@ NEEDS_POF2 = "simulate_integer needs power-of-2 quantizers (the pof2s or tqt str
 
 
 def numpy_state(state) -> dict[str, np.ndarray]:
-    return {k: np.asarray(ops.convert_to_numpy(v)) for k, v in state.items()}
+    return {k: to_numpy(v) for k, v in state.items()}
 
 
 def quantizer_position(q, state, where: str) -> np.ndarray:
@@ -84,7 +84,7 @@ def quantizer_position(q, state, where: str) -> np.ndarray:
 
 
 def check_enabled(flag, where: str) -> None:
-    if float(np.asarray(ops.convert_to_numpy(flag))) < 0.5:
+    if float(to_numpy(flag)) < 0.5:
         raise UnsupportedError(
             f"{where}: the quantizer is bypassed (enabled is 0), so the layer computes in float; {NEEDS_POF2} "
             "on every tensor. Enable it (qstrat.layers.set_quantizers_enabled(model, True))."
@@ -105,7 +105,7 @@ class Context:
             where = f"{wrapper.layer.name}.{attr}"
             q, state = wrapper.quantizers[attr], numpy_state(wrapper.state[attr])
             check_enabled(wrapper.enabled[attr], where)
-            w = np.asarray(ops.convert_to_numpy(getattr(wrapper.layer, attr)))
+            w = to_numpy(getattr(wrapper.layer, attr))
             pos = expand(quantizer_position(q, state, where), w.ndim, q.axis)
             self.weights[key] = (from_grid(q.reference(w, state), pos), pos)
         return self.weights[key]

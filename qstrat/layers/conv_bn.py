@@ -35,6 +35,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
 
 L = keras.layers
@@ -60,7 +61,7 @@ def _serialized(layer) -> dict:
 
 
 def _np(v) -> np.ndarray:
-    return np.asarray(ops.convert_to_numpy(v))
+    return to_numpy(v)
 
 
 def _check(conv, bn, freeze_bn_delay) -> None:

@@ -12,6 +12,7 @@ import contextlib
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import array_samples, count_batches, input_specs, iterate_batches
 from qstrat.calibration.observers import finite_range
@@ -103,10 +104,9 @@ def _weight_value(wrapper: QuantizeWrapper, attr: str) -> np.ndarray:
     """What the quantizer of ``attr`` quantizes: the weight, or the layer's ``target_value`` (a folded kernel)."""
     target = getattr(wrapper.layer, "target_value", None)
     if target is None:
-        return np.asarray(getattr(wrapper.layer, attr).numpy())
-    import keras
+        return to_numpy(getattr(wrapper.layer, attr))
 
-    return np.asarray(keras.ops.convert_to_numpy(target(attr)))
+    return to_numpy(target(attr))
 
 
 def calibrate_weight_group(group: list[tuple[QuantizeWrapper, str]]) -> None:

@@ -36,6 +36,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import replace
 
+from qstrat.arrays import to_numpy
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef
 from qstrat.graph.rewrite import Editor, built_layer, new_node
 from qstrat.layers.dpu import (
@@ -116,7 +117,7 @@ def _split_conv_activations(ed: Editor, on: set[str], report: OptimizeReport) ->
             continue
         if id(node.op) not in linear:
             cfg = {**node.op.get_config(), "activation": "linear"}
-            weights = [w.numpy() for w in node.op.weights]
+            weights = [to_numpy(w) for w in node.op.weights]
             linear[id(node.op)] = built_layer(type(node.op), cfg, node.in_tensors[0].shape, weights)
         op = linear[id(node.op)]
         ed.replace(node.name, replace(node, op=op, meta=dict(node.meta)))

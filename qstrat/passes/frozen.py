@@ -23,6 +23,7 @@ from functools import cached_property
 import keras
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.graph import capture
 from qstrat.graph.ir import TensorRef, taken_names, unique_name
 from qstrat.graph.rebuild import built_copy, copy_layer, functional_model, input_tensors, load_pending, replay
@@ -57,7 +58,7 @@ class Fixed(keras.layers.Layer):
 
 
 def _numpy(v) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(v))
+    return to_numpy(v)
 
 
 SMALL = 1 << 14  # values: a weight this small is quantized by its quantizer's NumPy twin, where exact
@@ -147,9 +148,9 @@ class Frozen:
                 if attr in layer.quantizers:
                     getattr(copy, attr).assign(quantized_once(layer, attr))
                 else:
-                    getattr(copy, attr).assign(keras.ops.convert_to_numpy(getattr(layer.layer, attr)))
+                    getattr(copy, attr).assign(to_numpy(getattr(layer.layer, attr)))
             return
         copy = self._symbolic.get(id(layer))
         if copy is not None:
             for src, dst in zip(layer.weights, copy.weights, strict=True):
-                dst.assign(keras.ops.convert_to_numpy(src))
+                dst.assign(to_numpy(src))

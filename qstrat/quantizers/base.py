@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError, did_you_mean
 from qstrat.quantizers import percentile_kl
 from qstrat.quantizers.grid import DataFormat, IntGrid, Method
@@ -357,8 +358,4 @@ def _check_policy(policy):
 
 
 def _to_numpy(v):
-    from keras import ops
-
-    if hasattr(v, "numpy") and hasattr(v, "assign"):
-        return v.numpy()  # a Keras Variable: numpy() avoids NumPy 2's copy-keyword warning
-    return ops.convert_to_numpy(v)
+    return to_numpy(v)

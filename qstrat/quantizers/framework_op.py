@@ -34,6 +34,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from qstrat.arrays import to_numpy
 from qstrat.quantizers import fake_quant as fq
 
 
@@ -90,8 +91,8 @@ def per_channel_fake_quant(x, lo, hi, axis: int, bits: int, narrow: bool):
 
     if not tf.executing_eagerly() or keras.backend.standardize_dtype(x.dtype) != "float32":
         return None
-    lo = np.asarray(keras.ops.convert_to_numpy(lo), np.float32).ravel()
-    hi = np.asarray(keras.ops.convert_to_numpy(hi), np.float32).ravel()
+    lo = to_numpy(lo).astype(np.float32).ravel()
+    hi = to_numpy(hi).astype(np.float32).ravel()
     qmin, qmax = (1 if narrow else 0), 2**bits - 1
     nmin, nmax, scale, inv, quant_zero = nudged(lo, hi, qmin, qmax)
     # TensorFlow's threads flush subnormal floats to zero, NumPy does not: keep the nudge to normal floats.

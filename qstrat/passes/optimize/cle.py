@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
 from qstrat.passes.optimize.act_eq import activation_factor
@@ -53,9 +54,9 @@ class _Pair:
 
 
 def _np(v) -> np.ndarray:
-    """The variable's values in its own dtype (Variable.numpy(): no NumPy 2 copy warning). Products with the
-    float64 scales promote them, so every result is as with a float64 copy made first."""
-    return np.asarray(v.numpy())
+    """The variable's values in its own dtype. Products with the float64 scales promote them, so every
+    result is as with a float64 copy made first."""
+    return to_numpy(v)
 
 
 class _Ranges:

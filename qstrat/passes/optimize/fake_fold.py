@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph
 from qstrat.graph.rewrite import built_layer
 from qstrat.layers import FoldedConvBN, QuantizeWrapper
@@ -35,7 +36,7 @@ FAKE_FOLDABLE = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv
 
 
 def _np(v) -> np.ndarray:
-    return np.asarray(v.numpy(), np.float64)
+    return to_numpy(v).astype(np.float64)
 
 
 def _out_channels(type_name: str, kernel: np.ndarray) -> np.ndarray:

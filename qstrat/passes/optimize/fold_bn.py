@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
 from qstrat.passes.optimize.channels import FOLDABLE, scale_out
@@ -27,7 +28,7 @@ from qstrat.passes.optimize.report import OptimizeReport
 
 
 def _np(v) -> np.ndarray:
-    return np.asarray(v.numpy(), dtype=np.float64)  # Variable.numpy(): no NumPy 2 copy warning
+    return to_numpy(v).astype(np.float64)
 
 
 def _gamma_beta(bn) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+from qstrat.arrays import to_numpy
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef
 from qstrat.graph.rewrite import Editor, built_layer, new_node
 from qstrat.passes.optimize.report import OptimizeReport
@@ -150,7 +151,7 @@ def separable_conv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
 
 
 def _np(v):
-    return v.numpy()  # Variable.numpy(): no NumPy 2 copy warning
+    return to_numpy(v)
 
 
 def convert_relu6_to_relu(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:

@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.calibration.data import is_one_shot, take_samples  # noqa: F401 - is_one_shot: the API's too
 from qstrat.errors import CalibrationDataError
 from qstrat.graph import capture
@@ -309,7 +310,7 @@ def _bias_value(wrapper: QuantizeWrapper) -> np.ndarray:
     """The bias the wrapper computes with: quantized, or as it is where it has no quantizer."""
     if "bias" in wrapper.quantizers:
         return quantized_once(wrapper, "bias")
-    return keras.ops.convert_to_numpy(wrapper.layer.bias)
+    return to_numpy(wrapper.layer.bias)
 
 
 def _channel_means(x) -> np.ndarray:
@@ -328,7 +329,7 @@ def _correct(target, shift: np.ndarray, group) -> Correction:
     wrapper, _, bn = target
     if bn is None:
         bias = wrapper.layer.bias
-        new = bias.numpy().astype(np.float64) - shift
+        new = to_numpy(bias).astype(np.float64) - shift
         bias.assign(new.astype(bias.dtype))
         wrapper.record_correction("bias", -shift)
         if group:
@@ -336,7 +337,7 @@ def _correct(target, shift: np.ndarray, group) -> Correction:
         where = "bias"
     else:
         mean = bn.moving_mean
-        mean.assign((mean.numpy().astype(np.float64) + shift).astype(mean.dtype))
+        mean.assign((to_numpy(mean).astype(np.float64) + shift).astype(mean.dtype))
         where = f"{bn.name}.moving_mean"
         wrapper.record_correction(where, shift)
     return Correction(wrapper.layer.name, where, float(np.abs(shift).max()))

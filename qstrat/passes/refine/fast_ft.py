@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.calibration.data import take_samples
 from qstrat.errors import UnsupportedError
 from qstrat.graph.ir import Graph, Node, TensorRef
@@ -176,7 +177,7 @@ class _Snapshot:
     """The values of some variables, to put back."""
 
     def __init__(self, variables):
-        self.items = [(v, keras.ops.convert_to_numpy(v).copy()) for v in variables]
+        self.items = [(v, to_numpy(v).copy()) for v in variables]
 
     def restore(self) -> None:
         for v, value in self.items:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qstrat.arrays import to_numpy
 from qstrat.graph.capture import capture
 from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.layers import FakeQuant, QuantizeWrapper
@@ -95,7 +96,7 @@ class _Values:
     def read(self, var) -> np.ndarray:
         hit = self._cache.get(id(var))
         if hit is None:
-            hit = self._cache[id(var)] = (var, np.asarray(var))
+            hit = self._cache[id(var)] = (var, to_numpy(var))
         return hit[1]
 
     def write(self, var, value: np.ndarray) -> None:

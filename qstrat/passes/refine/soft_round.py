@@ -29,6 +29,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from qstrat.arrays import to_numpy
 from qstrat.quantizers.affine import affine_of
 from qstrat.quantizers.reference import expand
 
@@ -39,7 +40,7 @@ REG = 0.01  # the regularizer's weight, against the output error summed over a s
 
 
 def _np(v) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(v))
+    return to_numpy(v)
 
 
 def batch_mse(model, x: np.ndarray, y: np.ndarray, batch_size: int = 64) -> float:
