@@ -131,9 +131,9 @@ class Graph:
     inputs: tuple[TensorRef, ...]
     outputs: tuple[TensorRef, ...]
     name: str = "model"
-    # How the model nests its inputs and outputs (a dict keyed other than by input name, a dict or tuple of
-    # outputs): (inputs, outputs), each the model's own structure with every tensor replaced by its index in
-    # ``inputs`` or ``outputs``; None where both are plain (one tensor, or a list of them).
+    # How the model nests its inputs and outputs (dicts, with their keys; tuples): (inputs, outputs), each
+    # the model's own structure with every tensor replaced by its index in ``inputs`` or ``outputs``; None
+    # where both are plain (one tensor, or a flat list of them), as `rebuild` makes them anyway.
     structure: tuple[Any, Any] | None = None
 
     def __post_init__(self):
