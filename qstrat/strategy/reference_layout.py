@@ -139,7 +139,8 @@ def convert(d: Mapping, custom_types: Mapping[str, type] | None = None) -> Conve
         q["quantize_with_xcompiler"] = False
         conv.warnings.append(
             "quantize_pipeline_config.quantize_with_xcompiler: true became false: there is no Vitis AI compiler "
-            "here; qstrat's refine stage is where the DPU position constraints go (not applied yet)"
+            "here; qstrat applies the DPU compiler's position constraints itself, in the refine stage (the "
+            "adjust_dpu_* keys of refine_pipeline_config, on in pof2s and tqt)"
         )
     if FINALIZE in d:
         refine = out.setdefault("refine_pipeline_config", {})
@@ -244,8 +245,8 @@ def _entry(entry, path, where, conv: Conversion, custom_types, framework, names:
     name = _class_name(dotted, f"{path}.layer_type")
     if name.startswith("Vitis") or name in REFERENCE_ONLY_CLASSES:
         conv.warnings.append(
-            f"{path[2:]} ({dotted}) dropped: qstrat does not create the reference's own layer classes "
-            "(its DPU layer versions are not implemented yet)"
+            f"{path[2:]} ({dotted}) dropped: qstrat does not create the reference's own layer classes; its "
+            "DPU layer versions are its own (the convert_*_to_dpu_version keys of quantize_pipeline_config)"
         )
         return None
     if name not in keras_layer_classes() and name not in custom_types:
