@@ -66,6 +66,29 @@ def test_input_layers_start_the_part_and_what_enters_it_is_quantized():
     assert sum(fq.target == "conv_a/input_0" for fq in fqs) == 1
 
 
+@pytest.mark.parametrize("kind", ["conv_relu", "separable"])
+def test_an_input_layer_the_optimize_stage_split_starts_the_part_whole(kind):
+    """A conv with a fused ReLU becomes conv + ReLU, a SeparableConv2D its depthwise and pointwise halves;
+    both halves answer to the layer's name, and the part starts at the first, which reads the input quantizer."""
+    i = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(4, 3, name="conv_a")(i)
+    if kind == "conv_relu":
+        x = L.Conv2D(4, 3, activation="relu", name="named")(x)
+    else:
+        x = L.SeparableConv2D(4, 3, name="named")(x)
+    model = keras.Model(i, L.Dense(2, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    q = qstrat.Quantizer(model, "pof2s")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never reaches.*")
+        qmodel = q.quantize_model(images(), verbose=0, input_layers=["named"], include_bias_corr=False)
+    info = qstrat.get_quantize_info(qmodel)
+    first = "named" if kind == "conv_relu" else "named_depthwise"
+    assert first in info and info[first]["input_0"]["target_type"] == "input"
+    assert "conv_a" not in info and "image" not in info
+    fqs = [layer for layer in qmodel.layers if isinstance(layer, FakeQuant)]
+    assert sum(fq.target.endswith("/input_0") for fq in fqs) == 1  # one quantizer where the part starts
+
+
 def test_a_skip_connection_around_the_input_layer_keeps_its_path_in_the_part():
     """input_layers=["conv_b"]: the walk back from the output also reaches relu_a through the skip to the Add,
     so conv_a, relu_a and the model input stay in the part (the reference's definition); conv_b reads relu_a's

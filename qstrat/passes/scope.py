@@ -18,10 +18,16 @@ from qstrat.strategy import LayerQuantConfig, ResolvedTarget, Strategy
 from qstrat.strategy.schema import thaw
 
 
-def _named(graph: Graph, names) -> set[str]:
-    """The nodes whose layer (or the layer they came from in optimize) has one of ``names``."""
-    names = set(names)
-    return {n.name for n in graph.nodes if n.layer_name in names or n.meta.get("origin") in names}
+def _named(graph: Graph, names) -> dict[str, str]:
+    """{node: the name it answers to} for the nodes whose layer (or the layer they came from in optimize, as
+    the two halves of a split SeparableConv2D, or a conv and its separated activation) has one of ``names``."""
+    names, out = set(names), {}
+    for n in graph.nodes:
+        if n.meta.get("origin") in names:
+            out[n.name] = n.meta["origin"]
+        elif n.layer_name in names:
+            out[n.name] = n.layer_name
+    return out
 
 
 def _scope(graph: Graph, strategy: Strategy) -> tuple[set[str], set[str]]:
@@ -53,9 +59,10 @@ def _scope(graph: Graph, strategy: Strategy) -> tuple[set[str], set[str]]:
         if name in inside:
             continue
         inside.add(name)
-        if name not in starts:
-            todo.extend(r.node for r in graph.node(name).inputs)
-    unreached = sorted({graph.node(n).layer_name for n in starts - inside})
+        producers = [r.node for r in graph.node(name).inputs]
+        # An input layer belongs to the part whole: the walk stops where it leaves the layer's nodes.
+        todo.extend(p for p in producers if name not in starts or starts.get(p) == starts[name])
+    unreached = sorted({starts[n] for n in starts.keys() - inside})
     if unreached:
         warnings.warn(
             f"user_defined_quantize_config.input_layers names {', '.join(map(repr, unreached))}, which the walk back "
@@ -64,7 +71,7 @@ def _scope(graph: Graph, strategy: Strategy) -> tuple[set[str], set[str]]:
             stacklevel=5,
         )
     outside = {n.name for n in graph.nodes} - inside
-    return outside, {n for n in starts & inside if any(r.node in outside for r in graph.node(n).inputs)}
+    return outside, {n for n in starts.keys() & inside if any(r.node in outside for r in graph.node(n).inputs)}
 
 
 def limit_to_scope(graph: Graph, strategy: Strategy, configs: dict[str, LayerQuantConfig]) -> None:
