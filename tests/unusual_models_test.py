@@ -132,3 +132,41 @@ def test_inputs_keyed_other_than_by_name_are_read_by_their_keys(tmp_path):
     np.testing.assert_array_equal(loaded[1], twin[1])
     with pytest.raises(qstrat.CalibrationDataError, match="'a' is not an input of the model.*'x_a', 'x_b'"):
         qstrat.Quantizer(keyed, "pof2s").quantize_model({"a": xa, "b": xb}, verbose=0)
+
+
+def _dict_model():
+    """Inputs declared unsorted ({"kb", "ka"}, both of width 8, so a swap would not show in shapes); outputs a
+    dict whose keys sort otherwise than they are declared."""
+    a, b = keras.Input((8,), name="ka"), keras.Input((8,), name="kb")
+    h = L.Dense(6, activation="relu", name="h")(a)
+    o = L.Dense(3, name="o")(L.Concatenate(name="cat")([h, L.Dense(4, name="db")(b)]))
+    model = keras.Model({"kb": b, "ka": a}, {"y2": L.Dense(2, name="p")(h), "y1": o})
+    rng = np.random.default_rng(0)
+    x = {"ka": rng.normal(size=(48, 8)).astype("float32"), "kb": 20 * rng.normal(size=(48, 8)).astype("float32")}
+    return model, x
+
+
+@pytest.mark.portable
+def test_analyze_mixed_precision_and_the_integer_reference_take_dict_inputs_and_outputs():
+    model, x = _dict_model()
+    q = qstrat.Quantizer(model, "pof2s")
+    qmodel = q.quantize_model(x, verbose=0)
+    want = qmodel.predict(x, verbose=0)
+    assert isinstance(want, dict) and set(want) == {"y1", "y2"}
+    report = qstrat.analyze(model, qmodel, x, verbose=0)
+    assert report.output_sqnr_db > 20  # 8-bit on both heads: a swapped or misread input would be near 0 dB
+    raised = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, target_sqnr=report.output_sqnr_db + 3)
+    assert isinstance(raised.predict(x, verbose=0), dict)
+    ints = qstrat.simulate_integer(qmodel, x)
+    assert isinstance(ints, dict) and set(ints) == {"y1", "y2"}
+    for key in ("y1", "y2"):
+        np.testing.assert_array_equal(ints[key], want[key])  # the integer reference is bit-exact
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize("bundle", [list, tuple])
+def test_a_list_for_a_model_that_takes_a_dict_is_refused(bundle):
+    """Keras refuses it; read in the model's own input order it would calibrate 'ka' on the data meant for 'kb'."""
+    model, x = _dict_model()
+    with pytest.raises(qstrat.CalibrationDataError, match=r"for a model that takes a dict of inputs \('ka', 'kb'\)"):
+        qstrat.Quantizer(model, "pof2s").quantize_model(bundle([x["kb"], x["ka"]]), verbose=0)

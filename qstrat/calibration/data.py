@@ -71,6 +71,7 @@ def model_inputs(x, specs, where: str) -> list:
     n = len(specs)
     if isinstance(x, dict):
         return _by_name(x, specs, where)
+    _refuse_unkeyed(x, specs, where)
     if isinstance(x, (list, tuple)):
         if n == 1 and len(x) == 1:
             return [x[0]]
@@ -189,6 +190,7 @@ def array_bundle(data, specs) -> list[np.ndarray] | None:
     elif isinstance(data, dict) and data and all(_is_arraylike(v) for v in data.values()):
         arrays = _by_name(data, specs, "calibration data")
     elif isinstance(data, (list, tuple)) and data and all(_is_arraylike(v) for v in data):
+        _refuse_unkeyed(data, specs, "calibration data")
         arrays = list(data)
     else:
         return None
@@ -209,12 +211,24 @@ def array_bundle(data, specs) -> list[np.ndarray] | None:
 def input_specs(model) -> list[tuple]:
     """(key, shape, dtype) of each input of ``model``, in its order. The key is what a dict of data gives it
     by, as Keras reads one: the model's own key where it takes a dict of inputs, its Input's name otherwise."""
-    keys = [t.name for t in model.inputs]
     struct = getattr(model, "_inputs_struct", None)
-    if isinstance(struct, dict):
-        by_id = {id(t): str(k) for k, t in struct.items()}
-        keys = [by_id.get(id(t), t.name) for t in model.inputs]
-    return [(k, tuple(t.shape), t.dtype) for k, t in zip(keys, model.inputs, strict=True)]
+    if not isinstance(struct, dict):
+        return [(t.name, tuple(t.shape), t.dtype) for t in model.inputs]
+    by_id = {id(t): str(k) for k, t in struct.items()}
+    return KeyedSpecs((by_id.get(id(t), t.name), tuple(t.shape), t.dtype) for t in model.inputs)
+
+
+class KeyedSpecs(list):
+    """The input specs of a model that takes a dict of inputs: its data is a dict too, since a list would be
+    matched in the model's own order (sorted by key), not the one it was declared in (Keras refuses it)."""
+
+
+def _refuse_unkeyed(x, specs, where: str) -> None:
+    if isinstance(specs, KeyedSpecs) and len(specs) > 1 and isinstance(x, list | tuple):
+        raise CalibrationDataError(
+            f"{where}: a {type(x).__name__} of {len(x)} for a model that takes a dict of inputs "
+            f"({_names(specs)}). Give a dict keyed so, as model.predict takes it."
+        )
 
 
 def checked_arrays(data, model, label: str) -> list[np.ndarray]:

@@ -142,6 +142,14 @@ class Graph:
     def node(self, name: str) -> Node:
         return self._by_name[name]
 
+    def nested_outputs(self, flat: list):
+        """``flat`` (one value per output, in ``outputs`` order) nested as the model returns its outputs."""
+        if self.structure is None:
+            return flat[0] if len(flat) == 1 else list(flat)
+        import keras
+
+        return keras.tree.map_structure(lambda i: flat[i], self.structure[1])
+
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 

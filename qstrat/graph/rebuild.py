@@ -251,7 +251,7 @@ def rebuild(
         skeleton_in, skeleton_out = graph.structure
         assert sorted(keras.tree.flatten(skeleton_out)) == list(range(len(outs))), "the outputs changed in number"
         nested_in = keras.tree.map_structure(lambda i: inputs[i], skeleton_in)
-        nested_out = keras.tree.map_structure(lambda i: outs[i], skeleton_out)
+        nested_out = graph.nested_outputs(outs)
     with warnings.catch_warnings():
         # Inputs keyed other than by their names: Keras warned the user when the float model was built.
         warnings.filterwarnings("ignore", message="When providing `inputs` as a dict")

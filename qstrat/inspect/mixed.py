@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qstrat.calibration.data import array_bundle, iterate_batches
+from qstrat.calibration.data import KeyedSpecs, array_bundle, iterate_batches
 from qstrat.errors import ConfigError
 from qstrat.inspect.analyze import analyze
 from qstrat.inspect.measures import sqnr_db
@@ -80,7 +80,8 @@ def check_budget(accuracy_budget, eval_fn, target_sqnr, max_raised, raise_to) ->
 
 
 def first_samples(data, specs, n: int, batch_size: int):
-    """The first ``n`` samples of the calibration data, as arrays (one input) or a list of arrays."""
+    """The first ``n`` samples of the calibration data: an array (one input), a list of arrays, or a dict of
+    them for a model that takes a dict of inputs."""
     arrays = array_bundle(data, specs)
     if arrays is None:
         parts, count = [], 0
@@ -91,14 +92,22 @@ def first_samples(data, specs, n: int, batch_size: int):
                 break
         arrays = [np.concatenate([p[i] for p in parts]) for i in range(len(specs))]
     arrays = [a[:n] for a in arrays]
+    if isinstance(specs, KeyedSpecs):  # a model that takes a dict of inputs takes its data so
+        return {s[0]: a for s, a in zip(specs, arrays, strict=True)}
     return arrays[0] if len(arrays) == 1 else arrays
 
 
 def output_sqnr(float_model, qmodel, x, batch_size: int) -> float:
-    """The model outputs' SQNR against the float model's, in dB, over every output."""
-    f = float_model.predict(x, batch_size=batch_size, verbose=0)
-    q = qmodel.predict(x, batch_size=batch_size, verbose=0)
-    f, q = (f, q) if isinstance(f, (list, tuple)) else ([f], [q])
+    """The model outputs' SQNR against the float model's, in dB, over every output (``x``: an array, or a
+    list with one per input in the model's order)."""
+    import keras
+
+    from qstrat.passes.runner import nested_inputs
+
+    if not isinstance(x, dict):
+        x = nested_inputs(float_model, x if isinstance(x, list) else [x])
+    f = keras.tree.flatten(float_model.predict(x, batch_size=batch_size, verbose=0))
+    q = keras.tree.flatten(qmodel.predict(x, batch_size=batch_size, verbose=0))
     signal = sum(float(np.sum(np.square(np.asarray(a, np.float64)))) for a in f)
     noise = sum(float(np.sum(np.square(np.asarray(b, np.float64) - a))) for a, b in zip(f, q, strict=True))
     return sqnr_db(signal, noise)

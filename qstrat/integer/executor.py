@@ -40,8 +40,8 @@ class IntegerRun:
     """What `run_integer` computed.
 
     Attributes:
-        outputs: the model's outputs as ``model.predict`` gives them (one array, or a list),
-            dequantized at the very end (float32).
+        outputs: the model's outputs as ``model.predict`` gives them (one array, a list, or the
+            model's own dict or tuple), dequantized at the very end (float32).
         tensors: ``{FakeQuant node name: (int64 grid integers, position)}`` for every FakeQuant
             node of the quantized graph (a shared one once per call: ``name@1``, ...); the
             position is an int, or a vector over the last axis when per channel.
@@ -49,7 +49,7 @@ class IntegerRun:
         accumulator_overflow: the layers whose accumulator left the int32 range.
     """
 
-    outputs: np.ndarray | list[np.ndarray]
+    outputs: np.ndarray | list[np.ndarray] | dict | tuple
     tensors: dict[str, tuple[np.ndarray, int | np.ndarray]]
     float_layers: list[str]
     accumulator_overflow: list[str]
@@ -60,7 +60,8 @@ def simulate_integer(qmodel, x, batch_size: int | None = None):
 
     Args:
         qmodel: a model quantized with power-of-2 quantizers (``Quantizer(model, "pof2s")``, or TQT).
-        x: the input array, or a list (or ``{input name: array}``) for several inputs.
+        x: the input array, or a list (or a dict, keyed as ``qmodel.predict`` takes it) for several inputs.
+            The outputs come nested as ``qmodel.predict`` returns them (a dict keeps its keys).
         batch_size: samples per step (None: all at once).
 
     Example:
@@ -99,7 +100,7 @@ def run_integer(qmodel, x, batch_size: int | None = None) -> IntegerRun:
     tensors = {}
     for name, (_, pos) in parts[0][1].items():
         tensors[name] = (np.concatenate([p[1][name][0] for p in parts]), pos)
-    return IntegerRun(outputs[0] if len(outputs) == 1 else outputs, tensors, floats, list(ctx.overflow))
+    return IntegerRun(graph.nested_outputs(outputs), tensors, floats, list(ctx.overflow))
 
 
 def check_quantizers(graph) -> None:

@@ -43,22 +43,32 @@ class BatchRunner:
 
         if fn is None:
             specs = [(t.shape, t.dtype) for t in model.inputs]
-            single = len(specs) == 1
 
             def fn(*xs):
-                return model(xs[0] if single else list(xs), training=False)
+                return model(nested_inputs(model, list(xs)), training=False)
 
         signature = [tf.TensorSpec((None, *shape[1:]), dtype) for shape, dtype in specs]
         self._fn = tf.function(fn, input_signature=signature, autograph=False)
 
     def __call__(self, batch: list[np.ndarray]) -> list[np.ndarray]:
+        import keras
+
         if self._fn is None:
-            outs = self.model.predict_on_batch(list(batch))
-            return list(outs) if isinstance(outs, (list, tuple)) else [outs]
+            return keras.tree.flatten(self.model.predict_on_batch(nested_inputs(self.model, list(batch))))
         with lightly_optimized():
-            outs = self._fn(*batch)
-        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+            outs = keras.tree.flatten(self._fn(*batch))  # a dict of outputs in the model's order (sorted keys)
         return [np.asarray(o) if self.views else o.numpy() for o in outs]
+
+
+def nested_inputs(model, flat: list):
+    """``flat`` (one value per ``model.inputs``, in that order) as the model takes them: one value, a list, or
+    its own dict (keys in any order) or tuple."""
+    import keras
+
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, dict | tuple):
+        return keras.tree.pack_sequence_as(struct, flat)
+    return flat[0] if len(flat) == 1 else flat
 
 
 @contextlib.contextmanager
