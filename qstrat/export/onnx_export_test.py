@@ -584,3 +584,24 @@ def test_fs_exports_a_layer_of_one_output_channel(head, tmp_path):
     bound = step * np.abs(kernel).sum() + terms * 2.0**-24 * np.abs(kernel).sum() * largest
     got, want = run(path, x, optimize=False), keras_out(qmodel, x)
     assert got.shape == want.shape and np.max(np.abs(got - want)) <= bound
+
+
+@pytest.mark.portable
+def test_dict_outputs_are_named_by_their_keys_and_an_int_input_passed_on_stays_int(tmp_path):
+    """ONNX Runtime rounds ties to even: with the same rounding every output equals the Keras model's."""
+    keras.utils.set_random_seed(3)
+    f, ids = keras.Input((6,), name="f"), keras.Input((2,), dtype="int32", name="ids")
+    h = keras.layers.Dense(5, activation="relu", name="h")(f)
+    model = keras.Model(
+        [f, ids], {"zeta": keras.layers.Dense(3, name="d3")(h), "alpha": keras.layers.Dense(2)(h), "passed": ids}
+    )
+    x = [np.random.default_rng(0).normal(size=(32, 6)).astype("float32"), np.arange(64, dtype="int32").reshape(32, 2)]
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, **EVEN)
+    export_onnx(qmodel, tmp_path / "d.onnx")
+    s = session(tmp_path / "d.onnx")
+    types = {o.name: o.type for o in s.get_outputs()}
+    assert types == {"alpha": "tensor(float)", "passed": "tensor(int32)", "zeta": "tensor(float)"}
+    got = dict(zip(types, s.run(None, {"f": x[0], "ids": x[1]}), strict=True))
+    want = qmodel.predict(x, verbose=0)
+    for key in ("zeta", "alpha", "passed"):
+        np.testing.assert_array_equal(got[key], ops.convert_to_numpy(want[key]))

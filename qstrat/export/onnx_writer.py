@@ -79,9 +79,12 @@ class Writer:
             inputs.append(helper.make_tensor_value_info(node.name, ONNX_TYPES[dtype], _dims(node.meta["shapes"][0])))
         outputs, nodes = [], list(self.b.nodes)
         names = _output_names(self.graph)
-        for t, name in zip(self.outputs, names, strict=True):
+        for t, name, r in zip(self.outputs, names, self.graph.outputs, strict=True):
             nodes.append(helper.make_node("Identity", [t.name], [name], name=f"{name}/output"))
-            outputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, _dims(t.shape)))
+            # Integer outputs (an int input passed on) keep their type; every computed output is float32.
+            dtype = (self.graph.node(r.node).meta.get("dtypes") or ("float32",) * (r.index + 1))[r.index]
+            kind = ONNX_TYPES[dtype] if "int" in dtype and dtype in ONNX_TYPES else onnx.TensorProto.FLOAT
+            outputs.append(helper.make_tensor_value_info(name, kind, _dims(t.shape)))
         g = helper.make_graph(nodes, self.graph.name, inputs, outputs, self.b.initializers)
         opsets = [helper.make_opsetid("", self.b.opset)]
         model = helper.make_model(g, opset_imports=opsets, producer_name="qstrat", producer_version=version())
@@ -303,10 +306,13 @@ def _dims(shape) -> list:
 
 
 def _output_names(graph) -> list[str]:
-    """Unique output names: the producing layer's, with ":k" for a second output of the same node."""
+    """Unique output names: the model's own keys where it returns a dict of outputs, else the producing
+    layer's, with ":k" for a second output of the same node."""
+    skeleton = graph.structure[1] if graph.structure is not None else None
+    keys = {i: str(k) for k, i in skeleton.items()} if isinstance(skeleton, dict) else {}
     names, seen = [], set()
-    for r in graph.outputs:
-        name = str(r).replace("@", "_call")
+    for i, r in enumerate(graph.outputs):
+        name = keys.get(i, str(r).replace("@", "_call"))
         base, k = name, 1
         while name in seen or name in graph:
             name = f"{base}_out{k}" if name in graph and k == 1 else f"{base}_{k}"

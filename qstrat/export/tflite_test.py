@@ -33,7 +33,8 @@ META = {"strategy": "pof2s", "note": "digits ÷ 16 → int8", "empty": "", "json
 def _quantize(model, x, strategy, **keys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qstrat.PendingKeyWarning)
-        return qstrat.Quantizer(model, strategy).quantize_model(x[:256], verbose=0, **keys)
+        x = {k: v[:256] for k, v in x.items()} if isinstance(x, dict) else x[:256]
+        return qstrat.Quantizer(model, strategy).quantize_model(x, verbose=0, **keys)
 
 
 def _invoke(path, x):
@@ -416,7 +417,7 @@ def test_separable_convolutions_are_refused_with_the_key_that_splits_them(tmp_pa
     assert (y_tfl.argmax(1) == np.asarray(qmodel(x)).argmax(1)).mean() >= 0.995
 
 
-@pytest.mark.parametrize("outputs", ["list", "dict"])
+@pytest.mark.parametrize("outputs", ["list", "dict", "dict in and out"])
 def test_inputs_and_outputs_are_reported_in_the_model_order_with_their_signature_keys(tmp_path, outputs):
     """The converter orders a file's inputs and outputs by name (b before a); the report gives them in the
     Keras model's order with their serving_default keys, and each key runs to the model's same output.
@@ -426,21 +427,25 @@ def test_inputs_and_outputs_are_reported_in_the_model_order_with_their_signature
     mismatched pair is many steps apart."""
     a, b = keras.Input((4,), name="b_first"), keras.Input((4,), name="a_second")
     heads = [keras.layers.Dense(n, name=f"head{n}")(t) for n, t in ((2, a), (3, b), (4, a))]
-    model = keras.Model([a, b], heads if outputs == "list" else dict(zip(("z", "a", "m"), heads, strict=True)))
+    inputs = {"b_first": a, "a_second": b} if outputs == "dict in and out" else [a, b]  # a dict, declared unsorted
+    model = keras.Model(inputs, heads if outputs == "list" else dict(zip(("z", "a", "m"), heads, strict=True)))
     for n, scale in ((2, 1.0), (3, 20.0), (4, 400.0)):
         model.get_layer(f"head{n}").kernel.assign(scale * model.get_layer(f"head{n}").kernel)
     rng = np.random.default_rng(0)
     x = [rng.normal(size=(64, 4)).astype("float32"), 10 * rng.normal(size=(64, 4)).astype("float32")]
+    if outputs == "dict in and out":
+        x = {"b_first": x[0], "a_second": x[1]}
     qmodel = _quantize(model, x, "pof2s", export_rounding="tflite", include_bias_corr=False)
     report = export_tflite(qmodel, tmp_path / "io.tflite")
-    assert [r["key"] for r in report["inputs"]] == ["b_first", "a_second"]
+    order = ["a_second", "b_first"] if outputs == "dict in and out" else ["b_first", "a_second"]  # Keras sorts keys
+    assert [r["key"] for r in report["inputs"]] == order == [t.name for t in qmodel.inputs]
     keys = ["output_0", "output_1", "output_2"] if outputs == "list" else ["a", "m", "z"]  # Keras sorts dict keys
     assert [r["key"] for r in report["outputs"]] == keys
     assert [r["shape"] for r in report["outputs"]] == [[-1, int(t.shape[-1])] for t in qmodel.outputs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         runner = tf.lite.Interpreter(model_path=str(tmp_path / "io.tflite")).get_signature_runner()
-    got = runner(b_first=x[0], a_second=x[1])
+    got = runner(**x) if isinstance(x, dict) else runner(b_first=x[0], a_second=x[1])
     want = keras.tree.flatten(qmodel.predict(x, verbose=0))
     for r, y in zip(report["outputs"], want, strict=True):
         assert np.abs(got[r["key"]].astype(np.float64) - y).max() <= r["scale"] * (1 + 1e-6), r["key"]

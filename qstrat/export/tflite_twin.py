@@ -208,7 +208,11 @@ class Twin:
         return self.ops.get(node.name, node.op)
 
     def build(self):
-        return rebuild(self.graph, self.op_for, copy_layers=False, name=f"{self.graph.name}_tflite")
+        graph = self.graph
+        if graph.structure is not None:  # the converter traces a list of inputs, not a dict: keep the outputs'
+            n = len(graph.inputs)
+            graph = replace(graph, structure=(list(range(n)) if n > 1 else 0, graph.structure[1]))
+        return rebuild(graph, self.op_for, copy_layers=False, name=f"{graph.name}_tflite")
 
     def unranged(self) -> list[TensorRef]:
         """Float tensors that need a range no FakeQuant gives, by the converter's fusion rules.
