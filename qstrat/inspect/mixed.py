@@ -177,13 +177,16 @@ def search(
 
     best = attempt(cap) if cap > 0 else (qmodel, base)
     if best[1] < target:
+        k_best, returned = cap, "Returning that model"
+        if best[1] < base:  # raising them made it worse: the model with none raised is the best there is
+            k_best, best = 0, (qmodel, base)
+            returned = f"That is below the {_said(base, target_sqnr)} with none raised, so none are"
         warnings.warn(
             f"mixed precision: the budget is not met with {cap} layer{'s' * (cap != 1)} at {raise_to} (the cap, max_raised="
-            f"{max_raised}): {_said(best[1], target_sqnr)} against {_said(target, target_sqnr)}. Returning that "
-            "model; raise max_raised, or loosen the budget.",
+            f"{max_raised}): {_said(tried[-1][1], target_sqnr)} against {_said(target, target_sqnr)}. {returned}; "
+            "raise max_raised, or loosen the budget.",
             stacklevel=3,
         )
-        k_best = cap
     else:
         lo, k_best = 0, cap
         while k_best - lo > 1:

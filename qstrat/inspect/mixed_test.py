@@ -70,3 +70,24 @@ def test_a_bad_budget_is_refused_before_any_work(kwargs, message):
     model, x = _wide_model()
     with pytest.raises(ConfigError, match=message):
         qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, **kwargs)
+
+
+def test_raising_layers_that_score_worse_returns_the_model_with_none_raised():
+    """A score that falls as layers are raised (the user's eval_fn may say so): the search never returns a
+    model that scores below the one with none raised."""
+    from qstrat.layers import QuantizeWrapper
+
+    model, x = _wide_model()
+
+    def eval_fn(m):
+        if not any(isinstance(layer, QuantizeWrapper) for layer in m.layers):
+            return 1.0  # the float model
+        info = qstrat.get_quantize_info(m)
+        return 0.2 if any(t.get("bit_width") == 16 for v in info.values() for t in v.values()) else 0.5
+
+    q = qstrat.Quantizer(model, "pof2s")
+    with pytest.warns(UserWarning, match=r"below the score 0.5 with none raised, so none are"):
+        qmodel = q.quantize_model(x, verbose=0, accuracy_budget=0.1, eval_fn=eval_fn, max_raised=0.5, **PLAIN)
+    mixed = q.mixed_precision
+    assert not mixed.met and mixed.raised == [] and mixed.layer_config == {} and mixed.score == 0.5
+    assert [k for k, _ in mixed.tried] == [0, 2] and eval_fn(qmodel) == 0.5
