@@ -66,7 +66,7 @@ def nested_inputs(model, flat: list):
     import keras
 
     struct = getattr(model, "_inputs_struct", None)
-    if isinstance(struct, dict | tuple):
+    if isinstance(struct, dict | tuple | list):
         return keras.tree.pack_sequence_as(struct, flat)
     return flat[0] if len(flat) == 1 else flat
 
