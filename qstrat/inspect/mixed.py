@@ -98,8 +98,8 @@ def first_samples(data, specs, n: int, batch_size: int):
 
 
 def output_sqnr(float_model, qmodel, x, batch_size: int) -> float:
-    """The model outputs' SQNR against the float model's, in dB, over every output (``x``: an array, or a
-    list with one per input in the model's order)."""
+    """The model outputs' SQNR against the float model's, in dB, over every output (``x``: an array, a list
+    with one per input in the model's order, or a dict keyed as the model takes it)."""
     import keras
 
     from qstrat.passes.runner import nested_inputs
