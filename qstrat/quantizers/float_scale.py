@@ -174,7 +174,7 @@ class FSQuantizer(_FloatScale):
 
     def _framework(self, x, state):
         g, p = self.grid, self.params
-        return framework_fake_quant(x, state, g.qmin, g.qmax, self.axis, p.bit_width, p.narrow_range)
+        return framework_fake_quant(x, state, g.qmin, g.qmax, self.axis, p.bit_width, p.narrow_range, p.round_mode)
 
     @property
     def exact_twin(self) -> bool:

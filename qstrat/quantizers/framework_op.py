@@ -38,11 +38,38 @@ from qstrat.arrays import to_numpy
 from qstrat.quantizers import fake_quant as fq
 
 
-def framework_fake_quant(x, state, qmin: int, qmax: int, axis: int | None, bits: int, narrow: bool):
+def framework_fake_quant(x, state, qmin: int, qmax: int, axis: int | None, bits: int, narrow: bool, round_mode):
     """Keras' ``fake_quant_with_min_max_vars`` of ``x`` with the range of an FS ``state`` (scale, zero point) on
-    the grid [qmin, qmax], per channel over ``axis`` (None: per tensor)."""
+    the grid [qmin, qmax], per channel over ``axis`` (None: per tensor).
+
+    The values are the op's; the gradient is qstrat's clipped straight-through estimator, as for every other
+    quantizer: 1 where ``x`` rounds (``round_mode``) onto the grid, else 0. Keras' own gradient of the op
+    treats the values at the very ends of the range differently on each backend, so QAT would not train
+    the same on all three.
+    """
     s = fq.state_value(state["scale"])
     zp = fq.state_value(state["zero_point"])
+    if fq.is_forward_only():
+        return _framework_values(x, s, zp, qmin, qmax, axis, bits, narrow)
+    ndim = len(x.shape)
+    _, (mmin, mmax) = fq.grid_bounds(x.dtype, qmin, qmax)
+
+    @fq.custom_gradient
+    def op(x, s, zp):  # the state comes in as arguments: TensorFlow's custom gradients refuse captured variables
+        def grad(*args, upstream=None):
+            dy = fq.grad_args(args, upstream)
+            s_x, zp_x = ops.cast(fq.expand(s, ndim, axis), x.dtype), ops.cast(fq.expand(zp, ndim, axis), x.dtype)
+            n = fq.round_ops(x * (1.0 / s_x), round_mode) + zp_x
+            inside = ops.cast(ops.logical_and(n >= mmin, n <= mmax), dy.dtype)
+            return dy * inside, ops.zeros_like(s), ops.zeros_like(zp)
+
+        return _framework_values(x, s, zp, qmin, qmax, axis, bits, narrow), grad
+
+    # Tensors, never the variables themselves (a cast to their own dtype gives those back on TensorFlow).
+    return op(x, ops.multiply(ops.cast(s, "float32"), 1.0), ops.multiply(ops.cast(zp, "float32"), 1.0))
+
+
+def _framework_values(x, s, zp, qmin: int, qmax: int, axis: int | None, bits: int, narrow: bool):
     lo, hi = (qmin - zp) * s, (qmax - zp) * s
     if axis is None:
         return keras.quantizers.fake_quant_with_min_max_vars(x, lo, hi, num_bits=bits, narrow_range=narrow)

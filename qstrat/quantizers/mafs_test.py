@@ -213,8 +213,9 @@ def grad_in_training(layer, x, w):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        t = tf.Variable(x)
+        t = tf.constant(x)  # a tensor, as a layer is fed; the tape watches it
         with tf.GradientTape() as tape:
+            tape.watch(t)
             out = ops.sum(layer(t, training=True) * w)
         return np_(tape.gradient(out, t))
     if backend == "torch":
