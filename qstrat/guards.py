@@ -169,8 +169,7 @@ def warn_unmatchable_params(strategy: Strategy, graph: Graph, custom_types=None)
     """Warn about a layer_params value of another kind than the layers of its type hold (``"3"`` or ``3``
     for a kernel_size that Conv2D holds as ``[3, 3]``): matching is by equality, so it matches no layer."""
     matcher = Matcher(strategy, custom_types)
-    entries = strategy.patterns
-    for pattern, path in _patterns(entries, "quantize_registry_config.layer_quantize_config"):
+    for pattern, path in _patterns(strategy.patterns, "quantize_registry_config.layer_quantize_config"):
         if not pattern.layer_params:
             continue
         layers = [n.op for n in graph.nodes if matcher.type_matches(pattern, n.op)]

@@ -65,8 +65,7 @@ def framework_fake_quant(x, state, qmin: int, qmax: int, axis: int | None, bits:
 
         return _framework_values(x, s, zp, qmin, qmax, axis, bits, narrow), grad
 
-    # Tensors, never the variables themselves (a cast to their own dtype gives those back on TensorFlow).
-    return op(x, ops.multiply(ops.cast(s, "float32"), 1.0), ops.multiply(ops.cast(zp, "float32"), 1.0))
+    return op(x, ops.cast(s, "float32"), ops.cast(zp, "float32"))  # tensors read from the state variables
 
 
 def _framework_values(x, s, zp, qmin: int, qmax: int, axis: int | None, bits: int, narrow: bool):
