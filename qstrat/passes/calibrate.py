@@ -21,7 +21,7 @@ from qstrat.graph.ir import taken_names, unique_name
 from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.layers.probe import HISTOGRAMS, ChannelSumTaps, PackedStats, StatsTaps, unpack_stats
 from qstrat.passes.distributed import Spread, placement
-from qstrat.passes.runner import BatchRunner, graph_probe, groups, join, merged, sample_bytes, split_outputs
+from qstrat.passes.runner import BatchRunner, graph_probe, groups, join, merged, rows_apart, sample_bytes, split_outputs
 from qstrat.progress import Progress
 from qstrat.quantizers.registry import checked_state
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
@@ -225,7 +225,8 @@ def calibrate_activations(
 
     # Consecutive batches of a small model run joined, as one call (`merged`: the statistics are exact sums,
     # and each batch's rows come back apart); a distribution spreads those units over its devices.
-    units = merged(iterate_batches(data, input_specs(qmodel), batch_size, steps), sample_bytes(float_graph))
+    joinable = sample_bytes(float_graph) if rows_apart(float_graph) else 0  # 0: each batch on its own
+    units = merged(iterate_batches(data, input_specs(qmodel), batch_size, steps), joinable)
     for group in groups(units, spread.width) if spread is not None else ([unit] for unit in units):
         batch_group = [batch for unit in group for batch in unit]
         everything = _checked(

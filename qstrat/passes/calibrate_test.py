@@ -154,3 +154,29 @@ def test_a_probe_failure_with_finite_activations_is_raised_as_it_is(monkeypatch)
     monkeypatch.setattr(runner.BatchRunner, "__call__", broken)
     with pytest.raises(RuntimeError, match="the probe broke"):
         qstrat.Quantizer(_model(), "pof2s").quantize_model(np.ones((8, 10, 10, 3), "float32"), verbose=0)
+
+
+@pytest.mark.parametrize("joined", ["keras.ops", "Lambda"])
+def test_a_model_that_computes_across_the_batch_is_calibrated_batch_by_batch(joined):
+    """Centering by the batch's mean makes a batch of one exactly 0, so the last layer writes its zero bias:
+    calibrated one sample at a time, every value it sees is 0. Run joined (64 samples in a call), it would see
+    the spread of 64 samples about their mean instead."""
+    from qstrat.passes.runner import rows_apart
+
+    keras.utils.set_random_seed(0)
+    i = keras.Input((4,), name="x")
+    d1 = L.Dense(4, name="d1")(i)
+    if joined == "Lambda":
+        centered = L.Lambda(lambda t: t - ops.mean(t, axis=0, keepdims=True), name="center")(d1)
+    else:
+        centered = d1 - ops.mean(d1, axis=0, keepdims=True)
+    model = keras.Model(i, L.Dense(2, name="d2")(centered))
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32") * 3
+    q = qstrat.Quantizer(model, "pof2s")
+    qmodel = q.quantize_model(x, calib_batch_size=1, verbose=0, include_bias_corr=False)
+    fq = next(layer for layer in qmodel.layers if getattr(layer, "target", "") == "d2/output")
+    want = fq.quantizer.state_from_tensor(np.zeros((1, 2), np.float32))["pos"]
+    assert ops.convert_to_numpy(fq.state["pos"]) == want
+    assert not rows_apart(q._optimized_graph(q._strategy({})))
+    plain = qstrat.Quantizer(_model(), "pof2s")
+    assert rows_apart(plain._optimized_graph(plain._strategy({})))  # Keras' own layers run joined

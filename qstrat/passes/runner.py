@@ -158,6 +158,19 @@ def sample_bytes(graph) -> int:
     return per_sample
 
 
+def rows_apart(graph) -> bool:
+    """True when every operation of ``graph`` computes each sample's row from that sample alone, as Keras' own
+    layers do in inference, so batches can run joined. A `Lambda`, a custom layer or a bare ``keras.ops`` call
+    may reduce over the batch axis (subtract the batch's mean): its model runs batch by batch, as given."""
+    import keras
+
+    for node in graph.nodes:
+        module = type(node.op).__module__
+        if isinstance(node.op, keras.layers.Lambda) or not module.startswith(("keras.src.layers.", "qstrat.")):
+            return False
+    return True
+
+
 def merge_width(batch: int, per_sample: int) -> int:
     """How many batches of ``batch`` samples one call joins: within `MERGE_SAMPLES` and `MERGE_BYTES` (1 on
     JAX, which compiles a probe per input shape, or where the activations' size is unknown)."""
