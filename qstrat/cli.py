@@ -19,7 +19,7 @@ import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from qstrat.calibration.data import input_specs  # noqa: E402
+from qstrat.calibration.inputs import input_specs  # noqa: E402
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError  # noqa: E402
 from qstrat.saving import load_model, save_model  # noqa: E402 - the CLI loads and saves models through them
 

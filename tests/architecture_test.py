@@ -104,6 +104,7 @@ def test_every_module_has_a_test_or_is_covered():
         "layers/shared_state.py",  # passes/quantize_test.py: shared quantizer state, saved and loaded
         "passes/scope.py",  # passes/quantize_test.py: input_layers / output_layers
         "calibration/data.py",
+        "calibration/inputs.py",  # calibration/data_test.py, tests/bad_data_test.py, tests/bad_input_test.py: every check
         "passes/calibrate.py",
         "api.py",
         "passes/insert.py",  # passes/quantize_test.py: exact insertion counts, shared quantizers, bypass equality

@@ -127,3 +127,39 @@ def test_samples_of_another_shape_than_the_first_are_left_out_with_a_warning():
     with pytest.warns(UserWarning, match="1 calibration batch"):
         (got,) = take_samples(iter(batches), specs, 10)
     assert got.shape == (4, 8, 8, 3) and sorted(set(got[:, 0, 0, 0].tolist())) == [0.0, 2.0]
+
+
+def test_bfloat16_tensors_are_read_as_the_float32_values_they_hold():
+    """Every bfloat16 value is a float32 value: the backend's own tensor (torch has no NumPy bfloat16) is read
+    as float32, exactly."""
+    specs = [("x", (None, 4), "float32")]
+    values = np.array([[1.5, -2.0, 2.0**-7, 2.0**127]] * 2, "float32")  # all representable in bfloat16
+    tensor = keras.ops.cast(keras.ops.convert_to_tensor(values), "bfloat16")
+    (got,) = next(iterate_batches(tensor, specs))
+    assert got.dtype == np.float32 and np.array_equal(got, values)
+    (got,) = next(iterate_batches(iter([tensor]), specs))  # a batch of a stream, read the same way
+    assert np.array_equal(got, values)
+
+
+def test_inputs_of_different_lengths_within_a_streamed_batch_are_errors():
+    specs = [("a", (None, 4), "float32"), ("b", (None, 2), "float32")]
+    batches = iter([[np.zeros((16, 4), "float32"), np.zeros((10, 2), "float32")]])
+    said = _errors(batches, specs)
+    assert "calibration batch 0" in said and "'a' 16, 'b' 10" in said
+
+
+def test_a_tf_data_pipeline_is_read_no_further_than_the_steps_asked_for():
+    """tf.data reads ahead of what is taken from it (its injected prefetch); the steps end the pipeline."""
+    import tensorflow as tf
+
+    produced = []
+
+    def note(k):
+        produced.append(int(k))
+        return k
+
+    ds = tf.data.Dataset.range(10).map(lambda k: tf.py_function(note, [k], tf.int64))
+    ds = ds.map(lambda k: tf.fill([2, 4], tf.cast(k, tf.float32)))
+    got = list(iterate_batches(ds, [("x", (None, 4), "float32")], steps=2))
+    assert [b[0][0, 0] for b in got] == [0.0, 1.0]
+    assert sorted(set(produced)) == [0, 1]

@@ -168,7 +168,7 @@ def _check_supported(graph) -> None:
 
 def _checked_data(qmodel, data):
     """``data`` checked as calibration data is (`checked_arrays`); a dict stays matched by input name."""
-    from qstrat.calibration.data import checked_arrays
+    from qstrat.calibration.inputs import checked_arrays
 
     arrays = checked_arrays(data, qmodel, "export_onnx data")
     if isinstance(data, dict):

@@ -167,7 +167,7 @@ def _check_resizes(twin: Twin) -> None:
 
 def _checked_calib(qmodel, calib_data):
     """``calib_data`` checked as calibration data is (`checked_arrays`)."""
-    from qstrat.calibration.data import checked_arrays
+    from qstrat.calibration.inputs import checked_arrays
 
     arrays = checked_arrays(calib_data, qmodel, "export_tflite calib_data")
     return arrays[0] if len(arrays) == 1 else arrays

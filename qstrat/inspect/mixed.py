@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qstrat.calibration.data import KeyedSpecs, array_bundle, iterate_batches
+from qstrat.calibration.data import iterate_batches
+from qstrat.calibration.inputs import KeyedSpecs, array_bundle
 from qstrat.errors import ConfigError
 from qstrat.inspect.analyze import analyze
 from qstrat.inspect.measures import sqnr_db

@@ -83,7 +83,8 @@ def run_integer(qmodel, x, batch_size: int | None = None) -> IntegerRun:
         >>> run = run_integer(qmodel, images)
         >>> ints, pos = run.tensors["conv1_output_q"]     # conv1's output is ints * 2^-pos
     """
-    from qstrat.calibration.data import check_count, checked_arrays
+    from qstrat.calibration.data import check_count
+    from qstrat.calibration.inputs import checked_arrays
 
     batch_size = check_count(batch_size, "run_integer batch_size", allow_none=True)
     graph = capture(qmodel)

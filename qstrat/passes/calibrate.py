@@ -14,7 +14,8 @@ import numpy as np
 
 from qstrat.arrays import to_numpy
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
-from qstrat.calibration.data import array_samples, count_batches, input_specs, iterate_batches
+from qstrat.calibration.data import array_samples, count_batches, iterate_batches
+from qstrat.calibration.inputs import input_specs
 from qstrat.calibration.observers import finite_range
 from qstrat.errors import ConfigError, one_line
 from qstrat.graph.ir import taken_names, unique_name
