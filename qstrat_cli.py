@@ -23,6 +23,17 @@ import os
 import sys
 
 
+def _positive(text: str) -> int:
+    """A count flag's value: a positive integer, else argparse's usage error naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qstrat", description="Strategy-driven quantization for Keras 3.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -36,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-key", help="which array of the .npz to use (one-input models)")
     q.add_argument("--strategy", default="pof2s", help="pof2s, fs, tqt, or a strategy JSON file")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="strategy override, e.g. weight_bit=4")
-    q.add_argument("--calib-steps", type=int, default=None)
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--calib-steps", type=_positive, default=None)
+    q.add_argument("--batch-size", type=_positive, default=32)
     q.add_argument("--out", help="where to write the quantized model (a .keras file; checked before any work)")
     q.add_argument("--target-sqnr", type=float, help="mixed precision: raise the most sensitive layers until the "
                    "outputs' SQNR against the float model reaches this (dB)")  # fmt: skip
@@ -112,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model", help="the quantized model (.keras) written by qstrat quantize")
     a.add_argument("--data", required=True, help="analysis inputs (.npy/.npz, as for quantize --calib)")
     a.add_argument("--data-key", help="which array of the .npz to use (one-input models)")
-    a.add_argument("--batch-size", type=int, default=32)
-    a.add_argument("--steps", type=int, default=None, help="batches to read (default: all)")
+    a.add_argument("--batch-size", type=_positive, default=32)
+    a.add_argument("--steps", type=_positive, default=None, help="batches to read (default: all)")
     a.add_argument("--html", help="write the HTML report here (self-contained; checked before any work)")
     a.add_argument("--json-out", help="write the analysis as JSON here")
     a.add_argument("--json", action="store_true", help="print the analysis as JSON instead of a table")
@@ -129,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _run(argv) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before Keras loads its backend
     from qstrat import cli
@@ -140,6 +151,29 @@ def main(argv=None) -> int:
     except QstratError as exc:
         print(f"qstrat: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    """``qstrat``: the command's exit status (2: an error qstrat explains; 130: interrupted)."""
+    try:
+        return _run(argv)
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
+        # Every file qstrat writes is written whole or not at all: an earlier one stays as it was.
+        print("qstrat: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A Ctrl-C, also where an import wrapped it in another error."""
+    for _ in range(20):
+        if exc is None:
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def load_calib(path: str, key: str | None, input_names: list[str], key_flag: str
     """Calibration arrays from a .npy or .npz, matched to the model's inputs by name."""
     import numpy as np
 
+    if str(path).endswith((".keras", ".h5", ".hdf5")):
+        raise CalibrationDataError(f"{path}: a model file, not data. Give the data as a .npy or .npz file.")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -216,12 +218,15 @@ def cmd_export(args) -> int:
         return _export(args)
 
 
+_FORMATS = {"onnx": "an ONNX", "tflite": "a TFLite"}
+
+
 def _export(args) -> int:
     """``qstrat export QMODEL.keras --format onnx|tflite -o OUT``."""
     out = os.path.abspath(args.out)
     suffix = "." + args.format
     if not out.endswith(suffix):
-        raise QstratError(f"-o {args.out}: a {args.format} file must end in {suffix}")
+        raise QstratError(f"-o {args.out}: {_FORMATS[args.format]} file must end in {suffix}")
     from qstrat.files import check_writable
 
     check_writable(out, "-o")

@@ -73,6 +73,37 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert 'Did you mean "weight_bit"' in capsys.readouterr().err
 
 
+def test_counts_data_files_and_formats_are_checked_with_clear_words(tmp_path, capsys):
+    args = _model_and_data(tmp_path)
+    for flag in ("--batch-size", "--calib-steps"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*args, flag, "0"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: must be a positive integer, got '0'" in capsys.readouterr().err
+    model = str(tmp_path / "m.keras")
+    assert cli.main(["quantize", model, "--calib", model]) == 2
+    assert "m.keras: a model file, not data" in capsys.readouterr().err
+    assert cli.main(["export", model, "--format", "onnx", "-o", str(tmp_path / "x.tflite")]) == 2
+    assert "an ONNX file must end in .onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_ctrl_c_ends_the_command_with_one_line(tmp_path, capsys, monkeypatch, wrapped):
+    """Status 130 and one line, also where the interrupt came inside an import, which wraps it in another error."""
+
+    def interrupted(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            if wrapped:
+                raise RuntimeError("Error calling __set_name__") from exc
+            raise
+
+    monkeypatch.setattr(cli, "cmd_quantize", interrupted)
+    assert cli.main(_model_and_data(tmp_path)) == 130
+    assert capsys.readouterr().err == "qstrat: interrupted.\n"
+
+
 def _model_and_data(tmp_path):
     small_model(tmp_path / "m.keras")
     np.save(tmp_path / "c.npy", np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype("float32"))
@@ -155,8 +186,8 @@ def test_a_failed_save_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path, 
         raise OSError("disk full")
 
     monkeypatch.setattr(keras.Model, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        cli.main([*args, "--out", str(out)])
+    assert cli.main([*args, "--out", str(out)]) == 2
+    assert "q.keras: cannot save the model (disk full); nothing was written" in capsys.readouterr().err
     assert saves, "the save was reached"
     assert out.read_bytes() == b"the user's earlier file"
     assert _no_temporary_files(tmp_path)

@@ -6,7 +6,7 @@ import contextlib
 import os
 import uuid
 
-from qstrat.errors import ConfigError
+from qstrat.errors import ConfigError, QstratError
 
 
 def check_writable(path: str, where: str = "path") -> None:
@@ -16,11 +16,18 @@ def check_writable(path: str, where: str = "path") -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path)) or "."
     if os.path.isdir(path):
-        raise ConfigError(where, f"{path} is a folder", "Give the file to write, e.g. model.onnx.")
+        raise ConfigError(where, f"{path} is a folder", "Give the path of the file to write, a name inside it.")
     if not os.path.isdir(folder):
         raise ConfigError(where, f"the folder {folder} does not exist", "Create it first, or choose another path.")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(where, f"the folder {folder} is not writable", "Choose a folder you can write to.")
+    # A file really created and removed: os.access says yes to root, and on a read-only filesystem.
+    trial = os.path.join(folder, f".qstrat-write-check.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.close(os.open(trial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(trial)
+    except OSError as exc:
+        raise ConfigError(
+            where, f"cannot write in the folder {folder} ({exc.strerror})", "Choose a folder you can write to."
+        ) from None
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -37,7 +44,9 @@ def write_atomically(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError):  # the disk full, the folder gone or made read-only since the check
+            raise QstratError(f"{path}: cannot write the file ({exc.strerror or exc}); nothing was written.") from None
         raise

@@ -120,7 +120,9 @@ def save_model(model, path: str | os.PathLike) -> None:
     try:
         model.save(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # the disk full, the folder gone or made read-only since the check
+            raise QstratError(f"{path}: cannot save the model ({exc.strerror or exc}); nothing was written.") from None
         raise

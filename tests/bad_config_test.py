@@ -217,6 +217,36 @@ def test_save_model_checks_the_path_first(tmp_path):
 
 
 @portable
+def test_a_folder_nothing_can_be_written_in_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The check creates a file there: asking the system (os.access) says yes to root, and on a read-only
+    filesystem. /proc takes no new file, whoever asks."""
+    import errno
+
+    from qstrat.errors import QstratError
+    from qstrat.files import write_atomically
+
+    s = load_strategy("pof2s")
+    with pytest.raises(ConfigError, match="cannot write in the folder /proc"):
+        dump_quantize_strategy(s, "/proc/s.json")
+    qmodel = qstrat.Quantizer(small_model(), "pof2s").quantize_model(data(), verbose=0)
+    with pytest.raises(ConfigError, match="cannot write in the folder /proc"):
+        save_model(qmodel, "/proc/q.keras")
+    # Failing after the check (the disk full meanwhile): a qstrat error naming the file, and nothing left.
+    (tmp_path / "s.json").write_text("the user's earlier file")
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.replace", full)
+    with pytest.raises(QstratError, match=r"s.json: cannot write the file \(No space left on device\)"):
+        write_atomically(str(tmp_path / "s.json"), b"new")
+    with pytest.raises(QstratError, match=r"q.keras: cannot save the model \(No space left on device\)"):
+        save_model(qmodel, tmp_path / "q.keras")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+    assert (tmp_path / "s.json").read_text() == "the user's earlier file"
+
+
+@portable
 def test_dump_quantize_strategy_checks_the_path_and_verbose(tmp_path):
     s = load_strategy("pof2s")
     with pytest.raises(ConfigError, match="is a folder"):
@@ -269,3 +299,10 @@ def test_loading_a_model_with_an_unknown_quantizer_leads_with_qstrat_s_message(t
     assert 'expected a registered quantizer type, got "AbsMaxQuantizer"' in said and "deserialized" not in said
     with pytest.raises(QstratError, match="expected the path of a model file, got NoneType"):
         qstrat.load_model(None)
+
+
+@portable
+def test_an_empty_output_dir_is_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    qstrat.Quantizer(small_model(), "pof2s").quantize_model(data(), verbose=0, output_format="keras", output_dir="")
+    assert [p.name for p in tmp_path.iterdir()] == ["quantized_model.keras"]

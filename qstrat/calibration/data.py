@@ -98,9 +98,11 @@ def iterate_batches(
 ) -> Iterator[list]:
     """Yield checked batches (lists of arrays, one per model input) from any supported source. ``caller``
     ("analyze", ...): errors name its data and its ``batch_size``/``steps`` arguments, not calibration's."""
+    steps_arg = f"{caller} steps" if caller else "calib_steps"
     batch_size = check_count(batch_size, f"{caller} batch_size" if caller else "calib_batch_size")
-    steps = check_count(steps, f"{caller} steps" if caller else "calib_steps", allow_none=True)
+    steps = check_count(steps, steps_arg, allow_none=True)
     label = f"{caller} data, batch" if caller else "calibration batch"
+    what = f"the {caller} data" if caller else "the calibration data"
     if data is None:
         raise CalibrationDataError(
             "no calibration data: pass calib_dataset (an array, a tf.data.Dataset, a PyDataset or a generator)."
@@ -110,7 +112,7 @@ def iterate_batches(
     if arrays is not None:
         total = len(arrays[0])
         if total == 0:
-            raise CalibrationDataError("calibration data is empty (0 samples).")
+            raise CalibrationDataError(f"{what} is empty (0 samples).")
         for i in range(0, total, batch_size):
             if steps is not None and count >= steps:
                 return
@@ -124,12 +126,12 @@ def iterate_batches(
         source = (data[i] for i in range(len(data)))
     elif not hasattr(data, "__iter__") or isinstance(data, (str, bytes)):
         raise CalibrationDataError(
-            f"calibration data of type {type(data).__name__} is not supported. Use a numpy array, "
+            f"{what} is of type {type(data).__name__}, which is not supported. Use a numpy array, "
             "a tf.data.Dataset, a keras.utils.PyDataset or a generator of batches."
         )
     if steps is None and _infinite(data):
         raise CalibrationDataError(
-            "the calibration dataset never ends (it repeats without a count). Pass calib_steps, the number "
+            f"{what} never ends (it repeats without a count). Pass {steps_arg}, the number "
             "of batches to read, or make the dataset finite (e.g. .take(n))."
         )
     if steps is not None and hasattr(data, "take") and hasattr(data, "element_spec"):
@@ -144,7 +146,7 @@ def iterate_batches(
         yield check_batch(model_inputs(split_element(element, specs), specs, where), specs, count, where)
         count += 1
     if count == 0:
-        raise CalibrationDataError("the calibration dataset yielded no batches.")
+        raise CalibrationDataError(f"{what} yielded no batches.")
 
 
 def _no_read_ahead(dataset):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from qstrat.calibration.data import count_batches, iterate_batches
+from qstrat.errors import CalibrationDataError
 
 pytestmark = pytest.mark.portable
 
@@ -163,3 +164,26 @@ def test_a_tf_data_pipeline_is_read_no_further_than_the_steps_asked_for():
     got = list(iterate_batches(ds, [("x", (None, 4), "float32")], steps=2))
     assert [b[0][0, 0] for b in got] == [0.0, 1.0]
     assert sorted(set(produced)) == [0, 1]
+
+
+def test_errors_name_the_caller_and_its_own_arguments():
+    specs = [("x", (None, 4), "float32")]
+    with pytest.raises(CalibrationDataError, match="^the analyze data is empty"):
+        list(iterate_batches(np.zeros((0, 4), "float32"), specs, caller="analyze"))
+
+    class Endless(keras.utils.PyDataset):
+        num_batches = None
+
+        def __getitem__(self, k):
+            return np.zeros((2, 4), "float32")
+
+    with pytest.raises(CalibrationDataError, match="the analyze data never ends .* Pass analyze steps"):
+        list(iterate_batches(Endless(), specs, caller="analyze"))
+    assert "the calibration data never ends" in _errors(Endless(), specs)
+
+
+def test_a_ragged_tensor_is_asked_to_be_padded():
+    import tensorflow as tf
+
+    said = _errors(iter([tf.ragged.constant([[1.0, 2.0, 3.0, 4.0], [3.0]])]), [("x", (None, 4), "float32")])
+    assert "ragged tensor" in said and ".to_tensor()" in said

@@ -93,6 +93,11 @@ def check_batch(arrays: Sequence[Any], specs: Sequence[tuple], step: int, label:
             raise CalibrationDataError(
                 f"{where}: expected an array, got {type(arr).__name__}. Give one array per model input."
             )
+        if "Ragged" in type(arr).__name__:
+            raise CalibrationDataError(
+                f"{where}: a ragged tensor (rows of different lengths). Pad its rows to one length first "
+                "(e.g. .to_tensor()), as the model reads them."
+            )
         arr = _to_numpy(arr)
         if arr.dtype.name == "bfloat16":  # ml_dtypes' (TensorFlow, JAX): every value is a float32 too
             arr = arr.astype(np.float32)

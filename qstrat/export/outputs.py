@@ -15,7 +15,7 @@ def output_target(strategy: Strategy) -> str | None:
     fmt = strategy.refine["output_format"]
     if not fmt:
         return None
-    folder = strategy.refine["output_dir"]
+    folder = strategy.refine["output_dir"] or "."  # empty: the current folder, as a bare file name is
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
