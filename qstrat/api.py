@@ -19,6 +19,7 @@ from qstrat.errors import CalibrationDataError, ConfigError
 from qstrat.export.outputs import output_target, write_output
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
+from qstrat.graph.rebuild import in_float32
 from qstrat.inspect.info import get_quantize_info
 from qstrat.passes.calibrate import input_specs
 from qstrat.passes.insert import insert
@@ -88,6 +89,7 @@ class Quantizer:
         graph, self.optimize_report = optimize(capture(self.model), strategy.optimize, data, calib, progress)
         return graph
 
+    @in_float32
     def optimize_model(self, **overrides):
         """The float model after the strategy's optimize passes, as a new model with its own weights.
 
@@ -102,6 +104,7 @@ class Quantizer:
         graph = self._optimized_graph(self._strategy(overrides))
         return rebuild(graph, name=f"{self.model.name}_optimized")
 
+    @in_float32
     def quantize_model(
         self,
         calib_dataset=None,
@@ -257,6 +260,7 @@ class Quantizer:
             guards.warn_deep(qgraph)
         return graph, annotation, qmodel, taps
 
+    @in_float32
     def inspect_model(self, **overrides) -> list[dict]:
         """What each layer gets, without data: one dict per layer of the float model (then per layer the
         optimize stage made) with the rule that matched, its quantizers and bit widths, and whether it is
@@ -273,6 +277,7 @@ class Quantizer:
         float_layers = [(layer.name, type(layer).__name__) for layer in self.model.layers]
         return inspect_rows(float_layers, graph, annotation, self.optimize_report)
 
+    @in_float32
     def get_qat_model(
         self,
         init_quant: bool = False,
@@ -306,6 +311,7 @@ class Quantizer:
             overrides,
         )
 
+    @in_float32
     def get_deploy_model(
         self,
         qat_model,

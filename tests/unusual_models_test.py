@@ -170,3 +170,54 @@ def test_a_list_for_a_model_that_takes_a_dict_is_refused(bundle):
     model, x = _dict_model()
     with pytest.raises(qstrat.CalibrationDataError, match=r"for a model that takes a dict of inputs \('ka', 'kb'\)"):
         qstrat.Quantizer(model, "pof2s").quantize_model(bundle([x["kb"], x["ka"]]), verbose=0)
+
+
+def _policy_model(policy: str, layer_dtype=None):
+    """conv -> BN -> ReLU -> GAP -> dense, built under the global dtype ``policy`` (the conv in ``layer_dtype``
+    where given); the global policy is float32 again after."""
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        i = keras.Input((8, 8, 3))
+        x = L.Conv2D(4, 3, padding="same", name="conv", dtype=layer_dtype)(i)
+        x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(x))
+        return keras.Model(i, L.Dense(3, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize(
+    "policy, layer_dtype", [("mixed_float16", None), ("mixed_bfloat16", None), ("float32", "float64")]
+)
+def test_a_model_in_another_float_type_is_quantized_in_float32_exactly(policy, layer_dtype):
+    """The quantized layers compute in float32, where pof2s is exact: predict equals the integer reference bit
+    for bit, and the optimize report and a warning say which layers changed type."""
+    model = _policy_model(policy, layer_dtype)
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 3)).astype("float32")
+    q = qstrat.Quantizer(model, "pof2s")
+    with pytest.warns(UserWarning, match=r"compute in another float type than float32 \(conv"):
+        qmodel = q.quantize_model(x, verbose=0)
+    changed = [e.node for e in q.optimize_report.of("compute_in_float32")]
+    assert "conv" in changed and (policy == "float32") == (changed == ["conv"])
+    got = ops.convert_to_numpy(qmodel.predict(x, verbose=0))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, qstrat.simulate_integer(qmodel, x))
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize("policy", ["mixed_float16", "bfloat16", "float64"])
+def test_a_global_dtype_policy_at_quantize_time_leaves_the_quantized_model_in_float32(policy):
+    """A bias at position 23 has no float16 grid (it was NaN), and float64 layers do not take float32 tensors:
+    qstrat makes its layers in float32 whatever the global policy, and puts the policy back."""
+    model = _policy_model("float32")
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 3)).astype("float32")
+    keras.config.set_dtype_policy(policy)
+    try:
+        qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0)
+        assert keras.config.dtype_policy().name == policy
+    finally:
+        keras.config.set_dtype_policy("float32")
+    got = ops.convert_to_numpy(qmodel.predict(x, verbose=0))
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    np.testing.assert_array_equal(got, qstrat.simulate_integer(qmodel, x))

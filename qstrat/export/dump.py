@@ -36,6 +36,7 @@ import numpy as np
 from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.files import write_atomically
+from qstrat.graph.rebuild import in_float32
 from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
 from qstrat.quantizers import Pof2SQuantizer, TQTQuantizer
 
@@ -104,6 +105,7 @@ def _fq_calls(qmodel):
             yield layer, node.input_tensors[0], node.output_tensors[0], target
 
 
+@in_float32
 def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=False, batch_size=1) -> dict:
     """Write a power-of-2 quantized model's integer tensors (and optionally their floats); returns the index.
 

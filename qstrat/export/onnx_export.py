@@ -44,10 +44,12 @@ from qstrat.export.onnx_writer import DEFAULT_OPSET, Writer, version
 from qstrat.export.qdq import Grid
 from qstrat.files import check_writable, write_atomically
 from qstrat.graph import capture
+from qstrat.graph.rebuild import in_float32
 from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
 from qstrat.quantizers.grid import RoundMode
 
 
+@in_float32
 def export_onnx(
     qmodel,
     path,

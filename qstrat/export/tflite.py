@@ -44,6 +44,7 @@ from qstrat.export.tflite_file import convert, float_ops, read_tflite_metadata, 
 from qstrat.export.tflite_twin import Twin, layer_name, tflite_grid
 from qstrat.files import check_writable, write_atomically
 from qstrat.graph.ir import TensorRef
+from qstrat.graph.rebuild import in_float32
 from qstrat.layers.fake_quant import FakeQuant, require_quantizers
 
 
@@ -68,6 +69,7 @@ def _check_args(path, metadata, int8_io) -> tuple[str, dict[str, str]]:
 DPU_LAYERS = ("DPUHardSigmoid", "DPUAveragePooling2D", "DPUGlobalAveragePooling2D")
 
 
+@in_float32
 def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_data=None) -> dict:
     """Write a quantized model as a fully-int8 TFLite file with qstrat's ranges and integer weights.
 

@@ -9,6 +9,7 @@ shared: one copy each.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -121,9 +122,9 @@ def copy_layer(layer, input_shape=None, dtype: str | None = None):
     return clone
 
 
-def built_copy(layer):
+def built_copy(layer, dtype: str | None = None):
     """`copy_layer`, built at once with the shapes ``layer`` was built with (its build config)."""
-    clone = _clone(layer, fill_zeros=has_state(layer))
+    clone = _clone(layer, dtype, fill_zeros=has_state(layer))
     clone.build_from_config(layer.get_build_config())
     if has_state(layer):
         copy_state(layer, clone)
@@ -256,6 +257,30 @@ def rebuild(
         # Inputs keyed other than by their names: Keras warned the user when the float model was built.
         warnings.filterwarnings("ignore", message="When providing `inputs` as a dict")
         return functional_model(nested_in, nested_out, name=name or graph.name, layers=len(graph.nodes))
+
+
+def in_float32(fn):
+    """Run ``fn`` (a public entry point) with Keras' global dtype policy at float32, then put it back.
+
+    Every layer qstrat makes (quantizers, wrappers, the layers a pass writes) gets the global policy unless
+    told otherwise: under ``mixed_float16`` a bias at position 23 would not fit its float16 grid (NaN), and
+    under ``float64`` the layers would not take each other's tensors.
+    """
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import keras
+
+        before = keras.config.dtype_policy()
+        if before.name == "float32":
+            return fn(*args, **kwargs)
+        keras.config.set_dtype_policy("float32")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            keras.config.set_dtype_policy(before)
+
+    return run
 
 
 # Frames Keras and its callers use besides one per layer, with room to spare.

@@ -45,6 +45,7 @@ import numpy as np
 
 from qstrat.calibration.data import iterate_batches
 from qstrat.errors import CalibrationDataError
+from qstrat.graph.rebuild import in_float32
 from qstrat.inspect.measures import Moments, RangeStats, Seen, sqnr_db, sse, weight_stats
 from qstrat.inspect.units import Flags, find_units
 from qstrat.passes.calibrate import input_specs
@@ -157,6 +158,7 @@ def _as_list(outs) -> list[np.ndarray]:
     return [np.asarray(o) for o in outs]
 
 
+@in_float32
 def analyze(
     float_model,
     qmodel,

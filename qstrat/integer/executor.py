@@ -28,6 +28,7 @@ from keras import ops
 
 from qstrat.errors import UnsupportedError
 from qstrat.graph import capture
+from qstrat.graph.rebuild import in_float32
 from qstrat.integer.layers import Context, check_enabled, integer_layer, numpy_state, quantizer_position
 from qstrat.integer.tensors import IntTensor, as_pos, from_grid, requantize, to_float
 from qstrat.layers.fake_quant import FakeQuant, require_quantizers
@@ -55,6 +56,7 @@ class IntegerRun:
     accumulator_overflow: list[str]
 
 
+@in_float32
 def simulate_integer(qmodel, x, batch_size: int | None = None):
     """The quantized model's outputs, computed with integers only (see `run_integer`).
 
@@ -71,6 +73,7 @@ def simulate_integer(qmodel, x, batch_size: int | None = None):
     return run_integer(qmodel, x, batch_size).outputs
 
 
+@in_float32
 def run_integer(qmodel, x, batch_size: int | None = None) -> IntegerRun:
     """Run ``qmodel`` on ``x`` with integers, keeping every FakeQuant's integers and position.
 

@@ -41,6 +41,18 @@ def optimize(graph: Graph, config: Mapping, data=None, calib=None, progress=None
     which measures activation ranges before CLE; without data it warns and CLE runs on weights alone.
     """
     report = OptimizeReport()
+    graph = simplify.compute_in_float32(graph, report)
+    if report.of("compute_in_float32"):
+        report.passes_run.append("compute_in_float32")
+        names = [e.node for e in report.of("compute_in_float32")]
+        warnings.warn(
+            f"{len(names)} layer(s) of '{graph.name}' compute in another float type than float32 ("
+            + ", ".join(names[:5])
+            + (", ..." if len(names) > 5 else "")
+            + "): the quantized model computes them in float32, where qstrat's integer simulation is exact. "
+            "The optimize report lists each (compute_in_float32).",
+            stacklevel=3,
+        )
     for key, on in config.items():
         if key in PASSES and on is True:
             extra = {}

@@ -31,6 +31,39 @@ def origin_of(node: Node) -> str:
     return node.meta.get("origin") or node.layer_name
 
 
+OTHER_FLOATS = ("float16", "bfloat16", "float64")
+
+
+def compute_in_float32(graph: Graph, report: OptimizeReport) -> Graph:
+    """Every layer that computes or keeps its weights in another float type (a ``mixed_float16`` model, a
+    float64 layer) as a float32 copy: qstrat simulates integer hardware in float32, where every grid value
+    and every sum of a layer's products is exact. Not a strategy key: the optimize stage always runs it first.
+    """
+    import keras
+
+    from qstrat.graph.rebuild import built_copy
+
+    ed = Editor(graph)
+    done: dict[int, object] = {}
+    for node in ed.walk():
+        op = node.op
+        policy = getattr(op, "dtype_policy", None)
+        if not isinstance(op, keras.layers.Layer) or type(op).__name__ == "InputLayer" or policy is None:
+            continue
+        was = {policy.compute_dtype, policy.variable_dtype} & set(OTHER_FLOATS)
+        if not was:
+            continue
+        if id(op) not in done:
+            done[id(op)] = (
+                built_copy(op, "float32")
+                if op.built
+                else op.__class__.from_config({**op.get_config(), "dtype": "float32"})
+            )
+        ed.replace(node.name, replace(node, op=done[id(op)], meta=dict(node.meta)))
+        report.changed("compute_in_float32", node.name, f"computes in float32 (dtype policy {policy.name})")
+    return ed.graph()
+
+
 def remove_dropout(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
     """Drop Dropout, GaussianNoise and the other layers that only act in training."""
     ed = Editor(graph)
