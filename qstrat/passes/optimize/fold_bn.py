@@ -62,9 +62,11 @@ def _channel_axis_ok(bn_node: Node) -> bool:
 def _fold_problem(ed: Editor, bn_node: Node) -> str | None:
     if len(ed.calls(bn_node.op)) > 1:
         return "the BatchNormalization layer is shared by several calls"
+    prod = ed.node(bn_node.inputs[0].node)
+    if prod.type_name in FOLDABLE and prod.op.get_config().get("data_format", "channels_last") != "channels_last":
+        return f"'{prod.name}' is channels_first: qstrat folds into channels_last layers only"
     if not _channel_axis_ok(bn_node):
         return f"BatchNormalization axis {bn_node.op.axis} is not the channel (last) axis"
-    prod = ed.node(bn_node.inputs[0].node)
     if prod.type_name not in FOLDABLE:
         return f"its input comes from {prod.type_name} '{prod.name}', which has no kernel to fold into"
     if len(ed.calls(prod.op)) > 1:
@@ -74,8 +76,6 @@ def _fold_problem(ed: Editor, bn_node: Node) -> str | None:
     cfg = prod.op.get_config()
     if cfg.get("activation", "linear") not in ("linear", None):
         return f"'{prod.name}' has activation '{cfg['activation']}' (turn on separate_conv_act)"
-    if cfg.get("data_format", "channels_last") != "channels_last":
-        return f"'{prod.name}' is channels_first"
     return None
 
 

@@ -109,3 +109,15 @@ def test_bn_on_a_non_channel_axis_is_left_alone(run_pass):
         new, report, rel = run_pass(fn, model, rand(2, 6, 6, 3))
         assert rel == 0.0 and "BatchNormalization" in types(new)
         assert "not the channel (last) axis" in report.events[0].detail
+
+
+def test_a_channels_first_conv_says_so_as_the_reason_its_bn_stays(run_pass):
+    """BatchNormalization(axis=1) after a channels_first conv is on its channel axis: the reason is the layout."""
+    i = keras.Input((3, 6, 6))
+    conv = L.Conv2D(3, 1, data_format="channels_first", name="conv")(i)
+    model = randomize_bn(keras.Model(i, L.BatchNormalization(axis=1, name="bn")(conv)))
+    _, report, rel = run_pass(fold_conv_bn, model, rand(2, 3, 6, 6))
+    assert rel == 0.0
+    assert (
+        report.events[0].detail == "not folded: 'conv' is channels_first: qstrat folds into channels_last layers only"
+    )
