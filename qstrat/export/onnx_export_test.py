@@ -605,3 +605,18 @@ def test_dict_outputs_are_named_by_their_keys_and_an_int_input_passed_on_stays_i
     want = qmodel.predict(x, verbose=0)
     for key in ("zeta", "alpha", "passed"):
         np.testing.assert_array_equal(got[key], ops.convert_to_numpy(want[key]))
+
+
+def test_uint8_images_are_cast_to_float_where_rescaling_reads_them(tmp_path):
+    """Keras' Rescaling casts integer inputs to float first; the file does too (a Mul of uint8 by a float was
+    refused by onnx.checker at every opset). With the same rounding the outputs are the Keras model's."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 3), dtype="uint8", name="image")
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c")(keras.layers.Rescaling(1 / 255.0, name="r")(i))
+    model = keras.Model(i, keras.layers.Dense(2, name="d")(keras.layers.Flatten()(x)))
+    images = np.random.default_rng(0).integers(0, 256, size=(32, 8, 8, 3)).astype("uint8")
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(images, verbose=0, **EVEN)
+    export_onnx(qmodel, tmp_path / "u8.onnx")
+    s = session(tmp_path / "u8.onnx")
+    assert [(t.name, t.type) for t in s.get_inputs()] == [("image", "tensor(uint8)")]
+    np.testing.assert_array_equal(s.run(None, {"image": images})[0], keras_out(qmodel, images))

@@ -53,7 +53,7 @@ class Writer:
                 t = Tensor(n.name, n.meta["shapes"][0], "keras")
                 self.env[(n.name, 0)] = self.b.to_cf(t) if t.rank in (4, 5) and _is_float(n) else t
                 continue
-            ins = [self.env[(r.node, r.index)] for r in n.inputs]
+            ins = [self._float_input(self.env[(r.node, r.index)], r, n) for r in n.inputs]
             if isinstance(op, FakeQuant):
                 outs = [self._fake_quant(n, ins[0])]
             else:
@@ -75,7 +75,10 @@ class Writer:
             node = self.graph.node(r.node)
             dtype = node.meta["dtypes"][0]
             if dtype not in ONNX_TYPES:
-                raise UnsupportedError(f"input {node.name}: dtype {dtype} has no ONNX export.")
+                raise UnsupportedError(
+                    f"input {node.name}: dtype {dtype} has no ONNX export (its inputs are float32 or integers). "
+                    f"Give the float model a float32 Input (keras.Input(..., dtype='float32')) and quantize it again."
+                )
             inputs.append(helper.make_tensor_value_info(node.name, ONNX_TYPES[dtype], _dims(node.meta["shapes"][0])))
         outputs, nodes = [], list(self.b.nodes)
         names = _output_names(self.graph)
@@ -154,6 +157,18 @@ class Writer:
         )
 
     # ---- layers ---------------------------------------------------------------------------------------
+
+    def _float_input(self, t: Tensor, r, n) -> Tensor:
+        """``t`` cast to float32 where an integer tensor (uint8 images, say) feeds a layer that casts it to
+        float in Keras (`CASTS_INTEGERS`): ONNX operators take operands of one type."""
+        import onnx
+
+        op = n.op.layer if isinstance(n.op, QuantizeWrapper) else n.op
+        dtypes = self.graph.node(r.node).meta.get("dtypes") or ()
+        if type(op).__name__ not in CASTS_INTEGERS or r.index >= len(dtypes) or "int" not in str(dtypes[r.index]):
+            return t
+        name = self.b.one("Cast", [t.name], f"{n.name}/to_float{r.index}", to=onnx.TensorProto.FLOAT)
+        return Tensor(name, t.shape, t.layout)
 
     def _layer(self, n, ins: list[Tensor]) -> list[Tensor]:
         import keras
@@ -295,6 +310,10 @@ class Writer:
             self.report.saturation_risk.append(
                 {"layer": name, "channels": risky, "of": int(bound.size), "bound": int(bound.max())}
             )
+
+
+# Layers that take integer inputs and compute in float, casting them first (an Embedding reads ids as they are).
+CASTS_INTEGERS = frozenset({"Rescaling", "Normalization"})
 
 
 def _is_float(node) -> bool:
