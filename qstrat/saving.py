@@ -41,7 +41,9 @@ def count_saved_layers(path: str) -> int:
     return count
 
 
-def load_model(path: str | os.PathLike, custom_objects: dict | None = None, compile: bool = False):
+def load_model(
+    path: str | os.PathLike, custom_objects: dict | None = None, compile: bool = False, safe_mode: bool = True
+):
     """A Keras model from a .keras file (or a legacy .h5), float or quantized.
 
     Args:
@@ -50,6 +52,8 @@ def load_model(path: str | os.PathLike, custom_objects: dict | None = None, comp
         compile: restore the saved compile() settings and the optimizer's state, to
             resume training (a QAT model saved mid-fit). Off by default: quantizing
             needs no loss or optimizer.
+        safe_mode: as Keras': a ``Lambda`` layer's function is saved as bytecode, which runs only with
+            ``safe_mode=False``; give it for a file you trust.
 
     Raises:
         QstratError: the file is missing, a folder, damaged, in another format,
@@ -74,13 +78,15 @@ def load_model(path: str | os.PathLike, custom_objects: dict | None = None, comp
     layers = count_saved_layers(path) if path.endswith(".keras") else _H5_LAYERS
     try:
         with recursion_room(layers):
-            return keras.models.load_model(path, custom_objects=custom_objects, compile=compile)
+            return keras.models.load_model(path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear message
         own = _qstrat_cause(exc)
         if own is not None:  # qstrat's own message first, not Keras's wrappers and config dumps around it
             raise QstratError(f"{path}: cannot load the Keras model: {own}") from None
         hint = ""
-        if "Could not locate" in str(exc) or "Unknown layer" in str(exc):
+        if "safe_mode" in str(exc):
+            hint = " For a file you trust: qstrat.load_model(path, safe_mode=False)."
+        elif "Could not locate" in str(exc) or "Unknown layer" in str(exc):
             hint = " It uses a custom class: pass it in custom_objects (CLI: --custom-objects module:Name)."
         raise QstratError(f"{path}: cannot load the Keras model ({type(exc).__name__}: {exc}).{hint}") from None
 

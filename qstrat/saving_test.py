@@ -69,3 +69,19 @@ def test_a_custom_class_missing_at_load_names_custom_objects(tmp_path):
     with pytest.raises(QstratError, match="custom_objects"):
         qstrat.load_model(path)
     assert qstrat.load_model(path, custom_objects={"saving_test>Twice": Twice}) is not None
+
+
+@portable
+def test_a_quantized_model_with_a_lambda_loads_with_safe_mode_off(tmp_path):
+    """A Lambda's function is saved as bytecode: Keras refuses it unless safe_mode=False, which load_model takes
+    and its error names."""
+    i = keras.Input((6,))
+    x = keras.layers.Lambda(lambda t: t * 2.0 + 1.0, name="affine")(keras.layers.Dense(4, name="d")(i))
+    model = keras.Model(i, keras.layers.Dense(2, name="head")(x))
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0)
+    qmodel.save(tmp_path / "q.keras")
+    with pytest.raises(QstratError, match=r"For a file you trust: qstrat.load_model\(path, safe_mode=False\)"):
+        qstrat.load_model(tmp_path / "q.keras")
+    loaded = qstrat.load_model(tmp_path / "q.keras", safe_mode=False)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), qmodel.predict(x, verbose=0))
