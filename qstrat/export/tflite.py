@@ -69,6 +69,19 @@ def _check_args(path, metadata, int8_io) -> tuple[str, dict[str, str]]:
 DPU_LAYERS = ("DPUHardSigmoid", "DPUAveragePooling2D", "DPUGlobalAveragePooling2D")
 
 
+# What the converter's float operators come from, in Keras' words.
+_FLOAT_CAUSES = {
+    "SpaceToBatchND": "a convolution with dilation_rate > 1 (the converter splits it around the batch axis)",
+    "BatchToSpaceND": "a convolution with dilation_rate > 1 (the converter splits it around the batch axis)",
+    "Tensordot": "a Dense on an input of rank 3 or more (reshape it to 2-D around the Dense)",
+}
+
+
+def _float_hints(floats: list[str]) -> str:
+    causes = dict.fromkeys(why for op, why in _FLOAT_CAUSES.items() if any(op in f for f in floats))
+    return (" They come from " + "; ".join(causes) + ".") if causes else ""
+
+
 @in_float32
 def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_data=None) -> dict:
     """Write a quantized model as a fully-int8 TFLite file with qstrat's ranges and integer weights.
@@ -131,7 +144,10 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
     model = convert(twin.build(), int8_io)
     floats = float_ops(model)
     if floats:
-        raise UnsupportedError(f"TFLite left these operators in float: {'; '.join(floats[:8])}.")
+        raise UnsupportedError(
+            f"TFLite left these operators in float: {'; '.join(floats[:8])}.{_float_hints(floats)} "
+            "The ONNX export (export_onnx) runs them in integers."
+        )
     data = with_metadata(model, metadata)
     result = report(model, path, len(data), int8_io, twin, metadata)  # it checks the file's I/O first
     write_atomically(path, data)

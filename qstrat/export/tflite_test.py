@@ -449,3 +449,18 @@ def test_inputs_and_outputs_are_reported_in_the_model_order_with_their_signature
     want = keras.tree.flatten(qmodel.predict(x, verbose=0))
     for r, y in zip(report["outputs"], want, strict=True):
         assert np.abs(got[r["key"]].astype(np.float64) - y).max() <= r["scale"] * (1 + 1e-6), r["key"]
+
+
+def test_operators_left_in_float_are_named_with_the_keras_setting_they_come_from(tmp_path):
+    """A dilated convolution converts to SpaceToBatchND / BatchToSpaceND around a float CONV_2D."""
+    keras.utils.set_random_seed(0)
+    i = keras.Input((9, 9, 3))
+    y = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, dilation_rate=2, name="dilated")(i))
+    model = keras.Model(i, keras.layers.Flatten()(y))
+    x = np.random.default_rng(0).uniform(size=(32, 9, 9, 3)).astype("float32")
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, export_rounding="tflite")
+    with pytest.raises(
+        qstrat.UnsupportedError, match=r"SpaceToBatchND.* a convolution with dilation_rate > 1 .*export_onnx"
+    ):
+        qstrat.export_tflite(qmodel, str(tmp_path / "d.tflite"))
+    assert list(tmp_path.iterdir()) == []
