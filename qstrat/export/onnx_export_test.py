@@ -620,3 +620,17 @@ def test_uint8_images_are_cast_to_float_where_rescaling_reads_them(tmp_path):
     s = session(tmp_path / "u8.onnx")
     assert [(t.name, t.type) for t in s.get_inputs()] == [("image", "tensor(uint8)")]
     np.testing.assert_array_equal(s.run(None, {"image": images})[0], keras_out(qmodel, images))
+
+
+def test_the_batch_axis_is_free_for_a_sequential_built_on_one_sample(tmp_path):
+    """Calling a Sequential on one sample builds it with a batch of 1; Keras runs it on any batch, so does the file."""
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    x = np.random.default_rng(0).uniform(size=(32, 8, 8, 3)).astype("float32")
+    model = keras.Sequential([L.Conv2D(4, 3, activation="relu"), L.Flatten(), L.Dense(3)])
+    model(x[:1])
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, **EVEN)
+    export_onnx(qmodel, tmp_path / "s.onnx")
+    s = session(tmp_path / "s.onnx")
+    assert s.get_inputs()[0].shape[0] == "batch"
+    np.testing.assert_array_equal(s.run(None, {s.get_inputs()[0].name: x})[0], keras_out(qmodel, x))

@@ -321,7 +321,9 @@ def _is_float(node) -> bool:
 
 
 def _dims(shape) -> list:
-    return ["batch" if i == 0 and d is None else (f"d{i}" if d is None else int(d)) for i, d in enumerate(shape)]
+    """The ONNX dimensions of a Keras shape. The batch axis is always free, as the Keras model takes any batch
+    (a Sequential built by calling it on one sample records a batch of 1)."""
+    return ["batch" if i == 0 else (f"d{i}" if d is None else int(d)) for i, d in enumerate(shape)]
 
 
 def _output_names(graph) -> list[str]:
