@@ -133,6 +133,15 @@ def qat_model(
     graph, annotation, model, taps = q._build(
         strategy, progress, suffix="qat", data=data, steps=calib_steps, batch_size=calib_batch_size
     )
+    removed = [e.node for e in q.optimize_report.of("remove_dropout", "changed")]
+    if removed and "remove_dropout" not in overrides:
+        warnings.warn(
+            f"get_qat_model: remove_dropout took out {len(removed)} training-only layer(s) ({', '.join(removed[:4])}"
+            f"{', ...' if len(removed) > 4 else ''}), so the QAT model trains without them. Pass "
+            "remove_dropout=False to train with them (they do nothing in inference, and the deploy model keeps "
+            "them as they are).",
+            stacklevel=3,
+        )
     # Constraints are for the deploy model: training moves the positions they would fix.
     q._calibrate(
         model,

@@ -229,3 +229,23 @@ def test_deployed_qat_model_exports_to_onnx_and_onnx_runtime_computes_the_same(d
     report = export_onnx(deployed, tmp_path / "again.onnx", data=x_test)
     assert report.rounding_mismatch == []
     assert np.array_equal(run(tmp_path / "again.onnx", x_test, optimize=False), expected)
+
+
+def test_dropout_is_taken_out_with_a_warning_or_kept_to_train_with():
+    keras.utils.set_random_seed(0)
+    i = keras.Input((8, 8, 3))
+    y = L.Dropout(0.5, name="drop")(L.Conv2D(4, 3, activation="relu", name="conv")(i))
+    model = keras.Model(i, L.Dense(3, name="head")(L.Flatten()(y)))
+    x = np.random.default_rng(0).uniform(size=(32, 8, 8, 3)).astype("float32")
+    q = qstrat.Quantizer(model, "pof2s")
+    with pytest.warns(UserWarning, match=r"took out 1 training-only layer\(s\) \(drop\).*remove_dropout=False"):
+        plain = q.get_qat_model(init_quant=True, calib_dataset=x, verbose=0)
+    assert "Dropout" not in [type(layer).__name__ for layer in plain.layers]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        qat = q.get_qat_model(init_quant=True, calib_dataset=x, remove_dropout=False, verbose=0)
+    assert not [w for w in said if "training-only" in str(w.message)]
+    first, second = (keras.ops.convert_to_numpy(qat(x[:4], training=True)) for _ in range(2))
+    assert not np.array_equal(first, second)  # the dropout masks differ from call to call
+    deploy = q.get_deploy_model(qat, verbose=0)
+    np.testing.assert_array_equal(deploy.predict(x, verbose=0), qat.predict(x, verbose=0))
