@@ -18,7 +18,8 @@ conversion has its key in ``quantize_pipeline_config``:
 - ``convert_average_pooling2d_to_dpu_version``: ``AveragePooling2D`` whose
   windows never read padding, and ``GlobalAveragePooling2D`` of a known
   size, become `DPUAveragePooling2D` / `DPUGlobalAveragePooling2D`. Other
-  pooling layers are kept, with a note saying why; so are windows of a
+  pooling layers are kept, with a note saying why (1-D and 3-D averages
+  among them: the DPU's are 2-D); so are windows of a
   power-of-2 size, where the DPU's multiplier is exactly 1/K and the plain
   layer computes the same (and exports to TFLite, which has no kernel for
   the DPU versions).
@@ -233,6 +234,9 @@ def _leaky_relu(ed: Editor, node: Node, report: OptimizeReport) -> None:
     report.changed(key, node.name, "LeakyReLU slope 0.1 -> 26/256 (0.1015625)")
 
 
+_OTHER_AVERAGES = ("AveragePooling1D", "AveragePooling3D", "GlobalAveragePooling1D", "GlobalAveragePooling3D")
+
+
 def _pooling(ed: Editor, node: Node, report: OptimizeReport) -> None:
     import keras
 
@@ -275,6 +279,13 @@ def _pooling(ed: Editor, node: Node, report: OptimizeReport) -> None:
         layer = DPUGlobalAveragePooling2D.from_config(cfg)
         detail = f"{spatial[0]}x{spatial[1]} global average -> sum * {mult[0]}/2^{mult[1]}"
     else:
+        if type(op).__name__ in _OTHER_AVERAGES:
+            report.skipped(
+                key,
+                node.name,
+                f"kept: the DPU's average pooling is 2-D; {type(op).__name__} divides exactly here, which the DPU "
+                "does only for windows of a power-of-2 size",
+            )
         return
     ed.replace(node.name, replace(node, op=layer, meta=dict(node.meta)))
     report.changed(key, node.name, detail)

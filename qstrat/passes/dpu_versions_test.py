@@ -575,3 +575,13 @@ def test_fs_converts_nothing():
     assert types["sig"] == "Activation" and types["pool"] == "AveragePooling2D"
     assert not any(t.startswith("DPU") for t in types.values())
     assert not any("DPU version" in n for r in q.report.layers.values() for n in r.notes)
+
+
+@pytest.mark.parametrize("kind", ["AveragePooling1D", "GlobalAveragePooling1D", "AveragePooling3D"])
+def test_a_1d_or_3d_average_is_kept_with_a_note(kind):
+    shape = (9, 3, 3) if kind == "AveragePooling3D" else (9,)
+    i = keras.Input((*shape, 4))
+    pool = getattr(L, kind)(name="pool") if kind.startswith("Global") else getattr(L, kind)(3, name="pool")
+    new, graph, report = convert(keras.Model(i, pool(i)), POOL)
+    assert events(report) == [(POOL, "pool", "skipped")]
+    assert report.events[0].detail.startswith(f"kept: the DPU's average pooling is 2-D; {kind} divides exactly")
