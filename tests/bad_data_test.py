@@ -73,3 +73,21 @@ def test_mixed_precision_refuses_a_generator_before_any_work():
     with pytest.raises(CalibrationDataError, match="generator can be read only once"):
         qstrat.Quantizer(model, "pof2s").quantize_model(gen, target_sqnr=30.0, verbose=0)
     assert next(gen)["a"].shape == (8, 4)  # nothing was read
+
+
+@portable
+def test_an_input_that_holds_one_value_throughout_is_warned_of():
+    """All-zero data calibrates every quantizer on zeros (the outputs collapse): said, naming the input. Data
+    that varies in one input of two is warned of for the other alone."""
+    import warnings
+
+    model = two_input_model()
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(32, *t.shape[1:])).astype("float32") for t in model.inputs)
+    with pytest.warns(UserWarning, match=r"input 'b' holds one value \(0\) in every sample") as said:
+        qstrat.Quantizer(model, "pof2s").quantize_model([a, np.zeros_like(b)], verbose=0)
+    assert not [w for w in said if "input 'a'" in str(w.message)]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        qstrat.Quantizer(model, "pof2s").quantize_model([a, b], verbose=0)
+    assert not [w for w in said if "one value" in str(w.message)]

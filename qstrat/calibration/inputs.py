@@ -12,6 +12,7 @@ arrays) are read as arrays, never iterated sample by sample.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,3 +228,31 @@ def checked_arrays(data, model, label: str) -> list[np.ndarray]:
             f"{type(data).__name__}. Give the samples themselves (a dataset is not read here)."
         )
     return check_batch(arrays, specs, 0, label)
+
+
+class InputValues:
+    """The smallest and largest value of each float model input over the calibration batches, to say when an
+    input holds one value throughout (all zeros: data not loaded), which calibrates every quantizer on nothing."""
+
+    def __init__(self, specs):
+        self.names = [s[0] for s in specs]
+        self.lo: list[float | None] = [None] * len(specs)
+        self.hi: list[float | None] = [None] * len(specs)
+
+    def watch(self, batches):
+        for batch in batches:
+            for k, a in enumerate(batch):
+                if a.dtype.kind == "f" and a.size:
+                    lo, hi = float(a.min()), float(a.max())
+                    self.lo[k] = lo if self.lo[k] is None else min(self.lo[k], lo)
+                    self.hi[k] = hi if self.hi[k] is None else max(self.hi[k], hi)
+            yield batch
+
+    def warn_if_constant(self) -> None:
+        for name, lo, hi in zip(self.names, self.lo, self.hi, strict=True):
+            if lo is not None and lo == hi:
+                warnings.warn(
+                    f"calibration data: input '{name}' holds one value ({lo:g}) in every sample, so every quantizer "
+                    "is calibrated on that alone. Check the data (not loaded? all zeros?).",
+                    stacklevel=4,
+                )

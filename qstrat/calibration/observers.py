@@ -42,8 +42,9 @@ def finite_range(name: str, lo, hi):
     lo, hi = np.array([float(lo)]), np.array([float(hi)])
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise CalibrationDataError(
-            f"{name}: the tensor holds NaN or Inf values (min {lo[0]}, max {hi[0]}). "
-            "The model overflows or divides by zero on this data; check the data and the float model."
+            f"{name}: the tensor holds NaN or Inf values (min {lo[0]}, max {hi[0]}), made by its layer or by one "
+            "before it that has no quantizer (a Lambda, a layer left in float). The model overflows, divides by "
+            "zero or takes a logarithm of a negative on this data; check the data and the float model."
         )
     return lo, hi
 

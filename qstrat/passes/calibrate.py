@@ -15,7 +15,7 @@ import numpy as np
 from qstrat.arrays import to_numpy
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import array_samples, count_batches, iterate_batches
-from qstrat.calibration.inputs import input_specs
+from qstrat.calibration.inputs import InputValues, input_specs
 from qstrat.calibration.observers import finite_range
 from qstrat.errors import ConfigError, one_line
 from qstrat.graph.ir import taken_names, unique_name
@@ -227,7 +227,9 @@ def calibrate_activations(
     # Consecutive batches of a small model run joined, as one call (`merged`: the statistics are exact sums,
     # and each batch's rows come back apart); a distribution spreads those units over its devices.
     joinable = sample_bytes(float_graph) if rows_apart(float_graph) else 0  # 0: each batch on its own
-    units = merged(iterate_batches(data, input_specs(qmodel), batch_size, steps), joinable)
+    specs = input_specs(qmodel)
+    seen = InputValues(specs)
+    units = merged(seen.watch(iterate_batches(data, specs, batch_size, steps)), joinable)
     for group in groups(units, spread.width) if spread is not None else ([unit] for unit in units):
         batch_group = [batch for unit in group for batch in unit]
         everything = _checked(
@@ -244,6 +246,7 @@ def calibrate_activations(
             batches += 1
             samples += len(batch[0])
             bar.update(batches)
+    seen.warn_if_constant()
     if tapped and packed.lo is not None:
         observe(tapped, packed.per_tensor())
     done = [fq for fq in fqs if fq.name in taps]
