@@ -132,6 +132,15 @@ def test_inputs_keyed_other_than_by_name_are_read_by_their_keys(tmp_path):
     np.testing.assert_array_equal(loaded[1], twin[1])
     with pytest.raises(qstrat.CalibrationDataError, match="'a' is not an input of the model.*'x_a', 'x_b'"):
         qstrat.Quantizer(keyed, "pof2s").quantize_model({"a": xa, "b": xb}, verbose=0)
+    # The ONNX file takes its inputs by the same keys; rounding half to even, it computes what Keras does.
+    import onnxruntime as ort
+
+    even = qstrat.Quantizer(keyed, "pof2s").quantize_model(data, verbose=0, export_rounding="onnx")
+    qstrat.export_onnx(even, tmp_path / "q.onnx")
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x_a", "x_b"]
+    for got, want in zip(session.run(None, data), even.predict(data, verbose=0), strict=True):
+        np.testing.assert_array_equal(got, ops.convert_to_numpy(want))
 
 
 def _dict_model():

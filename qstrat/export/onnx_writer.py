@@ -70,8 +70,9 @@ class Writer:
 
         from qstrat.export.onnx_build import ONNX_TYPES
 
-        inputs = []
-        for r in self.graph.inputs:
+        inputs, renames = [], []
+        keys = _input_names(self.graph)
+        for r, key in zip(self.graph.inputs, keys, strict=True):
             node = self.graph.node(r.node)
             dtype = node.meta["dtypes"][0]
             if dtype not in ONNX_TYPES:
@@ -79,8 +80,10 @@ class Writer:
                     f"input {node.name}: dtype {dtype} has no ONNX export (its inputs are float32 or integers). "
                     f"Give the float model a float32 Input (keras.Input(..., dtype='float32')) and quantize it again."
                 )
-            inputs.append(helper.make_tensor_value_info(node.name, ONNX_TYPES[dtype], _dims(node.meta["shapes"][0])))
-        outputs, nodes = [], list(self.b.nodes)
+            inputs.append(helper.make_tensor_value_info(key, ONNX_TYPES[dtype], _dims(node.meta["shapes"][0])))
+            if key != node.name:
+                renames.append(helper.make_node("Identity", [key], [node.name], name=f"{key}/input"))
+        outputs, nodes = [], renames + list(self.b.nodes)
         names = _output_names(self.graph)
         for t, name, r in zip(self.outputs, names, self.graph.outputs, strict=True):
             nodes.append(helper.make_node("Identity", [t.name], [name], name=f"{name}/output"))
@@ -324,6 +327,22 @@ def _dims(shape) -> list:
     """The ONNX dimensions of a Keras shape. The batch axis is always free, as the Keras model takes any batch
     (a Sequential built by calling it on one sample records a batch of 1)."""
     return ["batch" if i == 0 else (f"d{i}" if d is None else int(d)) for i, d in enumerate(shape)]
+
+
+def _input_names(graph) -> list[str]:
+    """The file's input names: the model's own keys where it takes a dict of inputs (as Keras is fed), else the
+    Inputs' names; the Inputs' names also where a key is the name of another value of the graph."""
+    own = [graph.node(r.node).name for r in graph.inputs]
+    skeleton = graph.structure[0] if graph.structure is not None else None
+    if not isinstance(skeleton, dict) or not all(isinstance(i, int) for i in skeleton.values()):
+        return own
+    keys = dict.fromkeys(own)
+    for key, i in skeleton.items():
+        keys[own[i]] = str(key)
+    names = [keys[name] for name in own]
+    if any(name != mine and name in graph for name, mine in zip(names, own, strict=True)):
+        return own
+    return names
 
 
 def _output_names(graph) -> list[str]:

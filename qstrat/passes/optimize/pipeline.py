@@ -49,7 +49,7 @@ def optimize(graph: Graph, config: Mapping, data=None, calib=None, progress=None
             f"{len(names)} layer(s) of '{graph.name}' compute in another float type than float32 ("
             + ", ".join(names[:5])
             + (", ..." if len(names) > 5 else "")
-            + "): the quantized model computes them in float32, where qstrat's integer simulation is exact. "
+            + "): the quantized model computes them in float32, the type qstrat simulates integer hardware in. "
             "The optimize report lists each (compute_in_float32).",
             stacklevel=3,
         )

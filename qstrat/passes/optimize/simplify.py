@@ -36,8 +36,9 @@ OTHER_FLOATS = ("float16", "bfloat16", "float64")
 
 def compute_in_float32(graph: Graph, report: OptimizeReport) -> Graph:
     """Every layer that computes or keeps its weights in another float type (a ``mixed_float16`` model, a
-    float64 layer) as a float32 copy: qstrat simulates integer hardware in float32, where every grid value
-    and every sum of a layer's products is exact. Not a strategy key: the optimize stage always runs it first.
+    float64 layer) as a float32 copy: qstrat simulates integer hardware in float32, the type its quantizers,
+    its integer reference and its exports are made to agree in (float16 holds neither a bias's fine grid nor
+    a layer's sums). Not a strategy key: the optimize stage always runs it first.
     """
     import keras
 
@@ -50,8 +51,7 @@ def compute_in_float32(graph: Graph, report: OptimizeReport) -> Graph:
         policy = getattr(op, "dtype_policy", None)
         if not isinstance(op, keras.layers.Layer) or type(op).__name__ == "InputLayer" or policy is None:
             continue
-        was = {policy.compute_dtype, policy.variable_dtype} & set(OTHER_FLOATS)
-        if not was:
+        if not {policy.compute_dtype, policy.variable_dtype} & set(OTHER_FLOATS):
             continue
         if id(op) not in done:
             done[id(op)] = (
