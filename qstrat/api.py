@@ -19,7 +19,7 @@ from qstrat.errors import CalibrationDataError, ConfigError
 from qstrat.export.outputs import output_target, write_output
 from qstrat.graph import capture, rebuild
 from qstrat.graph.ir import Graph
-from qstrat.graph.rebuild import in_float32
+from qstrat.graph.rebuild import float32_policy
 from qstrat.inspect.info import get_quantize_info
 from qstrat.passes.calibrate import input_specs
 from qstrat.passes.insert import insert
@@ -89,7 +89,6 @@ class Quantizer:
         graph, self.optimize_report = optimize(capture(self.model), strategy.optimize, data, calib, progress)
         return graph
 
-    @in_float32
     def optimize_model(self, **overrides):
         """The float model after the strategy's optimize passes, as a new model with its own weights.
 
@@ -101,10 +100,10 @@ class Quantizer:
             >>> fmodel = q.optimize_model(include_cle=False)
             >>> print(q.optimize_report.table())
         """
-        graph = self._optimized_graph(self._strategy(overrides))
-        return rebuild(graph, name=f"{self.model.name}_optimized")
+        with float32_policy():
+            graph = self._optimized_graph(self._strategy(overrides))
+            return rebuild(graph, name=f"{self.model.name}_optimized")
 
-    @in_float32
     def quantize_model(
         self,
         calib_dataset=None,
@@ -134,59 +133,60 @@ class Quantizer:
             raise_to: ``"int16"``, or a float type (``"float32"``, ...) that leaves the raised layers unquantized.
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
-        with guards.caller_objects_frozen():
-            if accuracy_budget is not None or target_sqnr is not None or eval_fn is not None:
-                return self._mixed(
-                    calib_dataset, calib_steps, calib_batch_size, verbose, accuracy_budget, eval_fn, target_sqnr,
-                    max_raised, raise_to, overrides,
-                )  # fmt: skip
-            self.mixed_precision = None
-            calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
-            calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
-            strategy = self._strategy(overrides)
-            rounding = strategy.quantize["export_rounding"]
-            if rounding:
-                guards.check_rounding_overrides(rounding, overrides)
-            guards.warn_pending(strategy)
-            if strategy.optimize["train_with_bn"]:
-                warnings.warn(
-                    "optimize_pipeline_config.train_with_bn = true does nothing in quantize_model (PTQ folds every "
-                    "BatchNormalization it can): it is for get_qat_model.",
-                    stacklevel=2,
-                )
-            self.convert_report = self.export_report = self.output_path = None
-            target = output_target(strategy)  # checked before any long work
-            if strategy.quantize["convert_datatype"]:
-                if target and target.endswith(".onnx"):
-                    raise ConfigError(
-                        "refine_pipeline_config.output_format",
-                        '"onnx" with convert_datatype: a cast model has no quantizers for a QDQ file',
-                        'Use output_format "keras", or save the model yourself.',
+        with float32_policy():
+            with guards.caller_objects_frozen():
+                if accuracy_budget is not None or target_sqnr is not None or eval_fn is not None:
+                    return self._mixed(
+                        calib_dataset, calib_steps, calib_batch_size, verbose, accuracy_budget, eval_fn, target_sqnr,
+                        max_raised, raise_to, overrides,
+                    )  # fmt: skip
+                self.mixed_precision = None
+                calib_batch_size = check_count(calib_batch_size, "calib_batch_size")
+                calib_steps = check_count(calib_steps, "calib_steps", allow_none=True)
+                strategy = self._strategy(overrides)
+                rounding = strategy.quantize["export_rounding"]
+                if rounding:
+                    guards.check_rounding_overrides(rounding, overrides)
+                guards.warn_pending(strategy)
+                if strategy.optimize["train_with_bn"]:
+                    warnings.warn(
+                        "optimize_pipeline_config.train_with_bn = true does nothing in quantize_model (PTQ folds every "
+                        "BatchNormalization it can): it is for get_qat_model.",
+                        stacklevel=2,
                     )
-                model = self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
-                if target:
-                    from qstrat.saving import save_model
+                self.convert_report = self.export_report = self.output_path = None
+                target = output_target(strategy)  # checked before any long work
+                if strategy.quantize["convert_datatype"]:
+                    if target and target.endswith(".onnx"):
+                        raise ConfigError(
+                            "refine_pipeline_config.output_format",
+                            '"onnx" with convert_datatype: a cast model has no quantizers for a QDQ file',
+                            'Use output_format "keras", or save the model yourself.',
+                        )
+                    model = self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
+                    if target:
+                        from qstrat.saving import save_model
 
-                    save_model(model, target)
-                    self.output_path = target
-                return model
-            progress = Progress(verbose)
-            graph, annotation, qmodel, taps = self._build(
-                strategy, progress, data=calib_dataset, steps=calib_steps, batch_size=calib_batch_size
-            )
-            if target and target.endswith(".onnx"):
-                from qstrat.export.onnx_export import check_exportable
+                        save_model(model, target)
+                        self.output_path = target
+                    return model
+                progress = Progress(verbose)
+                graph, annotation, qmodel, taps = self._build(
+                    strategy, progress, data=calib_dataset, steps=calib_steps, batch_size=calib_batch_size
+                )
+                if target and target.endswith(".onnx"):
+                    from qstrat.export.onnx_export import check_exportable
 
-                check_exportable(qmodel, strategy.refine["onnx_opset_version"])  # before calibration, not after
-            self._calibrate(
-                qmodel, graph, taps, strategy, calib_dataset, calib_steps, calib_batch_size, verbose, progress
-            )
-            self.report = annotation.report
-            note_fast_finetune(self.report, self.fast_finetune)
-            qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
-            progress.done("quantized")
-            self.timings = {**progress.times, "data_passes": progress.data_passes}
-            return qmodel
+                    check_exportable(qmodel, strategy.refine["onnx_opset_version"])  # before calibration, not after
+                self._calibrate(
+                    qmodel, graph, taps, strategy, calib_dataset, calib_steps, calib_batch_size, verbose, progress
+                )
+                self.report = annotation.report
+                note_fast_finetune(self.report, self.fast_finetune)
+                qmodel = self._refine_and_write(qmodel, strategy, target, calib_dataset, progress)
+                progress.done("quantized")
+                self.timings = {**progress.times, "data_passes": progress.data_passes}
+                return qmodel
 
     def _mixed(self, data, steps, batch_size, verbose, budget, eval_fn, target_sqnr, max_raised, raise_to, overrides):
         """quantize_model with a budget: quantize, then raise the most sensitive layers until it is met."""
@@ -260,7 +260,6 @@ class Quantizer:
             guards.warn_deep(qgraph)
         return graph, annotation, qmodel, taps
 
-    @in_float32
     def inspect_model(self, **overrides) -> list[dict]:
         """What each layer gets, without data: one dict per layer of the float model (then per layer the
         optimize stage made) with the rule that matched, its quantizers and bit widths, and whether it is
@@ -269,15 +268,15 @@ class Quantizer:
         Example:
             print(qstrat.inspect.rows_table(Quantizer(model, "pof2s").inspect_model(weight_bit=4)))
         """
-        from qstrat.inspect.layers import inspect_rows
+        with float32_policy():
+            from qstrat.inspect.layers import inspect_rows
 
-        strategy = self._strategy(overrides)
-        graph = self._optimized_graph(strategy)
-        graph, annotation = annotated(graph, strategy, self.custom_objects)
-        float_layers = [(layer.name, type(layer).__name__) for layer in self.model.layers]
-        return inspect_rows(float_layers, graph, annotation, self.optimize_report)
+            strategy = self._strategy(overrides)
+            graph = self._optimized_graph(strategy)
+            graph, annotation = annotated(graph, strategy, self.custom_objects)
+            float_layers = [(layer.name, type(layer).__name__) for layer in self.model.layers]
+            return inspect_rows(float_layers, graph, annotation, self.optimize_report)
 
-    @in_float32
     def get_qat_model(
         self,
         init_quant: bool = False,
@@ -297,21 +296,21 @@ class Quantizer:
             >>> qat.compile("adam", "sparse_categorical_crossentropy"); qat.fit(x_train, y_train, epochs=2)
             >>> deployed = q.get_deploy_model(qat)
         """
-        from qstrat.qat import qat_model
+        with float32_policy():
+            from qstrat.qat import qat_model
 
-        return qat_model(
-            self,
-            init_quant,
-            calib_dataset,
-            calib_steps,
-            calib_batch_size,
-            train_with_bn,
-            freeze_bn_delay,
-            verbose,
-            overrides,
-        )
+            return qat_model(
+                self,
+                init_quant,
+                calib_dataset,
+                calib_steps,
+                calib_batch_size,
+                train_with_bn,
+                freeze_bn_delay,
+                verbose,
+                overrides,
+            )
 
-    @in_float32
     def get_deploy_model(
         self,
         qat_model,
@@ -324,11 +323,12 @@ class Quantizer:
 
         See `qstrat.qat.deploy_model`. The QAT model is not changed.
         """
-        from qstrat.qat import deploy_model
+        with float32_policy():
+            from qstrat.qat import deploy_model
 
-        return deploy_model(
-            self, qat_model, convert_to_pof2s_quantize_strategy, convert_to_fs_quantize_strategy, verbose, overrides
-        )
+            return deploy_model(
+                self, qat_model, convert_to_pof2s_quantize_strategy, convert_to_fs_quantize_strategy, verbose, overrides
+            )
 
     def _refine_and_write(self, qmodel, strategy: Strategy, target: str | None, calib_dataset, progress: Progress):
         """The refine stage's conversions, then the file ``output_format`` asks for."""

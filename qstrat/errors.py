@@ -100,3 +100,20 @@ def one_line(error: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m|\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]", "", text)
     text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+_PACKAGE = __file__.rsplit("/", 1)[0] + "/"
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn``, attributed to the first frame outside qstrat (the user's line), however deep in qstrat
+    it is raised: one warning reached from several public calls at several depths."""
+    import sys
+    import warnings
+
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        if frame.f_code.co_filename.endswith("_test.py"):
+            break
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

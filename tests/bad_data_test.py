@@ -87,6 +87,7 @@ def test_an_input_that_holds_one_value_throughout_is_warned_of():
     with pytest.warns(UserWarning, match=r"input 'b' holds one value \(0\) in every sample") as said:
         qstrat.Quantizer(model, "pof2s").quantize_model([a, np.zeros_like(b)], verbose=0)
     assert not [w for w in said if "input 'a'" in str(w.message)]
+    assert {w.filename for w in said if "one value" in str(w.message)} == {__file__}  # the caller's line
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         qstrat.Quantizer(model, "pof2s").quantize_model([a, b], verbose=0)

@@ -205,8 +205,9 @@ def test_a_model_in_another_float_type_is_quantized_in_float32_exactly(policy, l
     model = _policy_model(policy, layer_dtype)
     x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 3)).astype("float32")
     q = qstrat.Quantizer(model, "pof2s")
-    with pytest.warns(UserWarning, match=r"compute in another float type than float32 \(conv"):
+    with pytest.warns(UserWarning, match=r"compute in another float type than float32 \(conv") as said:
         qmodel = q.quantize_model(x, verbose=0)
+    assert {w.filename for w in said if "float type" in str(w.message)} == {__file__}  # the caller's line
     changed = [e.node for e in q.optimize_report.of("compute_in_float32")]
     assert "conv" in changed and (policy == "float32") == (changed == ["conv"])
     got = ops.convert_to_numpy(qmodel.predict(x, verbose=0))

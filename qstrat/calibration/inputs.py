@@ -12,13 +12,12 @@ arrays) are read as arrays, never iterated sample by sample.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from qstrat.errors import CalibrationDataError, did_you_mean
+from qstrat.errors import CalibrationDataError, did_you_mean, warn_at_caller
 
 
 def is_arraylike(x) -> bool:
@@ -251,8 +250,7 @@ class InputValues:
     def warn_if_constant(self) -> None:
         for name, lo, hi in zip(self.names, self.lo, self.hi, strict=True):
             if lo is not None and lo == hi:
-                warnings.warn(
+                warn_at_caller(
                     f"calibration data: input '{name}' holds one value ({lo:g}) in every sample, so every quantizer "
-                    "is calibrated on that alone. Check the data (not loaded? all zeros?).",
-                    stacklevel=4,
+                    "is calibrated on that alone. Check the data (not loaded? all zeros?)."
                 )

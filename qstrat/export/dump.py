@@ -36,7 +36,7 @@ import numpy as np
 from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.files import write_atomically
-from qstrat.graph.rebuild import in_float32
+from qstrat.graph.rebuild import float32_policy
 from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
 from qstrat.quantizers import Pof2SQuantizer, TQTQuantizer
 
@@ -105,7 +105,6 @@ def _fq_calls(qmodel):
             yield layer, node.input_tensors[0], node.output_tensors[0], target
 
 
-@in_float32
 def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=False, batch_size=1) -> dict:
     """Write a power-of-2 quantized model's integer tensors (and optionally their floats); returns the index.
 
@@ -122,62 +121,63 @@ def dump_model(qmodel, dataset=None, output_dir="./dump_results", dump_float=Fal
         >>> index["conv1_kernel.bin"]["position"]
         7
     """
-    import keras
+    with float32_policy():
+        import keras
 
-    from qstrat.calibration.data import iterate_batches
-    from qstrat.passes.calibrate import input_specs
+        from qstrat.calibration.data import iterate_batches
+        from qstrat.passes.calibrate import input_specs
 
-    output_dir = _check_dir(output_dir)
-    require_quantizers(qmodel)
-    entries: dict[str, tuple[dict, np.ndarray, np.ndarray | None, np.dtype]] = {}
+        output_dir = _check_dir(output_dir)
+        require_quantizers(qmodel)
+        entries: dict[str, tuple[dict, np.ndarray, np.ndarray | None, np.dtype]] = {}
 
-    def add(target: str, kind: str, q, state, ints: np.ndarray, pos: np.ndarray, floats):
-        meta = {
-            "layer": target.partition("/")[0],
-            "target": target.partition("/")[2] or "output",
-            "kind": kind,
-            "bit_width": q.params.bit_width,
-            "signed": not q.params.is_unsigned,
-            "position": int(pos) if pos.size == 1 else [int(p) for p in pos.reshape(-1)],
-            "shape": list(ints.shape),
-            "dtype": _storage(q).name,
-        }
-        if pos.size != 1:
-            meta["channel_axis"] = q.axis % ints.ndim
-        entries[_stem(target)] = (meta, ints, floats, _storage(q))
+        def add(target: str, kind: str, q, state, ints: np.ndarray, pos: np.ndarray, floats):
+            meta = {
+                "layer": target.partition("/")[0],
+                "target": target.partition("/")[2] or "output",
+                "kind": kind,
+                "bit_width": q.params.bit_width,
+                "signed": not q.params.is_unsigned,
+                "position": int(pos) if pos.size == 1 else [int(p) for p in pos.reshape(-1)],
+                "shape": list(ints.shape),
+                "dtype": _storage(q).name,
+            }
+            if pos.size != 1:
+                meta["channel_axis"] = q.axis % ints.ndim
+            entries[_stem(target)] = (meta, ints, floats, _storage(q))
 
-    for layer in qmodel.layers:
-        if not isinstance(layer, QuantizeWrapper):
-            continue
-        for attr, q in layer.quantizers.items():
-            state = {k: np.asarray(v) for k, v in layer.state[attr].items()}
-            w = to_numpy(getattr(layer.layer, attr))
-            target = f"{layer.layer.name}/{attr}"
-            ints, pos = _integers(q, state, q.reference(w, state), target)
-            add(target, "bias" if attr == "bias" else "weight", q, state, ints, pos, w)
-    if dataset is not None:
-        calls = list(_fq_calls(qmodel))
-        batch = next(iter(iterate_batches(dataset, input_specs(qmodel), batch_size, steps=1, caller="dump_model")))
-        probe = keras.Model(qmodel.inputs, [c[2] for c in calls] + ([c[1] for c in calls] if dump_float else []))
-        values = probe.predict(batch if len(batch) > 1 else batch[0], verbose=0, batch_size=batch_size)
-        values = [to_numpy(v) for v in (values if isinstance(values, list) else [values])]
-        for i, (fq, _, _, target) in enumerate(calls):
-            if float(np.asarray(fq.enabled)) < 0.5:
-                raise UnsupportedError(f"{target}: the quantizer is bypassed (enabled 0), so its tensor is float.")
-            state = {k: np.asarray(v) for k, v in fq.state.items()}
-            what = target.partition("/")[2]
-            ints, pos = _integers(fq.quantizer, state, values[i], target)
-            floats = values[len(calls) + i] if dump_float else None
-            add(
-                target,
-                "input" if what.startswith("input") or not what else "output",
-                fq.quantizer,
-                state,
-                ints,
-                pos,
-                floats,
-            )
-    return _write(output_dir, entries, dump_float)
+        for layer in qmodel.layers:
+            if not isinstance(layer, QuantizeWrapper):
+                continue
+            for attr, q in layer.quantizers.items():
+                state = {k: np.asarray(v) for k, v in layer.state[attr].items()}
+                w = to_numpy(getattr(layer.layer, attr))
+                target = f"{layer.layer.name}/{attr}"
+                ints, pos = _integers(q, state, q.reference(w, state), target)
+                add(target, "bias" if attr == "bias" else "weight", q, state, ints, pos, w)
+        if dataset is not None:
+            calls = list(_fq_calls(qmodel))
+            batch = next(iter(iterate_batches(dataset, input_specs(qmodel), batch_size, steps=1, caller="dump_model")))
+            probe = keras.Model(qmodel.inputs, [c[2] for c in calls] + ([c[1] for c in calls] if dump_float else []))
+            values = probe.predict(batch if len(batch) > 1 else batch[0], verbose=0, batch_size=batch_size)
+            values = [to_numpy(v) for v in (values if isinstance(values, list) else [values])]
+            for i, (fq, _, _, target) in enumerate(calls):
+                if float(np.asarray(fq.enabled)) < 0.5:
+                    raise UnsupportedError(f"{target}: the quantizer is bypassed (enabled 0), so its tensor is float.")
+                state = {k: np.asarray(v) for k, v in fq.state.items()}
+                what = target.partition("/")[2]
+                ints, pos = _integers(fq.quantizer, state, values[i], target)
+                floats = values[len(calls) + i] if dump_float else None
+                add(
+                    target,
+                    "input" if what.startswith("input") or not what else "output",
+                    fq.quantizer,
+                    state,
+                    ints,
+                    pos,
+                    floats,
+                )
+        return _write(output_dir, entries, dump_float)
 
 
 def _write(output_dir: str, entries, dump_float: bool) -> dict[str, Any]:

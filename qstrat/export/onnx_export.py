@@ -44,12 +44,11 @@ from qstrat.export.onnx_writer import DEFAULT_OPSET, Writer, version
 from qstrat.export.qdq import Grid
 from qstrat.files import check_writable, write_atomically
 from qstrat.graph import capture
-from qstrat.graph.rebuild import in_float32
+from qstrat.graph.rebuild import float32_policy
 from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
 from qstrat.quantizers.grid import RoundMode
 
 
-@in_float32
 def export_onnx(
     qmodel,
     path,
@@ -76,42 +75,43 @@ def export_onnx(
     Returns:
         An `ExportReport`.
     """
-    check_writable(path, "export_onnx path")
-    path = os.fspath(path)
-    require_quantizers(qmodel, ", then export the quantized model")
-    if data is not None:
-        data = _checked_data(qmodel, data)
-    graph = capture(qmodel)
-    _check_supported(graph)
-    b, report = Writer(graph, opset).run()
-    report.path = path
-    from qstrat.export.rounding import calibration_fingerprint, count_rounding_mismatch
+    with float32_policy():
+        check_writable(path, "export_onnx path")
+        path = os.fspath(path)
+        require_quantizers(qmodel, ", then export the quantized model")
+        if data is not None:
+            data = _checked_data(qmodel, data)
+        graph = capture(qmodel)
+        _check_supported(graph)
+        b, report = Writer(graph, opset).run()
+        report.path = path
+        from qstrat.export.rounding import calibration_fingerprint, count_rounding_mismatch
 
-    meta = {"qstrat.version": version(), "qstrat.quantizers": json.dumps(report.quantizers)}
-    meta.update(getattr(qmodel, "qstrat_metadata", {}) or {})  # set by quantize_model: its strategy
-    if strategy is not None:
-        meta["qstrat.strategy"] = json.dumps(strategy.to_dict(2) if hasattr(strategy, "to_dict") else strategy)
-    if data is not None:
-        meta.setdefault("qstrat.data_fingerprint", calibration_fingerprint(data))
-        report.rounding_mismatch = count_rounding_mismatch(qmodel, data, batch_size)
-    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    model = b.model(meta)
-    blob = model.SerializeToString()
-    write_atomically(path, blob)
-    report.bytes, report.nodes, report.metadata = len(blob), len(model.graph.node), meta
-    if report.opset >= 21 and any(n.op_type == "Transpose" for n in model.graph.node):
-        report.notes.append(OPSET21_NOTE)
-        warnings.warn(f"{path}: {OPSET21_NOTE}", stacklevel=2)
-    if report.saturation_risk:
-        names = ", ".join(r["layer"] for r in report.saturation_risk[:5])
-        warnings.warn(
-            f"{len(report.saturation_risk)} layers of {path} ({names}) can saturate in ONNX Runtime's default "
-            f"session on x86 CPUs without VNNI (u8 x s8 pair sums above 32767). Run it with the session option "
-            f'"{QDQ_INT8_OPTION}" = "1", or quantize with weight_bit=7 so that no pair can saturate.',
-            SaturationWarning,
-            stacklevel=2,
-        )
-    return report
+        meta = {"qstrat.version": version(), "qstrat.quantizers": json.dumps(report.quantizers)}
+        meta.update(getattr(qmodel, "qstrat_metadata", {}) or {})  # set by quantize_model: its strategy
+        if strategy is not None:
+            meta["qstrat.strategy"] = json.dumps(strategy.to_dict(2) if hasattr(strategy, "to_dict") else strategy)
+        if data is not None:
+            meta.setdefault("qstrat.data_fingerprint", calibration_fingerprint(data))
+            report.rounding_mismatch = count_rounding_mismatch(qmodel, data, batch_size)
+        meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        model = b.model(meta)
+        blob = model.SerializeToString()
+        write_atomically(path, blob)
+        report.bytes, report.nodes, report.metadata = len(blob), len(model.graph.node), meta
+        if report.opset >= 21 and any(n.op_type == "Transpose" for n in model.graph.node):
+            report.notes.append(OPSET21_NOTE)
+            warnings.warn(f"{path}: {OPSET21_NOTE}", stacklevel=2)
+        if report.saturation_risk:
+            names = ", ".join(r["layer"] for r in report.saturation_risk[:5])
+            warnings.warn(
+                f"{len(report.saturation_risk)} layers of {path} ({names}) can saturate in ONNX Runtime's default "
+                f"session on x86 CPUs without VNNI (u8 x s8 pair sums above 32767). Run it with the session option "
+                f'"{QDQ_INT8_OPTION}" = "1", or quantize with weight_bit=7 so that no pair can saturate.',
+                SaturationWarning,
+                stacklevel=2,
+            )
+        return report
 
 
 def check_exportable(qmodel, opset: int | None = None) -> None:

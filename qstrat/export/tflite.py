@@ -44,7 +44,7 @@ from qstrat.export.tflite_file import convert, float_ops, read_tflite_metadata, 
 from qstrat.export.tflite_twin import Twin, layer_name, tflite_grid
 from qstrat.files import check_writable, write_atomically
 from qstrat.graph.ir import TensorRef
-from qstrat.graph.rebuild import in_float32
+from qstrat.graph.rebuild import float32_policy
 from qstrat.layers.fake_quant import FakeQuant, require_quantizers
 
 
@@ -82,7 +82,6 @@ def _float_hints(floats: list[str]) -> str:
     return (" They come from " + "; ".join(causes) + ".") if causes else ""
 
 
-@in_float32
 def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_data=None) -> dict:
     """Write a quantized model as a fully-int8 TFLite file with qstrat's ranges and integer weights.
 
@@ -113,45 +112,46 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
         >>> export_tflite(qmodel, "digits.tflite", int8_io=True, metadata={"strategy": "pof2s"})["outputs"][0]["scale"]
         0.25
     """
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise UnsupportedError(
-            f"export_tflite needs the TensorFlow backend; Keras runs on {backend}. Load the model under "
-            "KERAS_BACKEND=tensorflow (e.g. KERAS_BACKEND=tensorflow python, then qstrat.load_model(path)) "
-            "and export it there."
-        )
-    path, metadata = _check_args(path, metadata, int8_io)
-    require_quantizers(qmodel)
-    dpu = [layer.name for layer in qmodel.layers if type(layer).__name__ in DPU_LAYERS]
-    if dpu:
-        raise UnsupportedError(
-            f"{', '.join(dpu[:4])}{', ...' if len(dpu) > 4 else ''}: TFLite has no int8 kernels for the DPU layer "
-            "versions (hard sigmoid with the DPU's 2731/16384, sums times k/2^n), so the file would compute them in "
-            "float. Export to ONNX, or quantize for TFLite with the convert_*_to_dpu_version and "
-            "convert_sigmoid_to_hard_sigmoid keys off."
-        )
-    twin = Twin(qmodel)
-    _check_resizes(twin)
-    unranged = twin.unranged()
-    if unranged and calib_data is None:
-        names = ", ".join(layer_name(twin.graph.node(r.node)) for r in unranged)
-        raise UnsupportedError(
-            f"qstrat left the outputs of {names} in float, and every TFLite int8 tensor needs a range. "
-            "Pass calib_data (a few hundred samples) to give them min/max ranges."
-        )
-    if unranged:
-        twin.add_ranges(unranged, _checked_calib(qmodel, calib_data))
-    model = convert(twin.build(), int8_io)
-    floats = float_ops(model)
-    if floats:
-        raise UnsupportedError(
-            f"TFLite left these operators in float: {'; '.join(floats[:8])}.{_float_hints(floats)} "
-            "The ONNX export (export_onnx) runs them in integers."
-        )
-    data = with_metadata(model, metadata)
-    result = report(model, path, len(data), int8_io, twin, metadata)  # it checks the file's I/O first
-    write_atomically(path, data)
-    return result
+    with float32_policy():
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise UnsupportedError(
+                f"export_tflite needs the TensorFlow backend; Keras runs on {backend}. Load the model under "
+                "KERAS_BACKEND=tensorflow (e.g. KERAS_BACKEND=tensorflow python, then qstrat.load_model(path)) "
+                "and export it there."
+            )
+        path, metadata = _check_args(path, metadata, int8_io)
+        require_quantizers(qmodel)
+        dpu = [layer.name for layer in qmodel.layers if type(layer).__name__ in DPU_LAYERS]
+        if dpu:
+            raise UnsupportedError(
+                f"{', '.join(dpu[:4])}{', ...' if len(dpu) > 4 else ''}: TFLite has no int8 kernels for the DPU layer "
+                "versions (hard sigmoid with the DPU's 2731/16384, sums times k/2^n), so the file would compute them in "
+                "float. Export to ONNX, or quantize for TFLite with the convert_*_to_dpu_version and "
+                "convert_sigmoid_to_hard_sigmoid keys off."
+            )
+        twin = Twin(qmodel)
+        _check_resizes(twin)
+        unranged = twin.unranged()
+        if unranged and calib_data is None:
+            names = ", ".join(layer_name(twin.graph.node(r.node)) for r in unranged)
+            raise UnsupportedError(
+                f"qstrat left the outputs of {names} in float, and every TFLite int8 tensor needs a range. "
+                "Pass calib_data (a few hundred samples) to give them min/max ranges."
+            )
+        if unranged:
+            twin.add_ranges(unranged, _checked_calib(qmodel, calib_data))
+        model = convert(twin.build(), int8_io)
+        floats = float_ops(model)
+        if floats:
+            raise UnsupportedError(
+                f"TFLite left these operators in float: {'; '.join(floats[:8])}.{_float_hints(floats)} "
+                "The ONNX export (export_onnx) runs them in integers."
+            )
+        data = with_metadata(model, metadata)
+        result = report(model, path, len(data), int8_io, twin, metadata)  # it checks the file's I/O first
+        write_atomically(path, data)
+        return result
 
 
 def _check_resizes(twin: Twin) -> None:

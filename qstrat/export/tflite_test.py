@@ -363,7 +363,7 @@ def test_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch
         real(src, dst)
 
     monkeypatch.setattr(tflite.os, "replace", fail_here)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(qstrat.QstratError, match=r"m.tflite: cannot write the file \(disk full\)"):
         export_tflite(_tiny(), path)
     assert os.listdir(tmp_path) == ["m.tflite"] and path.read_bytes() == b"old"
     monkeypatch.undo()

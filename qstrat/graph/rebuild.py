@@ -9,7 +9,6 @@ shared: one copy each.
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -259,28 +258,26 @@ def rebuild(
         return functional_model(nested_in, nested_out, name=name or graph.name, layers=len(graph.nodes))
 
 
-def in_float32(fn):
-    """Run ``fn`` (a public entry point) with Keras' global dtype policy at float32, then put it back.
+@contextlib.contextmanager
+def float32_policy() -> Iterator[None]:
+    """Keras' global dtype policy at float32 for the body of a public entry point, then as it was.
 
     Every layer qstrat makes (quantizers, wrappers, the layers a pass writes) gets the global policy unless
     told otherwise: under ``mixed_float16`` a bias at position 23 would not fit its float16 grid (NaN), and
-    under ``float64`` the layers would not take each other's tensors.
+    under ``float64`` the layers would not take each other's tensors. A ``with`` block, not a decorator: it
+    adds no frame between the user's call and qstrat's warnings, which name the user's line.
     """
+    import keras
 
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        import keras
-
-        before = keras.config.dtype_policy()
-        if before.name == "float32":
-            return fn(*args, **kwargs)
-        keras.config.set_dtype_policy("float32")
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            keras.config.set_dtype_policy(before)
-
-    return run
+    before = keras.config.dtype_policy()
+    if before.name == "float32":
+        yield
+        return
+    keras.config.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
 
 
 # Frames Keras and its callers use besides one per layer, with room to spare.

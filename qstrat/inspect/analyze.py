@@ -45,7 +45,7 @@ import numpy as np
 
 from qstrat.calibration.data import iterate_batches
 from qstrat.errors import CalibrationDataError
-from qstrat.graph.rebuild import in_float32
+from qstrat.graph.rebuild import float32_policy
 from qstrat.inspect.measures import Moments, RangeStats, Seen, sqnr_db, sse, weight_stats
 from qstrat.inspect.units import Flags, find_units
 from qstrat.passes.calibrate import input_specs
@@ -158,7 +158,6 @@ def _as_list(outs) -> list[np.ndarray]:
     return [np.asarray(o) for o in outs]
 
 
-@in_float32
 def analyze(
     float_model,
     qmodel,
@@ -184,138 +183,139 @@ def analyze(
             what keeping the layer in float would gain; mixed precision ranks layers by it.
         verbose: 1 shows the passes; 0 is silent.
     """
-    import keras
+    with float32_policy():
+        import keras
 
-    progress = Progress(verbose, data="analysis data")
-    units = find_units(qmodel)
-    with progress.stage("read data"):
-        batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps, caller="analyze"))
-    samples = sum(len(b[0]) for b in batches)
-    n_out = len(qmodel.outputs)
-    tensors: list = list(qmodel.outputs)
-    index: dict[int, int] = {}
+        progress = Progress(verbose, data="analysis data")
+        units = find_units(qmodel)
+        with progress.stage("read data"):
+            batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps, caller="analyze"))
+        samples = sum(len(b[0]) for b in batches)
+        n_out = len(qmodel.outputs)
+        tensors: list = list(qmodel.outputs)
+        index: dict[int, int] = {}
 
-    def slot(t) -> int:
-        if id(t) not in index:
-            index[id(t)] = len(tensors)
-            tensors.append(t)
-        return index[id(t)]
+        def slot(t) -> int:
+            if id(t) not in index:
+                index[id(t)] = len(tensors)
+                tensors.append(t)
+            return index[id(t)]
 
-    tap_slot = {u.name: slot(u.tap) for u in units}
-    acts = [q for u in units for q in u.quants if q.kind in ("output", "input")]
-    act_slot = {(id(q.layer), q.call): slot(q.input) for q in acts}
-    tap_runner = BatchRunner(keras.Model(qmodel.inputs, tensors, name=f"{qmodel.name}_taps"), views=True)
-    out_runner = BatchRunner(qmodel, views=True)
-    float_runner = BatchRunner(float_model, views=True)
-    flags = Flags(qmodel)
-    moments = {u.name: Moments() for u in units}
-    rng = np.random.default_rng(0)
-    seen = {(id(q.layer), q.call): Seen(q, rng) for q in acts}
-    out_quant, out_sse, bypass = Moments(), Moments(), Moments()
-    agree = [0, 0]
-    references: list[list[np.ndarray]] = []
-    try:
-        with progress.stage("statistics"):
-            bar = progress.data_pass(len(batches), passes=3, what="float model, quantized model bypassed and on")
-            for k, batch in enumerate(batches):
-                f_out = _as_list(float_runner(batch))
-                if len(f_out) != n_out:
-                    raise CalibrationDataError(
-                        f"analyze: the float model has {len(f_out)} outputs and the quantized model {n_out}; "
-                        "pass the float model the quantized one was made from."
+        tap_slot = {u.name: slot(u.tap) for u in units}
+        acts = [q for u in units for q in u.quants if q.kind in ("output", "input")]
+        act_slot = {(id(q.layer), q.call): slot(q.input) for q in acts}
+        tap_runner = BatchRunner(keras.Model(qmodel.inputs, tensors, name=f"{qmodel.name}_taps"), views=True)
+        out_runner = BatchRunner(qmodel, views=True)
+        float_runner = BatchRunner(float_model, views=True)
+        flags = Flags(qmodel)
+        moments = {u.name: Moments() for u in units}
+        rng = np.random.default_rng(0)
+        seen = {(id(q.layer), q.call): Seen(q, rng) for q in acts}
+        out_quant, out_sse, bypass = Moments(), Moments(), Moments()
+        agree = [0, 0]
+        references: list[list[np.ndarray]] = []
+        try:
+            with progress.stage("statistics"):
+                bar = progress.data_pass(len(batches), passes=3, what="float model, quantized model bypassed and on")
+                for k, batch in enumerate(batches):
+                    f_out = _as_list(float_runner(batch))
+                    if len(f_out) != n_out:
+                        raise CalibrationDataError(
+                            f"analyze: the float model has {len(f_out)} outputs and the quantized model {n_out}; "
+                            "pass the float model the quantized one was made from."
+                        )
+                    flags.only([])
+                    off = _as_list(tap_runner(batch))
+                    flags.restore()
+                    on = _as_list(tap_runner(batch))
+                    shapes = [(np.shape(f), np.shape(b)) for f, b in zip(f_out, off[:n_out], strict=True)]
+                    if any(a != b for a, b in shapes):
+                        raise CalibrationDataError(
+                            f"analyze: the float model's outputs have shapes {[a for a, _ in shapes]} and the quantized "
+                            f"model's {[b for _, b in shapes]}; pass the float model the quantized one was made from."
+                        )
+                    references.append(off[:n_out])
+                    for f, b, q in zip(f_out, off[:n_out], on[:n_out], strict=True):
+                        out_quant.add(f, q)
+                        out_sse.add(b, q)
+                        bypass.add(f, b)
+                        if f.ndim == 2 and f.shape[1] > 1:
+                            agree[0] += int(np.count_nonzero(f.argmax(1) == q.argmax(1)))
+                            agree[1] += len(f)
+                    for u in units:
+                        moments[u.name].add(off[tap_slot[u.name]], on[tap_slot[u.name]])
+                    for key, s in seen.items():
+                        s.add(on[act_slot[key]])
+                    bar.update(k + 1)
+            layers = []
+            for u in units:
+                m = moments[u.name]
+                ranges = [
+                    weight_stats(q) if q.kind in ("weight", "bias") else seen[(id(q.layer), q.call)].stats()
+                    for q in u.quants
+                ]
+                layers.append(
+                    LayerAnalysis(
+                        u.name, u.layer_type, [q.target for q in u.quants], m.sqnr(), m.mse(), m.cosine(), ranges=ranges
                     )
-                flags.only([])
-                off = _as_list(tap_runner(batch))
-                flags.restore()
-                on = _as_list(tap_runner(batch))
-                shapes = [(np.shape(f), np.shape(b)) for f, b in zip(f_out, off[:n_out], strict=True)]
-                if any(a != b for a, b in shapes):
-                    raise CalibrationDataError(
-                        f"analyze: the float model's outputs have shapes {[a for a, _ in shapes]} and the quantized "
-                        f"model's {[b for _, b in shapes]}; pass the float model the quantized one was made from."
-                    )
-                references.append(off[:n_out])
-                for f, b, q in zip(f_out, off[:n_out], on[:n_out], strict=True):
-                    out_quant.add(f, q)
-                    out_sse.add(b, q)
-                    bypass.add(f, b)
-                    if f.ndim == 2 and f.shape[1] > 1:
-                        agree[0] += int(np.count_nonzero(f.argmax(1) == q.argmax(1)))
-                        agree[1] += len(f)
-                for u in units:
-                    moments[u.name].add(off[tap_slot[u.name]], on[tap_slot[u.name]])
-                for key, s in seen.items():
-                    s.add(on[act_slot[key]])
-                bar.update(k + 1)
-        layers = []
-        for u in units:
-            m = moments[u.name]
-            ranges = [
-                weight_stats(q) if q.kind in ("weight", "bias") else seen[(id(q.layer), q.call)].stats()
-                for q in u.quants
-            ]
-            layers.append(
-                LayerAnalysis(
-                    u.name, u.layer_type, [q.target for q in u.quants], m.sqnr(), m.mse(), m.cosine(), ranges=ranges
                 )
+            passes = {"statistics": 3, "alone": 0, "weight/activation split": 0, "left out": 0}
+
+            def output_sse() -> float:
+                err = 0.0
+                for batch, ref in zip(batches, references, strict=True):
+                    for q, f in zip(_as_list(out_runner(batch)), ref, strict=True):
+                        err += sse(q, f)
+                return err
+
+            pairs = list(zip(units, layers, strict=True))
+            stages = []
+            if alone:
+                stages.append(("each layer alone", "alone", [(u, la, None) for u, la in pairs]))
+                split = [(u, la, k) for u, la in pairs if len(u.kinds) > 1 for k in ("weight", "activation")]
+                stages.append(("weights or activations alone", "weight/activation split", split))
+            if left_out:
+                stages.append(("each layer left out", "left out", [(u, la, "left out") for u, la in pairs]))
+            for stage, key, runs in stages:
+                if not runs:
+                    continue
+                with progress.stage(stage):
+                    bar = progress.data_pass(len(runs), unit="run", passes=len(runs), what=stage)
+                    for r, (u, la, kind) in enumerate(runs):
+                        if kind == "left out":  # the model as it is, this layer's quantizers bypassed
+                            mine = {id(f) for f in u.flags()}
+                            flags.only([f for f in flags.flags if id(f) not in mine], corrections=True)
+                        else:
+                            flags.only(u.flags(kind))
+                        err = output_sse()
+                        db = sqnr_db(out_sse.ff, err)
+                        if kind is None:
+                            la.alone_sqnr_db, la.alone_sse = db, err
+                        elif kind == "weight":
+                            la.weight_only_sqnr_db = db
+                        elif kind == "activation":
+                            la.activation_only_sqnr_db = db
+                        else:
+                            la.left_out_sqnr_db = db
+                        bar.update(r + 1)
+                passes[key] = len(runs)
+        finally:
+            flags.restore()
+        if bypass.sqnr() is not None and bypass.sqnr() < BYPASS_SQNR_FLOOR:
+            warnings.warn(
+                f"analyze: with every quantizer bypassed, '{qmodel.name}' computes the float model's outputs only to "
+                f"{bypass.sqnr():.1f} dB, below {BYPASS_SQNR_FLOOR} dB: the float model given is likely not the one it "
+                "was quantized from, and every figure against it is off.",
+                stacklevel=2,
             )
-        passes = {"statistics": 3, "alone": 0, "weight/activation split": 0, "left out": 0}
-
-        def output_sse() -> float:
-            err = 0.0
-            for batch, ref in zip(batches, references, strict=True):
-                for q, f in zip(_as_list(out_runner(batch)), ref, strict=True):
-                    err += sse(q, f)
-            return err
-
-        pairs = list(zip(units, layers, strict=True))
-        stages = []
-        if alone:
-            stages.append(("each layer alone", "alone", [(u, la, None) for u, la in pairs]))
-            split = [(u, la, k) for u, la in pairs if len(u.kinds) > 1 for k in ("weight", "activation")]
-            stages.append(("weights or activations alone", "weight/activation split", split))
-        if left_out:
-            stages.append(("each layer left out", "left out", [(u, la, "left out") for u, la in pairs]))
-        for stage, key, runs in stages:
-            if not runs:
-                continue
-            with progress.stage(stage):
-                bar = progress.data_pass(len(runs), unit="run", passes=len(runs), what=stage)
-                for r, (u, la, kind) in enumerate(runs):
-                    if kind == "left out":  # the model as it is, this layer's quantizers bypassed
-                        mine = {id(f) for f in u.flags()}
-                        flags.only([f for f in flags.flags if id(f) not in mine], corrections=True)
-                    else:
-                        flags.only(u.flags(kind))
-                    err = output_sse()
-                    db = sqnr_db(out_sse.ff, err)
-                    if kind is None:
-                        la.alone_sqnr_db, la.alone_sse = db, err
-                    elif kind == "weight":
-                        la.weight_only_sqnr_db = db
-                    elif kind == "activation":
-                        la.activation_only_sqnr_db = db
-                    else:
-                        la.left_out_sqnr_db = db
-                    bar.update(r + 1)
-            passes[key] = len(runs)
-    finally:
-        flags.restore()
-    if bypass.sqnr() is not None and bypass.sqnr() < BYPASS_SQNR_FLOOR:
-        warnings.warn(
-            f"analyze: with every quantizer bypassed, '{qmodel.name}' computes the float model's outputs only to "
-            f"{bypass.sqnr():.1f} dB, below {BYPASS_SQNR_FLOOR} dB: the float model given is likely not the one it "
-            "was quantized from, and every figure against it is off.",
-            stacklevel=2,
+        return Analysis(
+            qmodel.name,
+            samples,
+            layers,
+            out_quant.sqnr(),
+            out_sse.ee,
+            agree[0] / agree[1] if agree[1] else None,
+            bypass.sqnr(),
+            passes,
+            dict(progress.times),
         )
-    return Analysis(
-        qmodel.name,
-        samples,
-        layers,
-        out_quant.sqnr(),
-        out_sse.ee,
-        agree[0] / agree[1] if agree[1] else None,
-        bypass.sqnr(),
-        passes,
-        dict(progress.times),
-    )

@@ -28,7 +28,7 @@ from keras import ops
 
 from qstrat.errors import UnsupportedError
 from qstrat.graph import capture
-from qstrat.graph.rebuild import in_float32
+from qstrat.graph.rebuild import float32_policy
 from qstrat.integer.layers import Context, check_enabled, integer_layer, numpy_state, quantizer_position
 from qstrat.integer.tensors import IntTensor, as_pos, from_grid, requantize, to_float
 from qstrat.layers.fake_quant import FakeQuant, require_quantizers
@@ -56,7 +56,6 @@ class IntegerRun:
     accumulator_overflow: list[str]
 
 
-@in_float32
 def simulate_integer(qmodel, x, batch_size: int | None = None):
     """The quantized model's outputs, computed with integers only (see `run_integer`).
 
@@ -70,10 +69,10 @@ def simulate_integer(qmodel, x, batch_size: int | None = None):
         >>> qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(calib)
         >>> y = simulate_integer(qmodel, images)     # == qmodel.predict(images), bit for bit
     """
-    return run_integer(qmodel, x, batch_size).outputs
+    with float32_policy():
+        return run_integer(qmodel, x, batch_size).outputs
 
 
-@in_float32
 def run_integer(qmodel, x, batch_size: int | None = None) -> IntegerRun:
     """Run ``qmodel`` on ``x`` with integers, keeping every FakeQuant's integers and position.
 
@@ -86,25 +85,26 @@ def run_integer(qmodel, x, batch_size: int | None = None) -> IntegerRun:
         >>> run = run_integer(qmodel, images)
         >>> ints, pos = run.tensors["conv1_output_q"]     # conv1's output is ints * 2^-pos
     """
-    from qstrat.calibration.data import check_count
-    from qstrat.calibration.inputs import checked_arrays
+    with float32_policy():
+        from qstrat.calibration.data import check_count
+        from qstrat.calibration.inputs import checked_arrays
 
-    batch_size = check_count(batch_size, "run_integer batch_size", allow_none=True)
-    graph = capture(qmodel)
-    require_quantizers(qmodel)
-    check_quantizers(graph)
-    inputs = checked_arrays(x, qmodel, "simulate_integer x")
-    n = inputs[0].shape[0] if inputs else 0
-    step = n if batch_size is None else batch_size
-    ctx, floats, parts = Context(), [], []
-    for start in range(0, max(n, 1), max(step, 1)):
-        batch = [a[start : start + step] for a in inputs]
-        parts.append(_walk(graph, batch, ctx, floats))
-    outputs = [np.concatenate([p[0][i] for p in parts]) for i in range(len(graph.outputs))]
-    tensors = {}
-    for name, (_, pos) in parts[0][1].items():
-        tensors[name] = (np.concatenate([p[1][name][0] for p in parts]), pos)
-    return IntegerRun(graph.nested_outputs(outputs), tensors, floats, list(ctx.overflow))
+        batch_size = check_count(batch_size, "run_integer batch_size", allow_none=True)
+        graph = capture(qmodel)
+        require_quantizers(qmodel)
+        check_quantizers(graph)
+        inputs = checked_arrays(x, qmodel, "simulate_integer x")
+        n = inputs[0].shape[0] if inputs else 0
+        step = n if batch_size is None else batch_size
+        ctx, floats, parts = Context(), [], []
+        for start in range(0, max(n, 1), max(step, 1)):
+            batch = [a[start : start + step] for a in inputs]
+            parts.append(_walk(graph, batch, ctx, floats))
+        outputs = [np.concatenate([p[0][i] for p in parts]) for i in range(len(graph.outputs))]
+        tensors = {}
+        for name, (_, pos) in parts[0][1].items():
+            tensors[name] = (np.concatenate([p[1][name][0] for p in parts]), pos)
+        return IntegerRun(graph.nested_outputs(outputs), tensors, floats, list(ctx.overflow))
 
 
 def check_quantizers(graph) -> None:

@@ -325,7 +325,7 @@ REFINE_KEYS = (
     KeySpec(
         "output_dir",
         "str",
-        "Folder for the written model (created if missing; checked before quantizing starts).",
+        'Folder for the written model (created if missing; checked before quantizing starts; "" is the current folder).',
         "./quantize_results",
         needs="output_format",
     ),

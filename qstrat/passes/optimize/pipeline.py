@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Mapping
 
 from qstrat.calibration.data import is_one_shot
+from qstrat.errors import warn_at_caller
 from qstrat.graph.ir import Graph
 from qstrat.graph.rewrite import Editor
 from qstrat.passes.optimize import act_eq, cle, fold_bn, simplify
@@ -45,13 +46,12 @@ def optimize(graph: Graph, config: Mapping, data=None, calib=None, progress=None
     if report.of("compute_in_float32"):
         report.passes_run.append("compute_in_float32")
         names = [e.node for e in report.of("compute_in_float32")]
-        warnings.warn(
+        warn_at_caller(
             f"{len(names)} layer(s) of '{graph.name}' compute in another float type than float32 ("
             + ", ".join(names[:5])
             + (", ..." if len(names) > 5 else "")
             + "): the quantized model computes them in float32, the type qstrat simulates integer hardware in. "
-            "The optimize report lists each (compute_in_float32).",
-            stacklevel=3,
+            "The optimize report lists each (compute_in_float32)."
         )
     for key, on in config.items():
         if key in PASSES and on is True:
