@@ -54,8 +54,10 @@ def test_mirrored_strategy_on_two_devices_calibrates_bit_for_bit(model):
     check(run("tensorflow", model), groups=3)
 
 
+# On JAX the digits CNN alone: the mini-Xception's layers (separable convolutions, Adds) are spread the same
+# way, and it runs under the MirroredStrategy above; on four JAX devices it took about two minutes of CI.
 @pytest.mark.jax_devices
-@pytest.mark.parametrize("model", ["digits", "xception"])
+@pytest.mark.parametrize("model", ["digits"])
 def test_data_parallel_on_four_jax_devices_calibrates_bit_for_bit(model):
     check(run("jax", model), groups=3)
 
