@@ -38,19 +38,19 @@ demo: $(VENV)/.core
 	$(PY) -m qstrat.demo
 
 test: $(VENV)/.core $(VENV)/.browser
-	$(PY) -m pytest -q -p no:cacheprovider -m "not jax_devices"
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 -m "not jax_devices"
 
 test-portable: test-torch test-jax test-jax-devices
 
 test-torch: $(VENV)/.portable
-	KERAS_BACKEND=torch $(PY) -m pytest -q -p no:cacheprovider -m portable
+	KERAS_BACKEND=torch $(PY) -m pytest -q -p no:cacheprovider --durations=30 -m portable
 
 test-jax: $(VENV)/.portable
-	KERAS_BACKEND=jax $(PY) -m pytest -q -p no:cacheprovider -m portable
+	KERAS_BACKEND=jax $(PY) -m pytest -q -p no:cacheprovider --durations=30 -m portable
 
 # Calibration and QAT on four JAX devices, each case in a child process of its own.
 test-jax-devices: $(VENV)/.portable
-	$(PY) -m pytest -q -p no:cacheprovider -m jax_devices
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 -m jax_devices
 
 bench: $(VENV)/.core
 	$(PY) bench/observers.py
