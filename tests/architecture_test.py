@@ -102,6 +102,7 @@ def test_every_module_has_a_test_or_is_covered():
         "layers/fake_quant.py",
         "layers/wrapper.py",
         "layers/shared_state.py",  # passes/quantize_test.py: shared quantizer state, saved and loaded
+        "layers/masking.py",  # tests/unusual_models_test.py: a mask through the quantizers and into a wrapped layer
         "passes/scope.py",  # passes/quantize_test.py: input_layers / output_layers
         "calibration/data.py",
         "calibration/inputs.py",  # calibration/data_test.py, tests/bad_data_test.py, tests/bad_input_test.py: every check

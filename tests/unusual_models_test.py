@@ -5,6 +5,8 @@ report, and bias correction leaves alone the layers whose channels are not
 on the last axis instead of correcting them along the wrong one.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -34,6 +36,61 @@ def test_a_recurrent_layer_is_skipped_and_runs_in_float_with_its_weights(kind):
     np.testing.assert_allclose(
         ops.convert_to_numpy(probe(x)), ops.convert_to_numpy(model.get_layer("rnn")(quantized_input)), atol=1e-6
     )
+
+
+def _padded_tokens():
+    tokens = np.random.default_rng(0).integers(1, 20, (32, 6)).astype("int32")
+    tokens[:, 4:] = 0  # two steps of padding
+    return tokens
+
+
+@pytest.mark.portable
+def test_a_mask_goes_through_the_quantizers_to_a_recurrent_layer_without_a_warning():
+    # Embedding(mask_zero) -> Dense -> LSTM. With the mask, a sequence padded with zeros gives exactly the LSTM
+    # output of the sequence without them; quantization is per element, so the same holds quantized. Keras
+    # warned that the Dense's wrapper, the quantizers and the calibration taps destroyed the mask (they did not).
+    i = keras.Input((None,), dtype="int32")
+    x = L.Embedding(20, 8, mask_zero=True, name="embed")(i)
+    x = L.LSTM(4, name="rnn")(L.Dense(8, activation="relu", name="dense")(x))
+    model = keras.Model(i, L.Dense(3, name="head")(x))
+    tokens = _padded_tokens()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(tokens, verbose=0)
+        padded = ops.convert_to_numpy(qmodel(tokens))
+    assert [str(w.message) for w in caught if "mask" in str(w.message)] == []
+    np.testing.assert_array_equal(padded, ops.convert_to_numpy(qmodel(tokens[:, :4])))
+    np.testing.assert_array_equal(ops.convert_to_numpy(model(tokens)), ops.convert_to_numpy(model(tokens[:, :4])))
+
+
+@keras.saving.register_keras_serializable(package="qstrat_test")
+class MaskedScale(L.Layer):
+    """A user layer with a weight that reads the mask: masked steps give zeros."""
+
+    def build(self, shape):
+        self.scale = self.add_weight(name="scale", shape=(shape[-1],), initializer="ones")
+
+    def call(self, x, mask=None):
+        y = x * self.scale
+        return y if mask is None else y * ops.expand_dims(ops.cast(mask, y.dtype), -1)
+
+
+@pytest.mark.portable
+def test_a_wrapped_layer_that_reads_the_mask_is_given_it():
+    i = keras.Input((None,), dtype="int32")
+    x = MaskedScale(name="scale")(L.Embedding(20, 8, mask_zero=True, name="embed")(i))
+    model = keras.Model(i, L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="gap")(x)))
+    target = {"target_name": "scale", "target_type": "weight"}
+    target["quantizer_config"] = {"type": "Pof2SQuantizer", "params": {"bit_width": 8}}
+    pattern = {"pattern_name": "masked_scale", "layer_type": "MaskedScale", "quant_config": [target]}
+    custom = {"quantize_registry_config": {"layer_quantize_config": [pattern]}}
+    tokens = _padded_tokens()
+    q = qstrat.Quantizer(model, "pof2s", custom)
+    qmodel = q.quantize_model(tokens, verbose=0)
+    wrapper = qmodel.get_layer("quant_scale")
+    assert q.report.layers["scale"].status == "quantized" and wrapper.supports_masking is False
+    steps = ops.convert_to_numpy(keras.Model(qmodel.inputs, wrapper.output)(tokens))
+    assert np.abs(steps[:, :4]).min() > 0 and np.abs(steps[:, 4:]).max() == 0.0
 
 
 @pytest.mark.portable

@@ -25,6 +25,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from qstrat.layers.masking import KeepsMask
+
 LEAKY_RELU_SLOPE = 26 / 256
 # The slope the DPU replaces (|slope - 0.1| below this).
 LEAKY_RELU_TOLERANCE = 1e-7
@@ -81,7 +83,7 @@ def is_dpu_leaky_slope(slope: float) -> bool:
 
 
 @keras.saving.register_keras_serializable(package="qstrat")
-class DPUHardSigmoid(keras.layers.Layer):
+class DPUHardSigmoid(KeepsMask, keras.layers.Layer):
     """The DPU's sigmoid: ``relu6(x + 3) * 2731 / 2^14``.
 
     Why: the DPU has no exponential; this hard sigmoid is what it runs for

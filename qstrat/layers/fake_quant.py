@@ -19,6 +19,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from qstrat.layers.masking import KeepsMask
 from qstrat.quantizers import Quantizer, get_quantizer_class
 
 
@@ -47,7 +48,7 @@ def _gate(enabled, quantize, x, training: bool):
 
 
 @keras.saving.register_keras_serializable(package="qstrat")
-class FakeQuant(keras.layers.Layer):
+class FakeQuant(KeepsMask, keras.layers.Layer):
     """Fake-quantize a tensor with one quantizer (a layer output or a model input).
 
     Args:

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from qstrat.layers.masking import EndsMask
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE, EMPTY_EXPONENT, coarsen
 
 
@@ -282,7 +283,7 @@ class PackedStats:
         return unpack_stats(outs, self.kinds)
 
 
-class StatsTaps(keras.layers.Layer):
+class StatsTaps(EndsMask, keras.layers.Layer):
     """Reduce each tensor to its range (kind "range") or its aligned histogram (kind "histogram"; "share":
     of each batch's first ``hist_rows`` samples, all of them where ``hist_rows`` is None), packed.
 
@@ -317,7 +318,7 @@ def per_sample_channel_sums(x):
     return ops.sum(x, axis=axes) if axes else x
 
 
-class ChannelSumTaps(keras.layers.Layer):
+class ChannelSumTaps(EndsMask, keras.layers.Layer):
     """`per_sample_channel_sums` of each tensor: (samples, channels) each."""
 
     def call(self, xs):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from qstrat.layers.masking import KeepsMask
+
 
 @keras.saving.register_keras_serializable(package="qstrat")
-class ScaleShift(keras.layers.Layer):
+class ScaleShift(KeepsMask, keras.layers.Layer):
     """Per-channel affine map on the last axis: ``y = x * scale + shift``."""
 
     def build(self, input_shape):

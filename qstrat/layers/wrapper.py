@@ -64,6 +64,10 @@ class QuantizeWrapper(keras.layers.Layer):
         # Float64 arrays, lists in the config: Keras tracks a list held by a layer element by element (27
         # thousand tracking calls in one bias correction of a ResNet50), an array as one value.
         self.corrections = {k: np.asarray(vs, np.float64).ravel() for k, vs in (corrections or {}).items()}
+        self.supports_masking = layer.supports_masking  # a mask goes through as the wrapped layer passes it
+
+    def compute_mask(self, inputs, previous_mask):
+        return self.layer.compute_mask(inputs, previous_mask)
 
     def record_correction(self, where: str, added) -> None:
         """Note that bias correction added ``added`` (per channel) to ``where`` (see ``corrections``)."""
@@ -118,7 +122,7 @@ class QuantizeWrapper(keras.layers.Layer):
         w = keras.ops.multiply(getattr(self.layer, attr).value, 1.0)
         return self._quantize(attr, w, training)
 
-    def call(self, inputs, *args, training=None, **kwargs):
+    def call(self, inputs, *args, training=None, mask=None, **kwargs):
         # Not ``quantized_call``: every Keras layer has one, for Keras' own int8/float8 quantization.
         if hasattr(self.layer, "call_with_quantizers"):
 
@@ -135,6 +139,8 @@ class QuantizeWrapper(keras.layers.Layer):
         non_trainable = [value(v) for v in self.layer.non_trainable_variables]
         if training is not None and "training" in self.layer._call_signature.parameters:
             kwargs["training"] = training
+        if mask is not None and self.layer._call_has_mask_arg:
+            kwargs["mask"] = mask
         outputs, _ = self.layer.stateless_call(trainable, non_trainable, inputs, *args, **kwargs)
         return outputs
 
@@ -142,6 +148,8 @@ class QuantizeWrapper(keras.layers.Layer):
         # The wrapped layer's own answer: its compute_output_shape, or Keras tracing its call for a
         # custom layer that defines none.
         kwargs.pop("training", None)
+        if not self.layer._call_has_mask_arg:
+            kwargs.pop("mask", None)
         return self.layer.compute_output_spec(inputs, *args, **kwargs)
 
     def get_config(self):
