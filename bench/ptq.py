@@ -122,10 +122,11 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 def overhead_table(n: int = 1024, batch: int = 32, repeats: int = 3) -> list[str]:
     import qstrat
     from qstrat import zoo
-    from qstrat.passes.calibrate import calibrate_activations, calibrate_weights
+    from qstrat.passes.calibrate import calibrate_activations
     from qstrat.passes.insert import insert
     from qstrat.passes.ptq import rebuild_quantized
     from qstrat.passes.quantize import annotate
+    from qstrat.passes.weight_calibration import calibrate_weights
 
     data = _images(n)
     # Baseline: a user's first model.predict over the data on a freshly loaded model, which

@@ -43,11 +43,11 @@ from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.export.outputs import output_target
 from qstrat.guards import refuse_non_finite, warn_pending
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.passes.calibrate import calibrate_weights
 from qstrat.passes.optimize.fake_fold import fake_fold
 from qstrat.passes.refine.convert import to_pof2s
 from qstrat.passes.refine.positions import apply_constraints
 from qstrat.passes.refine.real_fold import real_fold
+from qstrat.passes.weight_calibration import calibrate_weights
 from qstrat.progress import Progress
 
 # Refine keys of PTQ that a QAT model does not use: training replaces them, or get_deploy_model applies them.

@@ -107,6 +107,7 @@ def test_every_module_has_a_test_or_is_covered():
         "calibration/data.py",
         "calibration/inputs.py",  # calibration/data_test.py, tests/bad_data_test.py, tests/bad_input_test.py: every check
         "passes/calibrate.py",
+        "passes/weight_calibration.py",  # passes/quantize_test.py, layers/conv_bn_test.py: shared and folded weights
         "api.py",
         "passes/insert.py",  # passes/quantize_test.py: exact insertion counts, shared quantizers, bypass equality
         "passes/ptq.py",  # api_test.py, qat_test.py and the refine tests: every stage it runs, through the API

@@ -26,7 +26,7 @@ from keras import ops
 import qstrat  # noqa: F401 - registers the layers for loading
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.layers import FoldedConvBN, QuantizeWrapper
-from qstrat.passes.calibrate import calibrate_weight_group, calibrate_weights
+from qstrat.passes.weight_calibration import calibrate_weight_group, calibrate_weights
 
 pytestmark = pytest.mark.portable
 L = keras.layers

@@ -1,6 +1,6 @@
-"""Calibration: set every quantizer's state from the weights and from streamed data.
+"""Calibration of the activations: set every tensor quantizer's state from streamed data.
 
-Weights are quantized from their own values. Activations are observed in one
+Weights are calibrated from their own values (`weight_calibration`). Activations are observed in one
 pass over the calibration data through a probe of the float model, which
 reduces each tapped tensor to its statistics inside the graph. Observers
 stream (`qstrat.calibration`), so memory does not depend on the dataset's size.
@@ -12,19 +12,18 @@ import contextlib
 
 import numpy as np
 
-from qstrat.arrays import to_numpy
 from qstrat.calibration import HistogramObserver, MinMaxObserver, make_observer
 from qstrat.calibration.data import array_samples, count_batches, iterate_batches
 from qstrat.calibration.inputs import InputValues, input_specs
 from qstrat.calibration.observers import finite_range
-from qstrat.errors import ConfigError, one_line
+from qstrat.errors import one_line
 from qstrat.graph.ir import taken_names, unique_name
-from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.layers import FakeQuant
 from qstrat.layers.probe import HISTOGRAMS, ChannelSumTaps, PackedStats, StatsTaps, unpack_stats
 from qstrat.passes.distributed import Spread, placement
 from qstrat.passes.runner import BatchRunner, graph_probe, groups, join, merged, rows_apart, sample_bytes, split_outputs
+from qstrat.passes.weight_calibration import assign_state
 from qstrat.progress import Progress
-from qstrat.quantizers.registry import checked_state
 from qstrat.quantizers.stats import DEFAULT_BINS_PER_SIDE
 
 
@@ -58,73 +57,6 @@ def quiet_probes():
 # scales are continuous and move with every sample: their histograms count all of it. Ranges see every
 # sample.
 HISTOGRAM_SAMPLES = 256
-
-
-def _assign(state: dict, values, quantizer, method: str, where: str) -> None:
-    """Set ``state`` to what ``quantizer.<method>`` returned (`checked_state`: None leaves it as it is)."""
-    for key, value in (checked_state(quantizer, values, state, method, where) or {}).items():
-        state[key].assign(value)
-
-
-def weight_groups(qmodel) -> list[list[tuple[QuantizeWrapper, str]]]:
-    """The weight and bias targets, grouped by the state they use: one target each, or all that share one."""
-    groups: dict[int, list] = {}
-    for layer in qmodel.layers:
-        if isinstance(layer, QuantizeWrapper):
-            for attr in layer.quantizers:
-                shared = layer.shared_states.get(attr)
-                groups.setdefault(id(shared) if shared is not None else id(layer.state[attr]), []).append((layer, attr))
-    return list(groups.values())
-
-
-def joint_tensor(tensors: list[np.ndarray], axis: int | None, where: str = "shared_quantizer") -> np.ndarray:
-    """One tensor holding the values of all ``tensors``, for a state they share.
-
-    Per tensor (``axis`` None): all values in one vector. Per channel: each
-    tensor's channels side by side on ``axis``, so channel c of the result
-    holds channel c of every tensor.
-    """
-    if len(tensors) == 1:
-        return tensors[0]
-    if axis is None:
-        return np.concatenate([np.ravel(t) for t in tensors])
-    counts = {t.shape[axis] for t in tensors}
-    if len(counts) > 1:
-        raise ConfigError(
-            where,
-            f"a shared per-channel quantizer needs targets with one channel count, got {sorted(counts)}",
-            "Share a per-tensor quantizer instead, or stop sharing.",
-        )
-    rows = np.concatenate([np.moveaxis(t, axis, -1).reshape(-1, t.shape[axis]) for t in tensors])
-    ndim = max(2, axis + 1 if axis >= 0 else -axis)
-    rows = rows.reshape(rows.shape + (1,) * (ndim - 2))
-    return np.moveaxis(rows, 1, axis % ndim)
-
-
-def _weight_value(wrapper: QuantizeWrapper, attr: str) -> np.ndarray:
-    """What the quantizer of ``attr`` quantizes: the weight, or the layer's ``target_value`` (a folded kernel)."""
-    target = getattr(wrapper.layer, "target_value", None)
-    if target is None:
-        return to_numpy(getattr(wrapper.layer, attr))
-
-    return to_numpy(target(attr))
-
-
-def calibrate_weight_group(group: list[tuple[QuantizeWrapper, str]]) -> None:
-    """Set the state of one group of `weight_groups` from the weights it quantizes (all of them when shared)."""
-    wrapper, attr = group[0]
-    q = wrapper.quantizers[attr]
-    tensors = [_weight_value(w, a) for w, a in group]
-    where = f"{wrapper.layer.name}.{attr}"
-    _assign(
-        wrapper.state[attr], q.state_from_tensor(joint_tensor(tensors, q.axis, where)), q, "state_from_tensor", where
-    )
-
-
-def calibrate_weights(qmodel) -> None:
-    """Set the state of every weight quantizer from the weight it quantizes (the weights, when shared)."""
-    for group in weight_groups(qmodel):
-        calibrate_weight_group(group)
 
 
 def fake_quant_layers(qmodel) -> list[FakeQuant]:
@@ -251,7 +183,7 @@ def calibrate_activations(
         observe(tapped, packed.per_tensor())
     done = [fq for fq in fqs if fq.name in taps]
     for fq, state in zip(done, _states_from_stats(done, observers), strict=True):
-        _assign(fq.state, state, fq.quantizer, "state_from_stats", fq.target or fq.name)
+        assign_state(fq.state, state, fq.quantizer, "state_from_stats", fq.target or fq.name)
     return samples
 
 

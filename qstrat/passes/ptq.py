@@ -18,7 +18,7 @@ from qstrat.graph import rebuild
 from qstrat.graph.ir import Graph
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant
-from qstrat.passes.calibrate import calibrate_activations, calibrate_weights, quiet_probes
+from qstrat.passes.calibrate import calibrate_activations, quiet_probes
 from qstrat.passes.dpu_versions import to_dpu_versions
 from qstrat.passes.quantize import Annotation, QuantizeReport, annotate
 from qstrat.passes.refine.bias_correction import (
@@ -31,6 +31,7 @@ from qstrat.passes.refine.bias_correction import (
 )
 from qstrat.passes.refine.fast_ft import FAST_FT_ONE_SHOT, FastFinetune, fast_finetune
 from qstrat.passes.refine.positions import PositionChange, apply_constraints, idle_rules
+from qstrat.passes.weight_calibration import calibrate_weights
 from qstrat.progress import Progress
 from qstrat.strategy import Strategy
 

@@ -11,7 +11,7 @@ from keras import ops
 import qstrat
 from qstrat.errors import ConfigError
 from qstrat.layers import FakeQuant, QuantizeWrapper
-from qstrat.passes.calibrate import joint_tensor
+from qstrat.passes.weight_calibration import joint_tensor
 from qstrat.quantizers import Pof2SQuantizer
 
 pytestmark = pytest.mark.portable

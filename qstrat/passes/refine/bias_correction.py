@@ -184,7 +184,8 @@ def correct_biases(
     memory; `sample_count` takes fewer for large activations). ``sums``: the `float_sums` the calibration
     probe filled, used for the float means where they cover the same samples; else the float model runs.
     """
-    from qstrat.passes.calibrate import input_specs, weight_groups
+    from qstrat.passes.calibrate import input_specs
+    from qstrat.passes.weight_calibration import weight_groups
 
     if is_one_shot(data):
         raise CalibrationDataError(ONE_SHOT_MESSAGE.replace("was skipped", "cannot run"))
@@ -324,7 +325,7 @@ def _channel_means(x) -> np.ndarray:
 def _correct(target, shift: np.ndarray, group) -> Correction:
     """Move the target's bias (or its BatchNormalization mean) by ``shift``; recalibrate the bias quantizer's
     ``group`` (`weight_groups`: the targets that use its state), if the bias has a quantizer."""
-    from qstrat.passes.calibrate import calibrate_weight_group
+    from qstrat.passes.weight_calibration import calibrate_weight_group
 
     wrapper, _, bn = target
     if bn is None:

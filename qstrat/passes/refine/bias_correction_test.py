@@ -179,7 +179,7 @@ def _reference_corrections(qmodel, float_model, x, names):
     """The straightforward path: layer by layer in graph order, each measured from scratch through sub-models on
     the samples ``x``, corrected, and its bias state (and that of every layer sharing it) recalibrated."""
     from qstrat.layers import QuantizeWrapper
-    from qstrat.passes.calibrate import calibrate_weight_group, weight_groups
+    from qstrat.passes.weight_calibration import calibrate_weight_group, weight_groups
 
     wrappers = {w.layer.name: w for w in qmodel.layers if isinstance(w, QuantizeWrapper)}
     groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
