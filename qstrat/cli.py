@@ -11,7 +11,6 @@ custom objects, the calibration arrays against the model's inputs.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -20,130 +19,14 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from qstrat.calibration.inputs import input_specs  # noqa: E402
-from qstrat.errors import CalibrationDataError, ConfigError, QstratError  # noqa: E402
+from qstrat.cli_files import check_out_path, load_calib, load_custom_objects, not_the_input, parse_set  # noqa: E402
+from qstrat.errors import QstratError  # noqa: E402
 from qstrat.saving import load_model, save_model  # noqa: E402 - the CLI loads and saves models through them
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings as "qstrat: warning: ..." on stderr: the command's user has no use for qstrat's line numbers."""
     print(f"qstrat: warning: {message}", file=file or sys.stderr)
-
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError("--set", f'expected KEY=VALUE, got "{item}"', "For example: --set weight_bit=4")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw  # a bare word: a string value such as HALF_UP
-    return out
-
-
-def check_out_path(out: str) -> str:
-    """The absolute path to write the quantized model to, or a clear error, before any work is done."""
-    path = os.path.abspath(out)
-    if os.path.isdir(path):
-        raise QstratError(
-            f"--out {out}: is a folder. Give a file name, e.g. --out {os.path.join(out, 'model_q.keras')}."
-        )
-    if not path.endswith(".keras"):
-        stem = os.path.splitext(out)[0]
-        raise QstratError(
-            f"--out {out}: the quantized model is written in the .keras format, which Keras loads only "
-            f"from a file ending in .keras. Use --out {stem}.keras."
-        )
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise QstratError(f"--out {out}: the folder {folder} does not exist. Create it first (mkdir -p {folder}).")
-    if not os.access(folder, os.W_OK):
-        raise QstratError(f"--out {out}: the folder {folder} is not writable.")
-    return path
-
-
-def not_the_input(out: str, source: str, flag: str) -> None:
-    """Refuse to write over the file the command reads: it would be lost, replaced by what was made of it."""
-    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
-        stem, ext = os.path.splitext(source)
-        raise QstratError(
-            f"{flag} {out}: that is {source}, the file this command reads; writing there would replace it. "
-            f"Give another name, e.g. {flag} {stem}_q{ext}."
-        )
-
-
-def load_custom_objects(items: list[str] | None) -> dict[str, type]:
-    """``["mypkg.layers:MyConv", ...]`` -> ``{"MyConv": class}``, with errors that say what failed."""
-    out: dict[str, type] = {}
-    for item in items or []:
-        module, sep, name = item.partition(":")
-        if not sep or not module or not name:
-            raise QstratError(f'--custom-objects "{item}": expected MODULE:NAME, e.g. mypkg.layers:MyConv.')
-        sys.path.insert(0, os.getcwd())  # a module next to the user's files, as `python -m` would find it
-        try:
-            mod = importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001 - any import failure becomes one clear line
-            raise QstratError(
-                f'--custom-objects "{item}": cannot import {module} ({type(exc).__name__}: {exc}).'
-            ) from None
-        finally:
-            sys.path.pop(0)
-        if not hasattr(mod, name):
-            raise QstratError(f'--custom-objects "{item}": module {module} has no attribute "{name}".')
-        out[name] = getattr(mod, name)
-    return out
-
-
-def load_calib(path: str, key: str | None, input_names: list[str], key_flag: str = "--calib-key"):
-    """Calibration arrays from a .npy or .npz, matched to the model's inputs by name."""
-    import numpy as np
-
-    if str(path).endswith((".keras", ".h5", ".hdf5")):
-        raise CalibrationDataError(f"{path}: a model file, not data. Give the data as a .npy or .npz file.")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CalibrationDataError(f"{path}: cannot read calibration data ({exc}). Give a .npy or .npz file.") from None
-    if isinstance(data, np.ndarray):
-        if key is not None:
-            raise CalibrationDataError(
-                f"{path}: {key_flag} {key} picks an array of a .npz, and a .npy holds one array. "
-                f"Leave out {key_flag}, or save an .npz."
-            )
-        if len(input_names) > 1:
-            raise CalibrationDataError(
-                f"{path}: one array for a model with {len(input_names)} inputs ({', '.join(input_names)}). "
-                "Save one array per input, named after it: np.savez(path, "
-                + ", ".join(f"{n}=..." for n in input_names)
-                + ")."
-            )
-        return data
-    names = list(data.files)
-    if key is not None:
-        if key not in names:
-            raise CalibrationDataError(f"{path}: no array named '{key}'; it holds {', '.join(names)}.")
-        return data[key]
-    if not names:
-        raise CalibrationDataError(f"{path}: the archive holds no arrays.")
-    if len(input_names) == 1:
-        if len(names) == 1:
-            return data[names[0]]
-        if input_names[0] in names:
-            return data[input_names[0]]
-        raise CalibrationDataError(
-            f"{path}: {len(names)} arrays ({', '.join(names)}) for a model with one input ('{input_names[0]}'). "
-            f"Pick one with {key_flag} NAME, or save a single array."
-        )
-    if set(names) == set(input_names):
-        return {n: data[n] for n in input_names}
-    positional = [f"arr_{i}" for i in range(len(names))]
-    if names == positional and len(names) == len(input_names):
-        return [data[n] for n in names]  # np.savez(path, a, b): in the model's input order
-    raise CalibrationDataError(
-        f"{path}: the arrays are named {', '.join(names)}, but the model's inputs are {', '.join(input_names)}. "
-        "Name each array after the input it feeds: np.savez(path, " + ", ".join(f"{n}=..." for n in input_names) + ")."
-    )
 
 
 def cmd_quantize(args) -> int:
@@ -170,7 +53,7 @@ def _quantize(args) -> int:
         args.batch_size,
         verbose=0 if args.json else 1,
         **(budget if args.target_sqnr is not None else {}),
-        **_parse_set(args.set),
+        **parse_set(args.set),
     )
     if out:
         save_model(qmodel, out)
@@ -288,7 +171,7 @@ def _inspect(args) -> int:
     custom_objects = load_custom_objects(args.custom_objects)
     model = load_model(args.model, custom_objects)
     strategy, custom = _strategy_args(args.strategy)
-    rows = qstrat.Quantizer(model, strategy, custom, custom_objects).inspect_model(**_parse_set(args.set))
+    rows = qstrat.Quantizer(model, strategy, custom, custom_objects).inspect_model(**parse_set(args.set))
     print(json.dumps(rows, indent=1) if args.json else rows_table(rows))
     return 0
 

@@ -27,6 +27,7 @@ RANK = {
     "qat": 8,
     "guards": 8,
     "cli": 9,
+    "cli_files": 9,
     "zoo": 10,
     "demo": 11,
 }
@@ -114,6 +115,7 @@ def test_every_module_has_a_test_or_is_covered():
         "inspect/info.py",  # api_test.py, cli_test.py: get_quantize_info on every strategy's models
         # export/onnx_export_test.py and onnx_models_test.py: files against ONNX Runtime, bit for bit
         "files.py",
+        "cli_files.py",  # cli_test.py: each flag's file checks and the calibration arrays' matching
         "export/qdq.py",
         "export/rounding.py",
         "export/onnx_build.py",
