@@ -68,17 +68,13 @@ def evaluate(model, qmodel, x, labels=None, faces=None) -> dict:
     return out
 
 
-def main(as_json: bool = False) -> int:
-    """Quantize the two models with both strategies and print the table (or, with ``as_json``, one JSON object)."""
+def run() -> dict:
+    """Quantize the two models with both strategies: ``{"rows": [...], "pending_keys": {...}, "sizes": {...}}``,
+    each row ``(model, strategy, results, quantized layer count, skipped layer count)``."""
     warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
-    import keras
-
     import qstrat
     from qstrat.passes.calibrate import quiet_probes
 
-    t0 = time.perf_counter()
-    if not as_json:
-        print(f"qstrat demo: Keras {keras.__version__}, {keras.backend.backend()} backend\n")
     digits, d_calib, d_test, d_labels = digits_task()
     fer, f_calib, f_eval, f_faces = faces_task()
     rows, pending = [], {}
@@ -100,31 +96,55 @@ def main(as_json: bool = False) -> int:
                 r = evaluate(model, qmodel, x, labels, faces)
             counts = q.report.quantized(), q.report.skipped()
             rows.append((name, strategy, r, len(counts[0]), len(counts[1])))
-    if as_json:
-        import json
+    sizes = {"digits_test": len(d_test), "faces_eval": len(f_eval), "faces": int(f_faces.sum())}
+    return {"rows": rows, "pending_keys": pending, "sizes": sizes}
 
-        keys = ("model", "strategy", "results", "quantized_layers", "skipped_layers")
-        print(json.dumps({"rows": [dict(zip(keys, r, strict=True)) for r in rows], "pending_keys": pending}))
-        return 0
-    print(
-        f"digits CNN: {d_test.shape[0]} test digits; mini-Xception: {f_eval.shape[0]} real images "
-        f"({int(f_faces.sum())} faces), 128 others for calibration; 256 digits for calibration\n"
-    )
+
+def json_text(done: dict) -> str:
+    """`run`'s results as one JSON object: a dict per row, and the pending keys' counts."""
+    import json
+
+    keys = ("model", "strategy", "results", "quantized_layers", "skipped_layers")
+    rows = [dict(zip(keys, r, strict=True)) for r in done["rows"]]
+    return json.dumps({"rows": rows, "pending_keys": done["pending_keys"]})
+
+
+def table(done: dict) -> str:
+    """`run`'s results as the table ``make demo`` prints."""
+    n = done["sizes"]
+    lines = [
+        f"digits CNN: {n['digits_test']} test digits; mini-Xception: {n['faces_eval']} real images "
+        f"({n['faces']} faces), 128 others for calibration; 256 digits for calibration\n"
+    ]
     header = f"{'model':<14} {'strategy':<8} {'float acc':>9} {'quant acc':>9} {'agreement':>9} {'faces':>7} {'SQNR dB':>8} {'layers q/skip':>13}"
-    print(header)
-    print("-" * len(header))
-    for name, strategy, r, nq, ns in rows:
+    lines += [header, "-" * len(header)]
+    for name, strategy, r, nq, ns in done["rows"]:
         fa = f"{100 * r['float_acc']:.2f}" if "float_acc" in r else "-"
         qa = f"{100 * r['quant_acc']:.2f}" if "quant_acc" in r else "-"
         faces = f"{100 * r['agreement_faces']:.1f}" if "agreement_faces" in r else "-"
-        print(
+        lines.append(
             f"{name:<14} {strategy:<8} {fa:>9} {qa:>9} {100 * r['agreement']:>9.2f} {faces:>7} {r['sqnr_db']:>8.1f} {f'{nq}/{ns}':>13}"
         )
-    for strategy, n in pending.items():
-        print(
-            f"\n{strategy} sets {n} strategy key(s) qstrat does not apply yet: quantized without them. "
+    for strategy, count in done["pending_keys"].items():
+        lines.append(
+            f"\n{strategy} sets {count} strategy key(s) qstrat does not apply yet: quantized without them. "
             'README "Status" lists them.'
         )
+    return "\n".join(lines)
+
+
+def main(as_json: bool = False) -> int:
+    """Quantize the two models with both strategies and print the table (or, with ``as_json``, one JSON object)."""
+    import keras
+
+    t0 = time.perf_counter()
+    if not as_json:
+        print(f"qstrat demo: Keras {keras.__version__}, {keras.backend.backend()} backend\n")
+    done = run()
+    if as_json:
+        print(json_text(done))
+        return 0
+    print(table(done))
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0
 

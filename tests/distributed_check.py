@@ -10,7 +10,7 @@ fs, the model is quantized on one device, then under the distribution (JAX:
 per run, the groups of batches that ran spread over the devices, and the
 quantizer states and bias corrections that differ (none, when all is well).
 
-MODEL ``qat``: the digits CNN trained with QAT (tqt, then pof2s) for 64
+MODEL ``qat``: the digits CNN trained with QAT (tqt, then pof2s) for 16
 steps on one device and under the distribution: accuracies, and the largest
 differences of quantizer states and weights. Then an MAFS quantizer on the
 input of a dense model, trained the same way: its moving range.
@@ -97,7 +97,7 @@ def engine():
     return "DataParallel", keras.distribution.DataParallel(devices=jax.devices()).scope()
 
 
-LR, EPOCHS = 1e-3, 2  # QAT: Adam, 2 epochs of 1024 digits in batches of 32 (64 steps)
+LR, EPOCHS = 1e-3, 1  # QAT: Adam, 1 epoch of 512 digits in batches of 32 (16 steps)
 
 
 def qat() -> dict:
@@ -106,7 +106,7 @@ def qat() -> dict:
     import contextlib
 
     x_train, y_train, x_test, y_test = zoo.digits_split()
-    x, y, xt, yt = x_train[:1024], y_train[:1024], x_test[:352], y_test[:352]  # 352: whole batches on 4 devices
+    x, y, xt, yt = x_train[:512], y_train[:512], x_test[:352], y_test[:352]  # 352: whole batches on 4 devices
     report = {"backend": BACKEND, "model": "qat", "steps": EPOCHS * len(x) // 32, "lr": LR, "runs": []}
     for strategy in ("tqt", "pof2s"):
         got = {}
@@ -138,7 +138,7 @@ def qat() -> dict:
 
 
 def mafs(x, y) -> dict:
-    """Input -> FakeQuant(MAFS, per tensor) -> Dense(10), fit for 64 steps on one device and under the
+    """Input -> FakeQuant(MAFS, per tensor) -> Dense(10), fit for 16 steps on one device and under the
     distribution: the quantizer sees the input batches, so its moving range is the data's alone and must be
     equal bit for bit (the batch's minimum and maximum, combined over the devices, are exact)."""
     import contextlib

@@ -12,7 +12,7 @@ units of two, spread over the 2 devices in 3 groups; on JAX, the 12 batches
 spread over the 4 devices in 3 groups. The groups spread are counted; the short
 remainder runs alone.
 
-QAT: the digits CNN trained for 64 steps with tqt and with pof2s on one
+QAT: the digits CNN trained for 16 steps with tqt and with pof2s on one
 device and under the distribution; see `check_qat` for what must agree. An
 MAFS quantizer on a model's input sees only the data, so its moving range
 must be equal bit for bit.
