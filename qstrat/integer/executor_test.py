@@ -33,8 +33,10 @@ def quantize(model, calib, strategy="pof2s", **keys):
 def keras_grid_values(qmodel, x) -> tuple[dict, list]:
     """({FakeQuant node name: its output in the Keras model}, [model outputs]), from one probe on the same layers.
 
-    The probe is called eagerly (tracing it for ``predict`` takes seconds);
-    `test_simulate_integer_equals_predict` compares with ``predict`` itself.
+    On TensorFlow and torch the probe is called eagerly (tracing it for ``predict`` takes seconds); on JAX
+    an eager call compiles every operation apart (hundreds of compiles, half a minute for the model of every
+    layer type), so there it runs through ``predict``, compiled once.
+    `test_simulate_integer_equals_predict` compares with ``predict`` itself on every backend.
     """
     graph = capture(qmodel)
     tensors = {}
@@ -46,7 +48,10 @@ def keras_grid_values(qmodel, x) -> tuple[dict, list]:
     nodes = [n for n in graph.nodes if isinstance(n.op, FakeQuant)]
     inputs = qmodel.inputs if len(qmodel.inputs) > 1 else qmodel.inputs[0]
     probe = keras.Model(inputs, [tensors[TensorRef(n.name, 0)] for n in nodes] + list(qmodel.outputs))
-    outs = [ops.convert_to_numpy(o) for o in probe(x, training=False)]
+    if keras.backend.backend() == "jax":
+        outs = probe.predict(x, batch_size=len(x), verbose=0)
+    else:
+        outs = [ops.convert_to_numpy(o) for o in probe(x, training=False)]
     return dict(zip([n.name for n in nodes], outs, strict=False)), outs[len(nodes) :]
 
 
