@@ -200,6 +200,10 @@ def call_node(node: Node, op, inputs: list) -> list:
     """``op`` called as ``node`` was, on ``inputs`` (one per ``node.inputs``); its outputs as a list."""
     if node.arguments is not None:
         args, kwargs = node.arguments.fill_in({id(t): n for t, n in zip(node.in_tensors, inputs, strict=True)})
+        if "mask" in kwargs and getattr(op, "_call_has_mask_arg", True) is False:
+            # Keras passes ``mask`` to a layer whose call takes it (a QuantizeWrapper's does); a layer standing
+            # in for it without one (the frozen copy's wrapped layer) gets its mask from its input as Keras does.
+            del kwargs["mask"]
         out = op(*args, **kwargs)
     else:
         out = op(inputs[0] if len(inputs) == 1 else inputs)
