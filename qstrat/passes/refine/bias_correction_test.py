@@ -271,3 +271,32 @@ def test_a_bias_state_shared_with_a_layer_that_ran_runs_the_model_again(monkeypa
     _check_against_reference(model, _data(80), ["conv_a", "conv_b", "conv_c"], custom)
     # The quantized model's, and its run again after conv_b (the calibration probe took the float means).
     assert len(walks) == 2
+
+
+@pytest.mark.portable
+def test_on_jax_each_layer_runs_compiled_and_corrects_as_eager_calls_do(monkeypatch):
+    """On JAX the walk runs each layer that holds variables as one compiled function (`_Calls`); the biases
+    it corrects are those of the same walk run eagerly, bit for bit. Elsewhere it runs eagerly."""
+    from qstrat.passes.refine import bias_correction
+
+    model, x = _model(False), _data()
+    made, real_init = [], bias_correction._Calls.__init__
+
+    def quantized(eager: bool):
+        def init(self):
+            real_init(self)
+            self.jax = self.jax and not eager
+            made.append(self)
+
+        monkeypatch.setattr(bias_correction._Calls, "__init__", init)
+        return qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, weight_bit=4, include_cle=False)
+
+    compiled = quantized(eager=False)
+    assert (sum(len(c.compiled) for c in made) > 0) == (keras.backend.backend() == "jax")
+    assert not any(c.eager for c in made)  # no layer fell back to eager calls
+    eager = quantized(eager=True)
+    for name in ("c1", "c2"):
+        got, want = (m.get_layer(f"quant_{name}").layer.bias for m in (compiled, eager))
+        np.testing.assert_array_equal(ops.convert_to_numpy(got), ops.convert_to_numpy(want))
+        before = model.get_layer(name).bias
+        assert not np.array_equal(ops.convert_to_numpy(got), ops.convert_to_numpy(before))  # it corrected
