@@ -55,6 +55,7 @@ shift instead of subtracting it; here a test checks the sign.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ from qstrat.errors import CalibrationDataError
 from qstrat.graph import capture
 from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.graph.rebuild import call_node, needed
-from qstrat.layers import QuantizeWrapper
+from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.frozen import quantized_once
 from qstrat.passes.runner import sample_bytes
 from qstrat.progress import Progress
@@ -258,15 +259,23 @@ def _float_means(float_graph: Graph, refs: list[TensorRef], x: list) -> list[np.
 
 
 class _Calls:
-    """Calls each node's layer on its inputs. On JAX an eager call compiles every operation apart (a
-    MobileNetV2's walk made thousands of compiles); there each layer runs as one compiled function, with
-    its variables passed in, so a corrected bias needs no new compile. A layer that cannot be traced (it
-    reads a value in Python) runs eagerly."""
+    """Calls each node's layer on its inputs. On JAX an eager call compiles every operation apart (hundreds
+    of compiles for a MobileNetV2); there each layer runs as one compiled function, with its variables
+    passed in, so a corrected bias needs no new compile, and tensor quantizers of one specification share
+    theirs. A layer that cannot be traced (it reads a value in Python) runs eagerly."""
 
     def __init__(self):
         self.jax = keras.backend.backend() == "jax"
-        self.compiled: dict[int, Callable] = {}
+        self.compiled: dict[object, Callable] = {}
         self.eager: set[int] = set()
+
+    @staticmethod
+    def _key(op) -> object:
+        """What a compiled function is kept under: a FakeQuant's quantizer and state shapes (its computation,
+        whatever its name), any other layer itself."""
+        if isinstance(op, FakeQuant):
+            return (json.dumps(op.quantizer_spec, sort_keys=True), tuple(tuple(v.shape) for v in op.variables))
+        return id(op)
 
     def __call__(self, node: Node, args: list) -> list:
         op = node.op
@@ -274,7 +283,8 @@ class _Calls:
             return call_node(node, op, args)
         import jax
 
-        fn = self.compiled.get(id(op))
+        key = self._key(op)
+        fn = self.compiled.get(key)
         if fn is None:
             variables = list(op.variables)
 
@@ -282,7 +292,7 @@ class _Calls:
                 with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
                     return call_node(node, op, xs)
 
-            fn = self.compiled[id(op)] = jax.jit(run)
+            fn = self.compiled[key] = jax.jit(run)
         try:
             return fn([v.value for v in op.variables], args)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
