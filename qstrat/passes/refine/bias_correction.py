@@ -262,12 +262,11 @@ class _Calls:
     """Calls each node's layer on its inputs. On JAX an eager call compiles every operation apart (hundreds
     of compiles for a MobileNetV2); there each layer runs as one compiled function, with its variables
     passed in, so a corrected bias needs no new compile, and tensor quantizers of one specification share
-    theirs. A layer that cannot be traced (it reads a value in Python) runs eagerly."""
+    theirs. (Every layer here is traceable: calibration has already run the model in a traced function.)"""
 
     def __init__(self):
         self.jax = keras.backend.backend() == "jax"
         self.compiled: dict[object, Callable] = {}
-        self.eager: set[int] = set()
 
     @staticmethod
     def _key(op) -> object:
@@ -279,7 +278,7 @@ class _Calls:
 
     def __call__(self, node: Node, args: list) -> list:
         op = node.op
-        if not self.jax or id(op) in self.eager or not isinstance(op, keras.layers.Layer) or not op.variables:
+        if not self.jax or not isinstance(op, keras.layers.Layer) or not op.variables:
             return call_node(node, op, args)
         import jax
 
@@ -293,11 +292,7 @@ class _Calls:
                     return call_node(node, op, xs)
 
             fn = self.compiled[key] = jax.jit(run)
-        try:
-            return fn([v.value for v in op.variables], args)
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-            self.eager.add(id(op))
-            return call_node(node, op, args)
+        return fn([v.value for v in op.variables], args)
 
 
 def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[[Node, list], object]) -> None:
