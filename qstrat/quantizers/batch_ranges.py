@@ -17,14 +17,23 @@ values the NumPy code gives on that batch (the quantizers' ``reference_train``):
   then keep a position whose grid misses the smaller end by less than 2^-53 of
   the range (where exact arithmetic takes the next one down).
 - Min_MSE position (`ranges.pof2_mse_pos_tensor`): the best of pos0 .. pos0 + 4
-  by summed squared error, ties to the lowest. The sums are compared exactly,
-  in integer digits (`mse_pos`), so the position is the one exact arithmetic
-  picks. NumPy sums in float64, exact but for its rounding (2^-53 per
-  addition): the two agree unless two candidates' errors are that close.
-  Exact up to 19-bit grids while min_quantize_pos does not bind (the batch
-  then fits the grid at pos0, so the integers involved stay below 2^24), with
-  one approximation: with FLOOR, a value in (-h / 2, 0), h the finest
-  candidate's step, has its error rounded to a multiple of 2^-24 h.
+  by summed squared error, ties to the lowest. What `mse_pos` compares is an
+  integer per candidate: the error's sum less the part every candidate
+  shares, in units of 2^-24 of the finest candidate's step squared.
+  - Where the backend computes in float64 (`sums_in_float64`) and the grid
+    has up to 8 bits, each candidate's terms are summed in float64. Every
+    term is an integer below 2^53, so the sum is exact while it stays below
+    2^53 (errors of 2^29 finest steps squared). Past that, each addition
+    rounds by at most 2^-53 of the sum, so only two sums within N 2^-53 of
+    each other, N the values summed, may be misordered.
+  - Elsewhere (JAX without x64, wider grids) the terms are summed in
+    base-256 int32 digits, exact at any size, at several times the cost.
+  NumPy sums the errors themselves in float64, exact but for its rounding
+  (2^-53 per addition): the two agree unless two candidates' errors are that
+  close. Exact up to 19-bit grids while min_quantize_pos does not bind (the
+  batch then fits the grid at pos0, so the integers involved stay below
+  2^24), with one approximation: with FLOOR, a value in (-h / 2, 0), h the
+  finest candidate's step, has its error rounded to a multiple of 2^-24 h.
 - FS running extremes (`widened_scale_zp`): float32 in both, the same
   operations in the same order.
 """
@@ -38,13 +47,12 @@ import numpy as np
 from keras import ops
 
 from qstrat.errors import UnsupportedError
+from qstrat.quantizers import digit_sums, ranges
 from qstrat.quantizers import fake_quant as fq
-from qstrat.quantizers import ranges
 from qstrat.quantizers.exact32 import floor_log2, pow2
 from qstrat.quantizers.grid import IntGrid, Method, float32_inside
 
 PER_BATCH_METHODS = (Method.NO_OF, Method.MIN_MSE)  # the methods training recomputes; the others stay frozen
-_BASE = 256.0  # the error sums' digit base
 _F32 = np.float32
 
 
@@ -209,7 +217,10 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
     candidate and i an integer. So sum d^2 = sum f^2 + sum (i^2 + 2 f i), and
     the first sum cancels between candidates. f is a multiple of 2^-24
     wherever i can be nonzero (|u| >= 1/2), so what is compared is the integer
-    sum of i^2 * 2^24 + 2 (f * 2^24) i, written in base-256 digits.
+    sum of i^2 * 2^24 + 2 (f * 2^24) i = i (i 2^24 + 2 f 2^24), each term >= 0
+    (|2 f| <= 1 <= |i| where i is nonzero): summed in float64 where every term
+    is below 2^53 (grids up to 8 bits) and the backend has it
+    (`sums_in_float64`), else written in base-256 digits.
     """
     p0 = nonoverflow_pos(lo, hi, grid, symmetric, epsilon, pos_range)
     cands = [ops.minimum(p0 + _F32(k), _F32(pos_range[1])) for k in range(ranges.MSE_POS_CANDIDATES)]
@@ -217,15 +228,23 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
     u = r * scale
     n0 = ops.round(u)
     phi = ops.round((u - n0) * _F32(2.0**24))
-    phi_digits = _digits_of(ops.abs(phi), 3)  # |phi| <= 2^23
-    sign_phi = ops.sign(phi)
-    width = _magnitude_digits(grid)
 
-    def error_sums(pos, shape):  # the digit sums (..., C, P) of the candidates ``pos``, shaped to broadcast
+    in_float64 = sums_in_float64() and digit_sums.magnitude_bits(grid) <= 14  # |i| < 2^14: every term below 2^53
+    if in_float64:
+        phi64 = ops.cast(phi, "float64")
+    else:
+        phi_digits = digit_sums.digits_of(ops.abs(phi), 3)  # |phi| <= 2^23
+        sign_phi = ops.sign(phi)
+        width = digit_sums.magnitude_digits(grid)
+
+    def error_sums(pos, shape):  # the sums (..., C, 1) or digit sums (..., C, P) of the candidates ``pos``
         zp = None if symmetric else ops.reshape(zero_point(lo, pos, grid), shape)
         y = fq.pof2_fake_quant(r, ops.reshape(pos, shape), grid.qmin, grid.qmax, round_mode, None, zp)
         i = n0 - y * scale
-        return _error_digits(ops.abs(i), ops.sign(i) * sign_phi, phi_digits, width)
+        if in_float64:  # i (i 2^24 + 2 phi): each term below 2^53, exact, and >= 0
+            i = ops.cast(i, "float64")
+            return ops.expand_dims(ops.sum(i * (i * 2.0**24 + 2.0 * phi64), axis=(-2, -1)), -1)
+        return digit_sums.error_digits(ops.abs(i), ops.sign(i) * sign_phi, phi_digits, width)
 
     with fq.forward_only():
         if _all_at_once(r):  # one set of ops for every candidate: a fifth of the graph to trace
@@ -233,14 +252,35 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
             sums = [together[k] for k in range(len(cands))]
         else:  # one candidate at a time: a fifth of the memory
             sums = [error_sums(pos, (-1, 1, 1)) for pos in cands]
-    if _replica_context() is not None:  # each replica summed its part of the batch: add the digits, carry again
-        sums = [_carry(across_replicas(ops.cast(err, "int32"), "sum"), 1) for err in sums]
+    if _replica_context() is not None:  # each replica summed its part of the batch: add them (the digits, carried)
+        if in_float64:
+            sums = [across_replicas(err, "sum") for err in sums]
+        else:
+            sums = [digit_sums.carried(across_replicas(ops.cast(err, "int32"), "sum"), 1) for err in sums]
     best_pos, best = cands[0], sums[0]
     for pos, err in zip(cands[1:], sums[1:], strict=True):
-        better = _less(err, best)
+        better = err[..., 0] < best[..., 0] if in_float64 else digit_sums.less(err, best)
         best_pos = ops.where(better, pos, best_pos)
         best = ops.where(ops.expand_dims(better, -1), err, best)
     return best_pos
+
+
+def sums_in_float64() -> bool:
+    """Whether `mse_pos` sums in float64: where the backend computes in it (TensorFlow; torch but on Apple's MPS;
+    JAX with ``jax_enable_x64``). Elsewhere it sums in base-256 int32 digits, exact at any size but many times
+    the operations (a pof2s QAT step on MobileNetV2 took 7x as long)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return bool(jax.config.jax_enable_x64)
+    if backend == "torch":
+        from keras.src.backend.torch.core import get_device
+
+        return not str(get_device()).startswith("mps")
+    return backend == "tensorflow"
 
 
 _TOGETHER = 2**20  # elements of a batch (times the candidates) up to which `mse_pos` computes every candidate at once
@@ -252,74 +292,6 @@ def _all_at_once(r) -> bool:
     if any(d is None for d in r.shape):
         return False
     return ranges.MSE_POS_CANDIDATES * int(np.prod(r.shape)) <= _TOGETHER
-
-
-def _magnitude_digits(grid: IntGrid) -> int:
-    """Base-256 digits of |i| <= |u| + |y / h| + 1 <= 2^(b + 5) + 1, b the grid's bits."""
-    bits = int(np.ceil(np.log2(grid.qmax - grid.qmin + 1)))
-    return -(-(bits + 6) // 8)
-
-
-def _digits_of(v, n: int):
-    """A float32 integer 0 <= v < 256^n as n base-256 digits, lowest first (the last one takes any excess)."""
-    out = []
-    for _ in range(n - 1):
-        hi = ops.floor(v * _F32(1.0 / _BASE))
-        out.append(v - hi * _F32(_BASE))
-        v = hi
-    return [*out, v]
-
-
-def _error_digits(a, sigma, phi_digits, width: int):
-    """Sum over each row of w = a^2 * 2^24 + 2 sigma |phi| a (>= 0), as canonical base-256 digits (..., C, P).
-
-    Per value: the digit products (each below 2^17, every column below 2^20,
-    exact in float32, so a fused multiply-add gives the same bits) are summed
-    into columns and carried into digits 0..255. The digits are summed as
-    int32 over R (at most 255 R: R < 2^23), carried again, summed over B and
-    carried once more.
-    """
-    ad = _digits_of(a, width)
-    cols = [0.0] * (2 * width + 2)
-    for j, p in enumerate(phi_digits):
-        for k, d in enumerate(ad):
-            cols[j + k] = cols[j + k] + (_F32(2.0) * sigma) * (p * d)
-    for k, d in enumerate(ad):
-        cols[3 + 2 * k] = cols[3 + 2 * k] + d * d  # a^2 * 2^24: 2^24 is three digits up
-        for m in range(k + 1, width):
-            cols[3 + k + m] = cols[3 + k + m] + _F32(2.0) * (d * ad[m])
-    digits, carry = [], _F32(0.0)
-    for c in cols:
-        v = c + carry
-        carry = ops.floor(v * _F32(1.0 / _BASE))
-        digits.append(v - carry * _F32(_BASE))
-    digits.append(carry)  # w < 256^(2 width + 3)
-    per_b = ops.stack([ops.sum(ops.cast(d, "int32"), axis=-1) for d in digits], axis=-1)  # (..., C, B, P)
-    per_b = _carry(per_b, 4)  # sums below 2^31: four more digits take the carries
-    return _carry(ops.sum(per_b, axis=-2), 4)  # (..., C, P); each sum is at most 255 B
-
-
-def _carry(v, extra: int):
-    """Integer digit sums (..., P), each >= 0, as canonical base-256 digits (..., P + extra)."""
-    out, carry = [], None
-    for k in range(v.shape[-1]):
-        t = v[..., k] if carry is None else v[..., k] + carry
-        carry = ops.floor_divide(t, 256)
-        out.append(t - carry * 256)
-    for _ in range(extra):
-        nxt = ops.floor_divide(carry, 256)
-        out.append(carry - nxt * 256)
-        carry = nxt
-    return ops.stack(out, axis=-1)
-
-
-def _less(a, b):
-    """a < b for canonical digit rows (C, P), lowest digit first: the highest digit that differs decides."""
-    top_a, top_b = ops.flip(a, axis=-1), ops.flip(b, axis=-1)  # highest digit first
-    differ = top_a != top_b
-    first = ops.expand_dims(ops.argmax(ops.cast(differ, "int32"), axis=-1), -1)  # 0 where none differs
-    less = ops.take_along_axis(top_a < top_b, first, axis=-1)[..., 0]
-    return ops.logical_and(less, ops.any(differ, axis=-1))
 
 
 # ---- float-scale running extremes -----------------------------------------------------------

@@ -10,6 +10,7 @@ the same order, and the output is the fake-quant kernel, equal to its twin bit
 for bit for a given state.
 """
 
+import contextlib
 from unittest import mock
 
 import keras
@@ -91,11 +92,13 @@ ROUND_MODES = [m.value for m in RoundMode]
     log_scale=st.integers(-8, 8),
     snapped=st.booleans(),
     together=st.booleans(),
+    digits=st.booleans(),
 )
 def test_pof2s_training_steps_equal_the_twin(
-    seed, method, per_channel, symmetry, unsigned, narrow, bits, round_mode, log_scale, snapped, together
+    seed, method, per_channel, symmetry, unsigned, narrow, bits, round_mode, log_scale, snapped, together, digits
 ):
-    """``together``: Min_MSE's candidates computed at once (as for weights) or one at a time (as for activations)."""
+    """``together``: Min_MSE's candidates computed at once (as for weights) or one at a time (as for activations);
+    ``digits``: its error sums in base-256 digits, as where the backend has no float64 (`in_digits`)."""
     q = Pof2SQuantizer(
         method=method,
         per_channel=per_channel,
@@ -108,7 +111,7 @@ def test_pof2s_training_steps_equal_the_twin(
     rng = np.random.default_rng(seed)
     state = variables(q)
     scale = 2.0**log_scale
-    with mock.patch.object(batch_ranges, "_TOGETHER", 2**20 if together else 0):
+    with mock.patch.object(batch_ranges, "_TOGETHER", 2**20 if together else 0), in_digits(digits):
         for _ in range(3):
             assert_step_equals_twin(q, state, batch(rng, scale, unsigned, scale / 4 if snapped else None))
 
@@ -151,7 +154,41 @@ def mse_errors(q, x):
     return [int(c[0]) for c in cands], errs
 
 
-def test_min_mse_exact_ties_go_to_the_lowest_position():
+def in_digits(digits: bool = True):
+    """Within: Min_MSE sums its errors in base-256 digits (``digits``), or as the backend allows."""
+    return mock.patch.object(batch_ranges, "sums_in_float64", lambda: False) if digits else contextlib.nullcontext()
+
+
+def test_min_mse_sums_in_float64_where_the_backend_has_it():
+    """The float64 sums are the fast path; a backend that has float64 must take it (JAX only with x64)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        assert batch_ranges.sums_in_float64() is bool(jax.config.jax_enable_x64)
+    else:
+        assert batch_ranges.sums_in_float64() is True
+
+
+@pytest.mark.parametrize("digits", [False, True], ids=["float64", "digits"])
+def test_min_mse_sums_past_2_53_pick_the_twins_position(digits):
+    """Batches of 16384 values spread evenly: the finer candidates clip most of them, by up to thousands of steps,
+    so their integer sums (2^24 times the error in finest steps squared) pass 2^53, where float64 sums round;
+    both ways of summing still pick the twin's position."""
+    rng = np.random.default_rng(5)
+    q = Pof2SQuantizer(method="Min_MSE")
+    past = 0
+    for k in range(4):
+        x = (rng.uniform(-1, 1, size=(16, 32, 32)) * 3.0**k).astype(np.float32)
+        cands, errs = mse_errors(q, x)
+        past += max(errs) * 2.0 ** (2 * max(cands)) * 2**24 > 2**53  # the largest sum, in the compared units
+        with in_digits(digits):
+            assert_step_equals_twin(q, variables(q, x.shape), x)
+    assert past == 4
+
+
+@pytest.mark.parametrize("digits", [False, True], ids=["float64", "digits"])
+def test_min_mse_exact_ties_go_to_the_lowest_position(digits):
     """Batches on a coarse grid where two candidate positions have the same error, to the last bit."""
     q = Pof2SQuantizer(method="Min_MSE", bit_width=3)
     rng = np.random.default_rng(0)
@@ -165,7 +202,8 @@ def test_min_mse_exact_ties_go_to_the_lowest_position():
             continue
         ties += 1
         state = variables(q, x.shape)
-        train_step(q, state, x)
+        with in_digits(digits):
+            train_step(q, state, x)
         assert np_(state["pos"]) == min(tied)
     assert ties >= 5  # the search found tied batches to check
 
