@@ -35,7 +35,8 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refine import VARIANTS, _scores, _task  # noqa: E402  (bench/refine.py, beside this script)
+from refine import VARIANTS  # noqa: E402  (bench/refine.py, beside this script)
+from refine_data import scores, task  # noqa: E402
 
 FLOAT_SCALES = "pof2s, float scales"
 SETTINGS = {  # name: (built-in strategy, overrides); FLOAT_SCALES: pof2s with FSQuantizers (`_float_scales`)
@@ -101,7 +102,7 @@ def main() -> int:
     print(
         f"qstrat bench/error_sources.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores"
     )
-    model, calib, x, labels, faces = _task("xception")
+    model, calib, x, labels, faces = task("xception")
     print(
         f"\nmini-Xception ({len(x)} evaluated images, {int(faces.sum())} faces), without bias correction: agreement "
         "all / faces and SQNR with all quantizers | the activations' alone | the weights' alone",
@@ -112,13 +113,13 @@ def main() -> int:
         parts = []
         for tensors, layers in ((True, True), (True, False), (False, True)):
             count = _enable(qmodel, tensors, layers)
-            parts.append(_score(_scores(model, qmodel, x, labels, faces)))
+            parts.append(_score(scores(model, qmodel, x, labels, faces)))
         title = f"{setting} {'' if variant == 'plain' else variant}"
         print(f"  {title:29s} {count:2d} tensors  " + " | ".join(parts), flush=True)
     print("\nwith the strategy's defaults (bias correction on): agreement all / faces and SQNR", flush=True)
     for variant in DEFAULTS:
         cells = [
-            _score(_scores(model, _quantized(model, calib, s, variant), x, labels, faces))
+            _score(scores(model, _quantized(model, calib, s, variant), x, labels, faces))
             for s in ("pof2s", FLOAT_SCALES)
         ]
         print(f"  {variant:17s} pof2s {cells[0]} | float scales {cells[1]}", flush=True)

@@ -38,7 +38,10 @@ the images pof2s and fs disagree on are those; ``--peer-split`` for the
 mini-Xception's main rows on the split sizes the peers were compared on
 (100 calibration images; 638 evaluated, 269 of them faces: the 376 images
 left over, topped up with mirrored and shifted copies of them), so that
-its scores stand beside theirs.
+its scores stand beside theirs; ``--oracle`` for pof2s at 8-bit calibrated,
+and fast finetuned on every one of them, on the demo split's evaluated images
+themselves: what these methods reach when fit to the images they are scored
+on.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-CALIB = 512
+from refine_data import PEER_SPLIT, scores, task  # noqa: E402
+
 VARIANTS = {
     "plain": {},
     "+act_eq": {"include_act_eq": True},
@@ -68,7 +72,10 @@ VARIANTS = {
     "+fast_ft, no CLE": {"include_cle": False, "include_fast_ft": True},
     "+fast_ft, batch 32": {"include_fast_ft": True, "fast_ft_batch_size": 32},
     "+fast_ft, no CLE, batch 32": {"include_cle": False, "include_fast_ft": True, "fast_ft_batch_size": 32},
+    "+fast_ft, every sample": {"include_fast_ft": True, "fast_ft_samples": 512},
+    "+fast_ft, no CLE, every sample": {"include_cle": False, "include_fast_ft": True, "fast_ft_samples": 512},
 }
+ORACLE_ROWS = ("plain", "+fast_ft, every sample", "+fast_ft, no CLE, every sample")  # pof2s, calibrated on the scored
 MAIN = ("plain", "+act_eq", "+fast_ft", "+both")  # for every setting; the float-inputs row for pof2s only
 LEARNING_RATE = "+fast_ft, lr 0.03"  # for every setting, after the main rows: against the default fast_ft_lr
 BOTH_LEARNING_RATE = "+both, lr 0.03"  # for pof2s only
@@ -77,8 +84,6 @@ NO_CLE = ("no CLE", "+fast_ft, no CLE")  # pof2s and pof2s w4: weight-only CLE o
 SETTINGS = {"pof2s": ("pof2s", {}), "pof2s w4": ("pof2s", {"weight_bit": 4}), "fs": ("fs", {})}
 MODELS = ("digits", "xception")
 TITLES = {"digits": "digits MobileNet-style", "xception": "mini-Xception"}
-# The split sizes peer tools were compared on for this model: calibration, evaluated, faces among them.
-PEER_SPLIT = (100, 638, 269)
 PEER_ROWS = (  # (setting, variant) on the peers' split
     ("fs", "plain"),
     ("pof2s", "plain"),
@@ -102,66 +107,6 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _mirrored(images, n: int, seed: int):
-    """``n`` images made of ``images`` in turn, each mirrored left-right and shifted sideways by up to 4 pixels
-    (wrapping around); unlike `zoo.shifted_flips`, every one is mirrored, so none is an image as it was."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    picks = [images[k % len(images)] for k in range(n)]
-    return np.stack([np.roll(im[:, ::-1], int(rng.integers(-4, 5)), axis=1) for im in picks])
-
-
-def _peer_split(images, is_face):
-    """The peers' split sizes (``PEER_SPLIT``): the first calibration images of a seeded order, the others
-    evaluated, topped up with `_mirrored` copies of the evaluated faces and non-faces to make the counts."""
-    import numpy as np
-
-    calib_n, eval_n, faces_n = PEER_SPLIT
-    order = np.random.default_rng(0).permutation(len(images))
-    calib, rest = images[order[:calib_n]], order[calib_n:]
-    face, other = images[rest[is_face[rest]]], images[rest[~is_face[rest]]]
-    face = np.concatenate([face, _mirrored(face, faces_n - len(face), 1)])
-    other = np.concatenate([other, _mirrored(other, eval_n - faces_n - len(other), 2)])
-    return calib, np.concatenate([face, other]), np.arange(eval_n) < faces_n
-
-
-def _task(name: str, calib_count: int | None = None, split: str = "demo"):
-    import numpy as np
-
-    from qstrat import zoo
-
-    if name == "digits":
-        x_train, _, x_test, y_test = zoo.digits_split()
-        return zoo.digits_mobilenet(), x_train[:CALIB], x_test, y_test, None
-    images, is_face = zoo.face_images()
-    if split == "peers":
-        calib, x, faces = _peer_split(images, is_face)
-        return zoo.emotion_model(), calib, x, None, faces
-    order = np.random.default_rng(0).permutation(len(images))  # the demo's split: 128 calibration, the rest evaluated
-    calib, rest = order[:128], order[128:]
-    if calib_count is not None:
-        return zoo.emotion_model(), zoo.face_images_n(calib_count, seed=1), images[rest], None, is_face[rest]
-    return zoo.emotion_model(), images[calib], images[rest], None, is_face[rest]
-
-
-def _scores(model, qmodel, x, labels, faces) -> dict:
-    import numpy as np
-
-    from qstrat.inspect.mixed import output_sqnr
-
-    f = np.asarray(model.predict(x, batch_size=64, verbose=0))
-    q = np.asarray(qmodel.predict(x, batch_size=64, verbose=0))
-    out = {"sqnr": output_sqnr(model, qmodel, x, 64)}
-    if labels is not None:
-        out["acc"] = 100 * float(np.mean(q.argmax(1) == labels))
-        out["float_acc"] = 100 * float(np.mean(f.argmax(1) == labels))
-    else:
-        agree = f.argmax(1) == q.argmax(1)
-        out["agree"], out["faces"] = 100 * float(agree.mean()), 100 * float(agree[faces].mean())
-    return out
-
-
 def one(
     model_name: str,
     setting: str,
@@ -173,7 +118,7 @@ def one(
 ) -> dict:
     """One configuration, in this process: scores, time ratio and memory (``seed``: fast finetune's shuffling
     seed instead of its own; ``epochs``: its ``fast_ft_epochs`` instead of the strategy's; ``split`` "peers":
-    the mini-Xception on `_peer_split`)."""
+    the mini-Xception on `refine_data.peer_split`)."""
     warnings.filterwarnings("ignore")
     import qstrat
 
@@ -182,7 +127,7 @@ def one(
 
         fast_ft.SEED = seed
 
-    model, calib, x, labels, faces = _task(model_name, calib_count, split)
+    model, calib, x, labels, faces = task(model_name, calib_count, split)
     model.predict(calib, batch_size=32, verbose=0)
     times = []
     for _ in range(3):
@@ -203,7 +148,7 @@ def one(
         out["ft_samples"] = q.fast_finetune.samples
         out["ft_output_mse"] = [q.fast_finetune.output_mse_before, q.fast_finetune.output_mse_after]
     if calib_count is None:
-        out.update(_scores(model, qmodel, x, labels, faces))
+        out.update(scores(model, qmodel, x, labels, faces))
     return out
 
 
@@ -250,6 +195,11 @@ def main() -> int:
         help="only the float mini-Xception's top-2 logit gaps on the evaluated images, and pof2s's and fs's "
         "disagreements among them",
     )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="only the mini-Xception's pof2s rows calibrated and fast finetuned on the evaluated images themselves",
+    )
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument(
         "--epochs", type=int, help="with --seeds: fast finetune's fast_ft_epochs (the strategy's 5 by default)"
@@ -279,6 +229,8 @@ def main() -> int:
         return _margins()
     if args.peer_split:
         return _peers()
+    if args.oracle:
+        return _oracle()
     if args.no_cle:
         for name in MODELS if args.only is None else (args.only,):
             print(f"\n{TITLES[name]}:", flush=True)
@@ -330,7 +282,7 @@ def _margins() -> int:
     import qstrat
 
     warnings.filterwarnings("ignore")
-    model, calib, x, _, faces = _task("xception")
+    model, calib, x, _, faces = task("xception")
     logits = keras.Model(model.inputs, model.layers[-1].input).predict(x, batch_size=64, verbose=0)
     top2 = np.sort(logits, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
@@ -359,7 +311,7 @@ SEEDED = (  # the rows nearest their targets, in shuffled batches of 32: (settin
 
 
 def _peers() -> int:
-    """The mini-Xception's main rows on `_peer_split`, the split sizes the peers were compared on."""
+    """The mini-Xception's main rows on `refine_data.peer_split`, the split sizes the peers were compared on."""
     calib_n, eval_n, faces_n = PEER_SPLIT
     print(
         f"\nmini-Xception on the peers' split sizes ({calib_n} calibration images; {eval_n} evaluated, {faces_n} "
@@ -368,6 +320,19 @@ def _peers() -> int:
     )
     for setting, variant in PEER_ROWS:
         print(_line(setting, variant, _spawn("xception", setting, variant, split="peers")), flush=True)
+    return 0
+
+
+def _oracle() -> int:
+    """pof2s on the mini-Xception calibrated, and fast finetuned on all of them, on the very images it is scored
+    on (the demo split's evaluated images): how far these methods get with the data they are judged by."""
+    print(
+        "\nmini-Xception, pof2s 8-bit calibrated and fast finetuned on the evaluated images themselves "
+        "(fast_ft_samples 512: every one of them):",
+        flush=True,
+    )
+    for variant in ORACLE_ROWS:
+        print(_line("pof2s", variant, _spawn("xception", "pof2s", variant, split="oracle")), flush=True)
     return 0
 
 
