@@ -20,7 +20,7 @@ On the MobileNet-style CNN trained on scikit-learn's digits (`qstrat.zoo.digits_
   epochs see the same machine load), on this backend (the targets are for
   TensorFlow); for tqt, tqt with ``train_with_bn``, and pof2s, whose
   quantizers take each batch's position, the Min_MSE error sums in float64
-  and in base-256 digits (as on JAX without x64: `batch_ranges.sums_in_float64`),
+  and in base-256 digits (as for grids over 8 bits: `batch_ranges.sums_in_float64`),
   each with its first epoch's time, which holds the training step's trace.
 
 Targets (printed beside the figures): 8-bit tqt within 0.2 points of float;

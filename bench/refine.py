@@ -34,7 +34,8 @@ E`` with it: at ``fast_ft_epochs`` E);
 ``--no-cle`` for the rows without CLE alone; ``--margins`` for how many
 evaluated images the float mini-Xception itself nearly ties on (the gap
 between its two largest logits against grid steps there), and how many of
-the images pof2s and fs disagree on are those; ``--peer-split`` for the
+the images pof2s and fs disagree on are those, and the agreement left with
+the logits alone quantized, at positions 2 to 5; ``--peer-split`` for the
 mini-Xception's main rows on the split sizes the peers were compared on
 (100 calibration images; 638 evaluated, 269 of them faces: the 376 images
 left over, topped up with mirrored and shifted copies of them), so that
@@ -171,7 +172,7 @@ def _line(setting: str, variant: str, r: dict) -> str:
     else:
         score = f"agree {r['agree']:6.2f}% / faces {r['faces']:6.2f}%"
     return (
-        f"  {setting:<9} {variant:<20} {score}  {r['sqnr']:5.2f} dB  {r['ratio']:7.1f}x predict"
+        f"  {setting:<9} {variant:<30} {score}  {r['sqnr']:5.2f} dB  {r['ratio']:7.1f}x predict"
         f"  peak {r['peak_mb']:6.0f} MiB (+{r['added_mb']:4.0f})"
     )
 
@@ -275,7 +276,8 @@ def _margins() -> int:
     """How many evaluated images the float mini-Xception itself nearly ties on: the gap between its two largest
     logits (the softmax's input) against the steps of an 8-bit power-of-2 grid there. A quantized model can swap
     such a pair with an error of that size, or tie them (the first of a tie is its top-1). Then, for pof2s and
-    fs (plain), how many of the images each disagrees on are such near ties."""
+    fs (plain), how many of the images each disagrees on are such near ties; and the agreement left when the
+    logits alone are quantized (`_logits_alone`)."""
     import keras
     import numpy as np
 
@@ -301,7 +303,31 @@ def _margins() -> int:
         differ = qmodel.predict(x, batch_size=64, verbose=0).argmax(1) != top
         counts = ", ".join(f"{int((differ & (margin < step)).sum())} below {step:g}" for step in steps)
         print(f"  {strategy} disagrees on {int(differ.sum())} images: {counts}", flush=True)
+    _logits_alone(model)
     return 0
+
+
+def _logits_alone(model) -> None:
+    """Agreement with the float model when the logits alone are quantized, every other tensor float: on the signed
+    8-bit power-of-2 grid the DPU holds them on (HALF_UP), at positions 2 to 5, on the demo split and the peers'.
+    A rounding cannot swap two logits, only tie them, and the first of a tie is the top-1."""
+    import keras
+    import numpy as np
+
+    print(
+        "\nmini-Xception agreement with its logits alone quantized (signed 8-bit, power-of-2), all / faces:", flush=True
+    )
+    head = keras.Model(model.inputs, model.layers[-1].input)
+    for split in ("demo", "peers"):
+        _, _, x, _, faces = task("xception", split=split)
+        logits = head.predict(x, batch_size=64, verbose=0)
+        top = logits.argmax(1)
+        row = []
+        for pos in (2, 3, 4, 5):
+            q = np.clip(np.floor(logits * 2.0**pos + 0.5), -128, 127)
+            agree = q.argmax(1) == top
+            row.append(f"pos {pos} (step 1/{2**pos}): {100 * agree.mean():6.2f} / {100 * agree[faces].mean():6.2f}%")
+        print(f"  {split:<5} ({len(x)} images): " + ";  ".join(row), flush=True)
 
 
 SEEDED = (  # the rows nearest their targets, in shuffled batches of 32: (setting, variant, title)

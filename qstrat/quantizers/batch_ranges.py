@@ -20,14 +20,15 @@ values the NumPy code gives on that batch (the quantizers' ``reference_train``):
   by summed squared error, ties to the lowest. What `mse_pos` compares is an
   integer per candidate: the error's sum less the part every candidate
   shares, in units of 2^-24 of the finest candidate's step squared.
-  - Where the backend computes in float64 (`sums_in_float64`) and the grid
-    has up to 8 bits, each candidate's terms are summed in float64. Every
+  - Where the backend computes in float64 (`sums_in_float64`; on JAX within
+    ``jax.enable_x64``) and the grid has up to 8 bits, each candidate's terms
+    are summed in float64. Every
     term is an integer below 2^53, so the sum is exact while it stays below
     2^53 (errors of 2^29 finest steps squared). Past that, each addition
     rounds by at most 2^-53 of the sum, so only two sums within N 2^-53 of
     each other, N the values summed, may be misordered.
-  - Elsewhere (JAX without x64, wider grids) the terms are summed in
-    base-256 int32 digits, exact at any size, at several times the cost.
+  - Elsewhere (wider grids; torch on MPS) the terms are summed in base-256
+    int32 digits, exact at any size, at several times the cost.
   NumPy sums the errors themselves in float64, exact but for its rounding
   (2^-53 per addition): the two agree unless two candidates' errors are that
   close. Exact up to 19-bit grids while min_quantize_pos does not bind (the
@@ -231,7 +232,8 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
 
     in_float64 = sums_in_float64() and digit_sums.magnitude_bits(grid) <= 14  # |i| < 2^14: every term below 2^53
     if in_float64:
-        phi64 = ops.cast(phi, "float64")
+        with float64_enabled():
+            phi64 = ops.cast(phi, "float64")
     else:
         phi_digits = digit_sums.digits_of(ops.abs(phi), 3)  # |phi| <= 2^23
         sign_phi = ops.sign(phi)
@@ -242,8 +244,9 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
         y = fq.pof2_fake_quant(r, ops.reshape(pos, shape), grid.qmin, grid.qmax, round_mode, None, zp)
         i = n0 - y * scale
         if in_float64:  # i (i 2^24 + 2 phi): each term below 2^53, exact, and >= 0
-            i = ops.cast(i, "float64")
-            return ops.expand_dims(ops.sum(i * (i * 2.0**24 + 2.0 * phi64), axis=(-2, -1)), -1)
+            with float64_enabled():
+                i = ops.cast(i, "float64")
+                return ops.expand_dims(ops.sum(i * (i * 2.0**24 + 2.0 * phi64), axis=(-2, -1)), -1)
         return digit_sums.error_digits(ops.abs(i), ops.sign(i) * sign_phi, phi_digits, width)
 
     with fq.forward_only():
@@ -258,29 +261,42 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
         else:
             sums = [digit_sums.carried(across_replicas(ops.cast(err, "int32"), "sum"), 1) for err in sums]
     best_pos, best = cands[0], sums[0]
-    for pos, err in zip(cands[1:], sums[1:], strict=True):
-        better = err[..., 0] < best[..., 0] if in_float64 else digit_sums.less(err, best)
-        best_pos = ops.where(better, pos, best_pos)
-        best = ops.where(ops.expand_dims(better, -1), err, best)
+    with float64_enabled() if in_float64 else contextlib.nullcontext():
+        for pos, err in zip(cands[1:], sums[1:], strict=True):
+            better = err[..., 0] < best[..., 0] if in_float64 else digit_sums.less(err, best)
+            best_pos = ops.where(better, pos, best_pos)
+            best = ops.where(ops.expand_dims(better, -1), err, best)
     return best_pos
 
 
 def sums_in_float64() -> bool:
     """Whether `mse_pos` sums in float64: where the backend computes in it (TensorFlow; torch but on Apple's MPS;
-    JAX with ``jax_enable_x64``). Elsewhere it sums in base-256 int32 digits, exact at any size but many times
-    the operations (a pof2s QAT step on MobileNetV2 took 7x as long)."""
+    JAX, within `float64_enabled`). Elsewhere it sums in base-256 int32 digits, exact at any size but several times
+    the operations (a pof2s QAT step on the digits CNN took 2.5x as long)."""
     import keras
 
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
-        return bool(jax.config.jax_enable_x64)
+        return bool(jax.config.jax_enable_x64) or hasattr(jax, "enable_x64")
     if backend == "torch":
         from keras.src.backend.torch.core import get_device
 
         return not str(get_device()).startswith("mps")
     return backend == "tensorflow"
+
+
+def float64_enabled():
+    """Within: float64 arrays are float64 on JAX as well (``jax.enable_x64``, when ``jax_enable_x64`` is off)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return jax.enable_x64(True)
+    return contextlib.nullcontext()
 
 
 _TOGETHER = 2**20  # elements of a batch (times the candidates) up to which `mse_pos` computes every candidate at once

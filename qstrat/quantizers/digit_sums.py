@@ -1,5 +1,5 @@
 """Exact integer sums in base-256 digits, in float32 and int32 keras.ops: for `batch_ranges.mse_pos` where the
-backend has no float64 (JAX without x64) or the grid is wider than 8 bits.
+grid is wider than 8 bits (its terms can pass 2^53) or the backend has no float64 (torch on Apple's MPS).
 
 A nonnegative integer is held as its digits, lowest first, each in 0..255 once
 carried ("canonical"). Products of digits are below 2^17 and their column sums

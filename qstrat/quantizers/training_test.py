@@ -159,15 +159,14 @@ def in_digits(digits: bool = True):
     return mock.patch.object(batch_ranges, "sums_in_float64", lambda: False) if digits else contextlib.nullcontext()
 
 
-def test_min_mse_sums_in_float64_where_the_backend_has_it():
-    """The float64 sums are the fast path; a backend that has float64 must take it (JAX only with x64)."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        assert batch_ranges.sums_in_float64() is bool(jax.config.jax_enable_x64)
-    else:
-        assert batch_ranges.sums_in_float64() is True
+def test_min_mse_sums_in_float64_on_every_backend():
+    """The float64 sums are the fast path: every backend here takes it, and within `float64_enabled` a float64
+    cast is float64 (on JAX too, whose arrays are float32 unless x64 is on)."""
+    assert batch_ranges.sums_in_float64() is True
+    with batch_ranges.float64_enabled():
+        sums = ops.sum(ops.cast(ops.convert_to_tensor(np.array([2.0**24, 1.0], np.float32)), "float64"))
+        assert keras.backend.standardize_dtype(sums.dtype) == "float64"
+        assert float(np_(sums)) == 2.0**24 + 1  # float32 would round it to 2^24
 
 
 @pytest.mark.parametrize("digits", [False, True], ids=["float64", "digits"])
