@@ -281,8 +281,12 @@ def sums_in_float64() -> bool:
 
         return bool(jax.config.jax_enable_x64) or hasattr(jax, "enable_x64")
     if backend == "torch":
-        from keras.src.backend.torch.core import get_device
+        try:
+            from keras.src.backend.torch.core import get_device  # where Keras puts its tensors
+        except ImportError:
+            import torch
 
+            return not torch.backends.mps.is_available()
         return not str(get_device()).startswith("mps")
     return backend == "tensorflow"
 
