@@ -64,7 +64,6 @@ from observers_setup import (
     methods,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMORY_BOUND = 1.10  # largest/smallest batch count: peak memory may grow by at most 10%
 MEMORY_SLACK = 1 << 20  # ... or by less than 1 MiB (page-level noise on tiny batches)
 MB = 1e6

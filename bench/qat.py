@@ -1,7 +1,7 @@
 """Quantization-aware training on real data: what QAT recovers over PTQ, and what a training step costs.
 
 On the MobileNet-style CNN trained on scikit-learn's digits (`qstrat.zoo.digits_mobilenet`,
-1437 training and 360 test images), it prints:
+1442 training and 355 test images), it prints:
 
 - float test accuracy;
 - pof2s PTQ accuracy with 8-bit and with 4-bit weights (512 calibration images);
@@ -26,7 +26,7 @@ On the MobileNet-style CNN trained on scikit-learn's digits (`qstrat.zoo.digits_
 Targets (printed beside the figures): 8-bit tqt within 0.2 points of float;
 4-bit-weight tqt recovering at least half of the PTQ loss; step time <= 1.15x.
 
-Run: ``.venv/bin/python bench/qat.py`` (about 3 minutes on 2 cores).
+Run: ``.venv/bin/python bench/qat.py`` (about 5 minutes on 2 cores).
 """
 
 from __future__ import annotations

@@ -303,6 +303,9 @@ def _margins() -> int:
         differ = qmodel.predict(x, batch_size=64, verbose=0).argmax(1) != top
         counts = ", ".join(f"{int((differ & (margin < step)).sum())} below {step:g}" for step in steps)
         print(f"  {strategy} disagrees on {int(differ.sum())} images: {counts}", flush=True)
+        if strategy == "pof2s":  # the position calibration gave the logits: the state of the softmax's input
+            logits_q = qmodel.get_layer(model.layers[-1].name).input._keras_history.operation
+            print(f"  pof2s holds the logits at position {int(np.asarray(logits_q.state['pos']))}", flush=True)
     _logits_alone(model)
     return 0
 

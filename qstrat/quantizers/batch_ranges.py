@@ -22,11 +22,12 @@ values the NumPy code gives on that batch (the quantizers' ``reference_train``):
   shares, in units of 2^-24 of the finest candidate's step squared.
   - Where the backend computes in float64 (`sums_in_float64`; on JAX within
     ``jax.enable_x64``) and the grid has up to 8 bits, each candidate's terms
-    are summed in float64. Every
-    term is an integer below 2^53, so the sum is exact while it stays below
-    2^53 (errors of 2^29 finest steps squared). Past that, each addition
-    rounds by at most 2^-53 of the sum, so only two sums within N 2^-53 of
-    each other, N the values summed, may be misordered.
+    are summed in float64. While min_quantize_pos does not bind, every term
+    is an integer below 2^53, so the sum is exact while it stays below 2^53
+    (errors of 2^29 finest steps squared). Past that, each addition rounds
+    by at most 2^-53 of the sum, so two sums may be misordered (or a tie
+    missed) only when they are within 2N 2^-53 of each other, relatively, N
+    the values summed.
   - Elsewhere (wider grids; torch on MPS) the terms are summed in base-256
     int32 digits, exact at any size, at several times the cost.
   NumPy sums the errors themselves in float64, exact but for its rounding
@@ -252,7 +253,8 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
     with fq.forward_only():
         if _all_at_once(r):  # one set of ops for every candidate: a fifth of the graph to trace
             together = error_sums(ops.stack(cands), (len(cands), -1, 1, 1))
-            sums = [together[k] for k in range(len(cands))]
+            with float64_enabled() if in_float64 else contextlib.nullcontext():
+                sums = [together[k] for k in range(len(cands))]
         else:  # one candidate at a time: a fifth of the memory
             sums = [error_sums(pos, (-1, 1, 1)) for pos in cands]
     if _replica_context() is not None:  # each replica summed its part of the batch: add them (the digits, carried)
@@ -277,9 +279,7 @@ def sums_in_float64() -> bool:
 
     backend = keras.backend.backend()
     if backend == "jax":
-        import jax
-
-        return bool(jax.config.jax_enable_x64) or hasattr(jax, "enable_x64")
+        return _jax_x64() is not None
     if backend == "torch":
         try:
             from keras.src.backend.torch.core import get_device  # where Keras puts its tensors
@@ -296,11 +296,24 @@ def float64_enabled():
     import keras
 
     if keras.backend.backend() == "jax":
-        import jax
-
-        if not jax.config.jax_enable_x64:
-            return jax.enable_x64(True)
+        enable = _jax_x64()
+        if enable is not None:
+            return enable()
     return contextlib.nullcontext()
+
+
+def _jax_x64():
+    """A function giving a context within which JAX computes in float64 (a no-op when ``jax_enable_x64`` is on),
+    or None where this JAX has none: ``jax.enable_x64`` (JAX 0.8 and later), ``jax.experimental.enable_x64``."""
+    import jax
+
+    if jax.config.jax_enable_x64:
+        return contextlib.nullcontext
+    if hasattr(jax, "enable_x64"):
+        return lambda: jax.enable_x64(True)
+    import jax.experimental
+
+    return getattr(jax.experimental, "enable_x64", None)
 
 
 _TOGETHER = 2**20  # elements of a batch (times the candidates) up to which `mse_pos` computes every candidate at once

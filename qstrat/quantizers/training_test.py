@@ -172,8 +172,9 @@ def test_min_mse_sums_in_float64_on_every_backend():
 @pytest.mark.parametrize("digits", [False, True], ids=["float64", "digits"])
 def test_min_mse_sums_past_2_53_pick_the_twins_position(digits):
     """Batches of 16384 values spread evenly: the finer candidates clip most of them, by up to thousands of steps,
-    so their integer sums (2^24 times the error in finest steps squared) pass 2^53, where float64 sums round;
-    both ways of summing still pick the twin's position."""
+    so their integer sums (2^24 times the error in finest steps squared) pass 2^53, where float64 sums round and
+    the digit sums carry far past int32; both ways of summing still pick the twin's position. (Those candidates
+    lose by far, so float64's rounding cannot decide here; it is the digits' carries this checks.)"""
     rng = np.random.default_rng(5)
     q = Pof2SQuantizer(method="Min_MSE")
     past = 0
@@ -184,6 +185,19 @@ def test_min_mse_sums_past_2_53_pick_the_twins_position(digits):
         with in_digits(digits):
             assert_step_equals_twin(q, variables(q, x.shape), x)
     assert past == 4
+
+
+def test_min_mse_takes_float64_sums_up_to_8_bits_and_digits_beyond():
+    """Which way `mse_pos` sums: float64 on grids up to 8 bits, where every term stays below 2^53; digits on wider
+    grids, whose terms need not. Either way the position is the twin's."""
+    from qstrat.quantizers import digit_sums
+
+    x = batch(np.random.default_rng(7))
+    for bits, want_digits in ((8, False), (4, False), (12, True)):
+        q = Pof2SQuantizer(method="Min_MSE", bit_width=bits)
+        with mock.patch.object(digit_sums, "error_digits", wraps=digit_sums.error_digits) as digit_calls:
+            assert_step_equals_twin(q, variables(q), x)
+        assert bool(digit_calls.call_count) is want_digits, bits
 
 
 @pytest.mark.parametrize("digits", [False, True], ids=["float64", "digits"])
