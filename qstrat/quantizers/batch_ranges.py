@@ -232,8 +232,9 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
     phi = ops.round((u - n0) * _F32(2.0**24))
 
     in_float64 = sums_in_float64() and digit_sums.magnitude_bits(grid) <= 14  # |i| < 2^14: every term below 2^53
+    sums_scope = float64_enabled if in_float64 else contextlib.nullcontext  # float64 stays float64 within, on JAX too
     if in_float64:
-        with float64_enabled():
+        with sums_scope():
             phi64 = ops.cast(phi, "float64")
     else:
         phi_digits = digit_sums.digits_of(ops.abs(phi), 3)  # |phi| <= 2^23
@@ -245,7 +246,7 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
         y = fq.pof2_fake_quant(r, ops.reshape(pos, shape), grid.qmin, grid.qmax, round_mode, None, zp)
         i = n0 - y * scale
         if in_float64:  # i (i 2^24 + 2 phi): each term below 2^53, exact, and >= 0
-            with float64_enabled():
+            with sums_scope():
                 i = ops.cast(i, "float64")
                 return ops.expand_dims(ops.sum(i * (i * 2.0**24 + 2.0 * phi64), axis=(-2, -1)), -1)
         return digit_sums.error_digits(ops.abs(i), ops.sign(i) * sign_phi, phi_digits, width)
@@ -253,7 +254,7 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
     with fq.forward_only():
         if _all_at_once(r):  # one set of ops for every candidate: a fifth of the graph to trace
             together = error_sums(ops.stack(cands), (len(cands), -1, 1, 1))
-            with float64_enabled() if in_float64 else contextlib.nullcontext():
+            with sums_scope():
                 sums = [together[k] for k in range(len(cands))]
         else:  # one candidate at a time: a fifth of the memory
             sums = [error_sums(pos, (-1, 1, 1)) for pos in cands]
@@ -263,7 +264,7 @@ def mse_pos(r, lo, hi, grid: IntGrid, symmetric: bool, round_mode, epsilon: floa
         else:
             sums = [digit_sums.carried(across_replicas(ops.cast(err, "int32"), "sum"), 1) for err in sums]
     best_pos, best = cands[0], sums[0]
-    with float64_enabled() if in_float64 else contextlib.nullcontext():
+    with sums_scope():
         for pos, err in zip(cands[1:], sums[1:], strict=True):
             better = err[..., 0] < best[..., 0] if in_float64 else digit_sums.less(err, best)
             best_pos = ops.where(better, pos, best_pos)
