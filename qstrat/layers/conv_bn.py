@@ -37,6 +37,7 @@ from keras import ops
 
 from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
+from qstrat.layers import strided
 
 L = keras.layers
 # Each supported conv class: its kind, and the rank of its input (None: any, for Dense).
@@ -203,6 +204,9 @@ class FoldedConvBN(keras.layers.Layer):
         g = self._geom
         if self._kind == "depthwise":
             return ops.depthwise_conv(x, kernel, g["strides"], g["padding"], "channels_last", g["dilation_rate"])
+        strides = strided.pointwise_strides(self.conv)
+        if strides is not None:  # TensorFlow's oneDNN gradient of this conv can crash: see qstrat.layers.strided
+            return strided.conv(x, kernel, strides)
         padding = g["padding"]
         if padding == "causal":  # as Conv1D does: pad on the left, then a valid convolution
             left = g["dilation_rate"][0] * (g["kernel_size"][0] - 1)

@@ -107,6 +107,19 @@ CASES = {
         True,
         {},
     ),
+    # 1x1 kernels with strides: computed at stride 1 on the pixels they read (qstrat.layers.strided).
+    "conv2d_1x1_strided": (
+        lambda b: L.Conv2D(4, 1, strides=2, padding="same", use_bias=b, name="c"),
+        (2, 7, 7, 3),
+        True,
+        {},
+    ),
+    "conv1d_1x1_strided_causal": (
+        lambda b: L.Conv1D(3, 1, strides=3, padding="causal", use_bias=b, name="c"),
+        (2, 10, 4),
+        False,
+        {},
+    ),
     "dense": (lambda b: L.Dense(5, use_bias=b, name="c"), (8, 7), True, {}),
     "dense_no_bias_no_scale": (lambda b: L.Dense(5, use_bias=b, name="c"), (8, 7), False, {"scale": False}),
 }

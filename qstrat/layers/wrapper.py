@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from qstrat.errors import ConfigError
+from qstrat.layers import strided
 from qstrat.layers.fake_quant import _gate, make_quantizer
 from qstrat.layers.shared_state import shared_state_from_config
 from qstrat.quantizers import batch_ranges
@@ -135,6 +136,10 @@ class QuantizeWrapper(keras.layers.Layer):
             attr = self._targets.get(id(v))
             return v.value if attr is None else self.quantized_weight(attr, bool(training))
 
+        strides = strided.pointwise_strides(self.layer) if training else None
+        if strides is not None:  # TensorFlow's oneDNN gradient of this conv can crash: see qstrat.layers.strided
+            bias = value(self.layer.bias) if self.layer.use_bias else None
+            return strided.call_conv(self.layer, inputs, value(self.layer.kernel), bias, strides)
         trainable = [value(v) for v in self.layer.trainable_variables]
         non_trainable = [value(v) for v in self.layer.non_trainable_variables]
         if training is not None and "training" in self.layer._call_signature.parameters:

@@ -43,6 +43,7 @@ from qstrat.calibration.data import take_samples
 from qstrat.errors import UnsupportedError
 from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.layers.strided import pick, pointwise_strides
 from qstrat.passes.frozen import Frozen
 from qstrat.passes.refine.soft_round import Chain, Trainer, batch_mse
 from qstrat.passes.runner import BatchRunner, graph_probe
@@ -242,27 +243,16 @@ def fast_finetune(
 @contextlib.contextmanager
 def _unstrided(block: Block):
     """For a block whose layer is a 1x1 convolution with strides: the slicing that picks the samples it reads, with
-    the layer at stride 1 meanwhile (the same outputs: a 1x1 kernel reads only the pixels at multiples of the
-    stride, with no padding). Else None.
-
-    TensorFlow's oneDNN filter gradient of a 1x1 stride-2 convolution corrupts memory on some inputs (60x60
-    and 8 channels, as in the mini-Xception's shortcuts; seen with TensorFlow 2.21 on an AVX-512 CPU), and
-    this is also less work.
-    """
+    the layer at stride 1 meanwhile (the same outputs, and no oneDNN filter gradient of a strided 1x1 convolution:
+    see `qstrat.layers.strided`). Else None."""
     layer = block.wrapper.layer
-    strides = tuple(getattr(layer, "strides", ()) or ())
-    plain = (
-        type(layer).__name__ in ("Conv1D", "Conv2D", "Conv3D")
-        and getattr(layer, "data_format", "channels_last") == "channels_last"
-        and all(k == 1 for k in layer.kernel_size)
-        and all(d == 1 for d in layer.dilation_rate)
-    )
-    if not plain or all(s == 1 for s in strides):
+    strides = pointwise_strides(layer)
+    if strides is None:
         yield None
         return
     layer.strides = (1,) * len(strides)
     try:
-        yield lambda a: a[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
+        yield lambda a: pick(a, strides)
     finally:
         layer.strides = strides
 
