@@ -197,14 +197,14 @@ class FoldedConvBN(keras.layers.Layer):
 
     # --- the math (keras.ops only) -------------------------------------------------------------
 
-    def _linear(self, x, kernel):
+    def _linear(self, x, kernel, training: bool = False):
         """The conv's linear map (no bias) with ``kernel``."""
         if self._kind == "dense":
             return ops.matmul(x, kernel)
         g = self._geom
         if self._kind == "depthwise":
             return ops.depthwise_conv(x, kernel, g["strides"], g["padding"], "channels_last", g["dilation_rate"])
-        strides = strided.pointwise_strides(self.conv)
+        strides = strided.pointwise_strides(self.conv) if training else None
         if strides is not None:  # TensorFlow's oneDNN gradient of this conv can crash: see qstrat.layers.strided
             return strided.conv(x, kernel, strides)
         padding = g["padding"]
@@ -245,13 +245,13 @@ class FoldedConvBN(keras.layers.Layer):
         """
         x = ops.cast(inputs, self.compute_dtype)
         w, folded_bias, (kernel, b, gamma, beta, mean_ma, sigma_ma) = self._moving_fold(x.dtype)
-        y = self._linear(x, quantize("kernel", w))
+        y = self._linear(x, quantize("kernel", w), training)
         if not training:
             return y + quantize("bias", folded_bias)
         # Read before any assign: sigma_MA, mean_MA and the step are the values at the start of the step.
         var_ma = ops.cast(self.moving_variance.value, x.dtype)
         step = ops.convert_to_tensor(self.step.value)
-        z = self._linear(x, kernel) + b
+        z = self._linear(x, kernel, training) + b
         mu_b, var_b = ops.moments(z, axes=list(range(len(z.shape) - 1)))
         sigma_b = ops.sqrt(ops.add(var_b, self.epsilon))
         # 1.0 once freeze_bn_delay training calls have run (never with -1), as a float blend: x*1 + y*0 == x.

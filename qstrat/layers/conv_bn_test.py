@@ -409,7 +409,17 @@ def test_saves_loads_and_keeps_training_identically(tmp_path):
     np.testing.assert_array_equal(np_(m(x)), np_(loaded(x)))
 
 
-@pytest.mark.parametrize("case", ["conv2d", "conv2d_no_bias", "depthwise_m2", "dense_no_bias_no_scale"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "conv2d",
+        "conv2d_no_bias",
+        "depthwise_m2",
+        "dense_no_bias_no_scale",
+        "conv2d_1x1_strided",
+        "conv1d_1x1_strided_causal",
+    ],
+)
 def test_folded_weights_are_fold_bn_s_fold(case):
     from qstrat.graph import capture, rebuild
     from qstrat.passes.optimize import OptimizeReport

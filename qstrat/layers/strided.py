@@ -4,8 +4,10 @@ A 1x1 kernel with strides s reads only the pixels at multiples of s, and
 pads nothing ("same", "valid" and "causal" agree for it), so slicing out
 those pixels and convolving them at stride 1 gives the same outputs.
 
-Training takes this path (QAT through `QuantizeWrapper` and `FoldedConvBN`,
-and fast finetune): TensorFlow's oneDNN filter gradient of a 1x1 stride-2
+Training takes this path, on every backend (QAT through `QuantizeWrapper`
+and `FoldedConvBN`, and fast finetune); inference keeps the layer's own
+strided convolution, which is not always bit for bit the same (JAX sums in
+another order). TensorFlow's oneDNN filter gradient of a 1x1 stride-2
 convolution corrupts memory on some shapes and crashes the process (60x60
 inputs with 4 or 8 channels, as in the mini-Xception's shortcuts; seen with
 TensorFlow 2.21 on an AVX-512 CPU, where a plain Keras model with that layer
@@ -14,14 +16,18 @@ crashes in ``fit``). It is also less work.
 
 from __future__ import annotations
 
+import keras
 from keras import ops
 
-CONVS = ("Conv1D", "Conv2D", "Conv3D")
+CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
 def pointwise_strides(layer) -> tuple[int, ...] | None:
-    """The strides of a channels_last Conv1D/2D/3D with a 1x1 kernel and some stride above 1; else None."""
-    if type(layer).__name__ not in CONVS or getattr(layer, "data_format", "channels_last") != "channels_last":
+    """The strides of a channels_last Conv1D/2D/3D with a 1x1 kernel and some stride above 1; else None.
+
+    Those classes exactly: a subclass may compute something else in its own ``call``.
+    """
+    if type(layer) not in CONVS or getattr(layer, "data_format", "channels_last") != "channels_last":
         return None
     strides = tuple(int(s) for s in layer.strides)
     if any(int(k) != 1 for k in layer.kernel_size) or all(s == 1 for s in strides):

@@ -13,7 +13,7 @@ import pytest
 from keras import ops
 
 import qstrat
-from qstrat.layers import QuantizeWrapper, strided
+from qstrat.layers import FoldedConvBN, QuantizeWrapper, strided
 from qstrat.layers.conv_bn_test import U, grads, np_
 
 L = keras.layers
@@ -36,6 +36,26 @@ def test_pointwise_strides_names_only_strided_1x1_channels_last_convs():
     assert strided.pointwise_strides(L.Conv2D(4, 1, strides=2, data_format="channels_first")) is None
     assert strided.pointwise_strides(L.DepthwiseConv2D(1, strides=2)) is None
     assert strided.pointwise_strides(L.Conv2DTranspose(4, 1, strides=2)) is None
+    assert strided.pointwise_strides(L.Conv3D(4, 1, strides=(2, 1, 2))) == (2, 1, 2)
+
+    class Own(L.Conv2D):  # a subclass may compute something else in its own call
+        pass
+
+    assert strided.pointwise_strides(Own(4, 1, strides=2)) is None
+
+
+@pytest.fixture
+def conv_calls(monkeypatch):
+    """How many times `strided.conv` runs (the stride-1 path), counted."""
+    calls = []
+    real = strided.conv
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(strided, "conv", counted)
+    return calls
 
 
 def _wrapped(case, seed=0):
@@ -62,11 +82,13 @@ def _size(w, x, kernel):
 
 @pytest.mark.portable
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_training_computes_what_inference_does(case):
+def test_training_computes_what_inference_does(case, conv_calls):
     """Training takes the stride-1 path, inference the layer's own call: the same quantized weights, the same outputs."""
     w, x = _wrapped(case)
-    assert strided.pointwise_strides(w.layer) is not None
-    train, infer = np_(w(x, training=True)), np_(w(x, training=False))
+    train = np_(w(x, training=True))
+    assert len(conv_calls) == 1
+    infer = np_(w(x, training=False))
+    assert len(conv_calls) == 1
     assert train.shape == infer.shape
     n = w.layer.kernel.shape[-2] + 2
     bound = 2 * n * U * _size(w, x, np_(w.quantized_weight("kernel")))
@@ -106,6 +128,20 @@ def test_gradients_are_the_layer_s_own(case):
     for g, ref, size in zip(got, want, sizes, strict=True):
         assert np.all(np.abs(g - ref) <= 2 * n * U * size)
         assert np.abs(ref).max() > 100 * (2 * n * U * size).max()
+
+
+@pytest.mark.portable
+def test_folded_conv_bn_trains_on_the_stride_1_path_and_infers_on_its_own(conv_calls):
+    """FoldedConvBN in training: the stride-1 path for both of its convolutions (quantized, and float for the batch
+    statistics); in inference the strided conv, so the fold stays bit for bit the deployed conv
+    (`conv_bn_test.test_folded_weights_are_fold_bn_s_fold` on the 1x1 strided cases)."""
+    conv = L.Conv2D(4, 1, strides=2, padding="same", name="c")
+    fold = FoldedConvBN(conv, L.BatchNormalization(name="bn"))
+    x = np.random.default_rng(0).normal(size=(2, 7, 7, 3)).astype("float32")
+    fold(x, training=False)
+    assert conv_calls == []
+    fold(x, training=True)
+    assert len(conv_calls) == 2
 
 
 @pytest.mark.portable
