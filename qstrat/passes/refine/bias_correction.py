@@ -17,7 +17,7 @@ of `SAMPLES` calibration samples held in memory: at each corrected layer it
 measures the shift on those samples, corrects the layer, computes its output
 again and goes on from there. Whatever the depth, that is one forward pass
 of the quantized model over those samples, with no function to trace (on
-JAX, one compiled function per layer that holds variables: `_Calls`). The
+JAX, one compiled function per layer that holds variables: `qstrat.passes.refine.layer_calls`). The
 float model's means on the same samples come from the calibration probe,
 which sees them on its pass (`float_sums`, where the data is arrays in
 memory), else from a float pass over them. A tensor is dropped once the
@@ -55,7 +55,6 @@ shift instead of subtracting it; here a test checks the sign.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,9 +66,10 @@ from qstrat.calibration.data import is_one_shot, take_samples  # noqa: F401 - is
 from qstrat.errors import CalibrationDataError
 from qstrat.graph import capture
 from qstrat.graph.ir import Graph, Node, TensorRef
-from qstrat.graph.rebuild import call_node, needed
-from qstrat.layers import FakeQuant, QuantizeWrapper
+from qstrat.graph.rebuild import needed
+from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import quantized_once
+from qstrat.passes.refine.layer_calls import LayerCalls
 from qstrat.passes.runner import sample_bytes
 from qstrat.progress import Progress
 from qstrat.quantizers.fake_quant import forward_only
@@ -258,43 +258,6 @@ def _float_means(float_graph: Graph, refs: list[TensorRef], x: list) -> list[np.
     return means
 
 
-class _Calls:
-    """Calls each node's layer on its inputs. On JAX an eager call compiles every operation apart (hundreds
-    of compiles for a MobileNetV2); there each layer runs as one compiled function, with its variables
-    passed in, so a corrected bias needs no new compile, and tensor quantizers of one specification share
-    theirs. (Every layer here is traceable: calibration has already run the model in a traced function.)"""
-
-    def __init__(self):
-        self.jax = keras.backend.backend() == "jax"
-        self.compiled: dict[object, Callable] = {}
-
-    @staticmethod
-    def _key(op) -> object:
-        """What a compiled function is kept under: a FakeQuant's quantizer and state shapes (its computation,
-        whatever its name), any other layer itself."""
-        if isinstance(op, FakeQuant):
-            return (json.dumps(op.quantizer_spec, sort_keys=True), tuple(tuple(v.shape) for v in op.variables))
-        return id(op)
-
-    def __call__(self, node: Node, args: list) -> list:
-        op = node.op
-        if not self.jax or not isinstance(op, keras.layers.Layer) or not op.variables:
-            return call_node(node, op, args)
-        import jax
-
-        key = self._key(op)
-        fn = self.compiled.get(key)
-        if fn is None:
-            variables = list(op.variables)
-
-            def run(values, xs):
-                with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
-                    return call_node(node, op, xs)
-
-            fn = self.compiled[key] = jax.jit(run)
-        return fn([v.value for v in op.variables], args)
-
-
 def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[[Node, list], object]) -> None:
     """Run the nodes that ``outputs`` need on ``inputs``, eagerly, in graph order, each by its own layer.
 
@@ -309,7 +272,7 @@ def _walk(graph: Graph, inputs: list, outputs: list[TensorRef], visit: Callable[
             for r in node.inputs:
                 readers[r] = readers.get(r, 0) + 1
     tensors = dict(zip(graph.inputs, inputs, strict=True))
-    calls = _Calls()
+    calls = LayerCalls()
     for node in graph.nodes:
         if node.name not in need:
             continue

@@ -273,14 +273,12 @@ def test_a_bias_state_shared_with_a_layer_that_ran_runs_the_model_again(monkeypa
     assert len(walks) == 2
 
 
-@pytest.mark.portable
-def test_on_jax_each_layer_runs_compiled_and_corrects_as_eager_calls_do(monkeypatch):
-    """On JAX the walk runs each layer that holds variables as one compiled function (`_Calls`); the biases
-    it corrects are those of the same walk run eagerly, bit for bit. Elsewhere it runs eagerly."""
-    from qstrat.passes.refine import bias_correction
+def _compiled_and_eager(monkeypatch, model, x, **kw):
+    """``model`` quantized by pof2s twice: bias correction's walk compiled where it compiles (JAX), then eager;
+    with the `LayerCalls` each made."""
+    from qstrat.passes.refine import layer_calls
 
-    model, x = _model(False), _data()
-    made, real_init = [], bias_correction._Calls.__init__
+    made, real_init = [], layer_calls.LayerCalls.__init__
 
     def quantized(eager: bool):
         def init(self):
@@ -288,14 +286,42 @@ def test_on_jax_each_layer_runs_compiled_and_corrects_as_eager_calls_do(monkeypa
             self.jax = self.jax and not eager
             made.append(self)
 
-        monkeypatch.setattr(bias_correction._Calls, "__init__", init)
-        return qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, weight_bit=4, include_cle=False)
+        monkeypatch.setattr(layer_calls.LayerCalls, "__init__", init)
+        return qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, include_cle=False, **kw)
 
     compiled = quantized(eager=False)
-    assert (sum(len(c.compiled) for c in made) > 0) == (keras.backend.backend() == "jax")
-    eager = quantized(eager=True)
-    for name in ("c1", "c2"):
+    walks = list(made)
+    return compiled, quantized(eager=True), walks
+
+
+def _same_corrected_biases(model, compiled, eager, names):
+    for name in names:
         got, want = (m.get_layer(f"quant_{name}").layer.bias for m in (compiled, eager))
         np.testing.assert_array_equal(ops.convert_to_numpy(got), ops.convert_to_numpy(want))
         before = model.get_layer(name).bias
         assert not np.array_equal(ops.convert_to_numpy(got), ops.convert_to_numpy(before))  # it corrected
+
+
+@pytest.mark.portable
+def test_on_jax_each_layer_runs_compiled_and_corrects_as_eager_calls_do(monkeypatch):
+    """On JAX the walk runs each layer that holds variables as one compiled function (`LayerCalls`); the
+    biases it corrects are those of the same walk run eagerly, bit for bit. Elsewhere it runs eagerly."""
+    model = _model(False)
+    compiled, eager, walks = _compiled_and_eager(monkeypatch, model, _data(), weight_bit=4)
+    assert (sum(len(c.compiled) for c in walks) > 0) == (keras.backend.backend() == "jax")
+    _same_corrected_biases(model, compiled, eager, ("c1", "c2"))
+
+
+@pytest.mark.portable
+def test_on_jax_layers_that_compute_alike_share_one_compiled_function(monkeypatch):
+    """Three convs, two alike but for their names and weights: the walk compiles two functions for the three
+    wrappers on JAX (none elsewhere), and corrects every bias as the eager walk does, bit for bit."""
+    i = keras.Input((8, 8, 3))
+    x = L.ReLU(name="r1")(L.Conv2D(6, 3, padding="same", name="c1")(i))
+    x = L.ReLU(name="r2")(L.Conv2D(6, 3, padding="same", name="c2")(x))
+    x = L.Conv2D(6, 3, padding="same", name="c3")(x)
+    model = keras.Model(i, L.GlobalAveragePooling2D(name="gap")(x))
+    compiled, eager, walks = _compiled_and_eager(monkeypatch, model, _data(), weight_bit=4)
+    wrapper_keys = [k for c in walks for k in c.compiled if isinstance(k, tuple) and k[0] == "QuantizeWrapper"]
+    assert len(wrapper_keys) == (2 if keras.backend.backend() == "jax" else 0)
+    _same_corrected_biases(model, compiled, eager, ("c1", "c2", "c3"))
