@@ -109,7 +109,6 @@ def test_every_module_has_a_test_or_is_covered():
         "calibration/data.py",
         "calibration/inputs.py",  # calibration/data_test.py, tests/bad_data_test.py, tests/bad_input_test.py: every check
         "passes/calibrate.py",
-        "passes/refine/layer_calls.py",  # passes/refine/bias_correction_test.py: compiled, shared, as the eager walk
         "passes/weight_calibration.py",  # passes/quantize_test.py, layers/conv_bn_test.py: shared and folded weights
         "api.py",
         "passes/insert.py",  # passes/quantize_test.py: exact insertion counts, shared quantizers, bypass equality

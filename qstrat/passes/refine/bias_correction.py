@@ -17,7 +17,8 @@ of `SAMPLES` calibration samples held in memory: at each corrected layer it
 measures the shift on those samples, corrects the layer, computes its output
 again and goes on from there. Whatever the depth, that is one forward pass
 of the quantized model over those samples, with no function to trace (on
-JAX, one compiled function per layer that holds variables: `qstrat.passes.refine.layer_calls`). The
+JAX, one compiled function per layer that holds variables, shared by convs alike:
+`qstrat.passes.refine.layer_calls`). The
 float model's means on the same samples come from the calibration probe,
 which sees them on its pass (`float_sums`, where the data is arrays in
 memory), else from a float pass over them. A tensor is dropped once the

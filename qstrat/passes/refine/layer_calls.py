@@ -5,7 +5,7 @@ for a MobileNetV2). There `LayerCalls` runs each layer that holds variables
 as one compiled function, with its variables passed in, so a layer whose
 variables change (a corrected bias) needs no new compile, and layers that
 compute alike (the same class and config but for the name, and the same
-variable shapes) share one.
+variable names, shapes and dtypes: `LayerCalls._key`) share one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,20 @@ import keras
 from qstrat.graph.ir import Node
 from qstrat.graph.rebuild import call_node
 from qstrat.layers import FakeQuant, QuantizeWrapper
+
+L = keras.layers
+# The layers whose computation their config and variables fully give: the layers bias correction corrects.
+SHARED = (
+    L.Conv1D,
+    L.Conv2D,
+    L.Conv3D,
+    L.DepthwiseConv1D,
+    L.DepthwiseConv2D,
+    L.Conv1DTranspose,
+    L.Conv2DTranspose,
+    L.Conv3DTranspose,
+    L.Dense,
+)
 
 
 class LayerCalls:
@@ -35,33 +49,28 @@ class LayerCalls:
         """What a compiled function is kept under: what the layer computes, whatever its name.
 
         - a FakeQuant: its quantizer and state shapes;
-        - a QuantizeWrapper of a Keras layer, or a Keras layer: its class and config without names (nor the
-          wrapper's shared-state keys and recorded corrections, which compute nothing), its variables'
-          shapes and dtypes, and the call's arguments other than tensors;
-        - any other layer (a custom one may compute from more than its config): itself.
+        - a QuantizeWrapper of a Keras conv or dense layer (`SHARED`), or such a layer: its class and config
+          without names (nor the wrapper's shared-state keys and recorded corrections, which compute nothing),
+          in their order, its variables' names, shapes and dtypes, in their order (the compiled function maps
+          another layer's variables onto the first one's by position), and its call's arguments, each tensor
+          by which of the layer's inputs it is, everything else only if a plain Python constant;
+        - any other layer: itself. Another Keras layer may compute from more than its config and variables
+          (an adapted Normalization keeps its statistics as plain tensors), and a custom one may too.
         """
         if isinstance(op, FakeQuant):
             return (json.dumps(op.quantizer_spec, sort_keys=True), tuple(tuple(v.shape) for v in op.variables))
         inner = op.layer if isinstance(op, QuantizeWrapper) else op
-        if not type(inner).__module__.startswith("keras.") or hasattr(inner, "call_with_quantizers"):
+        call = _call_key(node)
+        if type(inner) not in SHARED or call is None:
             return id(op)
         config = {k: v for k, v in op.get_config().items() if k not in ("name", "shared_states", "corrections")}
         if "layer" in config:  # the wrapped layer's, without its name
             config["layer"] = {**config["layer"], "config": {**config["layer"].get("config", {}), "name": None}}
-        call = None
-        if node.arguments is not None:
-            tensors = {id(t) for t in node.in_tensors}
-            try:
-                call = keras.tree.map_structure(
-                    lambda a: "<tensor>" if id(a) in tensors else repr(a), (node.arguments.args, node.arguments.kwargs)
-                )
-            except (TypeError, ValueError):  # arguments keras.tree cannot walk: this layer compiles on its own
-                return id(op)
         return (
             type(op).__name__,
-            json.dumps(config, sort_keys=True, default=repr),
-            tuple((tuple(v.shape), str(v.dtype)) for v in op.variables),
-            repr(call),
+            json.dumps(config, default=repr),
+            tuple((v.name, tuple(v.shape), str(v.dtype)) for v in op.variables),
+            call,
         )
 
     def __call__(self, node: Node, args: list) -> list:
@@ -81,3 +90,26 @@ class LayerCalls:
 
             fn = self.compiled[key] = jax.jit(run)
         return fn([v.value for v in op.variables], args)
+
+
+def _call_key(node: Node) -> str | None:
+    """The node's call arguments, each tensor as which of its inputs it is (the first place it appears), every
+    other argument as its repr if a plain Python constant; None if some argument is anything else."""
+    if node.arguments is None:
+        return ""
+    which: dict[int, int] = {}
+    for t in node.in_tensors:
+        which.setdefault(id(t), len(which))
+    plain = []
+
+    def leaf(a):
+        if id(a) in which:
+            return f"<input {which[id(a)]}>"
+        plain.append(a is None or type(a) in (bool, int, float, str))
+        return repr(a)
+
+    try:
+        call = keras.tree.map_structure(leaf, (node.arguments.args, node.arguments.kwargs))
+    except (TypeError, ValueError):  # arguments keras.tree cannot walk
+        return None
+    return repr(call) if all(plain) else None
