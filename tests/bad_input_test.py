@@ -13,6 +13,7 @@ from keras import ops
 
 import qstrat
 from qstrat.errors import CalibrationDataError, UnsupportedError
+from qstrat.graph.capture import UnsupportedModelError
 from qstrat.layers import FakeQuant, QuantizeWrapper
 
 L = keras.layers
@@ -220,6 +221,31 @@ def test_lambda_layers_are_kept_and_skipped_with_a_reason():
     assert q.report.layers["affine"].status == "skipped" and "Lambda" in q.report.layers["affine"].reason
     assert sqnr(np_(model(data)), np_(qmodel(data))) > 20
     assert model.get_layer("affine") not in qmodel.layers  # a copy: the user's layer is not reused
+
+
+@portable
+def test_an_activation_that_is_a_plain_function_is_an_error_that_says_to_register_it():
+    """Keras saves a plain function as its name, and cannot find it again: qstrat, which rebuilds layers from
+    their configs, says so and how to fix it. Registered, the same function quantizes."""
+
+    def doubled(t):
+        return 2.0 * t
+
+    def model_with(act):
+        i = keras.Input((8,))
+        x = L.Dense(8, activation=act, name="d1")(i)
+        return keras.Model(i, L.Dense(3, name="d2")(x))
+
+    data = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    with pytest.raises(UnsupportedModelError, match=r"(?s)'d1_doubled'.*register_keras_serializable"):
+        qstrat.Quantizer(model_with(doubled), "pof2s").quantize_model(data, verbose=0)
+    registered = keras.saving.register_keras_serializable(package="qstrat_test")(doubled)
+    model = model_with(registered)
+    q = qstrat.Quantizer(model, "pof2s")
+    qmodel = q.quantize_model(data, verbose=0)
+    moved = [e.detail for e in q.optimize_report.of("separate_conv_act") if e.node == "d1"]
+    assert moved == ["activation 'doubled' moved to d1_doubled"]
+    assert sqnr(np_(model(data)), np_(qmodel(data))) > 20
 
 
 # ---- the full state of every layer survives the copy ------------------------------------------

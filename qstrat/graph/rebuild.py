@@ -48,8 +48,9 @@ def _clone(layer, dtype: str | None = None, fill_zeros: bool = False):
     except Exception as exc:  # noqa: BLE001 - any failure here is the layer's config, said plainly
         raise UnsupportedModelError(
             f"cannot copy layer '{layer.name}' ({type(layer).__name__}) from its config: "
-            f"{type(exc).__name__}: {exc}. qstrat rebuilds every layer with from_config(get_config()); "
-            "make the layer's get_config() return every __init__ argument."
+            f"{type(exc).__name__}: {exc}. qstrat rebuilds every layer with from_config(get_config()): register "
+            "custom functions and classes with @keras.saving.register_keras_serializable(), and make the layer's "
+            "get_config() return every __init__ argument."
         ) from None
 
 

@@ -25,10 +25,23 @@ def symbolic(shape, dtype="float32"):
 
 
 def built_layer(cls, config: dict, input_shape=None, weights=None):
-    """A layer made from ``config``; built for ``input_shape`` and loaded with ``weights`` when given."""
+    """A layer made from ``config``; built for ``input_shape`` and loaded with ``weights`` when given.
+
+    A config Keras cannot make a layer from (an activation that is a plain, unregistered function) is the
+    user's model's, said plainly: an `UnsupportedModelError`.
+    """
+    from qstrat.graph.capture import UnsupportedModelError
+
+    try:
+        layer = cls.from_config(config) if weights is None else unfilled(cls, config)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the layer's config
+        raise UnsupportedModelError(
+            f"cannot make layer '{config.get('name')}' ({cls.__name__}) from its config: {type(exc).__name__}: "
+            f"{exc} qstrat rebuilds layers with from_config(get_config()): register custom functions and classes "
+            "with @keras.saving.register_keras_serializable(), and make get_config() return every __init__ argument."
+        ) from None
     if weights is None:
-        return cls.from_config(config)
-    layer = unfilled(cls, config)
+        return layer
     layer.build(tuple(input_shape))
     layer.set_weights([w for w in weights])
     refill(layer)

@@ -91,8 +91,10 @@ def remove_unused_layers(graph: Graph, cfg: Mapping, report: OptimizeReport) -> 
 def _activation_name(act) -> str:
     if isinstance(act, str):
         return act
-    if isinstance(act, Mapping):
-        return str(act.get("config", {}).get("name") or act.get("class_name") or "activation")
+    if isinstance(act, Mapping):  # a serialized object; a plain function's config is its name
+        cfg = act.get("config")
+        name = cfg if isinstance(cfg, str) else cfg.get("name") if isinstance(cfg, Mapping) else None
+        return str(name or act.get("class_name") or "activation").split(">")[-1]  # "package>name": the name
     return getattr(act, "__name__", "activation")
 
 
@@ -120,7 +122,8 @@ def separate_conv_act(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Gra
         import keras
 
         act_name = ed.unique(f"{node.layer_name}_{_activation_name(act)}")
-        act_layer = keras.layers.Activation(act, name=act_name)
+        # The layer's own activation (a serialized one, a custom function's, may not deserialize here).
+        act_layer = keras.layers.Activation(act if isinstance(act, str) else node.op.activation, name=act_name)
         ed.redirect(TensorRef(node.name, 0), TensorRef(act_name, 0))
         out_shape = linear[id(node.op)].compute_output_shape(node.in_tensors[0].shape)
         meta = {"origin": origin_of(node)}
