@@ -17,7 +17,7 @@ import numpy as np
 
 from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node, TensorRef
-from qstrat.graph.rewrite import refill, unfilled
+from qstrat.graph.rewrite import layer_from_config, refill
 
 
 def _clone(layer, dtype: str | None = None, fill_zeros: bool = False):
@@ -26,8 +26,6 @@ def _clone(layer, dtype: str | None = None, fill_zeros: bool = False):
     ``fill_zeros``: its variables start at zero (their values are about to be replaced; see `unfilled`).
     """
     import keras
-
-    from qstrat.graph.capture import UnsupportedModelError
 
     if type(layer) is keras.layers.Lambda:
         # A Lambda's config holds its function as bytecode, which Keras refuses to
@@ -43,15 +41,7 @@ def _clone(layer, dtype: str | None = None, fill_zeros: bool = False):
     config = layer.get_config()
     if dtype is not None:
         config["dtype"] = dtype
-    try:
-        return unfilled(layer.__class__, config) if fill_zeros else layer.__class__.from_config(config)
-    except Exception as exc:  # noqa: BLE001 - any failure here is the layer's config, said plainly
-        raise UnsupportedModelError(
-            f"cannot copy layer '{layer.name}' ({type(layer).__name__}) from its config: "
-            f"{type(exc).__name__}: {exc}. qstrat rebuilds every layer with from_config(get_config()): register "
-            "custom functions and classes with @keras.saving.register_keras_serializable(), and make the layer's "
-            "get_config() return every __init__ argument."
-        ) from None
+    return layer_from_config(layer.__class__, config, fill_zeros)
 
 
 def has_state(layer) -> bool:

@@ -24,22 +24,27 @@ def symbolic(shape, dtype="float32"):
     return keras.KerasTensor(tuple(shape), dtype=dtype)
 
 
-def built_layer(cls, config: dict, input_shape=None, weights=None):
-    """A layer made from ``config``; built for ``input_shape`` and loaded with ``weights`` when given.
-
-    A config Keras cannot make a layer from (an activation that is a plain, unregistered function) is the
-    user's model's, said plainly: an `UnsupportedModelError`.
-    """
+def layer_from_config(cls, config: dict, fill_zeros: bool = False):
+    """``cls.from_config(config)`` (`unfilled` with ``fill_zeros``). A config Keras cannot make a layer from
+    (an activation that is a plain, unregistered function) is the user's model's, said plainly: an
+    `UnsupportedModelError` naming the layer, the cause and the fix."""
     from qstrat.graph.capture import UnsupportedModelError
 
     try:
-        layer = cls.from_config(config) if weights is None else unfilled(cls, config)
+        return unfilled(cls, config) if fill_zeros else cls.from_config(config)
     except Exception as exc:  # noqa: BLE001 - any failure here is the layer's config
         raise UnsupportedModelError(
             f"cannot make layer '{config.get('name')}' ({cls.__name__}) from its config: {type(exc).__name__}: "
-            f"{exc} qstrat rebuilds layers with from_config(get_config()): register custom functions and classes "
-            "with @keras.saving.register_keras_serializable(), and make get_config() return every __init__ argument."
+            f"{exc}. qstrat rebuilds every layer with from_config(get_config()): register custom functions and "
+            "classes with @keras.saving.register_keras_serializable(), and make the layer's get_config() return "
+            "every __init__ argument."
         ) from None
+
+
+def built_layer(cls, config: dict, input_shape=None, weights=None):
+    """A layer made from ``config`` (`layer_from_config`); built for ``input_shape`` and loaded with ``weights``
+    when given."""
+    layer = layer_from_config(cls, config, fill_zeros=weights is not None)
     if weights is None:
         return layer
     layer.build(tuple(input_shape))
