@@ -23,7 +23,15 @@ Second, with the strategies' defaults (bias correction on): pof2s against
 pof2s with float scales, plain, without CLE, and with fast finetune
 (without CLE, and with activation-aware equalization).
 
-Run: ``.venv/bin/python bench/error_sources.py`` (about 12 minutes on 2 cores).
+Third, with ``--bits``, on `bench/refine.py`'s peer-size split (100
+calibration images, 638 evaluated, 269 of them faces): how many bits the
+activations need for 95% agreement on all images and 97% on the faces. pof2s with its defaults,
+its weights and biases kept at 8 bits, its tensors at ``activation_bit`` 8,
+9, 10, 12 and 16 (the model's input stays at 8), plain and with fast
+finetune without CLE; and with 16-bit weights and biases and 8-bit tensors.
+
+Run: ``.venv/bin/python bench/error_sources.py`` (about 12 minutes on 2 cores);
+``--bits`` prints only the third table (about 15 minutes).
 """
 
 from __future__ import annotations
@@ -62,6 +70,10 @@ SPLIT = (  # (setting, variant) of the first table
     ("fs", "plain"),
 )
 DEFAULTS = ("plain", "no CLE", "+fast_ft, no CLE", "+both")  # the second table's variants, for both grids
+BITS = (  # the third table's rows: (label, pof2s overrides)
+    *((f"activations {b}-bit", {"activation_bit": b}) for b in (8, 9, 10, 12, 16)),
+    ("weights and biases 16-bit", {"weight_bit": 16, "bias_bit": 16}),
+)
 
 
 def _float_scales(data):
@@ -95,13 +107,36 @@ def _score(r: dict) -> str:
     return f"{r['agree']:6.2f} / {r['faces']:6.2f}% {r['sqnr']:5.2f} dB"
 
 
-def main() -> int:
+def _bits() -> None:
+    model, calib, x, labels, faces = task("xception", split="peers")
+    print(
+        f"\nmini-Xception, peer-size split ({len(calib)} calibration, {len(x)} evaluated, {int(faces.sum())} faces), "
+        "pof2s with its defaults: agreement all / faces and SQNR, plain | with fast finetune, no CLE",
+        flush=True,
+    )
+    for label, extra in BITS:
+        cells = [
+            _score(scores(model, _quantized(model, calib, "pof2s", variant, **extra), x, labels, faces))
+            for variant in ("plain", "+fast_ft, no CLE")
+        ]
+        print(f"  {label:26s} {cells[0]} | {cells[1]}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     import keras
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bits", action="store_true", help="only the activation bits the agreement targets need")
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     print(
         f"qstrat bench/error_sources.py: Keras {keras.__version__}, {keras.backend.backend()}, {os.cpu_count()} cores"
     )
+    if args.bits:
+        _bits()
+        return 0
     model, calib, x, labels, faces = task("xception")
     print(
         f"\nmini-Xception ({len(x)} evaluated images, {int(faces.sum())} faces), without bias correction: agreement "
