@@ -1,4 +1,10 @@
-"""Test-wide settings: quiet TensorFlow, a fixed hypothesis profile for CI, and on JAX a compilation cache.
+"""Test-wide settings: quiet TensorFlow, a fixed hypothesis profile for CI, seeded tests, and on JAX a compilation cache.
+
+Every test, and every module before its shared fixtures are built, starts
+from the same seeds (Python's, NumPy's global generator and the backend's,
+through `keras.utils.set_random_seed`): a model a test builds gets the same
+initial weights on every run, so an assertion that holds for them holds
+each time, and one that fails, fails each time.
 
 On JAX, many tests build the same small models again (each fixture and
 parametrization makes its own), and XLA compiles each one anew: a disk
@@ -14,6 +20,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -22,6 +29,22 @@ settings.register_profile(
 settings.load_profile("qstrat")
 
 _jax_cache = None
+
+
+def _seed():
+    import keras
+
+    keras.utils.set_random_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seeded_module():  # before a module's shared fixtures are built
+    _seed()
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    _seed()
 
 
 def pytest_configure(config):
