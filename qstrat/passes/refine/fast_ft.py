@@ -287,6 +287,10 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
     train_x, train_y = (x[: len(x) - held], y[: len(y) - held]) if held else (x, y)
     val_x, val_y = (x[len(x) - held :], y[len(y) - held :]) if held else (x, y)
     batch_size = min(batch_size, len(train_x))  # no more than there are: then every step takes them all
+    # The training samples as backend tensors once, not converted from NumPy at every step; with every
+    # sample in each step, the batch is that tensor itself (in each permutation's chunk, sorted: in order).
+    tx, ty = keras.ops.convert_to_tensor(train_x), keras.ops.convert_to_tensor(train_y)
+    whole = batch_size == len(train_x)
     trainer.swap()
     ran = 0
     try:
@@ -299,8 +303,11 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
             warm = trainer.schedule(epoch, epochs)
             order = _epoch_order(rng, len(train_x), batch_size)
             for at in range(0, len(order), batch_size):  # batch by batch: fit() would copy the epoch's arrays
-                rows = np.sort(order[at : at + batch_size])
-                trainer.train_on_batch(train_x[rows], train_y[rows])
+                if whole:
+                    trainer.train_on_batch(tx, ty)
+                    continue
+                rows = keras.ops.convert_to_tensor(np.sort(order[at : at + batch_size]))
+                trainer.train_on_batch(keras.ops.take(tx, rows, axis=0), keras.ops.take(ty, rows, axis=0))
             ran += 1
             val = trainer.hard_error(val_x, val_y)
             if val < best_val:
@@ -311,6 +318,7 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
                     break
         best.restore()
     finally:
+        del tx, ty
         trainer.restore(keep=True)
         for v in frozen:
             v.trainable = True
