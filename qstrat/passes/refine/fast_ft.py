@@ -27,7 +27,9 @@ place:
 
 Memory is bounded by ``fast_ft_samples``, not by the calibration set: the
 first that many calibration samples are read once into memory, and one
-block's inputs and float outputs for them are cached at a time.
+block's inputs and float outputs for them are cached at a time (where every
+step takes all of them, the training part a second time while the block
+trains, as backend tensors converted once instead of at every step).
 """
 
 from __future__ import annotations
@@ -287,10 +289,10 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
     train_x, train_y = (x[: len(x) - held], y[: len(y) - held]) if held else (x, y)
     val_x, val_y = (x[len(x) - held :], y[len(y) - held :]) if held else (x, y)
     batch_size = min(batch_size, len(train_x))  # no more than there are: then every step takes them all
-    # The training samples as backend tensors once, not converted from NumPy at every step; with every
-    # sample in each step, the batch is that tensor itself (in each permutation's chunk, sorted: in order).
-    tx, ty = keras.ops.convert_to_tensor(train_x), keras.ops.convert_to_tensor(train_y)
+    # With every sample in each step, the batch is the training set itself (each permutation's chunk, sorted,
+    # is in order): converted to backend tensors once, not from NumPy at every step.
     whole = batch_size == len(train_x)
+    tx, ty = (keras.ops.convert_to_tensor(train_x), keras.ops.convert_to_tensor(train_y)) if whole else (None, None)
     trainer.swap()
     ran = 0
     try:
@@ -306,8 +308,8 @@ def _fit(block: Block, x, y, held: int, epochs: int, lr: float, batch_size: int)
                 if whole:
                     trainer.train_on_batch(tx, ty)
                     continue
-                rows = keras.ops.convert_to_tensor(np.sort(order[at : at + batch_size]))
-                trainer.train_on_batch(keras.ops.take(tx, rows, axis=0), keras.ops.take(ty, rows, axis=0))
+                rows = np.sort(order[at : at + batch_size])
+                trainer.train_on_batch(train_x[rows], train_y[rows])
             ran += 1
             val = trainer.hard_error(val_x, val_y)
             if val < best_val:
