@@ -25,10 +25,11 @@ pof2s with float scales, plain, without CLE, and with fast finetune
 
 Third, with ``--bits``, on `bench/refine.py`'s peer-size split (100
 calibration images, 638 evaluated, 269 of them faces): how many bits the
-activations need for 95% agreement on all images and 97% on the faces. pof2s with its defaults,
-its weights and biases kept at 8 bits, its tensors at ``activation_bit`` 8,
-9, 10, 12 and 16 (the model's input stays at 8), plain and with fast
-finetune without CLE; and with 16-bit weights and biases and 8-bit tensors.
+activations need for 95% agreement on all images and 97% on the faces.
+pof2s with its defaults, its weights and biases kept at 8 bits, its tensors
+at ``activation_bit`` 8, 9, 10, 12 and 16 (the model's input stays at 8),
+plain and with fast finetune without CLE; and with 16-bit weights and
+biases and 8-bit tensors.
 
 Run: ``.venv/bin/python bench/error_sources.py`` (about 12 minutes on 2 cores);
 ``--bits`` prints only the third table (about 15 minutes).
