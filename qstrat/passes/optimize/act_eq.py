@@ -4,7 +4,8 @@ Weight-only CLE balances each pair's per-channel weight ranges. With one
 activation quantizer per tensor, the tensor between the two layers of a pair
 is quantized on one grid for all its channels, so a channel whose values
 stay small gets few steps of it. Activation-aware equalization measures, on
-the calibration data, each channel's range A_c of that tensor (max |x|),
+the calibration data, each channel's range A_c of that tensor (max |x|
+over every other axis),
 and mixes a second factor into CLE's:
 
     s_c = s_weight,c^(1 - beta) * s_activation,c^beta,   s_activation,c = max_c' A_c' / A_c
@@ -29,6 +30,7 @@ import numpy as np
 from qstrat.calibration.data import iterate_batches
 from qstrat.graph.ir import Graph, taken_names, unique_name
 from qstrat.graph.rewrite import Editor
+from qstrat.passes.optimize.channels import channel_axis
 from qstrat.passes.runner import graph_probe
 
 DEAD = 1e-6  # a channel below this fraction of the largest range has no activation factor
@@ -55,10 +57,15 @@ def measure(
     heads = [p.head for p in pairs]
     refs = [ed.node(p.tail).inputs[0] for p in pairs]
     unique = list(dict.fromkeys(refs))
+    # The channel axis of each tensor: its pair's head's (the last, or 1 for channels_first; `cle.find_pairs`).
+    axes = dict(zip(refs, (channel_axis(ed.node(h)) for h in heads), strict=True))
 
     def body(inputs, symbolic):
         outs = run_graph(graph, inputs, unique, symbolic)
-        return [ops.max(ops.abs(t), axis=tuple(range(len(t.shape) - 1))) for t in outs]
+        return [
+            ops.max(ops.abs(t), axis=tuple(a for a in range(len(t.shape)) if a != axes[r]))
+            for r, t in zip(unique, outs, strict=True)
+        ]
 
     runner = graph_probe(graph, body, unique_name("qstrat_act_eq_ranges", taken_names(graph)))
     total = [None] * len(unique)

@@ -20,12 +20,12 @@ L = keras.layers
 CFG = {"cle_steps": 10, "cle_balance_method": "max", "cle_weight_threshold": 0.1, "act_eq_beta": 0.5}
 
 
-def _model():
+def _model(shape=(6, 6, 3), data_format="channels_last"):
     """conv -> ReLU -> conv with balanced weights, on inputs whose channel 0 is 100x the others (`_data`):
     the 4 middle channels that read it span 100x the range of the other 4, which weights cannot show."""
-    i = keras.Input((6, 6, 3))
-    head = L.Conv2D(8, 1, name="head")
-    tail = L.Conv2D(4, 1, name="tail")
+    i = keras.Input(shape)
+    head = L.Conv2D(8, 1, data_format=data_format, name="head")
+    tail = L.Conv2D(4, 1, data_format=data_format, name="tail")
     model = keras.Model(i, tail(L.ReLU(name="relu")(head(i))))
     rng = np.random.default_rng(0)
     k = np.zeros((1, 1, 3, 8), "float32")
@@ -60,6 +60,19 @@ def test_measured_ranges_are_the_per_channel_maxima():
     graph = capture(model)
     ranges = measure(graph, find_pairs(Editor(graph)), x, input_specs(model), 16, None)
     np.testing.assert_array_equal(ranges["head"], _ranges(model, x).astype(np.float64))  # a max: exact
+
+
+def test_a_channels_first_model_measures_its_channels_on_axis_1_and_equalizes_as_its_twin():
+    """The channels_first twin of `_model` (the same weights, the data transposed) has the same per-channel
+    ranges, bit for bit (maxima of the same products), and activation-aware CLE gives it the same weights."""
+    model, first = _model((6, 5, 3)), _model((3, 6, 5), "channels_first")  # (6, 5): no axis as long as the 8
+    x = _data(40)[:, :, :5]
+    xf = np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+    graph = capture(first)
+    ranges = measure(graph, find_pairs(Editor(graph)), xf, input_specs(first), 16, None)
+    np.testing.assert_array_equal(ranges["head"], _ranges(model, x).astype(np.float64))
+    for u, v in zip(_equalized(model, x).get_weights(), _equalized(first, xf).get_weights(), strict=True):
+        np.testing.assert_array_equal(u, v)
 
 
 def test_it_is_float_equivalent_and_moves_the_channel_ranges_together():

@@ -2,7 +2,9 @@
 
 A pair is a head layer and a tail layer (Conv2D, Conv1D, DepthwiseConv2D or
 Dense) joined by nothing but positively homogeneous steps: ReLU (no cap, no
-threshold, no slope), Activation relu/linear, ZeroPadding. Since
+threshold, no slope), Activation relu/linear, ZeroPadding, with the head's
+output channels on the axis the tail reads its input channels from (the
+last, or axis 1 where both are channels_first; any padding pads others). Since
 ``relu(s * x) == s * relu(x)`` for ``s > 0``, multiplying head output channel
 c by ``s_c`` and dividing the tail's input channel c by ``s_c`` leaves the
 float model unchanged.
@@ -38,7 +40,14 @@ from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
 from qstrat.passes.optimize.act_eq import activation_factor
-from qstrat.passes.optimize.channels import DEPTHWISE, scale_in, scale_out, shift_through
+from qstrat.passes.optimize.channels import (
+    DEPTHWISE,
+    channel_axis,
+    misplaced_bias,
+    scale_in,
+    scale_out,
+    shift_through,
+)
 from qstrat.passes.optimize.report import OptimizeReport
 
 ENDS = ("Conv1D", "Conv2D", "DepthwiseConv2D", "Dense")
@@ -124,12 +133,7 @@ def _act_kind(node: Node, to_relu6: bool) -> str | None:
 
 
 def _end_ok(node: Node) -> bool:
-    cfg = node.op.get_config()
-    return (
-        node.type_name in ENDS
-        and cfg.get("data_format", "channels_last") == "channels_last"
-        and cfg.get("groups", 1) == 1
-    )
+    return node.type_name in ENDS and node.op.get_config().get("groups", 1) == 1 and not misplaced_bias(node)
 
 
 def find_pairs(ed: Editor, to_relu6: bool = False) -> list[_Pair]:
@@ -142,19 +146,22 @@ def find_pairs(ed: Editor, to_relu6: bool = False) -> list[_Pair]:
         if head_act not in ("linear", "relu") and not (to_relu6 and head_act == "relu6"):
             continue
         links, relu, padded, cur = [], head_act != "linear", False, node
+        axis = channel_axis(node)  # the tail must read its input channels on this axis, every padding pad others
         while True:
             nxt = ed.sole_consumer(cur.name)
             if nxt is None or len(nxt.inputs) != 1:
                 break
             if _end_ok(nxt):
-                if len(ed.calls(nxt.op)) == 1:
+                if len(ed.calls(nxt.op)) == 1 and channel_axis(nxt) == axis:
                     cfg = nxt.op.get_config()
                     ks = cfg.get("kernel_size", (1,))
                     exact = nxt.type_name == "Dense" or all(k == 1 for k in ks) or cfg.get("padding") == "valid"
                     pairs.append(_Pair(node.name, nxt.name, tuple(links), exact and not padded, relu))
                 break
             kind = _act_kind(nxt, to_relu6)
-            if kind is None:
+            if kind is None or (
+                kind == "linear" and nxt.type_name.startswith("ZeroPadding") and channel_axis(nxt) != axis
+            ):
                 break
             relu = relu or kind.startswith("relu")
             padded = padded or nxt.type_name.startswith("ZeroPadding")
@@ -172,6 +179,14 @@ def cross_layer_equalization(
     activation-aware, weighted by ``act_eq_beta`` (`qstrat.passes.optimize.act_eq`).
     """
     ed = Editor(graph)
+    for node in ed.nodes:
+        if node.type_name in ENDS and misplaced_bias(node):
+            report.skipped(
+                "include_cle",
+                node.name,
+                "not equalized: Keras on this backend adds the bias of this channels_first layer on its last axis, "
+                "which is as long as its channel axis (keras.ops.add of a (1, C, 1, 1) bias)",
+            )
     pairs = find_pairs(ed, bool(cfg.get("cle_to_relu6", False)))
     if not pairs:
         report.skipped("include_cle", graph.name, "no equalizable pair (conv/depthwise/dense -> ReLU -> conv/...)")

@@ -8,7 +8,7 @@ from keras import ops
 from qstrat.graph import capture, rebuild
 from qstrat.graph.rewrite import Editor
 from qstrat.passes.optimize import OptimizeReport
-from qstrat.passes.optimize.channels import per_in_channel, per_out_channel
+from qstrat.passes.optimize.channels import keras_adds_channels_first_bias_last, per_in_channel, per_out_channel
 from qstrat.passes.optimize.cle import cross_layer_equalization, find_pairs
 from qstrat.passes.optimize.conftest import rand, randomize_bn
 from qstrat.passes.optimize.fold_bn import fold_conv_bn
@@ -32,13 +32,14 @@ def _unbalanced(model, seed=0):
     return model
 
 
-def _chain_model():
-    i = keras.Input((10, 10, 3))
-    x = L.Conv2D(8, 3, bias_initializer="random_normal", name="c1")(i)
-    x = L.ZeroPadding2D(1, name="pad")(L.ReLU(name="r1")(x))
-    x = L.DepthwiseConv2D(3, bias_initializer="random_normal", name="dw")(x)
+def _chain_model(shape=(10, 10, 3), data_format="channels_last"):
+    i = keras.Input(shape)
+    f = {"data_format": data_format}
+    x = L.Conv2D(8, 3, bias_initializer="random_normal", name="c1", **f)(i)
+    x = L.ZeroPadding2D(1, name="pad", **f)(L.ReLU(name="r1")(x))
+    x = L.DepthwiseConv2D(3, bias_initializer="random_normal", name="dw", **f)(x)
     x = L.Activation("relu", name="r2")(x)
-    x = L.Conv2D(6, 1, activation="relu", bias_initializer="random_normal", name="pw")(x)
+    x = L.Conv2D(6, 1, activation="relu", bias_initializer="random_normal", name="pw", **f)(x)
     x = L.Flatten()(x)
     return keras.Model(i, L.Dense(4, name="fc")(x))
 
@@ -56,6 +57,43 @@ def test_cle_is_float_equivalent_and_balances_ranges(run_pass):
     before = np.abs(np.asarray(model.get_layer("c1").kernel)).max((0, 1, 2))
     after = np.abs(np.asarray(new.get_layer("c1").kernel)).max((0, 1, 2))
     assert before.max() / before.min() > 50 and after.max() / after.min() < before.max() / before.min() / 5
+
+
+def test_channels_first_layers_equalize_as_their_channels_last_twins(run_pass):
+    """The kernels are laid out alike in both formats: CLE gives the same kernels, bit for bit, and a
+    channels_first model it leaves float-equivalent (its channels on axis 1, which the padding leaves alone)."""
+    last = _unbalanced(_chain_model((10, 11, 3)))
+    first = _chain_model((3, 10, 11), "channels_first")  # outputs (8, 8, 9), ...: no axis as long as the channels
+    first.set_weights(last.get_weights())
+    new_last, _, _ = run_pass(cross_layer_equalization, last, rand(2, 10, 11, 3), **CFG)
+    new_first, report, rel = run_pass(cross_layer_equalization, first, rand(4, 3, 10, 11), **CFG)
+    assert rel <= 1e-5, rel
+    assert [e.node for e in report.of("include_cle", "changed")] == ["c1", "dw"]
+    for a, b in zip(new_last.get_weights(), new_first.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_no_pair_across_layouts_or_a_padding_of_the_channels():
+    """A channels_first conv's channels are on axis 1: a Dense reads the last axis, and a ZeroPadding2D in the
+    other layout pads the channel axis; neither is a pair. With the padding in the conv's layout, it is one."""
+    i = keras.Input((3, 5, 7))
+    x = L.ReLU()(L.Conv1D(4, 1, data_format="channels_first", name="head")(L.Reshape((3, 35))(i)))
+    assert find_pairs(Editor(capture(keras.Model(i, L.Dense(2, name="tail")(x))))) == []
+    for fmt, pairs in (("channels_last", 0), ("channels_first", 1)):
+        y = L.ZeroPadding2D(1, data_format=fmt)(L.ReLU()(L.Conv2D(4, 1, data_format="channels_first", name="a")(i)))
+        model = keras.Model(i, L.Conv2D(2, 1, data_format="channels_first", name="b")(y))
+        assert len(find_pairs(Editor(capture(model)))) == pairs, fmt
+
+
+def test_a_channels_first_layer_as_wide_as_its_channels_equalizes_only_where_keras_adds_its_bias_there(run_pass):
+    model = _unbalanced(_chain_model((3, 10, 10), "channels_first"))  # c1's output is (8, 8, 8)
+    new, report, rel = run_pass(cross_layer_equalization, model, rand(4, 3, 10, 10), **CFG)
+    assert rel <= 1e-5, rel
+    changed = [e.node for e in report.of("include_cle", "changed")]
+    if keras_adds_channels_first_bias_last():  # c1 and dw (8, 8, 8) are left out; pw (6, 8, 8) has no pair
+        assert changed == [] and [e.node for e in report.of("include_cle", "skipped")][:2] == ["c1", "dw"]
+    else:
+        assert changed == ["c1", "dw"]
 
 
 def test_avg_method_and_threshold(run_pass):

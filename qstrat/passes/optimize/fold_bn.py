@@ -7,7 +7,9 @@ linear layer before it: ``W' = W * k`` on the output-channel axis (see
 
 A fold needs a Conv/Depthwise/ConvTranspose/Dense producer that is linear,
 called once, read only by the BatchNormalization, and a BatchNormalization
-on the channel (last) axis. Otherwise the fold is skipped with the reason.
+on the producer's channel axis: the last, or axis 1 after a channels_first
+layer (the kernel's layout is the same in both). Otherwise the fold is
+skipped with the reason.
 
 The folded node remembers the BatchNormalization's output statistics
 (``meta["bn_stats"]`` = per-channel beta and |gamma|): CLE bias absorption uses them.
@@ -23,7 +25,13 @@ import numpy as np
 from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
-from qstrat.passes.optimize.channels import FOLDABLE, scale_out
+from qstrat.passes.optimize.channels import (
+    FOLDABLE,
+    channel_axis,
+    keras_adds_channels_first_bias_last,
+    misplaced_bias,
+    scale_out,
+)
 from qstrat.passes.optimize.report import OptimizeReport
 
 
@@ -52,21 +60,27 @@ def _bn_stats(bn) -> tuple[np.ndarray, np.ndarray]:
     return beta, np.abs(gamma)
 
 
-def _channel_axis_ok(bn_node: Node) -> bool:
+def _bn_axis(bn_node: Node) -> int | None:
+    """The one axis the BatchNormalization normalizes, counted from 0; None for several."""
     rank = len(bn_node.in_tensors[0].shape)
     axis = bn_node.op.axis
     axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
-    return isinstance(axis, int) and axis % rank == rank - 1
+    return axis % rank if isinstance(axis, int) else None
 
 
 def _fold_problem(ed: Editor, bn_node: Node) -> str | None:
     if len(ed.calls(bn_node.op)) > 1:
         return "the BatchNormalization layer is shared by several calls"
     prod = ed.node(bn_node.inputs[0].node)
-    if prod.type_name in FOLDABLE and prod.op.get_config().get("data_format", "channels_last") != "channels_last":
-        return f"'{prod.name}' is channels_first: qstrat folds into channels_last layers only"
-    if not _channel_axis_ok(bn_node):
-        return f"BatchNormalization axis {bn_node.op.axis} is not the channel (last) axis"
+    want = channel_axis(prod) if prod.type_name in FOLDABLE else len(bn_node.in_tensors[0].shape) - 1
+    if _bn_axis(bn_node) != want:
+        layout = "channels_first " if want == 1 and prod.type_name in FOLDABLE else ""
+        return f"BatchNormalization axis {bn_node.op.axis} is not the channel axis ({want}) of {layout}'{prod.name}'"
+    if prod.type_name in FOLDABLE and misplaced_bias(prod):
+        return (
+            f"Keras on this backend adds the bias of channels_first '{prod.name}' on its last axis, which is as "
+            "long as its channel axis (keras.ops.add of a (1, C, 1, 1) bias): a folded bias would land there"
+        )
     if prod.type_name not in FOLDABLE:
         return f"its input comes from {prod.type_name} '{prod.name}', which has no kernel to fold into"
     if len(ed.calls(prod.op)) > 1:
@@ -127,11 +141,25 @@ def convert_bn_to_dwconv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> 
     for node in ed.walk():
         if node.type_name != "BatchNormalization":
             continue
-        if not _channel_axis_ok(node):
-            report.skipped("convert_bn_to_dwconv", node.name, f"axis {node.op.axis} is not the channel (last) axis")
-            continue
         bn = node.op
         shape = node.in_tensors[0].shape
+        axis = _bn_axis(node)
+        channels_first = axis == 1 and len(shape) == 4
+        if axis != len(shape) - 1 and not channels_first:
+            report.skipped(
+                "convert_bn_to_dwconv",
+                node.name,
+                f"axis {bn.axis} is neither the last axis nor the channel axis (1) of a 4-D tensor",
+            )
+            continue
+        if channels_first and shape[-1] == shape[1] and keras_adds_channels_first_bias_last():
+            report.skipped(
+                "convert_bn_to_dwconv",
+                node.name,
+                "Keras on this backend would add a channels_first depthwise conv's bias on the last axis, which is "
+                "as long as the channel axis here (keras.ops.add of a (1, C, 1, 1) bias)",
+            )
+            continue
         if len({tuple(n.in_tensors[0].shape[1:]) for n in ed.calls(bn)}) > 1:
             report.skipped("convert_bn_to_dwconv", node.name, "shared by calls on tensors of different shapes")
             continue
@@ -143,7 +171,7 @@ def convert_bn_to_dwconv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> 
                     "name": bn.name,
                     "kernel_size": 1,
                     "use_bias": True,
-                    "data_format": "channels_last",
+                    "data_format": "channels_first" if channels_first else "channels_last",
                     "dtype": bn.get_config().get("dtype"),
                 }
                 done[id(bn)] = built_layer(keras.layers.DepthwiseConv2D, cfg_dw, shape, [k.reshape(1, 1, -1, 1), shift])

@@ -6,6 +6,7 @@ import pytest
 from keras import ops
 
 from qstrat.layers import ScaleShift
+from qstrat.passes.optimize.channels import keras_adds_channels_first_bias_last
 from qstrat.passes.optimize.conftest import rand, randomize_bn, types
 from qstrat.passes.optimize.fold_bn import convert_bn_to_dwconv, fold_conv_bn
 
@@ -34,6 +35,19 @@ CASES = {
     "conv2d_transpose": (lambda: L.Conv2DTranspose(5, 3, strides=2, name="c"), (6, 6, 3), {}),
     "dense": (lambda: L.Dense(7, name="c"), (9,), {}),
     "dense_rank3": (lambda: L.Dense(7, use_bias=False, name="c"), (4, 9), {}),
+    # channels_first: the channels on axis 1 of the output, the kernels laid out as channels_last ones.
+    "conv2d_channels_first": (lambda: L.Conv2D(6, 3, data_format="channels_first", name="c"), (3, 8, 9), {"axis": 1}),
+    "conv1d_channels_first": (lambda: L.Conv1D(5, 3, data_format="channels_first", name="c"), (4, 10), {"axis": 1}),
+    "depthwise_channels_first_multiplier_2": (
+        lambda: L.DepthwiseConv2D(3, depth_multiplier=2, data_format="channels_first", name="c"),
+        (3, 8, 9),
+        {"axis": 1},
+    ),
+    "conv2d_transpose_channels_first": (
+        lambda: L.Conv2DTranspose(5, 3, strides=2, data_format="channels_first", name="c"),
+        (3, 6, 6),
+        {"axis": 1},
+    ),
 }
 
 
@@ -102,22 +116,56 @@ def test_unfoldable_2d_bn_becomes_scale_shift_and_round_trips(run_pass, tmp_path
     assert np.array_equal(ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(new(x)))
 
 
-def test_bn_on_a_non_channel_axis_is_left_alone(run_pass):
-    i = keras.Input((6, 6, 3))
-    model = randomize_bn(keras.Model(i, L.BatchNormalization(axis=1, name="bn")(L.Conv2D(3, 1)(i))))
-    for fn in (fold_conv_bn, convert_bn_to_dwconv):
-        new, report, rel = run_pass(fn, model, rand(2, 6, 6, 3))
-        assert rel == 0.0 and "BatchNormalization" in types(new)
-        assert "not the channel (last) axis" in report.events[0].detail
-
-
-def test_a_channels_first_conv_says_so_as_the_reason_its_bn_stays(run_pass):
-    """BatchNormalization(axis=1) after a channels_first conv is on its channel axis: the reason is the layout."""
-    i = keras.Input((3, 6, 6))
-    conv = L.Conv2D(3, 1, data_format="channels_first", name="conv")(i)
-    model = randomize_bn(keras.Model(i, L.BatchNormalization(axis=1, name="bn")(conv)))
-    _, report, rel = run_pass(fold_conv_bn, model, rand(2, 3, 6, 6))
-    assert rel == 0.0
+def test_bn_on_a_non_channel_axis_is_not_folded_and_becomes_a_channels_first_1x1_depthwise(run_pass):
+    """BatchNormalization(axis=1) after a channels_last conv normalizes rows, not the conv's channels: no fold.
+    On axis 1 of a 4-D tensor it is still a per-index affine map there, a channels_first 1x1 depthwise."""
+    i = keras.Input((6, 5, 3))
+    model = randomize_bn(keras.Model(i, L.BatchNormalization(axis=1, name="bn")(L.Conv2D(3, 1, name="conv")(i))))
+    x = rand(2, 6, 5, 3)
     assert (
-        report.events[0].detail == "not folded: 'conv' is channels_first: qstrat folds into channels_last layers only"
+        _skip_reason(model, x, run_pass)
+        == "not folded: BatchNormalization axis 1 is not the channel axis (3) of 'conv'"
     )
+    new, report, rel = run_pass(convert_bn_to_dwconv, model, x)
+    assert rel <= 1e-5 and "BatchNormalization" not in types(new)
+    dw = new.get_layer("bn")
+    assert dw.data_format == "channels_first" and tuple(dw.kernel.shape) == (1, 1, 6, 1)
+
+
+def test_bn_on_the_spatial_axis_of_a_channels_first_conv_is_not_folded(run_pass):
+    i = keras.Input((3, 6, 5))
+    conv = L.Conv2D(4, 1, data_format="channels_first", name="conv")(i)
+    model = randomize_bn(keras.Model(i, L.BatchNormalization(axis=-1, name="bn")(conv)))
+    reason = _skip_reason(model, rand(2, 3, 6, 5), run_pass)
+    assert reason == "not folded: BatchNormalization axis -1 is not the channel axis (1) of channels_first 'conv'"
+
+
+def test_a_channels_first_conv_as_wide_as_its_channels_folds_only_where_keras_adds_its_bias_there(run_pass):
+    """Keras's TensorFlow add puts a (1, C, 1, 1) bias on the last axis when that axis has C entries too: the
+    conv's output (6, 6, 6) here. Where it does, the fold would move the BN's shift there, so it is skipped."""
+    model = _conv_bn(L.Conv2D(6, 3, data_format="channels_first", name="c"), (3, 8, 8), axis=1)
+    new, report, rel = run_pass(fold_conv_bn, model, rand(4, 3, 8, 8))
+    assert rel <= 1e-5, rel
+    if keras_adds_channels_first_bias_last():
+        assert "BatchNormalization" in types(new)
+        (event,) = report.of("fold_conv_bn", "skipped")
+        assert "adds the bias of channels_first 'c' on its last axis" in event.detail
+    else:
+        assert "BatchNormalization" not in types(new)
+
+
+def test_keras_adds_channels_first_bias_last_measures_the_backend():
+    x = np.zeros((2, 3, 4, 3), "float32")
+    b = rand(3).reshape(1, 3, 1, 1)
+    on_last = np.array_equal(ops.convert_to_numpy(ops.add(x, b)), x + b.reshape(1, 1, 1, 3))
+    assert keras_adds_channels_first_bias_last() == on_last
+    assert on_last or np.array_equal(ops.convert_to_numpy(ops.add(x, b)), x + b)
+
+
+def test_bn_on_the_middle_axis_of_a_3d_tensor_stays(run_pass):
+    i = keras.Input((4, 6))
+    model = randomize_bn(keras.Model(i, L.BatchNormalization(axis=1, name="bn")(L.ReLU()(i))))
+    new, report, rel = run_pass(convert_bn_to_dwconv, model, rand(2, 4, 6))
+    assert rel == 0.0 and "BatchNormalization" in types(new)
+    (event,) = report.of("convert_bn_to_dwconv", "skipped")
+    assert event.detail == "axis 1 is neither the last axis nor the channel axis (1) of a 4-D tensor"
