@@ -75,8 +75,6 @@ def _check(conv, bn, freeze_bn_delay) -> None:
             f"FoldedConvBN({conv.name}): the conv has activation {cfg['activation']!r}; a BatchNormalization "
             "after it can only be folded into a linear conv. Move the activation after the BatchNormalization."
         )
-    if cfg.get("data_format", "channels_last") != "channels_last":
-        raise UnsupportedError(f"FoldedConvBN({conv.name}): the conv is channels_first; only channels_last folds.")
     if type(bn) is not L.BatchNormalization:
         raise UnsupportedError(f"FoldedConvBN({conv.name}): expected a BatchNormalization, got {type(bn).__name__}.")
     bcfg = bn.get_config()
@@ -107,9 +105,10 @@ class FoldedConvBN(keras.layers.Layer):
     the conv has none. The bias quantizer itself sees the folded bias.
 
     Args:
-        conv: a channels_last Conv1D/2D/3D, DepthwiseConv1D/2D or Dense with linear activation,
+        conv: a Conv1D/2D/3D, DepthwiseConv1D/2D (either data_format) or Dense with linear activation,
             or its serialized config (built: its weights are copied).
-        bn: a BatchNormalization on the last axis, or its serialized config (built: its weights are copied).
+        bn: a BatchNormalization on the conv's channel axis (the last, or 1 for channels_first), or its
+            serialized config (built: its weights are copied).
         freeze_bn_delay: training calls that update the moving statistics before they freeze and
             training switches to them; -1 never freezes.
 
@@ -127,6 +126,7 @@ class FoldedConvBN(keras.layers.Layer):
         self.freeze_bn_delay = int(freeze_bn_delay)
         self._kind, self._rank = _CONVS[type(conv)]
         self._axis = bn.axis
+        self._channels_first = conv.get_config().get("data_format") == "channels_first"
         if self._rank is not None:
             self._check_axis(self._rank)
         # Copies, owned by this layer (the layers passed in are left alone), in this layer's dtype if given.
@@ -146,11 +146,16 @@ class FoldedConvBN(keras.layers.Layer):
     def _check_axis(self, rank: int) -> None:
         axis = self._axis
         axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
-        if not isinstance(axis, int) or axis % rank != rank - 1:
+        want, where = (1, "(1) of its channels_first") if self._channels_first else (rank - 1, "(last) of its")
+        if not isinstance(axis, int) or axis % rank != want:
             raise UnsupportedError(
-                f"FoldedConvBN({self.name}): BatchNormalization axis {axis} is not the channel "
-                f"(last) axis of its rank-{rank} input; only a last-axis BatchNormalization folds."
+                f"FoldedConvBN({self.name}): BatchNormalization axis {axis} is not the channel axis {where} "
+                f"rank-{rank} input; only a BatchNormalization of the conv's channels folds."
             )
+
+    def _per_channel(self, v, rank: int):
+        """A (C,) vector shaped to broadcast over the conv's output channels (axis 1 when channels_first)."""
+        return ops.reshape(v, (-1,) + (1,) * (rank - 2)) if self._channels_first else v
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -202,16 +207,18 @@ class FoldedConvBN(keras.layers.Layer):
         if self._kind == "dense":
             return ops.matmul(x, kernel)
         g = self._geom
+        fmt = "channels_first" if self._channels_first else "channels_last"
         if self._kind == "depthwise":
-            return ops.depthwise_conv(x, kernel, g["strides"], g["padding"], "channels_last", g["dilation_rate"])
+            return ops.depthwise_conv(x, kernel, g["strides"], g["padding"], fmt, g["dilation_rate"])
         strides = strided.pointwise_strides(self.conv) if training else None
         if strides is not None:  # TensorFlow's oneDNN gradient of this conv can crash: see qstrat.layers.strided
             return strided.conv(x, kernel, strides)
         padding = g["padding"]
-        if padding == "causal":  # as Conv1D does: pad on the left, then a valid convolution
+        if padding == "causal":  # as Conv1D does: pad the steps on the left, then a valid convolution
             left = g["dilation_rate"][0] * (g["kernel_size"][0] - 1)
-            x, padding = ops.pad(x, [[0, 0], [left, 0], [0, 0]]), "valid"
-        return ops.conv(x, kernel, list(g["strides"]), padding, "channels_last", g["dilation_rate"])
+            pads = [[0, 0], [0, 0], [left, 0]] if self._channels_first else [[0, 0], [left, 0], [0, 0]]
+            x, padding = ops.pad(x, pads), "valid"
+        return ops.conv(x, kernel, list(g["strides"]), padding, fmt, g["dilation_rate"])
 
     def _scale_out(self, kernel, k):
         """Multiply output channel c of the kernel by ``k[c]`` (depthwise: channel in * multiplier + m)."""
@@ -246,13 +253,15 @@ class FoldedConvBN(keras.layers.Layer):
         x = ops.cast(inputs, self.compute_dtype)
         w, folded_bias, (kernel, b, gamma, beta, mean_ma, sigma_ma) = self._moving_fold(x.dtype)
         y = self._linear(x, quantize("kernel", w), training)
+        rank = len(y.shape)
         if not training:
-            return y + quantize("bias", folded_bias)
+            return y + self._per_channel(quantize("bias", folded_bias), rank)
         # Read before any assign: sigma_MA, mean_MA and the step are the values at the start of the step.
         var_ma = ops.cast(self.moving_variance.value, x.dtype)
         step = ops.convert_to_tensor(self.step.value)
-        z = self._linear(x, kernel, training) + b
-        mu_b, var_b = ops.moments(z, axes=list(range(len(z.shape) - 1)))
+        z = self._linear(x, kernel, training) + self._per_channel(b, rank)
+        channel = 1 if self._channels_first else rank - 1
+        mu_b, var_b = ops.moments(z, axes=[a for a in range(rank) if a != channel])
         sigma_b = ops.sqrt(ops.add(var_b, self.epsilon))
         # 1.0 once freeze_bn_delay training calls have run (never with -1), as a float blend: x*1 + y*0 == x.
         if self.freeze_bn_delay < 0:
@@ -268,7 +277,8 @@ class FoldedConvBN(keras.layers.Layer):
         self.step.assign(step + 1)
         mean = frozen * mean_ma + live * mu_b
         sigma = frozen * sigma_ma + live * sigma_b
-        return (sigma_ma / sigma) * y + quantize("bias", beta + (b - mean) * (gamma / sigma))
+        scale = self._per_channel(sigma_ma / sigma, rank)
+        return scale * y + self._per_channel(quantize("bias", beta + (b - mean) * (gamma / sigma)), rank)
 
     def call(self, inputs, training=None):
         return self.call_with_quantizers(inputs, lambda attr, tensor: tensor, bool(training))

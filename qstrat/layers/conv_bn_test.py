@@ -234,6 +234,72 @@ def test_without_quantizers_it_is_conv_then_batch_norm(case):
         assert_within(a, b, n_back, sizes[v.name], f"d/d{v.name}")
 
 
+def channels_first_twin(conv, bn, x):
+    """The channels_first copies of ``make``'s conv and BN (the same weights, the BN on axis 1), and x so laid out."""
+    xf = np.ascontiguousarray(np.moveaxis(x, -1, 1))
+    cf_conv = type(conv).from_config({**conv.get_config(), "data_format": "channels_first"})
+    cf_conv.build(xf.shape)
+    cf_conv.set_weights(conv.get_weights())
+    cf_bn = L.BatchNormalization.from_config({**bn.get_config(), "axis": 1})
+    cf_bn.build(cf_conv.compute_output_shape(xf.shape))
+    cf_bn.set_weights(bn.get_weights())
+    return cf_conv, cf_bn, xf
+
+
+@pytest.mark.parametrize("case", ["conv2d", "depthwise_m2_no_bias", "conv1d_causal_dilated", "conv2d_same_strided"])
+def test_a_channels_first_fold_is_its_channels_last_twin_transposed(case):
+    """The same fold on the same weights, channels on axis 1: its outputs, moving statistics and gradients are
+    the channels_last fold's (which the test above holds to conv + BN) up to float32 rounding, twice the
+    bound of one computation against the exact value."""
+    conv, bn, x = make(case)
+    cf_conv, cf_bn, xf = channels_first_twin(conv, bn, x)
+    last, first = FoldedConvBN(conv, bn), FoldedConvBN(cf_conv, cf_bn)
+    m = magnitudes(conv, bn, x)
+    K, N, axes = m["K"], m["N"], m["axes"]
+
+    def to_last(t):
+        return np.moveaxis(np_(t), 1, -1)
+
+    mean_ma, var_ma = np_(bn.moving_mean), np_(bn.moving_variance)
+    k = m["gamma"] / np.sqrt(var_ma + bn.epsilon)
+    size = np.abs(k) * (m["abs_lin"] + np.abs(m["bias"]) + np.abs(mean_ma)) + np.abs(m["beta"])
+    assert_within(to_last(first(xf)), last(x), 2 * (K + 16), size, "inference output")
+
+    r = np.random.default_rng(5).normal(size=m["z"].shape).astype("float32")
+    rf = np.ascontiguousarray(np.moveaxis(r, -1, 1))
+
+    def loss(fold, rr):
+        ps = list(fold.trainable_variables)
+        return lambda xt, *vs: ops.sum(
+            ops.multiply(stateless(fold, xt, {id(v): p for v, p in zip(ps, vs, strict=True)}), rr)
+        )
+
+    start = [ops.convert_to_numpy(v) for v in last.trainable_variables]
+    got, want = grads(loss(first, rf), [xf, *start]), grads(loss(last, r), [x, *start])
+    assert_within(to_last(first(xf, training=True)), last(x, training=True), 2 * (K + N + 16), m["y_size"], "training")
+    bias = m["bias"]
+    mean_size = (1 - bn.momentum) * np.mean(m["abs_lin"] + np.abs(bias), axes) + np.abs(mean_ma)
+    assert_within(first.moving_mean, last.moving_mean, 2 * (K + N + 16), mean_size, "moving_mean")
+    dev = np.abs(m["z"] - m["mu"]) + m["abs_lin"] + np.abs(bias) + np.abs(m["mu"])
+    var_size = np.mean(dev**2, axes) + var_ma
+    assert_within(first.moving_variance, last.moving_variance, 2 * (K + N + 16), var_size, "moving_variance")
+    ar, x_hat = np.abs(r), m["x_hat"]
+    a_dz = (m["g"] * (ar + ar.mean(axes) + np.abs(x_hat) * np.abs(r * x_hat).mean(axes)) * m["F"]).astype("float32")
+    kernel = ops.convert_to_numpy(conv.kernel)
+    _, a_dw = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [np.abs(x), kernel])
+    a_dx, _ = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [x, np.abs(kernel)])
+    sizes = {
+        "kernel": a_dw,
+        "bias": a_dz.sum(axes),
+        "gamma": (ar * np.abs(x_hat)).sum(axes) * m["F"],
+        "beta": ar.sum(axes),
+    }
+    n_back = 2 * (K + m["K'"] + 2 * N + 32)
+    assert_within(to_last(got[0]), want[0], n_back, a_dx, "d/dx")
+    for v, a, b in zip(last.trainable_variables, got[1:], want[1:], strict=True):
+        assert_within(a, b, n_back, sizes[v.name], f"d/d{v.name}")
+
+
 def conv2d_np(x, w):
     """A valid, stride-1 2-D convolution in float64 NumPy."""
     kh, kw = w.shape[:2]
@@ -482,9 +548,9 @@ def test_unsupported_layers_are_errors():
         FoldedConvBN(L.Conv2DTranspose(3, 3), bn)
     with pytest.raises(UnsupportedError, match="activation 'relu'"):
         FoldedConvBN(L.Conv2D(3, 3, activation="relu"), bn)
-    with pytest.raises(UnsupportedError, match="channels_first"):
-        FoldedConvBN(L.Conv2D(3, 3, data_format="channels_first"), bn)
-    with pytest.raises(UnsupportedError, match="axis 1 is not the channel"):
+    with pytest.raises(UnsupportedError, match=r"axis -1 is not the channel axis \(1\) of its channels_first"):
+        FoldedConvBN(L.Conv2D(3, 3, data_format="channels_first"), bn).build((None, 2, 6, 6))
+    with pytest.raises(UnsupportedError, match=r"axis 1 is not the channel axis \(last\)"):
         FoldedConvBN(L.Conv2D(3, 3), L.BatchNormalization(axis=1))
     with pytest.raises(UnsupportedError, match="expected a BatchNormalization, got LayerNormalization"):
         FoldedConvBN(L.Conv2D(3, 3), L.LayerNormalization())

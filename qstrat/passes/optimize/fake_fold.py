@@ -68,7 +68,9 @@ def fold_layer(node, freeze_bn_delay: int) -> FoldedConvBN:
     # folded bias = beta' + (0 - mean) * g / sigma
     new_beta = folded_bias + mean * factor
     bn_config = {**bn.get_config(), "scale": True, "center": True, "name": f"{conv.name}_bn"}
-    out_shape = (None,) * (len(shape) - 1) + (channels,)
+    rest = (None,) * (len(shape) - 2)
+    cf = conv.get_config().get("data_format") == "channels_first"
+    out_shape = (None, channels) + rest if cf else (None,) + rest + (channels,)
     new_bn = built_layer(type(bn), bn_config, out_shape, [a.astype(dtype) for a in (g, new_beta, mean, var)])
     # A BatchNormalization the user froze (trainable=False) runs in inference mode in Keras: its fold starts
     # frozen, on its moving statistics, which training then leaves as they are.

@@ -26,18 +26,21 @@ pytestmark = pytest.mark.portable
 ROUNDING = 8 * 2.0**-24
 
 
-def model():
+def model(data_format="channels_last"):
+    """Convs with BN; channels_first: on (3, 8, 9) images, so that no conv writes an axis as long as its channels."""
     keras.utils.set_random_seed(2)
-    i = keras.Input((8, 8, 3))
-    x = L.Conv2D(6, 3, padding="same", name="conv")(i)
-    x = L.BatchNormalization(name="bn")(x)
+    first = data_format == "channels_first"
+    f, axis = {"data_format": data_format}, 1 if first else -1
+    i = keras.Input((3, 8, 9) if first else (8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="conv", **f)(i)
+    x = L.BatchNormalization(axis=axis, name="bn")(x)
     x = L.ReLU(name="relu")(x)
-    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="dw")(x)
-    x = L.BatchNormalization(name="dw_bn")(x)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="dw", **f)(x)
+    x = L.BatchNormalization(axis=axis, name="dw_bn")(x)
     x = L.ReLU(name="dw_relu")(x)
-    x = L.Conv2DTranspose(4, 2, strides=2, name="up")(x)
-    x = L.BatchNormalization(name="up_bn")(x)
-    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Conv2DTranspose(4, 2, strides=2, name="up", **f)(x)
+    x = L.BatchNormalization(axis=axis, name="up_bn")(x)
+    x = L.GlobalAveragePooling2D(name="gap", **f)(x)
     x = L.Dense(5, name="fc")(x)
     x = L.BatchNormalization(name="fc_bn")(x)
     net = keras.Model(i, x)
@@ -51,9 +54,10 @@ def model():
     return net
 
 
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("cle", [False, True])
-def test_fold_layers_give_back_the_optimized_weights(cle):
-    net = model()
+def test_fold_layers_give_back_the_optimized_weights(cle, data_format):
+    net = model(data_format)
     cfg = {"fold_conv_bn": True, "include_cle": cle, "cle_steps": 4, "cle_balance_method": "max"}
     graph, _ = optimize(capture(net), cfg)
     folded = [n for n in graph.nodes if "folded_from" in n.meta]
@@ -76,9 +80,11 @@ def test_fold_layers_give_back_the_optimized_weights(cle):
     assert scaled == cle, "CLE's output scales move into gamma"
 
 
-def test_the_qat_model_fake_folds_what_it_can_and_says_what_it_cannot():
-    x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
-    q = qstrat.Quantizer(model(), "pof2s")
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_the_qat_model_fake_folds_what_it_can_and_says_what_it_cannot(data_format):
+    net = model(data_format)
+    x = np.random.default_rng(1).normal(size=(16, *net.input.shape[1:])).astype("float32")
+    q = qstrat.Quantizer(net, "pof2s")
     qat = q.get_qat_model(init_quant=True, calib_dataset=x, train_with_bn=True, verbose=0)
     folds = {w.layer.name for w in qat.layers if isinstance(w, QuantizeWrapper) and isinstance(w.layer, FoldedConvBN)}
     assert folds == {"conv", "dw", "fc"}
