@@ -9,6 +9,10 @@ shift on the quantized model against the float model and removes it:
 - or, for a layer with no bias followed by a BatchNormalization (the fs
   strategy keeps BN unfolded), from that BN: ``moving_mean += shift``.
 
+A channels_first layer's channels are on axis 1, where its means are taken
+(those of a layer on which Keras adds the bias on the wrong axis,
+`qstrat.passes.optimize.channels.misplaced_bias`, are left as they are).
+
 Each layer must be measured with every layer upstream of it already
 corrected (simultaneous updates of all layers diverge: a shift corrected
 upstream would be corrected again downstream). So the pass runs the
@@ -70,6 +74,7 @@ from qstrat.graph.ir import Graph, Node, TensorRef
 from qstrat.graph.rebuild import needed
 from qstrat.layers import QuantizeWrapper
 from qstrat.passes.frozen import quantized_once
+from qstrat.passes.optimize.channels import misplaced_bias
 from qstrat.passes.refine.layer_calls import LayerCalls
 from qstrat.passes.runner import sample_bytes
 from qstrat.progress import Progress
@@ -104,12 +109,12 @@ def _targets(qmodel, float_graph: Graph):
     for layer in qmodel.layers:
         if not isinstance(layer, QuantizeWrapper) or len(layer._inbound_nodes) != 1:
             continue
-        if getattr(layer.layer, "data_format", "channels_last") != "channels_last":
-            continue  # its channels are not on the last axis, where the means are measured: left as it is
         nodes = by_layer.get(layer.layer.name, [])
         if len(nodes) != 1:
             continue
         node = nodes[0]
+        if misplaced_bias(node):
+            continue  # Keras adds its bias on another axis than its channels: a shift would not land on them
         bn = None
         if not getattr(layer.layer, "use_bias", False):
             users = float_graph.consumers(TensorRef(node.name, 0))
@@ -119,8 +124,9 @@ def _targets(qmodel, float_graph: Graph):
                 bn = qmodel.get_layer(users[0].layer_name)
             except ValueError:
                 continue
-            if int(np.ravel(bn.axis)[0]) % len(bn.input.shape) != len(bn.input.shape) - 1:
-                continue  # normalizes another axis than the last
+            rank = len(bn.input.shape)
+            if int(np.ravel(bn.axis)[0]) % rank != _channel_axis(layer) % rank:
+                continue  # normalizes another axis than the layer's channels
         out.append((layer, TensorRef(node.name, 0), bn))
     return out
 
@@ -139,6 +145,8 @@ def float_sums(qmodel, float_graph: Graph, data, steps=None, batch_size=32):
     if steps is not None:
         total = min(total, steps * batch_size)
     targets = _targets(qmodel, float_graph)
+    if any(_channel_axis(wrapper) == 1 for wrapper, _, _ in targets):
+        return None  # the probe sums the last axis; a channels_first layer's means come from the float pass
     sizes = []
     for wrapper, _, _ in targets:
         shape = wrapper.output.shape  # the wrapped layer's: the float tensor's shape
@@ -202,10 +210,11 @@ def correct_biases(
     progress = progress or Progress(verbose)
     bar = progress.data_pass(len(targets), "layer", 1, f"{len(targets)} layers measured on {n} samples")
     refs = [ref for _, ref, _ in targets]
+    axes = [_channel_axis(wrapper) for wrapper, _, _ in targets]
     if sums is not None and sums.count == count and sums.samples == n and sums.refs == refs:
         float_means = sums.means()
     else:
-        float_means = _float_means(float_graph, refs, x)
+        float_means = _float_means(float_graph, refs, axes, x)
     index = {id(wrapper): j for j, (wrapper, _, _) in enumerate(targets)}
     groups = {(id(w), a): g for g in weight_groups(qmodel) for w, a in g}
     done: dict[int, Correction] = {}
@@ -219,13 +228,13 @@ def correct_biases(
         wrapper, _, bn = targets[j]
         group = groups.get((id(wrapper), "bias"), [])
         before = _bias_value(wrapper) if bn is None else None
-        done[j] = _correct(targets[j], _channel_means(outs[0]) - float_means[j], group)
+        done[j] = _correct(targets[j], _channel_means(outs[0], axes[j]) - float_means[j], group)
         bar.update(len(done))
         if any(w is not wrapper and id(w) in ran for w, _ in group):
             raise _Restart  # a layer before this one shares the bias state that changed
         if bn is not None:
             return None  # the BN's new mean shows when it runs
-        if _adds_bias_last(wrapper):  # the output moves by the change of the (quantized) bias
+        if _adds_bias_last(wrapper):  # the output moves by the change of the (quantized) bias (channels_last)
             return [keras.ops.add(outs[0], keras.ops.convert_to_tensor(_bias_value(wrapper) - before))]
         return True  # this layer's output again
 
@@ -246,14 +255,15 @@ def _outputs(graph: Graph, targets) -> list[TensorRef]:
     return [TensorRef(node.name, 0) for node in graph.nodes if id(node.op) in mine]
 
 
-def _float_means(float_graph: Graph, refs: list[TensorRef], x: list) -> list[np.ndarray]:
-    """Per target, the float output's per-channel mean over the samples ``x``."""
+def _float_means(float_graph: Graph, refs: list[TensorRef], axes: list[int], x: list) -> list[np.ndarray]:
+    """Per target, the float output's per-channel mean (channels on ``axes[j]``) over the samples ``x``."""
     where = {ref.node: j for j, ref in enumerate(refs)}
     means: list = [None] * len(refs)
 
     def visit(node: Node, outs: list) -> None:
         if node.name in where:
-            means[where[node.name]] = _channel_means(outs[0])
+            j = where[node.name]
+            means[j] = _channel_means(outs[0], axes[j])
 
     _walk(float_graph, x, refs, visit)
     return means
@@ -318,10 +328,18 @@ def _bias_value(wrapper: QuantizeWrapper) -> np.ndarray:
     return to_numpy(wrapper.layer.bias)
 
 
-def _channel_means(x) -> np.ndarray:
-    """Per-channel (last axis) mean of a batch: summed per sample in float32, then over samples in float64."""
+def _channel_axis(wrapper: QuantizeWrapper) -> int:
+    """The axis of the wrapped layer's output that holds its channels: 1 (channels_first) or -1."""
+    return 1 if getattr(wrapper.layer, "data_format", None) == "channels_first" else -1
+
+
+def _channel_means(x, axis: int = -1) -> np.ndarray:
+    """Per-channel mean of a batch, channels on ``axis``: summed per sample in float32, then over samples in
+    float64."""
     from qstrat.layers.probe import per_sample_channel_sums
 
+    if axis != -1 and axis != len(x.shape) - 1:
+        x = keras.ops.moveaxis(x, axis, -1)
     per_sample = keras.ops.convert_to_numpy(per_sample_channel_sums(x))
     return np.sum(per_sample, axis=0, dtype=np.float64) / (x.shape[0] * int(np.prod(x.shape[1:-1])))
 

@@ -169,7 +169,7 @@ def test_the_float_means_taken_by_the_probe_equal_those_of_a_float_pass(samples,
     calibrate_activations(qmodel, graph, {}, x, verbose=0, sums=sums)
     (held,) = take_samples(x, input_specs(qmodel), bias_correction.sample_count(graph))
     assert sums.samples == len(held) == {(100, None): 100, (300, None): 128, (100, 864 * 48): 48}[(samples, budget)]
-    walked = bias_correction._float_means(graph, sums.refs, [ops.convert_to_tensor(held)])
+    walked = bias_correction._float_means(graph, sums.refs, [-1] * len(sums.refs), [ops.convert_to_tensor(held)])
     rtol = 2.0**-20 if keras.backend.backend() == "jax" else 1e-12
     for got, want in zip(sums.means(), walked, strict=True):
         np.testing.assert_allclose(got, want, rtol=rtol)
@@ -325,3 +325,30 @@ def test_on_jax_layers_that_compute_alike_share_one_compiled_function(monkeypatc
     wrapper_keys = [k for c in walks for k in c.compiled if isinstance(k, tuple) and k[0] == "QuantizeWrapper"]
     assert len(wrapper_keys) == (2 if keras.backend.backend() == "jax" else 0)
     _same_corrected_biases(model, compiled, eager, ("c1", "c2", "c3"))
+
+
+def test_a_channels_first_model_is_corrected_as_its_channels_last_twin():
+    """Its channels are on axis 1, where the shifts are measured. Small integer weights and inputs make
+    every float sum exact in either layout, so the two quantized models, bias correction included, are
+    the same model transposed, bit for bit."""
+    rng = np.random.default_rng(0)
+
+    def net(fmt, shape):  # outputs (6, 7, 8) and (5, 7, 8) channels_first: no axis as long as the channels
+        i = keras.Input(shape)
+        x = keras.layers.ReLU()(keras.layers.Conv2D(6, 3, data_format=fmt, name="a")(i))
+        return keras.Model(i, keras.layers.Conv2D(5, 1, data_format=fmt, name="b")(x))
+
+    last, first = net("channels_last", (9, 10, 3)), net("channels_first", (3, 9, 10))
+    weights = [rng.integers(-3, 4, w.shape).astype("float32") for w in last.get_weights()]
+    last.set_weights(weights)
+    first.set_weights(weights)
+    x = rng.integers(-4, 5, (64, 9, 10, 3)).astype("float32")
+    xf = np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+    q_last, q_first = qstrat.Quantizer(last, "pof2s"), qstrat.Quantizer(first, "pof2s")
+    y_last = ops.convert_to_numpy(q_last.quantize_model(x, verbose=0)(x))
+    y_first = ops.convert_to_numpy(q_first.quantize_model(xf, verbose=0)(xf))
+    assert [c.layer for c in q_first.bias_corrections] == ["a", "b"]
+    assert q_first.bias_corrections == q_last.bias_corrections
+    # a's output is exact (integer weights and inputs); b reads a's ReLU on an 8-bit grid coarser than its integers.
+    assert q_first.bias_corrections[0].max_abs_shift == 0 < q_first.bias_corrections[1].max_abs_shift
+    np.testing.assert_array_equal(np.transpose(y_first, (0, 2, 3, 1)), y_last)
