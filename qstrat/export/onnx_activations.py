@@ -31,10 +31,10 @@ def activation_key(fn) -> str | None:
     return key if isinstance(key, str) else key.get("config", key.get("class_name"))
 
 
-def settings_refusal(layer, rank: int) -> str | None:
-    """Why a layer of a class with an emitter here has settings with no ONNX export (``rank``: its input's
-    rank), or None. The settings are known before calibration, so a quantize_model that writes ONNX checks
-    them first; the emitters check them again."""
+def settings_refusal(layer) -> str | None:
+    """Why a layer of a class with an emitter here has settings with no ONNX export, or None. The settings
+    are known before calibration, so a quantize_model that writes ONNX checks them first; the emitters check
+    them again."""
     kind = type(layer).__name__
     if kind not in ("Softmax", "PReLU") and getattr(layer, "activation", None) is not None:
         key = activation_key(layer.activation)
@@ -47,10 +47,6 @@ def settings_refusal(layer, rank: int) -> str | None:
             return "with both negative_slope and max_value"
     if kind == "Softmax" and isinstance(layer.axis, list | tuple) and len(layer.axis) != 1:
         return "over several axes"
-    if kind == "BatchNormalization":
-        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-        if axis % rank != rank - 1:
-            return f"on axis {layer.axis} (only the channel axis, last)"
     if kind == "Normalization" and getattr(layer, "invert", False):
         return "with invert=True"
     if kind == "UpSampling2D" and layer.interpolation != "nearest":
@@ -59,7 +55,7 @@ def settings_refusal(layer, rank: int) -> str | None:
 
 
 def refuse_settings(c: Call) -> None:
-    why = settings_refusal(c.layer, c.inputs[0].rank)
+    why = settings_refusal(c.layer)
     if why:
         raise unsupported(c, why)
 
@@ -168,7 +164,7 @@ def _batch_norm(c: Call) -> list[Tensor]:
     gamma = to_numpy(layer.gamma) if layer.scale else np.ones_like(mean)
     beta = to_numpy(layer.beta) if layer.center else np.zeros_like(mean)
     inv = (np.float32(1.0) / np.sqrt(var + np.float32(layer.epsilon))).astype(np.float32) * gamma
-    return _affine(c, inv, (beta - mean * inv).astype(np.float32))
+    return _affine(c, inv, (beta - mean * inv).astype(np.float32), layer.axis)  # Keras 3: one axis, any
 
 
 def _scale_shift(c: Call) -> list[Tensor]:

@@ -148,7 +148,7 @@ def _check_supported(graph) -> None:
         kind = type(op).__name__
         layer = isinstance(op, keras.layers.Layer)  # a keras.ops operation may share a layer's class name (Add)
         if layer and kind in EMITTERS:
-            why = settings_refusal(op, len(n.in_tensors[0].shape)) if n.in_tensors else None
+            why = settings_refusal(op)
             if why:
                 bad.append(f"{n.name} ({kind} {why})")
             continue

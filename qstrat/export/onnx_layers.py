@@ -20,11 +20,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qstrat.errors import UnsupportedError
+from qstrat.errors import UnsupportedError, warn_at_caller
 from qstrat.export.onnx_activations import ACTIVATION_EMITTERS, activation, refuse_settings
 from qstrat.export.onnx_build import Call, Tensor, physical_axis
 from qstrat.graph.ir import constant_operands
 from qstrat.layers.dpu import DPUAveragePooling2D, DPUGlobalAveragePooling2D
+from qstrat.passes.optimize.channels import keras_adds_channels_first_bias_last
 
 # ---- shapes and padding ---------------------------------------------------------------------------
 
@@ -107,9 +108,23 @@ def _conv(c: Call, kind: str) -> list[Tensor]:
         op = "Conv"
     ins = [x.name, w]
     if layer.use_bias:
+        _warn_if_keras_misplaces_the_bias(c, fmt, channels)
         ins.append(c.bias(x, "kernel", (channels,)))
     y = c.out(b.one(op, ins, c.name, **attrs), _layout_out(fmt))
     return [activation(c, y, layer.activation)]
+
+
+def _warn_if_keras_misplaces_the_bias(c: Call, fmt: str, channels: int) -> None:
+    """Where Keras on this backend adds a channels_first layer's bias on its last axis
+    (`qstrat.passes.optimize.channels`), the file, which adds it on the channels, differs from the model."""
+    out = c.out_shapes[0]
+    if fmt == "channels_first" and out[-1] == channels and keras_adds_channels_first_bias_last():
+        warn_at_caller(
+            f"{c.name}: Keras on this backend adds this channels_first layer's bias on its last axis, which is "
+            f"as long as its {channels} channels (keras.ops.add of a (1, C, 1, 1) bias). The ONNX file adds it "
+            "on the channels, as the layer means, so the file's outputs differ from the Keras model's. Use "
+            "channels_last, or the JAX or torch backend, where Keras adds it on the channels."
+        )
 
 
 def _transpose_pads(c: Call, sizes, out_sizes, kernel, strides, dil) -> dict:
