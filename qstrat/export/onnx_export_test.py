@@ -27,7 +27,7 @@ from qstrat.export.onnx_report import QDQ_INT8_OPTION, SaturationWarning
 from qstrat.export.qdq import grid_of, pair_sum_bound
 from qstrat.graph import capture
 from qstrat.layers import FakeQuant
-from qstrat.passes.optimize.channels import keras_adds_channels_first_bias_last
+from qstrat.layers.bias_axis import keras_adds_channels_first_bias_last
 
 pytestmark = pytest.mark.portable
 
@@ -683,3 +683,16 @@ def test_a_batch_normalization_on_axis_1_exports_as_its_last_axis_twin_transpose
         export_onnx(qmodel, tmp_path / f"bn{axis}.onnx")
         outs.append(run(tmp_path / f"bn{axis}.onnx", data))
     np.testing.assert_array_equal(np.transpose(outs[1], (0, 2, 3, 1)), outs[0])
+
+
+def test_a_separable_conv_whose_bias_keras_adds_on_the_last_axis_is_a_warning_too(tmp_path):
+    """Unsplit (separable_conv off), its pointwise half writes (6, 6, 6): as for a conv, above."""
+    i = keras.Input((3, 8, 8), name="x")
+    m = keras.Model(i, keras.layers.SeparableConv2D(6, 3, data_format="channels_first", name="s")(i))
+    x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype("float32")
+    qmodel = quantize(m, x, "pof2s", separable_conv=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        export_onnx(qmodel, tmp_path / "s.onnx")
+    warned = [str(w.message) for w in record if "adds this channels_first layer's bias" in str(w.message)]
+    assert [w.split(":")[0] for w in warned] == (["s"] if keras_adds_channels_first_bias_last() else [])

@@ -24,8 +24,8 @@ from qstrat.errors import UnsupportedError, warn_at_caller
 from qstrat.export.onnx_activations import ACTIVATION_EMITTERS, activation, refuse_settings
 from qstrat.export.onnx_build import Call, Tensor, physical_axis
 from qstrat.graph.ir import constant_operands
+from qstrat.layers.bias_axis import keras_adds_channels_first_bias_last
 from qstrat.layers.dpu import DPUAveragePooling2D, DPUGlobalAveragePooling2D
-from qstrat.passes.optimize.channels import keras_adds_channels_first_bias_last
 
 # ---- shapes and padding ---------------------------------------------------------------------------
 
@@ -116,7 +116,7 @@ def _conv(c: Call, kind: str) -> list[Tensor]:
 
 def _warn_if_keras_misplaces_the_bias(c: Call, fmt: str, channels: int) -> None:
     """Where Keras on this backend adds a channels_first layer's bias on its last axis
-    (`qstrat.passes.optimize.channels`), the file, which adds it on the channels, differs from the model."""
+    (`qstrat.layers.bias_axis`), the file, which adds it on the channels, differs from the model."""
     out = c.out_shapes[0]
     if fmt == "channels_first" and out[-1] == channels and keras_adds_channels_first_bias_last():
         warn_at_caller(
@@ -166,6 +166,8 @@ def _separable(c: Call) -> list[Tensor]:
         "Conv", [x.name, dw], f"{c.name}/depthwise", group=cin, strides=list(strides), dilations=list(dil), pads=pads
     )
     pw = c.weight("pointwise_kernel", lambda a: np.transpose(a, (n + 1, n, *range(n))), None, 0)
+    if layer.use_bias:
+        _warn_if_keras_misplaces_the_bias(c, fmt, int(layer.filters))
     ins = [mid, pw] + ([c.bias(None, "pointwise_kernel", (int(layer.filters),))] if layer.use_bias else [])
     y = c.out(b.one("Conv", ins, c.name), _layout_out(fmt))
     return [activation(c, y, layer.activation)]

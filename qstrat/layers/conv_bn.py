@@ -38,6 +38,7 @@ from keras import ops
 from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.layers import strided
+from qstrat.layers.bias_axis import MISPLACED, misplaces_bias
 
 L = keras.layers
 # Each supported conv class: its kind, and the rank of its input (None: any, for Dense).
@@ -153,6 +154,16 @@ class FoldedConvBN(keras.layers.Layer):
                 f"rank-{rank} input; only a BatchNormalization of the conv's channels folds."
             )
 
+    def _check_bias_axis(self, input_shape) -> None:
+        """This layer adds its folded bias on the channels; the plain conv that `folded_weights` makes would not
+        where Keras adds it on the last axis (`qstrat.layers.bias_axis`): refused, so that
+        training and the deployed model compute the same."""
+        if self._channels_first and misplaces_bias(self.conv.compute_output_shape(input_shape)):
+            raise UnsupportedError(
+                f"FoldedConvBN({self.name}): {MISPLACED}: a plain conv with the folded bias would not compute what "
+                "this layer trains. Give it channels_last data, or use the JAX or torch backend."
+            )
+
     def _per_channel(self, v, rank: int):
         """A (C,) vector shaped to broadcast over the conv's output channels (axis 1 when channels_first)."""
         return ops.reshape(v, (-1,) + (1,) * (rank - 2)) if self._channels_first else v
@@ -160,6 +171,7 @@ class FoldedConvBN(keras.layers.Layer):
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         self._check_axis(len(input_shape))
+        self._check_bias_axis(input_shape)
         self.conv.build(input_shape)
         self.bn.build(self.conv.compute_output_shape(input_shape))
         for layer, weights in zip((self.conv, self.bn), self._initial, strict=True):

@@ -26,6 +26,7 @@ from keras import ops
 import qstrat  # noqa: F401 - registers the layers for loading
 from qstrat.errors import ConfigError, UnsupportedError
 from qstrat.layers import FoldedConvBN, QuantizeWrapper
+from qstrat.layers.bias_axis import keras_adds_channels_first_bias_last
 from qstrat.passes.weight_calibration import calibrate_weight_group, calibrate_weights
 
 pytestmark = pytest.mark.portable
@@ -118,6 +119,13 @@ CASES = {
         lambda b: L.Conv1D(3, 1, strides=3, padding="causal", use_bias=b, name="c"),
         (2, 10, 4),
         False,
+        {},
+    ),
+    "conv2d_wide": (lambda b: L.Conv2D(4, 3, use_bias=b, name="c"), (2, 6, 7, 3), True, {}),
+    "conv2d_same_strided_wide": (
+        lambda b: L.Conv2D(4, 3, strides=2, padding="same", use_bias=b, name="c"),
+        (2, 7, 9, 3),
+        True,
         {},
     ),
     "dense": (lambda b: L.Dense(5, use_bias=b, name="c"), (8, 7), True, {}),
@@ -246,7 +254,11 @@ def channels_first_twin(conv, bn, x):
     return cf_conv, cf_bn, xf
 
 
-@pytest.mark.parametrize("case", ["conv2d", "depthwise_m2_no_bias", "conv1d_causal_dilated", "conv2d_same_strided"])
+# No channels_first output here has a last axis as long as its channels: FoldedConvBN refuses those where
+# Keras's TensorFlow add puts a bias on the last axis (the last test).
+@pytest.mark.parametrize(
+    "case", ["conv2d_wide", "depthwise_m2_no_bias", "conv1d_causal_dilated", "conv2d_same_strided_wide"]
+)
 def test_a_channels_first_fold_is_its_channels_last_twin_transposed(case):
     """The same fold on the same weights, channels on axis 1: its outputs, moving statistics and gradients are
     the channels_last fold's (which the test above holds to conv + BN) up to float32 rounding, twice the
@@ -559,3 +571,16 @@ def test_unsupported_layers_are_errors():
     w = QuantizeWrapper(FoldedConvBN(L.Dense(3, name="d"), bn), {"gamma": POF2})
     with pytest.raises(ConfigError, match='d.gamma: FoldedConvBN quantizes only its folded "kernel" and "bias"'):
         w.build((2, 4))
+
+
+def test_a_channels_first_conv_whose_bias_keras_adds_on_the_last_axis_is_refused_where_it_does():
+    """Its output (6, 6, 6): the fold adds the bias per channel, a plain deployed conv per column."""
+    conv = L.Conv2D(6, 3, data_format="channels_first", name="c")
+    fold = FoldedConvBN(conv, L.BatchNormalization(axis=1))
+    if keras_adds_channels_first_bias_last():
+        with pytest.raises(UnsupportedError, match=r"FoldedConvBN\(c\): Keras on this backend adds the bias"):
+            fold.build((None, 2, 8, 8))
+    else:
+        fold.build((None, 2, 8, 8))
+        assert fold.built
+    FoldedConvBN(conv, L.BatchNormalization(axis=1)).build((None, 2, 8, 9))  # (6, 6, 7): every backend

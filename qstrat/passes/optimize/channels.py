@@ -17,9 +17,9 @@ for ``depth_multiplier=1``; here the output channel is ``in * mult`` wide.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from qstrat.layers.bias_axis import misplaces_bias
 
 CONV = ("Conv1D", "Conv2D", "Conv3D", "Dense")
 DEPTHWISE = ("DepthwiseConv1D", "DepthwiseConv2D")
@@ -39,28 +39,13 @@ def channel_axis(node) -> int:
     return 1 if _channels_first(node) else len(node.in_tensors[0].shape) - 1
 
 
-@functools.cache
-def keras_adds_channels_first_bias_last() -> bool:
-    """Whether this backend's ``keras.ops.add`` adds a (1, C, 1, 1) bias on the last axis of a (N, C, H, C) tensor.
-
-    Keras 3.15's TensorFlow ``add`` turns such an add into ``tf.nn.bias_add`` and picks NHWC whenever the
-    last axis has C entries: a channels_first conv whose output is as wide as its channels adds its bias per
-    column. Measured, not assumed, so a Keras that fixes it folds those layers again.
-    """
-    import keras
-
-    x, b = np.zeros((1, 2, 1, 2), np.float32), np.arange(2, dtype=np.float32).reshape(1, 2, 1, 1)
-    return not np.array_equal(keras.ops.convert_to_numpy(keras.ops.add(x, b)), x + b)
-
-
 def misplaced_bias(node) -> bool:
-    """Whether Keras adds this layer's bias on another axis than its channels' (`keras_adds_channels_first_bias_last`):
-    a channels_first layer whose output's last axis is as long as its channel axis. Moving values into such a
-    bias (BN folding, CLE) would not move them where the model adds them."""
+    """Whether Keras may add this channels_first layer's bias on another axis than its channels
+    (`qstrat.layers.bias_axis`). Moving values into such a bias (BN folding, CLE) would not move them where
+    the model adds them."""
     if not _channels_first(node):
         return False
-    out = node.op.compute_output_shape(tuple(node.in_tensors[0].shape))
-    return out[-1] == out[1] and keras_adds_channels_first_bias_last()
+    return misplaces_bias(node.op.compute_output_shape(tuple(node.in_tensors[0].shape)))
 
 
 def per_out_channel(type_name: str, kernel: np.ndarray) -> np.ndarray:

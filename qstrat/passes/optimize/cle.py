@@ -39,6 +39,7 @@ import numpy as np
 from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
+from qstrat.layers.bias_axis import MISPLACED
 from qstrat.passes.optimize.act_eq import activation_factor
 from qstrat.passes.optimize.channels import (
     DEPTHWISE,
@@ -184,8 +185,7 @@ def cross_layer_equalization(
             report.skipped(
                 "include_cle",
                 node.name,
-                "not equalized: Keras on this backend adds the bias of this channels_first layer on its last axis, "
-                "which is as long as its channel axis (keras.ops.add of a (1, C, 1, 1) bias)",
+                f"not equalized: {MISPLACED}",
             )
     pairs = find_pairs(ed, bool(cfg.get("cle_to_relu6", False)))
     if not pairs:

@@ -7,8 +7,9 @@ from keras import ops
 
 from qstrat.graph import capture, rebuild
 from qstrat.graph.rewrite import Editor
+from qstrat.layers.bias_axis import keras_adds_channels_first_bias_last
 from qstrat.passes.optimize import OptimizeReport
-from qstrat.passes.optimize.channels import keras_adds_channels_first_bias_last, per_in_channel, per_out_channel
+from qstrat.passes.optimize.channels import per_in_channel, per_out_channel
 from qstrat.passes.optimize.cle import cross_layer_equalization, find_pairs
 from qstrat.passes.optimize.conftest import rand, randomize_bn
 from qstrat.passes.optimize.fold_bn import fold_conv_bn

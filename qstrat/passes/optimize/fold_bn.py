@@ -25,10 +25,10 @@ import numpy as np
 from qstrat.arrays import to_numpy
 from qstrat.graph.ir import Graph, Node
 from qstrat.graph.rewrite import Editor, built_layer
+from qstrat.layers.bias_axis import MISPLACED, misplaces_bias
 from qstrat.passes.optimize.channels import (
     FOLDABLE,
     channel_axis,
-    keras_adds_channels_first_bias_last,
     misplaced_bias,
     scale_out,
 )
@@ -72,17 +72,14 @@ def _fold_problem(ed: Editor, bn_node: Node) -> str | None:
     if len(ed.calls(bn_node.op)) > 1:
         return "the BatchNormalization layer is shared by several calls"
     prod = ed.node(bn_node.inputs[0].node)
-    want = channel_axis(prod) if prod.type_name in FOLDABLE else len(bn_node.in_tensors[0].shape) - 1
-    if _bn_axis(bn_node) != want:
-        layout = "channels_first " if want == 1 and prod.type_name in FOLDABLE else ""
-        return f"BatchNormalization axis {bn_node.op.axis} is not the channel axis ({want}) of {layout}'{prod.name}'"
-    if prod.type_name in FOLDABLE and misplaced_bias(prod):
-        return (
-            f"Keras on this backend adds the bias of channels_first '{prod.name}' on its last axis, which is as "
-            "long as its channel axis (keras.ops.add of a (1, C, 1, 1) bias): a folded bias would land there"
-        )
     if prod.type_name not in FOLDABLE:
         return f"its input comes from {prod.type_name} '{prod.name}', which has no kernel to fold into"
+    want = channel_axis(prod)
+    if _bn_axis(bn_node) != want:
+        layout = "channels_first " if prod.op.get_config().get("data_format") == "channels_first" else ""
+        return f"BatchNormalization axis {bn_node.op.axis} is not the channel axis ({want}) of {layout}'{prod.name}'"
+    if misplaced_bias(prod):
+        return f"'{prod.name}': {MISPLACED}; a folded bias would not land on the channels"
     if len(ed.calls(prod.op)) > 1:
         return f"'{prod.layer_name}' is shared by several calls (one kernel cannot hold two folds)"
     if ed.sole_consumer(prod.name) is not bn_node:
@@ -152,13 +149,9 @@ def convert_bn_to_dwconv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> 
                 f"axis {bn.axis} is neither the last axis nor the channel axis (1) of a 4-D tensor",
             )
             continue
-        if channels_first and shape[-1] == shape[1] and keras_adds_channels_first_bias_last():
-            report.skipped(
-                "convert_bn_to_dwconv",
-                node.name,
-                "Keras on this backend would add a channels_first depthwise conv's bias on the last axis, which is "
-                "as long as the channel axis here (keras.ops.add of a (1, C, 1, 1) bias)",
-            )
+        if channels_first and misplaces_bias(shape):
+            why = MISPLACED.replace("this channels_first layer", "a channels_first depthwise conv made of it")
+            report.skipped("convert_bn_to_dwconv", node.name, why)
             continue
         if len({tuple(n.in_tensors[0].shape[1:]) for n in ed.calls(bn)}) > 1:
             report.skipped("convert_bn_to_dwconv", node.name, "shared by calls on tensors of different shapes")

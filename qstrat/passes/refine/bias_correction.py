@@ -10,8 +10,10 @@ shift on the quantized model against the float model and removes it:
   strategy keeps BN unfolded), from that BN: ``moving_mean += shift``.
 
 A channels_first layer's channels are on axis 1, where its means are taken
-(those of a layer on which Keras adds the bias on the wrong axis,
-`qstrat.passes.optimize.channels.misplaced_bias`, are left as they are).
+(a layer with a bias that Keras adds on the wrong axis,
+`qstrat.passes.optimize.channels.misplaced_bias`, is left as it is; one
+without a bias, before a BatchNormalization, is corrected in the BN's mean,
+which Keras applies on the channels).
 
 Each layer must be measured with every layer upstream of it already
 corrected (simultaneous updates of all layers diverge: a shift corrected
@@ -113,10 +115,11 @@ def _targets(qmodel, float_graph: Graph):
         if len(nodes) != 1:
             continue
         node = nodes[0]
-        if misplaced_bias(node):
-            continue  # Keras adds its bias on another axis than its channels: a shift would not land on them
         bn = None
-        if not getattr(layer.layer, "use_bias", False):
+        if getattr(layer.layer, "use_bias", False):
+            if misplaced_bias(node):
+                continue  # Keras adds its bias on another axis than its channels: a shift would not land on them
+        else:
             users = float_graph.consumers(TensorRef(node.name, 0))
             if len(users) != 1 or users[0].type_name != "BatchNormalization":
                 continue
