@@ -123,15 +123,24 @@ def _targets(qmodel, float_graph: Graph):
             users = float_graph.consumers(TensorRef(node.name, 0))
             if len(users) != 1 or users[0].type_name != "BatchNormalization":
                 continue
-            try:
-                bn = qmodel.get_layer(users[0].layer_name)
-            except ValueError:
+            bn = _named(qmodel, users[0].layer_name)
+            if bn is None:
                 continue
-            rank = len(bn.input.shape)
+            rank = len(users[0].in_tensors[0].shape)
             if int(np.ravel(bn.axis)[0]) % rank != _channel_axis(layer) % rank:
                 continue  # normalizes another axis than the layer's channels
         out.append((layer, TensorRef(node.name, 0), bn))
     return out
+
+
+def _named(qmodel, name: str):
+    """The model's layer called ``name``, as it is or inside its `QuantizeWrapper` (a quantized BatchNormalization),
+    or None."""
+    for layer in qmodel.layers:
+        inner = layer.layer if isinstance(layer, QuantizeWrapper) else layer
+        if inner.name == name:
+            return inner
+    return None
 
 
 def float_sums(qmodel, float_graph: Graph, data, steps=None, batch_size=32):

@@ -355,15 +355,19 @@ def test_a_channels_first_model_is_corrected_as_its_channels_last_twin():
     np.testing.assert_array_equal(np.transpose(y_first, (0, 2, 3, 1)), y_last)
 
 
-def test_a_channels_first_bias_keras_adds_on_the_last_axis_is_left_and_a_bn_mean_is_corrected():
-    """c1 writes (6, 6, 6) but has no bias: its shift goes to bn1's mean, which Keras applies on the channels.
-    c2 writes (4, 4, 4) with a bias, which Keras on TensorFlow adds on the last axis: corrected elsewhere only."""
+@pytest.mark.parametrize("strategy", ["fs", "pof2s"])
+def test_a_channels_first_bias_keras_adds_on_the_last_axis_is_left_and_a_bn_mean_is_corrected(strategy):
+    """c1 writes (6, 6, 6) but has no bias: its shift goes to bn1's mean, which Keras applies on the channels
+    (fs keeps BN; pof2s folds it into c1's bias, where Keras adds a bias on the channels, and else quantizes
+    it, in a wrapper). c2 writes (4, 4, 4) with a bias, which Keras on TensorFlow adds on the last axis: left."""
     f = {"data_format": "channels_first"}
     i = keras.Input((3, 8, 8))
     x = L.BatchNormalization(axis=1, name="bn1")(L.Conv2D(6, 3, use_bias=False, name="c1", **f)(i))
     x = L.Conv2D(4, 3, name="c2", **f)(L.ReLU(name="r1")(x))
     model = keras.Model(i, L.GlobalAveragePooling2D(name="gap", **f)(x))
-    q = qstrat.Quantizer(model, "fs")
+    q = qstrat.Quantizer(model, strategy)
     q.quantize_model(np.transpose(_data(), (0, 3, 1, 2)), verbose=0, weight_bit=4, include_cle=False)
     where = {c.layer: c.where for c in q.bias_corrections}
-    assert where == {"c1": "bn1.moving_mean", **({} if keras_adds_channels_first_bias_last() else {"c2": "bias"})}
+    misplaced = keras_adds_channels_first_bias_last()
+    c1 = "bn1.moving_mean" if strategy == "fs" or misplaced else "bias"
+    assert where == {"c1": c1, **({} if misplaced else {"c2": "bias"})}
