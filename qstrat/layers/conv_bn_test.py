@@ -187,12 +187,39 @@ def magnitudes(conv, bn, x):
     return m
 
 
+def statistics_sizes(m, bn):
+    """The bound's A for the moving mean and variance after one training step (module doc)."""
+    axes, bias = m["axes"], m["bias"]
+    mean_ma, var_ma = np_(bn.moving_mean), np_(bn.moving_variance)
+    mean_size = (1 - bn.momentum) * np.mean(m["abs_lin"] + np.abs(bias), axes) + np.abs(mean_ma)
+    dev = np.abs(m["z"] - m["mu"]) + m["abs_lin"] + np.abs(bias) + np.abs(m["mu"])
+    return mean_size, np.mean(dev**2, axes) + var_ma
+
+
+def gradient_sizes(m, conv, x, r):
+    """The bound's A for d/dx and for each parameter's gradient of sum(output * r) in training."""
+    axes = m["axes"]
+    # dL/dz of BatchNormalization is g (r - mean r - x_hat mean(r x_hat)): its terms' size, per element.
+    ar, x_hat = np.abs(r), m["x_hat"]
+    a_dz = (m["g"] * (ar + ar.mean(axes) + np.abs(x_hat) * np.abs(r * x_hat).mean(axes)) * m["F"]).astype("float32")
+    kernel = ops.convert_to_numpy(conv.kernel)
+    _, a_dw = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [np.abs(x), kernel])
+    a_dx, _ = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [x, np.abs(kernel)])
+    sizes = {
+        "kernel": a_dw,
+        "bias": a_dz.sum(axes),
+        "gamma": (ar * np.abs(x_hat)).sum(axes) * m["F"],
+        "beta": ar.sum(axes),
+    }
+    return a_dx, sizes
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_without_quantizers_it_is_conv_then_batch_norm(case):
     conv, bn, x = make(case)
     fold = FoldedConvBN(conv, bn)
     m = magnitudes(conv, bn, x)
-    K, N, axes, bias = m["K"], m["N"], m["axes"], m["bias"]
+    K, N, bias = m["K"], m["N"], m["bias"]
 
     # Inference: conv(x, W k) + beta + (b - mean) k against bn(conv(x)).
     mean_ma, var_ma = np_(bn.moving_mean), np_(bn.moving_variance)
@@ -216,26 +243,13 @@ def test_without_quantizers_it_is_conv_then_batch_norm(case):
     start = [x] + [ops.convert_to_numpy(v) for v in params]
     got, want = grads(fold_loss, start), grads(ref_loss, start)
 
+    mean_size, var_size = statistics_sizes(m, bn)  # the moving statistics before this step
     assert_within(fold(x, training=True), bn(conv(x), training=True), K + N + 16, m["y_size"], "training output")
-    mean_size = (1 - bn.momentum) * np.mean(m["abs_lin"] + np.abs(bias), axes) + np.abs(mean_ma)
     assert_within(fold.moving_mean, bn.moving_mean, K + N + 16, mean_size, "moving_mean")
-    dev = np.abs(m["z"] - m["mu"]) + m["abs_lin"] + np.abs(bias) + np.abs(m["mu"])
-    var_size = np.mean(dev**2, axes) + var_ma
     assert_within(fold.moving_variance, bn.moving_variance, K + N + 16, var_size, "moving_variance")
     assert int(ops.convert_to_numpy(fold.step)) == 1
 
-    # dL/dz of BatchNormalization is g (r - mean r - x_hat mean(r x_hat)): its terms' size, per element.
-    ar, x_hat = np.abs(r), m["x_hat"]
-    a_dz = (m["g"] * (ar + ar.mean(axes) + np.abs(x_hat) * np.abs(r * x_hat).mean(axes)) * m["F"]).astype("float32")
-    kernel = ops.convert_to_numpy(conv.kernel)
-    _, a_dw = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [np.abs(x), kernel])
-    a_dx, _ = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [x, np.abs(kernel)])
-    sizes = {
-        "kernel": a_dw,
-        "bias": a_dz.sum(axes),
-        "gamma": (ar * np.abs(x_hat)).sum(axes) * m["F"],
-        "beta": ar.sum(axes),
-    }
+    a_dx, sizes = gradient_sizes(m, conv, x, r)
     n_back = K + m["K'"] + 2 * N + 32
     assert_within(got[0], want[0], n_back, a_dx, "d/dx")
     for v, a, b in zip(params, got[1:], want[1:], strict=True):
@@ -267,7 +281,7 @@ def test_a_channels_first_fold_is_its_channels_last_twin_transposed(case):
     cf_conv, cf_bn, xf = channels_first_twin(conv, bn, x)
     last, first = FoldedConvBN(conv, bn), FoldedConvBN(cf_conv, cf_bn)
     m = magnitudes(conv, bn, x)
-    K, N, axes = m["K"], m["N"], m["axes"]
+    K, N = m["K"], m["N"]
 
     def to_last(t):
         return np.moveaxis(np_(t), 1, -1)
@@ -288,24 +302,11 @@ def test_a_channels_first_fold_is_its_channels_last_twin_transposed(case):
 
     start = [ops.convert_to_numpy(v) for v in last.trainable_variables]
     got, want = grads(loss(first, rf), [xf, *start]), grads(loss(last, r), [x, *start])
+    mean_size, var_size = statistics_sizes(m, bn)
     assert_within(to_last(first(xf, training=True)), last(x, training=True), 2 * (K + N + 16), m["y_size"], "training")
-    bias = m["bias"]
-    mean_size = (1 - bn.momentum) * np.mean(m["abs_lin"] + np.abs(bias), axes) + np.abs(mean_ma)
     assert_within(first.moving_mean, last.moving_mean, 2 * (K + N + 16), mean_size, "moving_mean")
-    dev = np.abs(m["z"] - m["mu"]) + m["abs_lin"] + np.abs(bias) + np.abs(m["mu"])
-    var_size = np.mean(dev**2, axes) + var_ma
     assert_within(first.moving_variance, last.moving_variance, 2 * (K + N + 16), var_size, "moving_variance")
-    ar, x_hat = np.abs(r), m["x_hat"]
-    a_dz = (m["g"] * (ar + ar.mean(axes) + np.abs(x_hat) * np.abs(r * x_hat).mean(axes)) * m["F"]).astype("float32")
-    kernel = ops.convert_to_numpy(conv.kernel)
-    _, a_dw = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [np.abs(x), kernel])
-    a_dx, _ = grads(lambda xt, w: ops.sum(ops.multiply(m["lin"](xt, w), a_dz)), [x, np.abs(kernel)])
-    sizes = {
-        "kernel": a_dw,
-        "bias": a_dz.sum(axes),
-        "gamma": (ar * np.abs(x_hat)).sum(axes) * m["F"],
-        "beta": ar.sum(axes),
-    }
+    a_dx, sizes = gradient_sizes(m, conv, x, r)
     n_back = 2 * (K + m["K'"] + 2 * N + 32)
     assert_within(to_last(got[0]), want[0], n_back, a_dx, "d/dx")
     for v, a, b in zip(last.trainable_variables, got[1:], want[1:], strict=True):
