@@ -48,11 +48,11 @@ def _ranges(model, x):
     return np.abs(np.asarray(mid.predict(x, verbose=0))).max((0, 1, 2))
 
 
-def _equalized(model, x, beta=0.5, aware=True):
+def _equalized(model, x, beta=0.5, aware=True, **cfg):
     graph = capture(model)
     pairs = find_pairs(Editor(graph))
     ranges = measure(graph, pairs, x, input_specs(model), 16, None) if aware else None
-    return rebuild(cross_layer_equalization(graph, {**CFG, "act_eq_beta": beta}, OptimizeReport(), ranges))
+    return rebuild(cross_layer_equalization(graph, {**CFG, "act_eq_beta": beta, **cfg}, OptimizeReport(), ranges))
 
 
 def test_measured_ranges_are_the_per_channel_maxima():
@@ -96,6 +96,22 @@ def test_beta_zero_is_weight_only_cle_bit_for_bit():
     a, b = _equalized(model, x, beta=0.0), _equalized(model, x, aware=False)
     for u, v in zip(a.get_weights(), b.get_weights(), strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def test_channels_under_the_weight_threshold_keep_scale_1_with_activation_ranges_too():
+    model, x = _model(), _data(40)
+    # Head channel c's range plus the tail's input channel c's range: the threshold between the smallest two
+    # sums and the rest, so that those two alone keep their weights (the head's kernel columns, the tail's rows).
+    head, tail = (np.abs(np.asarray(model.get_layer(n).kernel)) for n in ("head", "tail"))
+    sums = head.max((0, 1, 2)) + tail.max((0, 1, 3))
+    low = np.argsort(sums)[:2]
+    threshold = float(np.sort(sums)[1:3].mean())
+    new = _equalized(model, x, cle_weight_threshold=threshold)
+    new_head, new_tail = (np.asarray(new.get_layer(n).kernel) for n in ("head", "tail"))
+    np.testing.assert_array_equal(new_head[..., low], np.asarray(model.get_layer("head").kernel)[..., low])
+    np.testing.assert_array_equal(new_tail[:, :, low], np.asarray(model.get_layer("tail").kernel)[:, :, low])
+    others = np.setdiff1d(np.arange(8), low)
+    assert not np.array_equal(new_head[..., others], np.asarray(model.get_layer("head").kernel)[..., others])
 
 
 def test_activation_factor():

@@ -217,10 +217,10 @@ def cross_layer_equalization(
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = np.sqrt(rt / rh)
             s = np.clip(np.nan_to_num(s, nan=1.0, posinf=10.0), 0.1, 10.0)
-            s[hmax + tmax < threshold] = 1.0
             if act_ranges is not None and p.head in act_ranges:  # the ranges under the scales so far
                 s_act = activation_factor(act_ranges[p.head] * total[p.head])
                 s = np.clip(s ** (1.0 - beta) * s_act**beta, 0.1, 10.0)
+            s[hmax + tmax < threshold] = 1.0  # activation-aware too: such channels are left as they are
             h.out_scale = h.out_scale * s
             t.in_scale = t.in_scale * (1.0 / s)
             total[p.head] = total[p.head] * s
