@@ -13,7 +13,7 @@ import enum
 import warnings
 from dataclasses import dataclass, field, replace
 
-from qstrat.errors import ConfigError, did_you_mean
+from qstrat.errors import ConfigError, did_you_mean, warn_at_caller
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, views
 from qstrat.passes.scope import limit_to_scope
 from qstrat.quantizers import DEFAULT_POSITION_POLICY
@@ -222,17 +222,20 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
         users = graph.consumers(TensorRef(node.name, 0))
         return users[0] if len(users) == 1 and node.name not in {r.node for r in graph.outputs} else None
 
+    bn_chains = 0  # conv -> BatchNormalization -> activation chains, whichever way no_quant_in_conv_bn_act is set
     for node in graph.nodes:
         nxt = sole_consumer(node)
         if nxt is None:
             continue
         if node.type_name in KERNEL_LAYERS:
             chain = [node]
-            if nxt.type_name == "BatchNormalization" and q["no_quant_in_conv_bn_act"]:
+            if nxt.type_name == "BatchNormalization":
                 after = sole_consumer(nxt)
                 if after is not None and _is_fusable_activation(after) and has_output(after.name):
-                    chain.append(nxt)
-                    nxt = after
+                    bn_chains += 1
+                    if q["no_quant_in_conv_bn_act"]:
+                        chain.append(nxt)
+                        nxt = after
             rule_on = q["no_quant_in_conv_bn_act"] if len(chain) > 1 else q["no_quant_in_conv_act"]
             if rule_on and _is_fusable_activation(nxt) and has_output(nxt.name):
                 for c in chain:
@@ -243,6 +246,12 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
             if _is_fusable_activation(nxt) and has_output(nxt.name) and has_output(node.name):
                 configs[node.name] = _drop_output(configs[node.name])
                 notes[node.name].append(f"output fused with {nxt.name}: quantized after it")
+    if q["no_quant_in_conv_bn_act"] is False and not bn_chains and any(has_output(n.name) for n in graph.nodes):
+        warn_at_caller(
+            "quantize_pipeline_config.no_quant_in_conv_bn_act = false does nothing here: no BatchNormalization is "
+            "left between a conv and a ReLU-like activation (the optimize stage folds them into the conv). Such a "
+            "conv's output quantizer is set by no_quant_in_conv_act."
+        )
 
     for node in graph.nodes:
         cfg = configs[node.name]

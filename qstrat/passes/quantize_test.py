@@ -302,3 +302,31 @@ def test_joint_tensor_puts_channels_on_the_quantizer_axis():
     assert k.shape[-2] == 4 and sorted(k[..., 1, :].ravel()) == sorted(j[..., 1].ravel())
     with pytest.raises(ConfigError, match="one channel count"):
         joint_tensor([a, b[:, :3]], -1)
+
+
+# ---- fusion rules -----------------------------------------------------------------------------------
+
+
+def conv_bn_relu():
+    keras.utils.set_random_seed(2)
+    i = keras.Input((8, 8, 3), name="image")
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(L.Conv2D(4, 3, padding="same", name="conv")(i)))
+    return keras.Model(i, L.Dense(2, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+
+
+def test_no_quant_in_conv_bn_act_acts_on_a_batch_norm_left_in_place_and_warns_where_none_is():
+    model, x = conv_bn_relu(), images()
+    unfolded = {"fold_conv_bn": False, "convert_bn_to_dwconv": False}
+
+    def outputs(**keys):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, include_bias_corr=False, **keys)
+        own = sorted(la.name for la in qmodel.layers if la.name in ("conv_output_q", "bn_output_q"))
+        return own, [str(w.message) for w in seen if "no_quant_in_conv_bn_act" in str(w.message)]
+
+    assert outputs(**unfolded) == ([], [])  # fused: only the ReLU's output is quantized
+    assert outputs(**unfolded, no_quant_in_conv_bn_act=False) == (["bn_output_q", "conv_output_q"], [])
+    assert outputs() == ([], [])
+    own, warned = outputs(no_quant_in_conv_bn_act=False)  # the BN is folded into the conv: nothing to act on
+    assert own == [] and len(warned) == 1 and "does nothing here" in warned[0]

@@ -91,7 +91,8 @@ OPTIMIZE_KEYS = (
     KeySpec(
         "cle_weight_threshold",
         "float",
-        "Channels whose two weight ranges add up to less than this keep scale 1.",
+        "Channels whose two weight ranges (the largest absolute weight of the channel in the head and in the tail, whichever the "
+        "balance method) add up to less than this keep scale 1, with activation-aware equalization too.",
         0.1,
         minimum=0.0,
         needs="include_cle",
@@ -164,16 +165,24 @@ QUANTIZE_KEYS = (
     KeySpec(
         "no_quant_in_conv_bn_act",
         "bool",
-        "No quantizer between a conv, its folded BatchNormalization and its activation: only the activation output is quantized.",
+        "No quantizer between a conv, a BatchNormalization left after it (one the optimize stage did not fold) and the "
+        "ReLU-like activation after that (ReLU, LeakyReLU, Activation relu/relu6/linear): only the activation output "
+        "is quantized. A folded BatchNormalization is gone, and its conv falls under no_quant_in_conv_act.",
         True,
     ),
     KeySpec(
         "no_quant_in_conv_act",
         "bool",
-        "No quantizer between a conv and its activation: only the activation output is quantized.",
+        "No quantizer between a conv and the ReLU-like activation after it (ReLU, LeakyReLU, Activation "
+        "relu/relu6/linear): only the activation output is quantized. Other activations keep the conv's quantizer.",
         True,
     ),
-    KeySpec("no_quant_in_add_act", "bool", "No quantizer between an Add/Multiply and the activation after it.", True),
+    KeySpec(
+        "no_quant_in_add_act",
+        "bool",
+        "No quantizer between an Add/Multiply and the ReLU-like activation after it (as for no_quant_in_conv_act).",
+        True,
+    ),
     KeySpec(
         "export_rounding",
         "enum",
