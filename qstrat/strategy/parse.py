@@ -48,8 +48,8 @@ def check_key_value(spec: KeySpec, value, path: str):
             raise ConfigError(
                 path,
                 "quantize_with_xcompiler needs the external Vitis AI compiler, which qstrat does not call, got true",
-                "Set quantize_with_xcompiler to false. The DPU compiler's position constraints (adjust_dpu_*, "
-                "align_*) are to be applied by qstrat's refine stage instead, which does not apply them yet.",
+                "Set quantize_with_xcompiler to false. qstrat's refine stage applies the DPU compiler's position "
+                "constraints itself (adjust_dpu_*, align_*).",
             )
         return value
     if kind == "enum":
