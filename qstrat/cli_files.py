@@ -7,6 +7,8 @@ import importlib
 import json
 import os
 import sys
+import zipfile
+import zlib
 
 from qstrat.errors import CalibrationDataError, ConfigError, QstratError
 
@@ -84,10 +86,28 @@ def load_calib(path: str, key: str | None, input_names: list[str], key_flag: str
 
     if str(path).endswith((".keras", ".h5", ".hdf5")):
         raise CalibrationDataError(f"{path}: a model file, not data. Give the data as a .npy or .npz file.")
+    if key is not None and len(input_names) > 1:
+        raise CalibrationDataError(
+            f"{path}: {key_flag} {key} picks one array, for a model with one input; this one has "
+            f"{len(input_names)} ({', '.join(input_names)}). Leave out {key_flag} and name each array of the .npz "
+            "after the input it feeds."
+        )
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CalibrationDataError(f"{path}: cannot read calibration data ({exc}). Give a .npy or .npz file.") from None
+        # An .npz reads each array when it is taken: those reads fail here too, on a damaged file.
+        return _pick(np.load(path, allow_pickle=False), path, key, input_names, key_flag)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        if isinstance(exc, CalibrationDataError):
+            raise
+        raise CalibrationDataError(
+            f"{path}: cannot read calibration data ({type(exc).__name__}: {exc}). Give a .npy or .npz file "
+            "(np.save or np.savez) of numeric arrays."
+        ) from None
+
+
+def _pick(data, path: str, key: str | None, input_names: list[str], key_flag: str):
+    """The arrays of a loaded .npy or .npz that feed the model's inputs."""
+    import numpy as np
+
     if isinstance(data, np.ndarray):
         if key is not None:
             raise CalibrationDataError(

@@ -144,6 +144,42 @@ def test_a_calib_key_for_a_npy_file_is_an_error(tmp_path, capsys):
     assert "--calib-key images picks an array of a .npz, and a .npy holds one array" in capsys.readouterr().err
 
 
+def _damaged(folder):
+    """Data files np.load cannot read, each named for how: (path, the reason the error gives)."""
+    (folder / "empty.npy").write_bytes(b"")
+    (folder / "truncated.npz").write_bytes(b"PK\x03\x04garbage")
+    np.savez(folder / "objects.npz", x=np.array([1, "a", None], dtype=object))
+    rng = np.random.default_rng(0)
+    np.savez_compressed(folder / "flipped.npz", x=rng.normal(size=(8, 8, 8, 1)).astype("float32"))
+    raw = bytearray((folder / "flipped.npz").read_bytes())
+    raw[len(raw) // 3 : len(raw) // 3 + 64] = bytes(64)  # inside the compressed array: read only when taken
+    (folder / "flipped.npz").write_bytes(bytes(raw))
+    return {
+        "empty.npy": "EOFError",
+        "truncated.npz": "BadZipFile",
+        "objects.npz": "ValueError",
+        "flipped.npz": "BadZipFile: Bad CRC",
+    }
+
+
+def test_a_damaged_data_file_is_a_clear_error(tmp_path, capsys):
+    args = _model_and_data(tmp_path)
+    for name, reason in _damaged(tmp_path).items():
+        assert cli.main([*args[:3], str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{name}: cannot read calibration data ({reason}" in err and "Traceback" not in err, err
+        assert "Give a .npy or .npz file" in err
+
+
+def test_a_calib_key_for_a_model_of_several_inputs_is_an_error(tmp_path, capsys):
+    a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b]))).save(tmp_path / "two.keras")
+    np.savez(tmp_path / "ab.npz", a=np.zeros((4, 4), "float32"), b=np.ones((4, 4), "float32"))
+    rc = cli.main(["quantize", str(tmp_path / "two.keras"), "--calib", str(tmp_path / "ab.npz"), "--calib-key", "a"])
+    assert rc == 2
+    assert "--calib-key a picks one array, for a model with one input; this one has 2 (a, b)" in capsys.readouterr().err
+
+
 def test_a_strategy_file_without_the_json_suffix_is_read_as_a_file(tmp_path, capsys, monkeypatch):
     args = _model_and_data(tmp_path)
     (tmp_path / "mine.strategy").write_text(
@@ -310,3 +346,64 @@ def test_every_command_speaks_json(tmp_path, capsys):
     assert cli.main(["strategy", "keys", "--json"]) == 0
     keys = json.loads(capsys.readouterr().out)
     assert "include_cle" in {k["name"] for k in keys["optimize_pipeline_config"]}
+
+
+def test_inspect_supported_speaks_json_and_strategy_show_reads_any_file(tmp_path, capsys, monkeypatch):
+    assert cli.main(["inspect", "--supported", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["strategies"] == ["pof2s", "fs", "tqt"] and table["model inputs"]["pof2s"] == "quantized"
+    assert "kernel (weight)" in table["layers"]["Conv2D"]["pof2s"]
+    (tmp_path / "mine").write_text('{"quantize_registry_config": {"user_defined_quantize_config": {"weight_bit": 4}}}')
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["strategy", "show", "mine"]) == 0  # a file, as --strategy reads one: no .json needed
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["quantize_registry_config"]["user_defined_quantize_config"]["weight_bit"] == 4
+
+
+def test_options_that_do_not_apply_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    import qstrat
+
+    called = []
+    monkeypatch.setattr(qstrat.Quantizer, "quantize_model", lambda *a, **k: called.append(1))
+    args = _model_and_data(tmp_path)
+    assert cli.main([*args, "--max-raised", "0.5"]) == 2
+    assert "--max-raised: mixed precision's budget, used with --target-sqnr DB only" in capsys.readouterr().err
+    assert cli.main([*args, "--raise-to", "float32", "--max-raised", "0.5"]) == 2
+    assert "--max-raised and --raise-to: mixed precision's budget" in capsys.readouterr().err
+    assert called == []
+    model, out = str(tmp_path / "m.keras"), str(tmp_path / "m.tflite")
+    for extra, words in (
+        (["--format", "tflite", "-o", out, "--opset", "13"], "--opset applies with --format onnx only"),
+        (["--format", "onnx", "-o", out[:-6] + "onnx", "--int8-io"], "--int8-io applies with --format tflite only"),
+        (["--format", "onnx", "-o", out[:-6] + "onnx", "--data-key", "x"], "--data-key applies with --data only"),
+    ):
+        assert cli.main(["export", model, *extra]) == 2
+        assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "m.keras"]  # nothing written
+
+
+def test_analyze_checks_the_float_model_and_matplotlib_before_any_pass(tmp_path, capsys, monkeypatch):
+    import qstrat.inspect
+    from qstrat.errors import QstratError
+    from qstrat.inspect import html
+
+    args = _model_and_data(tmp_path)
+    q = tmp_path / "q.keras"
+    assert cli.main([*args, "--out", str(q)]) == 0
+    capsys.readouterr()
+    i = keras.Input((4,))
+    keras.Model(i, keras.layers.Dense(3)(i)).save(tmp_path / "other.keras")
+    rc = cli.main(["analyze", str(tmp_path / "other.keras"), str(q), "--data", str(tmp_path / "c.npy")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "the float model takes inputs of shapes [(None, 4)] and the quantized model [(None, 8, 8, 1)]" in err
+
+    def no_matplotlib():
+        raise QstratError("the HTML report draws its plots with matplotlib, which is not installed")
+
+    called = []
+    monkeypatch.setattr(html, "_pyplot", no_matplotlib)
+    monkeypatch.setattr(qstrat.inspect, "analyze", lambda *a, **k: called.append(1))
+    analyze = ["analyze", str(tmp_path / "m.keras"), str(q), "--data", str(tmp_path / "c.npy")]
+    assert cli.main([*analyze, "--html", str(tmp_path / "r.html")]) == 2
+    assert "matplotlib, which is not installed" in capsys.readouterr().err and called == []
