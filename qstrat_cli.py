@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="where to write the quantized model (a .keras file; checked before any work)")
     q.add_argument("--target-sqnr", type=float, help="mixed precision: raise the most sensitive layers until the "
                    "outputs' SQNR against the float model reaches this (dB)")  # fmt: skip
-    q.add_argument("--max-raised", type=float, default=0.1, help="mixed precision: at most this fraction of layers")
-    q.add_argument("--raise-to", default="int16", help="mixed precision: int16, or a float type (float32, ...)")
+    q.add_argument("--max-raised", type=float, help="mixed precision: at most this fraction of layers (default 0.1)")
+    q.add_argument("--raise-to", help="mixed precision: int16 (the default), or a float type (float32, ...)")
     q.add_argument("--json", action="store_true", help="print the report as JSON (no progress output)")
     q.add_argument(
         "--custom-objects",

@@ -38,6 +38,12 @@ def cmd_quantize(args) -> int:
 def _quantize(args) -> int:
     import qstrat
 
+    budget = [
+        flag for flag, value in (("--max-raised", args.max_raised), ("--raise-to", args.raise_to)) if value is not None
+    ]
+    if budget and args.target_sqnr is None:
+        raise QstratError(f"{' and '.join(budget)}: mixed precision's budget, used with --target-sqnr DB only. "
+                          "Give --target-sqnr as well, or leave them out.")  # fmt: skip
     out = check_out_path(args.out) if args.out else None
     if out:
         not_the_input(out, args.model, "--out")
@@ -52,7 +58,7 @@ def _quantize(args) -> int:
         args.calib_steps,
         args.batch_size,
         verbose=0 if args.json else 1,
-        **(budget if args.target_sqnr is not None else {}),
+        **{k: v for k, v in budget.items() if v is not None},
         **parse_set(args.set),
     )
     if out:
@@ -106,6 +112,14 @@ _FORMATS = {"onnx": "an ONNX", "tflite": "a TFLite"}
 
 def _export(args) -> int:
     """``qstrat export QMODEL.keras --format onnx|tflite -o OUT``."""
+    other = {"onnx": [("--int8-io", args.int8_io)], "tflite": [("--opset", args.opset is not None)]}[args.format]
+    unused = [flag for flag, given in [*other, ("--data-key", args.data_key and not args.data)] if given]
+    if unused:
+        needs = {"--int8-io": "--format tflite", "--opset": "--format onnx", "--data-key": "--data"}
+        raise QstratError(
+            "; ".join(f"{flag} applies with {needs[flag]} only" for flag in unused)
+            + ": leave it out (nothing was done)."
+        )
     out = os.path.abspath(args.out)
     suffix = "." + args.format
     if not out.endswith(suffix):
@@ -158,11 +172,11 @@ def cmd_inspect(args) -> int:
 
 def _inspect(args) -> int:
     """``qstrat inspect MODEL.keras [--strategy S] [--json]`` or ``qstrat inspect --supported``."""
-    from qstrat.inspect import rows_table, supported_table
+    from qstrat.inspect import rows_table, supported, supported_table
 
     if args.supported:
         names = [args.strategy] if args.strategy != "pof2s" or args.model else ["pof2s", "fs", "tqt"]
-        print(supported_table(names))
+        print(json.dumps(supported(names), indent=1) if args.json else supported_table(names))
         return 0
     if not args.model:
         raise QstratError("qstrat inspect: give a model file, or --supported for the table of layer types")
@@ -192,6 +206,10 @@ def _analyze(args) -> int:
             if not path.endswith(suffix):
                 raise QstratError(f"{flag} {path}: give a file ending in {suffix}")
             check_writable(path, flag)
+    if args.html:
+        from qstrat.inspect.html import require_matplotlib
+
+        require_matplotlib()  # known before the analysis, not after it
     custom_objects = load_custom_objects(args.custom_objects)
     float_model = load_model(args.float_model, custom_objects)
     qmodel = load_model(args.model, custom_objects)
@@ -212,14 +230,13 @@ def _analyze(args) -> int:
         agreement = "" if result.agreement is None else f", top-1 agreement {100 * result.agreement:.2f}%"
         print(f"outputs against the float model: SQNR {result.output_sqnr_db:.1f} dB{agreement}\n")
         print(result.table())
-    if args.html:
-        result.write_html(args.html)
-        if not args.json:
-            print(f"\nwrote {args.html}")
-    if args.json_out:
-        result.write_json(args.json_out)
-        if not args.json:
-            print(f"wrote {args.json_out}")
+    written = 0
+    for path, write in ((args.json_out, result.write_json), (args.html, result.write_html)):  # the plots last
+        if path:
+            write(path)
+            if not args.json:
+                print(("" if written else "\n") + f"wrote {path}")
+            written += 1
     return 0
 
 
@@ -241,10 +258,8 @@ def cmd_strategy(args) -> int:
     if not args.name:
         raise QstratError("qstrat strategy show: name a strategy (pof2s, fs, tqt) or a JSON file")
     # show prints the strategy as JSON already, with or without --json
-    if args.name.endswith(".json"):
-        s = load_strategy("pof2s", args.name)
-    else:
-        s = load_strategy(args.name)
+    base, custom = _strategy_args(args.name)  # a file as --strategy reads one
+    s = load_strategy(base, custom) if custom else load_strategy(base)
     print(json.dumps(s.to_dict(args.verbose), indent=2))
     return 0
 

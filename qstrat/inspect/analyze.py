@@ -158,6 +158,20 @@ def _as_list(outs) -> list[np.ndarray]:
     return [np.asarray(o) for o in outs]
 
 
+def _check_same_inputs(float_model, qmodel) -> None:
+    """The float model reads what the quantized one reads: as many inputs, of shapes that agree (None: any)."""
+    f, q = input_specs(float_model), input_specs(qmodel)
+
+    def agree(a, b):
+        return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))
+
+    if len(f) != len(q) or not all(agree(a[1], b[1]) for a, b in zip(f, q, strict=True)):
+        raise CalibrationDataError(
+            f"analyze: the float model takes inputs of shapes {[a[1] for a in f]} and the quantized model "
+            f"{[b[1] for b in q]}; pass the float model the quantized one was made from."
+        )
+
+
 def analyze(
     float_model,
     qmodel,
@@ -187,6 +201,7 @@ def analyze(
         import keras
 
         progress = Progress(verbose, data="analysis data")
+        _check_same_inputs(float_model, qmodel)
         units = find_units(qmodel)
         with progress.stage("read data"):
             batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps, caller="analyze"))

@@ -42,6 +42,11 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib() -> None:
+    """Raise the error `_pyplot` gives where matplotlib is missing: before long work whose report needs it."""
+    _pyplot()
+
+
 def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")

@@ -91,8 +91,9 @@ def rows_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def supported_table(strategies: Iterable[str] = ("pof2s", "fs", "tqt")) -> str:
-    """A markdown table: each layer type the built-in (or given) strategies' patterns name, and its targets."""
+def supported(strategies: Iterable[str] = ("pof2s", "fs", "tqt")) -> dict:
+    """Each layer type the built-in (or given) strategies' patterns name, and its targets in each:
+    ``{"strategies": [...], "layers": {type: {strategy: [target, ...]}}, "model inputs": {strategy: ...}}``."""
     names = list(strategies)
     loaded = {s: load_strategy(s) if not s.endswith(".json") else load_strategy("pof2s", s) for s in names}
     cells: dict[str, dict[str, list[str]]] = {}
@@ -106,10 +107,17 @@ def supported_table(strategies: Iterable[str] = ("pof2s", "fs", "tqt")) -> str:
                 label += f' named "{p.layer_name}"' if p.layer_name else ""
                 have = cells.setdefault(label, {}).setdefault(s, [])
                 have += [t for t in targets if t not in have]
+    inputs = {s: "quantized" if loaded[s].input_quantize.quantizer else "float" for s in names}
+    return {"strategies": names, "layers": {label: cells[label] for label in sorted(cells)}, "model inputs": inputs}
+
+
+def supported_table(strategies: Iterable[str] = ("pof2s", "fs", "tqt")) -> str:
+    """`supported` as a markdown table."""
+    table = supported(strategies)
+    names = table["strategies"]
     lines = ["| layer type | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label in sorted(cells):
-        row = [", ".join(cells[label].get(s, [])) or "-" for s in names]
+    for label, cell in table["layers"].items():
+        row = [", ".join(cell.get(s, [])) or "-" for s in names]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
-    inputs = [f"input ({'quantized' if loaded[s].input_quantize.quantizer else 'float'})" for s in names]
-    lines.append("| model inputs | " + " | ".join(inputs) + " |")
+    lines.append("| model inputs | " + " | ".join(f"input ({table['model inputs'][s]})" for s in names) + " |")
     return "\n".join(lines)
