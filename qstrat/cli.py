@@ -38,12 +38,12 @@ def cmd_quantize(args) -> int:
 def _quantize(args) -> int:
     import qstrat
 
-    budget = [
-        flag for flag, value in (("--max-raised", args.max_raised), ("--raise-to", args.raise_to)) if value is not None
-    ]
-    if budget and args.target_sqnr is None:
-        raise QstratError(f"{' and '.join(budget)}: mixed precision's budget, used with --target-sqnr DB only. "
-                          "Give --target-sqnr as well, or leave them out.")  # fmt: skip
+    given = [flag for flag, v in (("--max-raised", args.max_raised), ("--raise-to", args.raise_to)) if v is not None]
+    if given and args.target_sqnr is None:
+        raise QstratError(
+            f"{' and '.join(given)}: mixed precision's budget, used with --target-sqnr DB only. "
+            "Give --target-sqnr as well, or leave them out."
+        )
     out = check_out_path(args.out) if args.out else None
     if out:
         not_the_input(out, args.model, "--out")
@@ -159,7 +159,9 @@ def _export(args) -> int:
 
 def _strategy_args(name: str) -> tuple[str, str | None]:
     """``--strategy`` as (built-in name, custom file or None)."""
-    if name.endswith(".json") or os.path.sep in name or os.path.isfile(name):
+    from qstrat.strategy import names_a_file
+
+    if names_a_file(name):
         return "pof2s", name  # a file: a custom strategy over pof2s (its "base" picks another)
     return name, None
 

@@ -358,6 +358,8 @@ def test_inspect_supported_speaks_json_and_strategy_show_reads_any_file(tmp_path
     assert cli.main(["strategy", "show", "mine"]) == 0  # a file, as --strategy reads one: no .json needed
     shown = json.loads(capsys.readouterr().out)
     assert shown["quantize_registry_config"]["user_defined_quantize_config"]["weight_bit"] == 4
+    assert cli.main(["inspect", "--supported", "--strategy", "mine", "--json"]) == 0  # read the same way
+    assert json.loads(capsys.readouterr().out)["strategies"] == ["mine"]
 
 
 def test_options_that_do_not_apply_are_refused_before_any_work(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from qstrat.strategy import load_strategy
+from qstrat.strategy import load_strategy, names_a_file
 
 
 def _quantizers(cfg) -> list[dict]:
@@ -95,7 +95,7 @@ def supported(strategies: Iterable[str] = ("pof2s", "fs", "tqt")) -> dict:
     """Each layer type the built-in (or given) strategies' patterns name, and its targets in each:
     ``{"strategies": [...], "layers": {type: {strategy: [target, ...]}}, "model inputs": {strategy: ...}}``."""
     names = list(strategies)
-    loaded = {s: load_strategy(s) if not s.endswith(".json") else load_strategy("pof2s", s) for s in names}
+    loaded = {s: load_strategy("pof2s", s) if names_a_file(s) else load_strategy(s) for s in names}
     cells: dict[str, dict[str, list[str]]] = {}
     for s, strategy in loaded.items():
         for p in strategy.patterns:

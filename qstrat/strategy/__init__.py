@@ -7,6 +7,7 @@ from qstrat.strategy.load import (
     builtin_names,
     dump_quantize_strategy,
     load_strategy,
+    names_a_file,
     read_strategy_file,
     set_quantize_strategy,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "dump_quantize_strategy",
     "keys_table_markdown",
     "load_strategy",
+    "names_a_file",
     "parse_strategy",
     "read_strategy_file",
     "set_quantize_strategy",

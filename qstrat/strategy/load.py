@@ -168,6 +168,12 @@ def overrides_to_dict(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def names_a_file(name: str) -> bool:
+    """Whether a strategy given by name on the command line is a file (a .json name, a path, or a file that
+    exists), read as a custom strategy over pof2s, rather than a built-in's name."""
+    return name.endswith(".json") or os.path.sep in name or os.path.isfile(name)
+
+
 def load_strategy(
     quantize_strategy: str = "pof2s",
     custom_quantize_strategy: str | os.PathLike | Mapping | None = None,
