@@ -149,7 +149,7 @@ def _run(argv) -> int:
     try:
         return getattr(cli, f"cmd_{args.command_name}")(args)
     except QstratError as exc:
-        print(f"qstrat: error: {exc}", file=sys.stderr)
+        print(f"qstrat: error: {cli.in_flags(args.command_name, str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -23,6 +23,30 @@ from qstrat.cli_files import check_out_path, load_calib, load_custom_objects, no
 from qstrat.errors import QstratError  # noqa: E402
 from qstrat.saving import load_model, save_model  # noqa: E402 - the CLI loads and saves models through them
 
+# The Python parameters a command's errors may name (they come from the API it calls), and the flag each one is.
+FLAGS = {
+    "quantize": {
+        "calib_dataset": "--calib",
+        "calib_steps": "--calib-steps",
+        "calib_batch_size": "--batch-size",
+        "target_sqnr": "--target-sqnr",
+        "max_raised": "--max-raised",
+        "raise_to": "--raise-to",
+    },
+    "export": {"calib_data": "--data", "opset": "--opset", "int8_io": "--int8-io"},
+    "analyze": {"batch_size": "--batch-size", "steps": "--steps"},
+}
+
+
+def in_flags(command: str, message: str) -> str:
+    """An error message with the flags it means, where it names the Python parameter (``calib_data``)."""
+    import re
+
+    named = [(p, f) for p, f in FLAGS.get(command, {}).items() if re.search(rf"(?<![\w-]){p}(?![\w-])", message)]
+    if not named:
+        return message
+    return f"{message} (On the command line: " + ", ".join(f"{p} is {f}" for p, f in named) + ".)"
+
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings as "qstrat: warning: ..." on stderr: the command's user has no use for qstrat's line numbers."""

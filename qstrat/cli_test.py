@@ -409,3 +409,18 @@ def test_analyze_checks_the_float_model_and_matplotlib_before_any_pass(tmp_path,
     analyze = ["analyze", str(tmp_path / "m.keras"), str(q), "--data", str(tmp_path / "c.npy")]
     assert cli.main([*analyze, "--html", str(tmp_path / "r.html")]) == 2
     assert "matplotlib, which is not installed" in capsys.readouterr().err and called == []
+
+
+def test_errors_from_the_api_name_the_flags_too(tmp_path, capsys):
+    args = _model_and_data(tmp_path)
+    assert cli.main([*args, "--target-sqnr", "30", "--max-raised", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "max_raised must be a fraction in (0, 1], got 5.0" in err
+    assert err.rstrip().endswith("(On the command line: max_raised is --max-raised.)")
+    q = str(tmp_path / "q.keras")
+    assert cli.main([*args, "--out", q]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", q, "--format", "onnx", "-o", str(tmp_path / "q.onnx"), "--opset", "99"]) == 2
+    assert "(On the command line: opset is --opset.)" in capsys.readouterr().err
+    assert cli.in_flags("export", "calib_data_x and --opset") == "calib_data_x and --opset"  # whole names only
+    assert cli.in_flags("inspect", "calib_data") == "calib_data"
