@@ -13,10 +13,11 @@ the Keras objects, lets the repeats load them instead. It lives in a fresh
 directory, removed when the session ends, so no run reuses another's. XLA
 also compiles them without its LLVM optimizations: the tests' programs are
 small and run once or a few times, so compiling is most of their time, and
-the portable suite on JAX takes a fifth less CPU time (285 against 225 s on
-five of its heaviest files). Those optimizations keep IEEE float semantics
-(XLA's fast math is off either way), and the suite passes with and without
-them; a run that sets its own `XLA_FLAGS` keeps them as they are.
+five of the portable suite's heaviest files take a fifth less time on JAX
+(225 against 285 s, one pytest run after the other). Those optimizations
+keep IEEE float semantics (XLA's fast math is off either way), and the suite
+passes with and without them; a run that sets its own `XLA_FLAGS` keeps
+them as they are.
 """
 
 import os

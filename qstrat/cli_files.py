@@ -95,9 +95,9 @@ def load_calib(path: str, key: str | None, input_names: list[str], key_flag: str
     try:
         # An .npz reads each array when it is taken: those reads fail here too, on a damaged file.
         return _pick(np.load(path, allow_pickle=False), path, key, input_names, key_flag)
+    except CalibrationDataError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        if isinstance(exc, CalibrationDataError):
-            raise
         raise CalibrationDataError(
             f"{path}: cannot read calibration data ({type(exc).__name__}: {exc}). Give a .npy or .npz file "
             "(np.save or np.savez) of numeric arrays."

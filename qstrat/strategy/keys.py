@@ -91,8 +91,9 @@ OPTIMIZE_KEYS = (
     KeySpec(
         "cle_weight_threshold",
         "float",
-        "Channels whose two weight ranges (the largest absolute weight of the channel in the head and in the tail, whichever the "
-        "balance method) add up to less than this keep scale 1, with activation-aware equalization too.",
+        "Channels whose two weight ranges (the largest absolute weight of the channel in the head and in the "
+        "tail, whichever the balance method) add up to less than this keep scale 1, with activation-aware "
+        "equalization too.",
         0.1,
         minimum=0.0,
         needs="include_cle",
