@@ -165,9 +165,7 @@ class Quantizer:
                         )
                     model = self._converted(strategy, strategy.quantize["convert_datatype"], Progress(verbose))
                     if target:
-                        from qstrat.saving import save_model
-
-                        save_model(model, target)
+                        write_output(model, strategy, target, None)  # keras: onnx was refused above
                         self.output_path = target
                     return model
                 progress = Progress(verbose)

@@ -106,9 +106,7 @@ def save_model(model, path: str | os.PathLike) -> None:
 
     An error or Ctrl-C while saving leaves any earlier file at ``path`` as it was.
     """
-    import uuid
-
-    from qstrat.files import check_writable
+    from qstrat.files import check_writable, replacing
 
     check_writable(path, "save_model path")
     path = os.fspath(path)
@@ -120,15 +118,5 @@ def save_model(model, path: str | os.PathLike) -> None:
             "from a file of that name",
             f"Use {stem}.keras.",
         )
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    # A name of its own (not mkstemp's 0600 file): the saved model gets the umask's permissions.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.keras")
-    try:
+    with replacing(path, ".keras", "save the model") as tmp:  # Keras saves only to a name ending in .keras
         model.save(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):  # the disk full, the folder gone or made read-only since the check
-            raise QstratError(f"{path}: cannot save the model ({exc.strerror or exc}); nothing was written.") from None
-        raise

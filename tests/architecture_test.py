@@ -114,9 +114,8 @@ def test_every_module_has_a_test_or_is_covered():
         "passes/insert.py",  # passes/quantize_test.py: exact insertion counts, shared quantizers, bypass equality
         "passes/ptq.py",  # api_test.py, qat_test.py and the refine tests: every stage it runs, through the API
         "inspect/info.py",  # api_test.py, cli_test.py: get_quantize_info on every strategy's models
-        # export/onnx_export_test.py and onnx_models_test.py: files against ONNX Runtime, bit for bit
-        "files.py",
         "cli_files.py",  # cli_test.py: each flag's file checks and the calibration arrays' matching
+        # export/onnx_export_test.py and onnx_models_test.py: files against ONNX Runtime, bit for bit
         "export/qdq.py",
         "export/rounding.py",
         "export/onnx_build.py",

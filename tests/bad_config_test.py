@@ -306,3 +306,19 @@ def test_an_empty_output_dir_is_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     qstrat.Quantizer(small_model(), "pof2s").quantize_model(data(), verbose=0, output_format="keras", output_dir="")
     assert [p.name for p in tmp_path.iterdir()] == ["quantized_model.keras"]
+
+
+@portable
+def test_a_new_output_dir_is_made_only_when_the_file_is_written(tmp_path):
+    out = tmp_path / "runs" / "a"
+    bad = data()
+    bad[3, 2, 2, 0] = np.nan
+    with pytest.raises(CalibrationDataError, match="NaN"):
+        qstrat.Quantizer(small_model(), "pof2s").quantize_model(
+            bad, verbose=0, output_format="keras", output_dir=str(out)
+        )
+    assert list(tmp_path.iterdir()) == []  # the failed run left no empty folder
+    qstrat.Quantizer(small_model(), "pof2s").quantize_model(
+        data(), verbose=0, output_format="keras", output_dir=str(out)
+    )
+    assert [p.name for p in out.iterdir()] == ["quantized_model.keras"]

@@ -35,7 +35,7 @@ import numpy as np
 
 from qstrat.arrays import to_numpy
 from qstrat.errors import ConfigError, UnsupportedError
-from qstrat.files import write_atomically
+from qstrat.files import check_folder, write_atomically
 from qstrat.graph.rebuild import float32_policy
 from qstrat.layers import FakeQuant, QuantizeWrapper, require_quantizers
 from qstrat.quantizers import Pof2SQuantizer, TQTQuantizer
@@ -83,14 +83,13 @@ def _stem(target: str) -> str:
 def _check_dir(output_dir: str) -> str:
     if not isinstance(output_dir, (str, os.PathLike)):
         raise ConfigError.expected("dump_model output_dir", "a folder path", output_dir)
-    output_dir = os.fspath(output_dir)
+    output_dir = os.fspath(output_dir) or "."  # empty: the current folder, as for quantize_model's output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ConfigError("output_dir", f"{output_dir} is a file", "Give a folder for the dump files.")
     parent = os.path.dirname(os.path.abspath(output_dir))
     if not os.path.isdir(parent):
         raise ConfigError("output_dir", f"the folder {parent} does not exist", "Create it first, or choose another.")
-    if not os.access(output_dir if os.path.isdir(output_dir) else parent, os.W_OK):
-        raise ConfigError("output_dir", f"{output_dir} is not writable", "Choose a folder you can write to.")
+    check_folder(output_dir, "output_dir")
     return output_dir
 
 

@@ -6,24 +6,22 @@ import json
 import os
 
 from qstrat.errors import ConfigError
-from qstrat.files import check_writable, write_atomically
+from qstrat.files import check_folder, check_writable, write_atomically
 from qstrat.strategy import Strategy
 
 
 def output_target(strategy: Strategy) -> str | None:
-    """The file ``output_format`` asks for, its folder created and checked now, before any long work."""
+    """The file ``output_format`` asks for, checked now, before any long work. Its folder is created only when
+    the file is written (`write_output`): a run that fails leaves none behind."""
     fmt = strategy.refine["output_format"]
     if not fmt:
         return None
     folder = strategy.refine["output_dir"] or "."  # empty: the current folder, as a bare file name is
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            "refine_pipeline_config.output_dir", f"cannot create {folder}: {exc}", "Choose another folder."
-        ) from None
+    where = "refine_pipeline_config.output_dir"
+    check_folder(folder, where)
     path = os.path.join(folder, f"quantized_model.{fmt}")
-    check_writable(path, "refine_pipeline_config.output_dir")
+    if os.path.isdir(folder):
+        check_writable(path, where)
     return path
 
 
@@ -46,6 +44,12 @@ def sample_arrays(data, n: int | None = _EXPORT_SAMPLES):
 
 def write_output(qmodel, strategy, target: str, calib_dataset):
     """Write ``qmodel`` to ``target`` as the strategy's ``output_format`` says; the ONNX export report, or None."""
+    try:
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    except OSError as exc:  # made impossible since `output_target` checked it
+        raise ConfigError(
+            "refine_pipeline_config.output_dir", f"cannot create {os.path.dirname(target)}: {exc}", "Choose another."
+        ) from None
     if strategy.refine["output_format"] == "keras":
         from qstrat.saving import save_model
 

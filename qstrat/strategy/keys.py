@@ -335,7 +335,7 @@ REFINE_KEYS = (
     KeySpec(
         "output_dir",
         "str",
-        'Folder for the written model (created if missing; checked before quantizing starts; "" is the current folder).',
+        'Folder for the written model (checked before quantizing starts, created when the model is written; "" is the current folder).',
         "./quantize_results",
         needs="output_format",
     ),
