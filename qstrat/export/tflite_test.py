@@ -464,3 +464,22 @@ def test_operators_left_in_float_are_named_with_the_keras_setting_they_come_from
     ):
         qstrat.export_tflite(qmodel, str(tmp_path / "d.tflite"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_croppings_permutes_and_global_max_pools_keep_their_inputs_grid(tmp_path):
+    """Layers that only move or pick values need no range of their own: the file keeps qstrat's power-of-2 grid
+    on their outputs, with no calibration data (a min/max range there would replace the grid)."""
+    keras.utils.set_random_seed(5)
+    i = keras.Input((10, 10, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(i)
+    x = keras.layers.Permute((2, 1, 3), name="perm")(keras.layers.Cropping2D(1, name="crop")(x))
+    x = keras.layers.Conv2D(6, 1, name="c2")(x)
+    x = keras.layers.Reshape((1, 1, 6), name="rs")(keras.layers.GlobalMaxPooling2D(name="gmp")(x))
+    model = keras.Model(i, keras.layers.Conv2D(3, 1, name="head")(x))
+    x = np.random.default_rng(0).normal(size=(64, 10, 10, 3)).astype("float32")
+    qmodel = _quantize(model, x, "pof2s", export_rounding="tflite", include_bias_corr=False)
+    report = export_tflite(qmodel, tmp_path / "p.tflite")
+    assert report["calibrated"] == []
+    interp, _ = _invoke(tmp_path / "p.tflite", x)
+    scales = [d["quantization"][0] for d in interp.get_tensor_details() if d["dtype"] == np.int8]
+    assert len(scales) > 8 and all(np.log2(s) == np.round(np.log2(s)) for s in scales)

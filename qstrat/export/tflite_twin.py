@@ -37,7 +37,17 @@ _KEEPS_RANGE = (
     "ZeroPadding1D",
     "ZeroPadding2D",
     "ZeroPadding3D",
+    "UpSampling1D",
     "UpSampling2D",
+    "UpSampling3D",
+    "Cropping1D",
+    "Cropping2D",
+    "Cropping3D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D",
+    "Permute",
+    "RepeatVector",
 )
 
 
