@@ -147,3 +147,67 @@ def test_recorded_corrections_add_up_and_survive_the_config_exactly():
     assert isinstance(config["corrections"]["bias"], list)
     back = QuantizeWrapper.from_config(config)
     assert np.array_equal(back.corrections["bias"], w.corrections["bias"])  # float64 through JSON, exactly
+
+
+def _bn_model(wrapped: bool):
+    i = keras.Input((5, 4))
+    bn = keras.layers.BatchNormalization(axis=1, momentum=0.5, name="bn")  # on an axis no fold takes
+    if wrapped:
+        bn = QuantizeWrapper(bn, {"gamma": POF2, "beta": POF2})
+    return keras.Model(i, bn(i))
+
+
+def test_a_wrapped_batch_norm_updates_its_moving_statistics_in_training_as_the_float_one_does():
+    x = rand(8, 5, 4) * 3 + 1
+    float_model, q_model = _bn_model(False), _bn_model(True)
+    wrapper = q_model.layers[-1]
+    for attr, q in wrapper.quantizers.items():
+        set_state(wrapper.state[attr], q.state_from_tensor(np_(getattr(wrapper.layer, attr))))
+    before = [np_(v).copy() for v in wrapper.layer.non_trainable_variables]
+    q_model(x, training=False)  # inference reads them, and leaves them
+    assert all(np.array_equal(np_(v), b) for v, b in zip(wrapper.layer.non_trainable_variables, before, strict=True))
+    for m in (float_model, q_model):
+        m.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+        m.fit(x, x, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    for name in ("moving_mean", "moving_variance"):
+        moved, expected = np_(getattr(wrapper.layer, name)), np_(getattr(float_model.layers[-1], name))
+        assert not np.array_equal(moved, before[0 if name == "moving_mean" else 1])
+        # The same statistics of the same batches, through the same update: up to the order of the sums.
+        np.testing.assert_allclose(moved, expected, rtol=4 * np.finfo("float32").eps * x.size, atol=0)
+
+
+@keras.saving.register_keras_serializable(package="qstrat_test")
+class _Penalized(keras.layers.Dense):
+    """A Dense whose call adds a loss: the mean of its outputs."""
+
+    def call(self, inputs):
+        out = super().call(inputs)
+        self.add_loss(ops.mean(out))
+        return out
+
+
+def test_a_wrapped_layer_keeps_the_losses_its_call_and_its_activity_regularizer_add():
+    x = rand(4, 6)
+    reg = keras.regularizers.L1(0.1)
+    dense = keras.layers.Dense(3, activation="relu", activity_regularizer=reg, kernel_regularizer="l2", name="d")
+    w = QuantizeWrapper(dense, {"kernel": POF2})
+    w.build(x.shape)
+    set_state(w.state["kernel"], make_quantizer(POF2).state_from_tensor(np_(dense.kernel)))
+    y = np_(w(x))
+    kernel_q = np_(w.quantized_weight("kernel"))
+    activity = 0.1 * np.abs(y).sum() / len(x)
+    l2 = 0.01 * np.square(np_(dense.kernel)).sum()  # the float kernel's, as in the float model
+    sums = np.finfo("float32").eps * np.prod(
+        dense.kernel.shape
+    )  # float32 sums of at most that many terms, in any order
+    np.testing.assert_allclose(sorted(float(np_(v)) for v in w.losses), sorted([activity, l2]), rtol=sums)
+    assert not np.array_equal(kernel_q, np_(dense.kernel))  # the output came from the quantized kernel
+    again = QuantizeWrapper.from_config(w.get_config())
+    assert "activity_regularizer" not in w.get_config()
+    assert again.activity_regularizer.get_config() == reg.get_config()
+    p = QuantizeWrapper(_Penalized(2, name="p"), {"kernel": POF2})
+    out = np_(p(x))
+    assert len(p.losses) == 1
+    # A float32 mean of terms of both signs: off by at most n eps times the mean of their magnitudes.
+    bound = np.finfo("float32").eps * out.size * np.abs(out).mean()
+    np.testing.assert_allclose(float(np_(p.losses[0])), out.mean(), rtol=0, atol=bound)

@@ -66,6 +66,9 @@ class QuantizeWrapper(keras.layers.Layer):
         # thousand tracking calls in one bias correction of a ResNet50), an array as one value.
         self.corrections = {k: np.asarray(vs, np.float64).ravel() for k, vs in (corrections or {}).items()}
         self.supports_masking = layer.supports_masking  # a mask goes through as the wrapped layer passes it
+        # Keras applies it in __call__ to the outputs, which are the wrapped layer's; not saved in the wrapper's
+        # config, but with the layer's.
+        self.activity_regularizer = layer.activity_regularizer
 
     def compute_mask(self, inputs, previous_mask):
         return self.layer.compute_mask(inputs, previous_mask)
@@ -146,7 +149,21 @@ class QuantizeWrapper(keras.layers.Layer):
             kwargs["training"] = training
         if mask is not None and self.layer._call_has_mask_arg:
             kwargs["mask"] = mask
-        outputs, _ = self.layer.stateless_call(trainable, non_trainable, inputs, *args, **kwargs)
+        # The layer's call with its weights as given (`Layer.stateless_call`, whose losses would include the
+        # weights' regularization again, already the wrapper's through its sublayer).
+        variables = [*self.layer.trainable_variables, *self.layer.non_trainable_variables]
+        with keras.StatelessScope(
+            state_mapping=list(zip(variables, trainable + non_trainable)), collect_losses=True
+        ) as scope:
+            outputs = self.layer.call(inputs, *args, **kwargs)
+        for loss in scope.losses:  # what the layer's call adds (add_loss)
+            self.add_loss(loss)
+        if training:  # the statistics it updates in training (a BatchNormalization's moving mean and variance)
+            for v in self.layer.non_trainable_variables:
+                if id(v) not in self._targets:
+                    new = scope.get_current_value(v)
+                    if new is not None:
+                        v.assign(new)
         return outputs
 
     def compute_output_spec(self, inputs, *args, **kwargs):
@@ -158,8 +175,10 @@ class QuantizeWrapper(keras.layers.Layer):
         return self.layer.compute_output_spec(inputs, *args, **kwargs)
 
     def get_config(self):
+        config = super().get_config()
+        config.pop("activity_regularizer", None)
         return {
-            **super().get_config(),
+            **config,
             "layer": keras.saving.serialize_keras_object(self.layer),
             "weight_quantizers": self.weight_quantizers,
             "shared_states": {a: keras.saving.serialize_keras_object(s) for a, s in self.shared_states.items()},

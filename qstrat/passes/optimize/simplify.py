@@ -117,13 +117,14 @@ def separate_conv_act(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Gra
         if act in ("linear", None):
             continue
         if id(node.op) not in linear:
-            linear[id(node.op)] = _with_config(node, node, activation="linear")
+            linear[id(node.op)] = _with_config(node, node, activation="linear", activity_regularizer=None)
         ed.replace(node.name, replace(node, op=linear[id(node.op)], meta=dict(node.meta)))
         import keras
 
         act_name = ed.unique(f"{node.layer_name}_{_activation_name(act)}")
         # The layer's own activation (a serialized one, a custom function's, may not deserialize here).
         act_layer = keras.layers.Activation(act if isinstance(act, str) else node.op.activation, name=act_name)
+        act_layer.activity_regularizer = node.op.activity_regularizer  # it regularizes the activation's output
         ed.redirect(TensorRef(node.name, 0), TensorRef(act_name, 0))
         out_shape = linear[id(node.op)].compute_output_shape(node.in_tensors[0].shape)
         meta = {"origin": origin_of(node)}
@@ -155,6 +156,8 @@ def separable_conv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
                 "data_format": c["data_format"],
                 "dilation_rate": c["dilation_rate"],
                 "use_bias": False,
+                "depthwise_regularizer": c.get("depthwise_regularizer"),
+                "depthwise_constraint": c.get("depthwise_constraint"),
                 "dtype": c.get("dtype"),
             }
             dw = built_layer(keras.layers.DepthwiseConv2D, dw_cfg, shape, [_np(sep.depthwise_kernel)])
@@ -165,6 +168,12 @@ def separable_conv(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
                 "data_format": c["data_format"],
                 "activation": c["activation"],
                 "use_bias": c["use_bias"],
+                # What trains the separable conv's weights and output trains its halves' (QAT).
+                "kernel_regularizer": c.get("pointwise_regularizer"),
+                "kernel_constraint": c.get("pointwise_constraint"),
+                "bias_regularizer": c.get("bias_regularizer"),
+                "bias_constraint": c.get("bias_constraint"),
+                "activity_regularizer": c.get("activity_regularizer"),
                 "dtype": c.get("dtype"),
             }
             pw_weights = [_np(sep.pointwise_kernel)] + ([_np(sep.bias)] if c["use_bias"] else [])

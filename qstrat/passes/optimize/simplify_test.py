@@ -154,3 +154,42 @@ def test_a_single_tensor_concatenate_stays_an_operation(run_pass):
     model = keras.Model(i, ops.concatenate([i], axis=-1))
     new, report, rel = run_pass(simplify.convert_tf_op_to_keras, model, rand(2, 4))
     assert rel == 0.0 and "single tensor" in report.of("convert_tf_op_to_keras", "skipped")[0].detail
+
+
+def test_the_activity_regularizer_moves_with_the_activation_and_the_regularizers_with_the_separable_halves(run_pass):
+    """What regularizes the float model regularizes the split one, on the same tensors and weights (QAT trains it)."""
+    l1, l2 = keras.regularizers.L1, keras.regularizers.L2
+    i = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, activation="relu", activity_regularizer=l1(0.1), name="c")(i)
+    sep = L.SeparableConv2D(
+        5,
+        3,
+        activation="relu",
+        depthwise_regularizer=l2(0.3),
+        pointwise_regularizer=l2(0.2),
+        bias_regularizer=l1(0.5),
+        activity_regularizer=l1(0.05),
+        depthwise_constraint=keras.constraints.NonNeg(),
+        name="sep",
+    )
+    model = keras.Model(i, sep(x))
+    data = rand(3, 8, 8, 3)
+    new, _, rel = run_pass(simplify.separate_conv_act, model, data)
+    assert rel <= 1e-6
+    assert new.get_layer("c").activity_regularizer is None
+    assert (
+        new.get_layer("c_relu").activity_regularizer.get_config() == l1(0.1).get_config()
+    )  # on the activation's output
+    split, _, rel = run_pass(simplify.separable_conv, model, data)
+    assert rel <= 1e-5
+    dw, pw = split.get_layer("sep_depthwise"), split.get_layer("sep_pointwise")
+    assert dw.activity_regularizer is None and dw.depthwise_regularizer.get_config() == l2(0.3).get_config()
+    assert isinstance(dw.depthwise_constraint, keras.constraints.NonNeg)
+    assert (
+        pw.kernel_regularizer.get_config() == l2(0.2).get_config()
+        and pw.bias_regularizer.get_config() == l1(0.5).get_config()
+    )
+    assert pw.activity_regularizer.get_config() == l1(0.05).get_config()
+    for m in (model, new, split):  # two outputs' activities, two kernels, the bias: none lost, none twice
+        m(data)
+        assert len(m.losses) == 5
