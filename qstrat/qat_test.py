@@ -217,6 +217,12 @@ def test_deployed_qat_model_exports_to_onnx_and_onnx_runtime_computes_the_same(d
     # Half-to-even activations, the rounding ONNX's QuantizeLinear does, so every tensor can be equal.
     q, m = qat(bn_model(), x, init_quant=True, train_with_bn=True, **EVEN)
     fit(m, x, y, steps=2)
+    with pytest.raises(qstrat.UnsupportedError, match=r"folded for training \(train_with_bn\).*get_deploy_model"):
+        export_onnx(m, tmp_path / "qat.onnx")  # the QAT model itself: its deploy model is what exports
+    if keras.backend.backend() == "tensorflow":
+        with pytest.raises(qstrat.UnsupportedError, match=r"train_with_bn\).*get_deploy_model"):
+            qstrat.export_tflite(m, tmp_path / "qat.tflite")
+    assert not list(tmp_path.iterdir())
     deployed = q.get_deploy_model(m, output_format="onnx", output_dir=os.fspath(tmp_path))
     assert q.output_path == os.path.join(os.fspath(tmp_path), "quantized_model.onnx")
     expected = predict(deployed, x_test)

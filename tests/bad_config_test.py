@@ -275,7 +275,11 @@ def test_export_onnx_refuses_a_float_model_and_checks_its_data(tmp_path):
         export_onnx(qmodel, tmp_path / "q.onnx", data=np.full((4, 8, 8, 1), np.nan, "float32"))
     with pytest.raises(ConfigError, match="export_onnx path: expected a file path, got NoneType"):
         export_onnx(qmodel, None)
+    for opset in ("13", 13.0, True):
+        with pytest.raises(ConfigError, match=r"opset: expected an ONNX opset from 13 to 23 \(an int\), or None"):
+            export_onnx(qmodel, tmp_path / "q.onnx", opset)
     assert not (tmp_path / "q.onnx").exists()
+    assert export_onnx(qmodel, tmp_path / "q.onnx", np.int64(17)).opset == 17
 
 
 @portable

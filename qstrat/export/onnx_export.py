@@ -75,10 +75,13 @@ def export_onnx(
     Returns:
         An `ExportReport`.
     """
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, (int, np.integer))):
+        raise ConfigError.expected("opset", "an ONNX opset from 13 to 23 (an int), or None", opset)
+    opset = None if opset is None else int(opset)
     with float32_policy():
         check_writable(path, "export_onnx path")
         path = os.fspath(path)
-        require_quantizers(qmodel, ", then export the quantized model")
+        require_quantizers(qmodel, ", then export the quantized model", deployed=True)
         if data is not None:
             data = _checked_data(qmodel, data)
         graph = capture(qmodel)

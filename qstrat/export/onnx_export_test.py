@@ -408,6 +408,34 @@ def test_wide_weights_are_int32_and_opset_21_runs_with_its_session_option(model,
     assert np.array_equal(run(tmp_path / "o21.onnx", data, optimize=False), y)
 
 
+@pytest.mark.parametrize("bits", [16, None])
+def test_a_dense_whose_input_no_integer_kernel_takes_computes_in_float_in_the_default_session(bits, tmp_path):
+    """ONNX Runtime would make a MatMul of int8 weights on a 16-bit (or float) input a MatMulNBits, which rounds
+    that input to 8 bits on the fly: its weights are written as int32, which it leaves to an exact float MatMul."""
+    keras.utils.set_random_seed(6)
+    i = keras.Input((12,), name="x")
+    model = keras.Model(i, keras.layers.Dense(5, name="fc")(keras.layers.Dense(7, name="first")(i)))
+    x = np.random.default_rng(1).normal(size=(64, 12)).astype("float32")
+    keys = {"activation_bit": 16, "input_bit": 16} if bits else {"ignore_layers": ["first"]}  # None: fc reads floats
+    qmodel = quantize(model, x, "pof2s", **EVEN, **keys)
+    export_onnx(qmodel, tmp_path / "d.onnx")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "d.onnx").graph.initializer}
+    assert inits["fc/kernel/quantized"].dtype == np.int32 and np.abs(inits["fc/kernel/quantized"]).max() <= 127
+    y = keras_out(qmodel, x)
+    assert np.array_equal(run(tmp_path / "d.onnx", x), y)  # the default session, every optimization on
+    assert np.array_equal(run(tmp_path / "d.onnx", x, optimize=False), y)
+
+
+def test_list_outputs_are_named_as_keras_names_them(tmp_path):
+    i = keras.Input((8,), name="x")
+    h = keras.layers.Dense(6, activation="relu", name="h")(i)
+    model = keras.Model(i, [keras.layers.Dense(3, name="logits")(h), keras.layers.Dense(2, name="aux")(h)])
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    qmodel = quantize(model, x, "pof2s", **EVEN)
+    export_onnx(qmodel, tmp_path / "l.onnx")
+    assert [o.name for o in session(tmp_path / "l.onnx").get_outputs()] == list(qmodel.output_names)
+
+
 def test_narrow_grids_are_clipped_to_the_grid_not_the_type(tmp_path):
     """4-bit activations: QuantizeLinear alone would saturate at the int8 ends."""
     i = keras.Input((32,), name="x")

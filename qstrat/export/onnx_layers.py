@@ -176,7 +176,11 @@ def _separable(c: Call) -> list[Tensor]:
 def _dense(c: Call) -> list[Tensor]:
     b, layer = c.b, c.layer
     x = b.to_keras(c.inputs[0])
-    w = c.weight("kernel", None, x, 1)
+    # ONNX Runtime (1.22 and later) turns a MatMul of an 8-bit weight that no integer kernel takes (its input is
+    # not on an 8-bit grid) into MatMulNBits, which by default quantizes the input to 8 bits on the fly: wrong
+    # for a 16-bit or float input. It takes no int32 weight, and DequantizeLinear reads one at any opset.
+    narrow = x.grid is not None and x.grid.storage() in ("int8", "uint8")
+    w = c.weight("kernel", None, x, 1, storage=None if narrow else "int32")
     y = b.one("MatMul", [x.name, w], c.name if not layer.use_bias else f"{c.name}/MatMul")
     if layer.use_bias:
         y = b.one("Add", [y, c.bias(x, "kernel", (int(layer.units),))], c.name)

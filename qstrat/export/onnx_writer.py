@@ -84,7 +84,8 @@ class Writer:
             if key != node.name:
                 renames.append(helper.make_node("Identity", [key], [node.name], name=f"{key}/input"))
         outputs, nodes = [], renames + list(self.b.nodes)
-        names = _output_names(self.graph)
+        taken = {v for n in nodes for v in n.output} | {t.name for t in self.b.initializers} | {i.name for i in inputs}
+        names = _output_names(self.graph, taken)
         for t, name, r in zip(self.outputs, names, self.graph.outputs, strict=True):
             nodes.append(helper.make_node("Identity", [t.name], [name], name=f"{name}/output"))
             # Integer outputs (an int input passed on) keep their type; every computed output is float32.
@@ -186,8 +187,8 @@ class Writer:
         call = Call(name, layer, ins, list(n.meta["shapes"]), self.b)
         seen: dict[str, Any] = {"x": None, "kernel": None, "bias": "none"}
 
-        def weight(attr, to_onnx=None, x=None, out_axis=0):
-            name, kern = self._weight(n, wrapper, layer, attr, to_onnx, out_axis)
+        def weight(attr, to_onnx=None, x=None, out_axis=0, storage=None):
+            name, kern = self._weight(n, wrapper, layer, attr, to_onnx, out_axis, storage)
             if x is not None and kern is not None and seen["kernel"] is None:
                 seen.update(x=x, kernel=kern, attr=attr)
             return name
@@ -215,8 +216,9 @@ class Writer:
             self._saturation(name, seen)
         return outs
 
-    def _weight(self, n, wrapper, layer, attr, to_onnx, out_axis):
-        key = (id(layer), attr)
+    def _weight(self, n, wrapper, layer, attr, to_onnx, out_axis, storage=None):
+        """``storage``: the integers' ONNX type where not the grid's own (`Grid.weight_storage`)."""
+        key = (id(layer), attr, storage)
         if key in self.weights:
             return self.weights[key]
         f = to_onnx or (lambda a: a)
@@ -228,7 +230,7 @@ class Writer:
         else:
             value = _np(wrapper.quantized_weight(attr))
             grid = grid_of(wrapper.quantizers[attr], {k: _np(v) for k, v in wrapper.state[attr].items()}, where)
-            ints = grid.integers(value).astype(grid.weight_storage())
+            ints = grid.integers(value).astype(storage or grid.weight_storage())
             s_full, z_full, c_full = grid.full(value.shape)
             ints_o = f(ints)
             s, z, axis = per_axis(
@@ -345,17 +347,18 @@ def _input_names(graph) -> list[str]:
     return names
 
 
-def _output_names(graph) -> list[str]:
+def _output_names(graph, taken: set[str]) -> list[str]:
     """Unique output names: the model's own keys where it returns a dict of outputs, else the producing
-    layer's, with ":k" for a second output of the same node."""
+    layer's (Keras's `output_names`), with ":k" for a second output of the same node; "_out1" added only where
+    the file already has a value of that name (``taken``)."""
     skeleton = graph.structure[1] if graph.structure is not None else None
     keys = {i: str(k) for k, i in skeleton.items()} if isinstance(skeleton, dict) else {}
     names, seen = [], set()
     for i, r in enumerate(graph.outputs):
         name = keys.get(i, str(r).replace("@", "_call"))
         base, k = name, 1
-        while name in seen or name in graph:
-            name = f"{base}_out{k}" if name in graph and k == 1 else f"{base}_{k}"
+        while name in seen or name in taken:
+            name = f"{base}_out{k}" if name in taken and k == 1 else f"{base}_{k}"
             k += 1
         seen.add(name)
         names.append(name)

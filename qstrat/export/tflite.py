@@ -121,7 +121,7 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
                 "and export it there."
             )
         path, metadata = _check_args(path, metadata, int8_io)
-        require_quantizers(qmodel)
+        require_quantizers(qmodel, deployed=True)
         dpu = [layer.name for layer in qmodel.layers if type(layer).__name__ in DPU_LAYERS]
         if dpu:
             raise UnsupportedError(

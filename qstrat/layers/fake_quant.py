@@ -94,13 +94,26 @@ class FakeQuant(KeepsMask, keras.layers.Layer):
 QUANTIZER_KINDS = ("all", "activations", "weights")
 
 
-def require_quantizers(model, then: str = "") -> None:
-    """Refuse a model with no qstrat quantizer layer (a float model given where a quantized one is needed)."""
+def require_quantizers(model, then: str = "", deployed: bool = False) -> None:
+    """Refuse a model with no qstrat quantizer layer (a float model given where a quantized one is needed);
+    ``deployed``: also a QAT model that still folds a BatchNormalization in training (an exporter's input)."""
     from qstrat.errors import UnsupportedError
     from qstrat.layers.wrapper import QuantizeWrapper
 
     if not any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in model.layers):
         raise UnsupportedError(f"'{model.name}' has no qstrat quantizers: quantize it first (qstrat.Quantizer){then}.")
+    if deployed:
+        training = [
+            layer.name
+            for layer in model.layers
+            if "FoldedConvBN" in (type(layer).__name__, type(getattr(layer, "layer", None)).__name__)
+        ]
+        if training:
+            raise UnsupportedError(
+                f"{', '.join(training[:4])}{', ...' if len(training) > 4 else ''}: a QAT model's convolutions with "
+                "their BatchNormalization folded for training (train_with_bn). Export the model "
+                "Quantizer.get_deploy_model(qat_model) returns, which folds them for inference."
+            )
 
 
 def set_quantizers_enabled(model, enabled: bool, which: str = "all") -> int:
