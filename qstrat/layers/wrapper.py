@@ -153,7 +153,7 @@ class QuantizeWrapper(keras.layers.Layer):
         # weights' regularization again, already the wrapper's through its sublayer).
         variables = [*self.layer.trainable_variables, *self.layer.non_trainable_variables]
         with keras.StatelessScope(
-            state_mapping=list(zip(variables, trainable + non_trainable)), collect_losses=True
+            state_mapping=list(zip(variables, trainable + non_trainable, strict=True)), collect_losses=True
         ) as scope:
             outputs = self.layer.call(inputs, *args, **kwargs)
         for loss in scope.losses:  # what the layer's call adds (add_loss)
