@@ -7,6 +7,7 @@ calibrate it. The user's model is read, never changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -40,7 +41,9 @@ class Quantizer:
         model: a Sequential or Functional Keras model (never modified).
         quantize_strategy: "pof2s", "fs" or "tqt" (alias "pof2s_tqt").
         custom_quantize_strategy: a JSON file path or dict merged over the built-in.
-        custom_objects: ``{name: class}`` of custom layers, usable in patterns.
+        custom_objects: ``{name: object}`` of custom layers (usable in patterns) and the functions (an
+            activation) their configs name: qstrat rebuilds layers from their configs within
+            ``keras.saving.custom_object_scope(custom_objects)``.
 
     Example:
         >>> q = Quantizer(model, "pof2s")
@@ -53,7 +56,7 @@ class Quantizer:
         model,
         quantize_strategy: str = "pof2s",
         custom_quantize_strategy: str | os.PathLike | Mapping | None = None,
-        custom_objects: Mapping[str, type] | None = None,
+        custom_objects: Mapping[str, Any] | None = None,
     ):
         graph = capture(model)  # fails early, with a clear message, on models qstrat cannot read
         guards.refuse_quantized(graph)
@@ -76,6 +79,14 @@ class Quantizer:
         # Of the last quantize_model: seconds per stage, and "data_passes" over the calibration data.
         self.timings: dict[str, float] = {}
         self.mixed_precision = None  # of the last quantize_model with a budget: `qstrat.inspect.mixed.MixedPrecision`
+
+    @contextlib.contextmanager
+    def _scope(self):
+        """Every public call's: float32 layers, and the user's custom objects known to Keras' deserialization."""
+        import keras
+
+        with float32_policy(), keras.saving.custom_object_scope(self.custom_objects):
+            yield
 
     def _strategy(self, overrides: Mapping[str, Any]) -> Strategy:
         if not overrides:
@@ -100,7 +111,7 @@ class Quantizer:
             >>> fmodel = q.optimize_model(include_cle=False)
             >>> print(q.optimize_report.table())
         """
-        with float32_policy():
+        with self._scope():
             graph = self._optimized_graph(self._strategy(overrides))
             return rebuild(graph, name=f"{self.model.name}_optimized")
 
@@ -133,7 +144,7 @@ class Quantizer:
             raise_to: ``"int16"``, or a float type (``"float32"``, ...) that leaves the raised layers unquantized.
             **overrides: strategy keys, e.g. ``weight_bit=4``, ``include_cle=False``.
         """
-        with float32_policy():
+        with self._scope():
             with guards.caller_objects_frozen():
                 if accuracy_budget is not None or target_sqnr is not None or eval_fn is not None:
                     return self._mixed(
@@ -266,7 +277,7 @@ class Quantizer:
         Example:
             print(qstrat.inspect.rows_table(Quantizer(model, "pof2s").inspect_model(weight_bit=4)))
         """
-        with float32_policy():
+        with self._scope():
             from qstrat.inspect.layers import inspect_rows
 
             strategy = self._strategy(overrides)
@@ -294,7 +305,7 @@ class Quantizer:
             >>> qat.compile("adam", "sparse_categorical_crossentropy"); qat.fit(x_train, y_train, epochs=2)
             >>> deployed = q.get_deploy_model(qat)
         """
-        with float32_policy():
+        with self._scope():
             from qstrat.qat import qat_model
 
             return qat_model(
@@ -321,7 +332,7 @@ class Quantizer:
 
         See `qstrat.qat.deploy_model`. The QAT model is not changed.
         """
-        with float32_policy():
+        with self._scope():
             from qstrat.qat import deploy_model
 
             return deploy_model(

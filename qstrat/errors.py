@@ -22,18 +22,27 @@ class QstratError(Exception):
 
 
 def describe(value: Any) -> str:
-    """Show a received value the way a user wrote it, with its type when that matters."""
+    """Show a received value the way a user wrote it, with its type when that matters (at most 200 characters
+    of it)."""
     if isinstance(value, str):
-        return f'"{value}" (a string)'
+        return f'"{_short(value)}" (a string)'
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
     if isinstance(value, (list, tuple)):
-        return f"{list(value)!r} (a list)"
+        return f"{_short(repr(list(value)))} (a list)"
     if isinstance(value, dict):
         return "an object"
-    return repr(value)
+    shown = repr(value)
+    return shown if len(shown) <= _SHOWN else f"{_short(shown)} (a {type(value).__name__})"
+
+
+_SHOWN = 200
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}..."
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

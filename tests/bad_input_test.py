@@ -202,6 +202,19 @@ def test_integer_inputs_are_never_quantized():
     assert sqnr(np_(model.predict(tokens, verbose=0)), out) > 20
 
 
+def test_a_string_input_is_an_error_that_says_to_quantize_after_the_lookup():
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("string tensors are TensorFlow's")
+    words = ["a", "b", "c", "d", "e"]
+    i = keras.Input((6,), dtype="string")
+    h = L.GlobalAveragePooling1D()(L.Embedding(7, 4)(L.StringLookup(vocabulary=words)(i)))
+    model = keras.Model(i, L.Dense(3)(h))
+    x = tf.constant(np.array(words)[np.random.default_rng(0).integers(0, 5, (24, 6))])
+    with pytest.raises(CalibrationDataError, match=r"reads strings here.*part after the string lookup"):
+        qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0)
+
+
 def test_float_data_for_an_integer_input_is_an_error():
     i = keras.Input((5,), dtype="int32", name="tokens")
     model = keras.Model(i, L.Dense(3)(L.Flatten()(L.Embedding(20, 8)(i))))
@@ -226,7 +239,8 @@ def test_lambda_layers_are_kept_and_skipped_with_a_reason():
 @portable
 def test_an_activation_that_is_a_plain_function_is_an_error_that_says_to_register_it():
     """Keras saves a plain function as its name, and cannot find it again: qstrat, which rebuilds layers from
-    their configs, says so and how to fix it. Registered, the same function quantizes."""
+    their configs, says so and how to fix it. Passed in custom_objects, or registered, the same function
+    quantizes."""
 
     def doubled(t):
         return 2.0 * t
@@ -239,6 +253,9 @@ def test_an_activation_that_is_a_plain_function_is_an_error_that_says_to_registe
     data = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
     with pytest.raises(UnsupportedModelError, match=r"(?s)'d1_doubled'.*register_keras_serializable"):
         qstrat.Quantizer(model_with(doubled), "pof2s").quantize_model(data, verbose=0)
+    plain = model_with(doubled)
+    passed = qstrat.Quantizer(plain, "pof2s", custom_objects={"doubled": doubled}).quantize_model(data, verbose=0)
+    assert sqnr(np_(plain(data)), np_(passed(data))) > 20
     registered = keras.saving.register_keras_serializable(package="qstrat_test")(doubled)
     model = model_with(registered)
     q = qstrat.Quantizer(model, "pof2s")

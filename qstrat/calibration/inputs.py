@@ -98,6 +98,12 @@ def check_batch(arrays: Sequence[Any], specs: Sequence[tuple], step: int, label:
                 f"{where}: a ragged tensor (rows of different lengths). Pad its rows to one length first "
                 "(e.g. .to_tensor()), as the model reads them."
             )
+        if str(dtype) == "string":
+            raise CalibrationDataError(
+                f"{where}: the model reads strings here, and qstrat calibrates numeric inputs only. Quantize the "
+                "part after the string lookup: a model from the lookup's output (keras.Model(lookup_output, "
+                "model.output)), calibrated with the ids the lookup gives."
+            )
         arr = _to_numpy(arr)
         if arr.dtype.name == "bfloat16":  # ml_dtypes' (TensorFlow, JAX): every value is a float32 too
             arr = arr.astype(np.float32)

@@ -36,8 +36,8 @@ def layer_from_config(cls, config: dict, fill_zeros: bool = False):
         raise UnsupportedModelError(
             f"cannot make layer '{config.get('name')}' ({cls.__name__}) from its config: {type(exc).__name__}: "
             f"{exc}. qstrat rebuilds every layer with from_config(get_config()): register custom functions and "
-            "classes with @keras.saving.register_keras_serializable(), and make the layer's get_config() return "
-            "every __init__ argument."
+            "classes with @keras.saving.register_keras_serializable() (or pass them in Quantizer's custom_objects, "
+            "by the name the config gives), and make the layer's get_config() return every __init__ argument."
         ) from None
 
 

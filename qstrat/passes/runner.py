@@ -153,7 +153,10 @@ def sample_bytes(graph) -> int:
             shape = getattr(t, "shape", None)
             if shape is None or any(d is None for d in shape[1:]):
                 continue
-            size = np.dtype(getattr(t, "dtype", "float32") or "float32").itemsize
+            try:
+                size = np.dtype(getattr(t, "dtype", "float32") or "float32").itemsize
+            except TypeError:  # a string tensor: no fixed size (its bytes are not what a batch's memory is)
+                continue
             per_sample = max(per_sample, size * int(np.prod(shape[1:], dtype=np.int64)))
     return per_sample
 

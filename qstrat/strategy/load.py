@@ -183,8 +183,9 @@ def load_strategy(
     """Build a strategy: built-in < custom strategy (file or dict) < keyword overrides.
 
     Args:
-        quantize_strategy: "pof2s", "fs", "tqt" (or the aliases "pof2s_tqt", "8bit", "8bit_tqt").
-        custom_quantize_strategy: a JSON file path or a dict, merged over the built-in.
+        quantize_strategy: "pof2s", "fs", "tqt" (or the aliases "pof2s_tqt", "8bit", "8bit_tqt"), or a
+            `Strategy` made before (`load_strategy`, `set_quantize_strategy`), which stands in for the built-in.
+        custom_quantize_strategy: a JSON file path, a dict or a `Strategy`, merged over the built-in.
         custom_types: ``{name: class}`` of custom layer classes patterns may name.
         **overrides: flat keys, e.g. ``weight_bit=4`` or ``include_cle=False``.
 
@@ -192,7 +193,10 @@ def load_strategy(
         >>> s = load_strategy("pof2s", {"quantize_registry_config": {"user_defined_quantize_config":
         ...     {"layer_config": {"head": "float32"}}}}, weight_bit=4)
     """
-    base_name = quantize_strategy
+    given = quantize_strategy if isinstance(quantize_strategy, Strategy) else None  # one made before: the base
+    base_name = given.base if given is not None else quantize_strategy
+    if isinstance(custom_quantize_strategy, Strategy):
+        custom_quantize_strategy = custom_quantize_strategy.to_dict(2)  # complete, its base included
     custom, cpath = (None, "$") if custom_quantize_strategy is None else _read_custom(custom_quantize_strategy)
     conversion = _convert_reference(custom, cpath, custom_types)
     if conversion is not None:
@@ -200,7 +204,10 @@ def load_strategy(
     if custom is not None and "base" in custom:
         base_name = custom["base"]
     try:
-        data = _base_data(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
+        if given is not None and not (custom and custom.get("base", given.base) != given.base):
+            data = given.to_dict(2)
+        else:
+            data = _base_data(base_name, f"{cpath}.base" if custom and "base" in custom else "quantize_strategy")
         paths: list = []
         if custom is not None:
             data = _merge(data, custom, cpath, paths)

@@ -294,6 +294,29 @@ def test_set_quantize_strategy_round_trips_every_verbosity(tmp_path):
     assert set_quantize_strategy(s, {"base": "fs"}).base == "fs"
 
 
+def test_a_strategy_made_before_stands_in_for_the_built_in_or_the_custom_strategy():
+    import keras
+
+    import qstrat
+
+    s = load_strategy("fs", weight_bit=4, ignore_layers=["x"])
+    assert load_strategy(s) == s and load_strategy("pof2s", s) == s  # its own base, whatever the first argument
+    assert load_strategy(s, activation_bit=6) == load_strategy(
+        "fs", weight_bit=4, ignore_layers=["x"], activation_bit=6
+    )
+    assert load_strategy(s, {"base": "pof2s"}).base == "pof2s"
+    i = keras.Input((4,))
+    model = keras.Model(i, keras.layers.Dense(2)(i))
+    assert qstrat.Quantizer(model, s).strategy == s
+    assert qstrat.Quantizer(model, custom_quantize_strategy=s).strategy == s
+
+
+def test_a_long_value_in_an_error_is_cut_short():
+    with pytest.raises(ConfigError) as err:
+        load_strategy(["pof2s"] * 1000)
+    assert len(str(err.value)) < 700
+
+
 def test_errors_in_a_users_patterns_cite_the_index_in_the_users_file(tmp_path):
     bad_quantizer = {"type": "Pof2SQuantizer", "params": {"bit_width": "8"}}
     user = {
