@@ -17,6 +17,7 @@ from qstrat.errors import ConfigError, did_you_mean, warn_at_caller
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, views
 from qstrat.passes.scope import limit_to_scope
 from qstrat.quantizers import DEFAULT_POSITION_POLICY
+from qstrat.quantizers.grid import LEGACY_METHOD_CODES
 from qstrat.strategy import LayerQuantConfig, Strategy, resolve_views
 from qstrat.strategy.resolve import weight_names
 from qstrat.strategy.user_keys import HANDY_KEYS
@@ -145,13 +146,54 @@ def _warn_unused_handy_keys(strategy: Strategy, configs: dict[str, LayerQuantCon
     used = {src for cfg in configs.values() for t in cfg.targets for src in t.sources.values()}
     for key, (target_type, param) in HANDY_KEYS.items():
         value = strategy.user[key]
-        if value is None or f"user_defined_quantize_config.{key}" in used:
+        if value is None:
+            continue
+        if f"user_defined_quantize_config.{key}" in used:
+            if param == "method_percentile":
+                _warn_percentile_unused(key, value, target_type, configs)
             continue
         warnings.warn(
             f"user_defined_quantize_config.{key} = {value!r} sets no quantizer of this model, so it does nothing: "
             f"no {target_type} target here has a quantizer with the parameter {param!r}"
             + (" (unsigned outputs apply only after ReLU-like layers)" if key == "activation_unsigned" else "")
             + ", or a rule by layer name sets it instead. See qstrat.strategy.explain for what sets each parameter.",
+            stacklevel=4,
+        )
+
+
+def _warn_percentile_unused(key: str, value, target_type: str, configs: dict[str, LayerQuantConfig]) -> None:
+    """``<family>_method_percentile`` set where no quantizer of the family uses method Percentile."""
+    methods = {
+        LEGACY_METHOD_CODES.get(t.params.get("method"), t.params.get("method"))
+        for cfg in configs.values()
+        for t in cfg.targets
+        if t.target_type == target_type
+    }
+    if "Percentile" not in methods:
+        family = key.removesuffix("_method_percentile")
+        warnings.warn(
+            f"user_defined_quantize_config.{key} = {value!r} does nothing: no {target_type} quantizer here uses "
+            f'method "Percentile" (theirs: {", ".join(sorted(str(m) for m in methods))}). Set {family}_method '
+            '"Percentile" too.',
+            stacklevel=5,
+        )
+
+
+def _warn_unused_precisions(strategy: Strategy, configs: dict[str, LayerQuantConfig]) -> None:
+    """Warn about each integer ``layer_config`` entry for a layer with no quantizer for it to widen (a Flatten,
+    a max pool: their outputs keep their input's grid)."""
+    used = {src for cfg in configs.values() for t in cfg.targets for src in t.sources.values()}
+    for name, precision in strategy.user["layer_config"].items():
+        if not precision.startswith("int") or f"user_defined_quantize_config.layer_config.{name}" in used:
+            continue
+        mine = [cfg for n, cfg in configs.items() if n == name or n.startswith(f"{name}@")]
+        if not mine:  # no such layer: warn_unknown_layer_names says so
+            continue
+        why = next((cfg.skip_reason for cfg in mine if cfg.skip_reason), None)
+        warnings.warn(
+            f"user_defined_quantize_config.layer_config.{name} = {precision!r} does nothing: {name} has no "
+            "quantizer " + (f"({why})" if why else "of its own (its output keeps its input's grid)") + ". Set it "
+            "on the layer that writes its input, or see qstrat.strategy.explain for what quantizes it.",
             stacklevel=4,
         )
 
@@ -202,6 +244,7 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
     configs = resolve_views(strategy, views(graph), custom_types)
     limit_to_scope(graph, strategy, configs)
     _warn_unused_handy_keys(strategy, configs)
+    _warn_unused_precisions(strategy, configs)
     _warn_inapplicable_keys(strategy, configs)
     _check_dtypes(configs)
     _warn_missing_weights(graph, configs)

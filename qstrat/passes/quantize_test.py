@@ -330,3 +330,25 @@ def test_no_quant_in_conv_bn_act_acts_on_a_batch_norm_left_in_place_and_warns_wh
     assert outputs() == ([], [])
     own, warned = outputs(no_quant_in_conv_bn_act=False)  # the BN is folded into the conv: nothing to act on
     assert own == [] and len(warned) == 1 and "does nothing here" in warned[0]
+
+
+def test_an_integer_precision_or_a_percentile_that_reaches_no_quantizer_warns():
+    i = keras.Input((8, 8, 1), name="img")
+    h = L.MaxPooling2D(name="mp")(L.ReLU(name="r")(L.Conv2D(4, 3, name="c")(i)))
+    model = keras.Model(i, L.Dense(3, name="d")(L.Flatten(name="flat")(h)))
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype("float32")
+
+    def warned(**keys):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0, include_bias_corr=False, **keys)
+        return [str(w.message) for w in seen if "does nothing" in str(w.message)]
+
+    flat = warned(layer_config={"flat": "int16"})  # a Flatten passes its input's grid on: nothing to widen
+    assert len(flat) == 1 and "layer_config.flat = 'int16' does nothing" in flat[0] and "of its own" in flat[0]
+    assert warned(layer_config={"r": "int16"}) == []  # the ReLU's output quantizer is widened
+    ignored = warned(layer_config={"c": "int16"}, ignore_layers=["c"])
+    assert len(ignored) == 1 and "ignore_layers" in ignored[0]
+    pct = warned(weight_method_percentile=99.0)
+    assert len(pct) == 1 and 'no weight quantizer here uses method "Percentile"' in pct[0]
+    assert warned(weight_method="Percentile", weight_method_percentile=99.0) == []
