@@ -133,6 +133,7 @@ def qat_model(
     graph, annotation, model, taps = q._build(
         strategy, progress, suffix="qat", data=data, steps=calib_steps, batch_size=calib_batch_size
     )
+    _warn_moved_regularizers(q.model, q.optimize_report, with_bn)
     removed = [e.node for e in q.optimize_report.of("remove_dropout", "changed")]
     if removed and "remove_dropout" not in overrides:
         warnings.warn(
@@ -165,6 +166,36 @@ def qat_model(
     progress.done("QAT model ready")
     q.timings = {**progress.times, "data_passes": progress.data_passes}
     return model
+
+
+_KERNEL_REGULARIZERS = ("kernel_regularizer", "depthwise_regularizer", "pointwise_regularizer")
+
+
+def _warn_moved_regularizers(model, report, with_bn: bool) -> None:
+    """Warn where the optimize stage changed the weights a regularizer of the user's model acts on: QAT's loss
+    then differs from the float model's (a folded BatchNormalization's are gone, and its conv's act on W·γ/σ;
+    CLE's pairs' act on scaled kernels)."""
+    layers = {layer.name: layer for layer in model._flatten_layers(include_self=False)}
+
+    def has(name, attrs):
+        return any(getattr(layers.get(name), a, None) is not None for a in attrs)
+
+    moved = []
+    if not with_bn:  # train_with_bn keeps the conv and its BatchNormalization as they are (FoldedConvBN)
+        for e in report.of("fold_conv_bn", "changed"):
+            if has(e.node, ("gamma_regularizer", "beta_regularizer")):
+                moved.append(f"{e.node}'s (its BatchNormalization is folded into {e.partner}: gone)")
+            if has(e.partner, _KERNEL_REGULARIZERS):
+                moved.append(f"{e.partner}'s (on its kernel folded with {e.node}, W·γ/σ)")
+    for e in report.of("include_cle", "changed"):
+        moved += [f"{n}'s (on its kernel scaled by CLE)" for n in (e.node, e.partner) if has(n, _KERNEL_REGULARIZERS)]
+    if moved:
+        warnings.warn(
+            f"get_qat_model: weight regularizers act on other weights than in the float model, so the loss QAT "
+            f"trains on differs: {'; '.join(dict.fromkeys(moved))}. train_with_bn=True keeps the folded "
+            "BatchNormalization's and its conv's; include_cle=False keeps the kernels CLE scales.",
+            stacklevel=4,
+        )
 
 
 # The keys that act in get_deploy_model: the refine stage's constraints and where the model is written.

@@ -255,3 +255,23 @@ def test_dropout_is_taken_out_with_a_warning_or_kept_to_train_with():
     assert not np.array_equal(first, second)  # the dropout masks differ from call to call
     deploy = q.get_deploy_model(qat, verbose=0)
     np.testing.assert_array_equal(deploy.predict(x, verbose=0), qat.predict(x, verbose=0))
+
+
+def test_regularizers_a_fold_or_cle_moves_are_named_in_a_warning():
+    keras.utils.set_random_seed(0)
+    l2 = keras.regularizers.L2(0.1)
+    i = keras.Input((8, 8, 1))
+    c = keras.layers.Conv2D(4, 3, kernel_regularizer=l2, name="c1")(i)
+    b = keras.layers.BatchNormalization(gamma_regularizer=l2, name="bn1")(c)
+    model = keras.Model(i, keras.layers.Dense(3, name="d")(keras.layers.Flatten()(keras.layers.ReLU()(b))))
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype("float32")
+
+    def warned(**keys):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            qstrat.Quantizer(model, "tqt").get_qat_model(init_quant=True, calib_dataset=x, verbose=0, **keys)
+        return [str(w.message) for w in seen if "weight regularizers" in str(w.message)]
+
+    (folded,) = warned(include_cle=False)
+    assert "bn1's (its BatchNormalization is folded into c1: gone)" in folded and "c1's (on its kernel folded" in folded
+    assert warned(include_cle=False, train_with_bn=True) == []  # FoldedConvBN keeps both as they are

@@ -44,10 +44,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from qstrat.calibration.data import iterate_batches
-from qstrat.errors import CalibrationDataError
+from qstrat.errors import CalibrationDataError, UnsupportedError
 from qstrat.graph.rebuild import float32_policy
 from qstrat.inspect.measures import Moments, RangeStats, Seen, sqnr_db, sse, weight_stats
 from qstrat.inspect.units import Flags, find_units
+from qstrat.layers import FakeQuant, QuantizeWrapper
 from qstrat.passes.calibrate import input_specs
 from qstrat.passes.runner import BatchRunner
 from qstrat.progress import Progress
@@ -202,6 +203,11 @@ def analyze(
 
         progress = Progress(verbose, data="analysis data")
         _check_same_inputs(float_model, qmodel)
+        if any(isinstance(layer, (FakeQuant, QuantizeWrapper)) for layer in float_model.layers):
+            raise UnsupportedError(
+                f"analyze: the float model '{float_model.name}' has qstrat quantizers; pass the float model the "
+                "quantized one was made from."
+            )
         units = find_units(qmodel)
         with progress.stage("read data"):
             batches = list(iterate_batches(data, input_specs(qmodel), batch_size, steps, caller="analyze"))

@@ -146,3 +146,14 @@ def test_json_has_no_infinities():
     d = analyze(model, qmodel, data, verbose=0).to_dict()
     text = json.dumps(d, allow_nan=False)  # raises on inf/nan
     assert json.loads(text)["layers"][0]["alone_sqnr_db"] is None  # input "a": exact, no error
+
+
+def test_a_quantized_model_given_as_the_float_one_and_a_flag_that_is_not_a_bool_are_refused():
+    model, x = _wide_model()
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0)
+    with pytest.raises(qstrat.UnsupportedError, match="the float model .* has qstrat quantizers"):
+        analyze(qmodel, qmodel, x, verbose=0)  # it would score infinite SQNR against itself
+    for flag in ("False", 0, None):
+        with pytest.raises(qstrat.ConfigError, match="enabled=...\\): expected true or false"):
+            set_quantizers_enabled(qmodel, flag)
+    assert set_quantizers_enabled(qmodel, np.bool_(False)) == set_quantizers_enabled(qmodel, True) > 0

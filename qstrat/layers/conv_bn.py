@@ -290,7 +290,12 @@ class FoldedConvBN(keras.layers.Layer):
         mean = frozen * mean_ma + live * mu_b
         sigma = frozen * sigma_ma + live * sigma_b
         scale = self._per_channel(sigma_ma / sigma, rank)
-        return scale * y + self._per_channel(quantize("bias", beta + (b - mean) * (gamma / sigma)), rank)
+        # The bias inference quantizes (the moving-statistics fold) is what its quantizer sees, so a power-of-2
+        # position taken in training is the one inference applies; the batch statistics' difference is added in
+        # float, as the output's rescaling is, and is 0 once frozen.
+        batch_bias = beta + (b - mean) * (gamma / sigma)
+        bias = quantize("bias", folded_bias) + (batch_bias - folded_bias)
+        return scale * y + self._per_channel(bias, rank)
 
     def call(self, inputs, training=None):
         return self.call_with_quantizers(inputs, lambda attr, tensor: tensor, bool(training))

@@ -133,6 +133,10 @@ def set_quantizers_enabled(model, enabled: bool, which: str = "all") -> int:
         raise ConfigError(
             "set_quantizers_enabled(which=...)", f"unknown kind {which!r}", f"Use one of {', '.join(QUANTIZER_KINDS)}."
         )
+    import numpy as np
+
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise ConfigError.expected("set_quantizers_enabled(enabled=...)", "true or false", enabled)
     value, n = 1.0 if enabled else 0.0, 0
     for layer in model.layers:
         if isinstance(layer, FakeQuant) and which != "weights":

@@ -239,6 +239,7 @@ def cross_layer_equalization(
             "include_cle",
             p.head,
             f"equalized with {p.tail}{aware}: channel scales {float(s.min()):.3g}..{float(s.max()):.3g}",
+            partner=p.tail,
         )
 
     if cfg.get("cle_bias_absorption", False):

@@ -123,7 +123,7 @@ def fold_conv_bn(graph: Graph, cfg: Mapping, report: OptimizeReport) -> Graph:
         }
         ed.replace(prod.name, replace(prod, op=folded, meta=meta))
         ed.bypass(bn_node.name)
-        report.changed("fold_conv_bn", bn_node.name, f"folded into {prod.name}")
+        report.changed("fold_conv_bn", bn_node.name, f"folded into {prod.name}", partner=prod.name)
     return ed.graph()
 
 

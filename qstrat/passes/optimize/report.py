@@ -11,6 +11,7 @@ class PassEvent:
     node: str
     kind: str  # "changed" | "skipped"
     detail: str
+    partner: str = ""  # the other node a change involves (the conv a BatchNormalization folds into; CLE's tail)
 
 
 @dataclass
@@ -20,8 +21,8 @@ class OptimizeReport:
     events: list[PassEvent] = field(default_factory=list)
     passes_run: list[str] = field(default_factory=list)
 
-    def changed(self, pass_name: str, node: str, detail: str) -> None:
-        self.events.append(PassEvent(pass_name, node, "changed", detail))
+    def changed(self, pass_name: str, node: str, detail: str, partner: str = "") -> None:
+        self.events.append(PassEvent(pass_name, node, "changed", detail, partner))
 
     def skipped(self, pass_name: str, node: str, detail: str) -> None:
         self.events.append(PassEvent(pass_name, node, "skipped", detail))
