@@ -431,9 +431,14 @@ def test_list_outputs_are_named_as_keras_names_them(tmp_path):
     h = keras.layers.Dense(6, activation="relu", name="h")(i)
     model = keras.Model(i, [keras.layers.Dense(3, name="logits")(h), keras.layers.Dense(2, name="aux")(h)])
     x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
-    qmodel = quantize(model, x, "pof2s", **EVEN)
-    export_onnx(qmodel, tmp_path / "l.onnx")
-    assert [o.name for o in session(tmp_path / "l.onnx").get_outputs()] == list(qmodel.output_names)
+    for keys in ({}, {"ignore_layers": ["aux"]}):  # aux's output: its quantizer's, then its own value
+        qmodel = quantize(model, x, "pof2s", **EVEN, **keys)
+        export_onnx(qmodel, tmp_path / "l.onnx")
+        s = session(tmp_path / "l.onnx")
+        assert [o.name for o in s.get_outputs()] == list(qmodel.output_names)
+        got, want = s.run(None, {"x": x})[0], qmodel.predict(x, verbose=0)[0]  # the logits: on their grid
+        np.testing.assert_array_equal(got, ops.convert_to_numpy(want))
+    assert list(qmodel.output_names) == ["logits_output_q", "aux"]
 
 
 def test_narrow_grids_are_clipped_to_the_grid_not_the_type(tmp_path):

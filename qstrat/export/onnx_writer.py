@@ -85,9 +85,12 @@ class Writer:
                 renames.append(helper.make_node("Identity", [key], [node.name], name=f"{key}/input"))
         outputs, nodes = [], renames + list(self.b.nodes)
         taken = {v for n in nodes for v in n.output} | {t.name for t in self.b.initializers} | {i.name for i in inputs}
-        names = _output_names(self.graph, taken)
+        # A computed value already named as the output (a layer with no output quantizer) is the output itself.
+        computed = {v for n in nodes for v in n.output} - {i.name for i in inputs}
+        names = _output_names(self.graph, taken, [t.name if t.name in computed else None for t in self.outputs])
         for t, name, r in zip(self.outputs, names, self.graph.outputs, strict=True):
-            nodes.append(helper.make_node("Identity", [t.name], [name], name=f"{name}/output"))
+            if name != t.name:
+                nodes.append(helper.make_node("Identity", [t.name], [name], name=f"{name}/output"))
             # Integer outputs (an int input passed on) keep their type; every computed output is float32.
             dtype = (self.graph.node(r.node).meta.get("dtypes") or ("float32",) * (r.index + 1))[r.index]
             kind = ONNX_TYPES[dtype] if "int" in dtype and dtype in ONNX_TYPES else onnx.TensorProto.FLOAT
@@ -347,17 +350,18 @@ def _input_names(graph) -> list[str]:
     return names
 
 
-def _output_names(graph, taken: set[str]) -> list[str]:
+def _output_names(graph, taken: set[str], own: list[str | None]) -> list[str]:
     """Unique output names: the model's own keys where it returns a dict of outputs, else the producing
     layer's (Keras's `output_names`), with ":k" for a second output of the same node; "_out1" added only where
-    the file already has a value of that name (``taken``)."""
+    the file already has another value of that name (``taken``; ``own[i]``: the name of output i's own value,
+    when it may be the output itself)."""
     skeleton = graph.structure[1] if graph.structure is not None else None
     keys = {i: str(k) for k, i in skeleton.items()} if isinstance(skeleton, dict) else {}
     names, seen = [], set()
     for i, r in enumerate(graph.outputs):
         name = keys.get(i, str(r).replace("@", "_call"))
         base, k = name, 1
-        while name in seen or name in taken:
+        while name in seen or (name in taken and name != own[i]):
             name = f"{base}_out{k}" if name in taken and k == 1 else f"{base}_{k}"
             k += 1
         seen.add(name)

@@ -205,7 +205,12 @@ def test_a_wrapped_layer_keeps_the_losses_its_call_and_its_activity_regularizer_
     again = QuantizeWrapper.from_config(w.get_config())
     assert "activity_regularizer" not in w.get_config()
     assert again.activity_regularizer.get_config() == reg.get_config()
+    i = keras.Input((6,))
     p = QuantizeWrapper(_Penalized(2, name="p"), {"kernel": POF2})
+    m = keras.Model(i, p(i))
+    trainable, frozen = [v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables]
+    _, _, losses = m.stateless_call(trainable, frozen, x, training=True, return_losses=True)
+    assert len(losses) == 1  # once, within a stateless scope (JAX's training step) too
     out = np_(p(x))
     assert len(p.losses) == 1
     # A float32 mean of terms of both signs: off by at most n eps times the mean of their magnitudes.

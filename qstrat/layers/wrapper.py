@@ -155,7 +155,12 @@ class QuantizeWrapper(keras.layers.Layer):
         with keras.StatelessScope(
             state_mapping=list(zip(variables, trainable + non_trainable, strict=True)), collect_losses=True
         ) as scope:
-            outputs = self.layer.call(inputs, *args, **kwargs)
+            # A layer Keras itself quantized (int8 weights) computes with them as stateless_call would.
+            call = self.layer.quantized_call if self.layer.dtype_policy.quantization_mode else self.layer.call
+            outputs = call(inputs, *args, **kwargs)
+        added = {id(loss) for loss in scope.losses}
+        for sub in self.layer._flatten_layers():  # the wrapper owns them now: counted once, within an outer
+            sub._loss_ids -= added  # stateless scope (JAX's training step) as outside one
         for loss in scope.losses:  # what the layer's call adds (add_loss)
             self.add_loss(loss)
         if training:  # the statistics it updates in training (a BatchNormalization's moving mean and variance)
