@@ -161,11 +161,32 @@ def qat_model(
         with progress.stage("fake folding"):
             model = fake_fold(model, graph, int(strategy.quantize["freeze_bn_delay"]), q.optimize_report)
             calibrate_weights(model)  # the fold's kernel is the conv's to float32 rounding: its own positions
+    _start_zero_biases(model)
     q.report, q.position_changes = annotation.report, []
     q.convert_report = q.export_report = q.output_path = None
     progress.done("QAT model ready")
     q.timings = {**progress.times, "data_passes": progress.data_passes}
     return model
+
+
+def _start_zero_biases(model) -> None:
+    """A TQT bias that is all zero (a layer not trained yet) has no range to calibrate from: its threshold would
+    start at the smallest step's, about 2^-16, and clip every value training gives it for thousands of steps.
+    It starts at its kernel's threshold instead, which it then trains from."""
+    from qstrat.quantizers import TQTQuantizer
+
+    for layer in model.layers:
+        if not isinstance(layer, QuantizeWrapper) or not {"kernel", "bias"} <= set(layer.quantizers):
+            continue
+        if "bias" in layer.shared_states or not all(
+            isinstance(layer.quantizers[a], TQTQuantizer) and np.ndim(layer.state[a]["log_th"]) == 0
+            for a in ("kernel", "bias")
+        ):
+            continue
+        target = getattr(layer.layer, "target_value", None)
+        bias = keras.ops.convert_to_numpy(target("bias") if target is not None else layer.layer.bias)
+        if not np.any(bias):
+            layer.state["bias"]["log_th"].assign(keras.ops.convert_to_numpy(layer.state["kernel"]["log_th"]))
 
 
 _KERNEL_REGULARIZERS = ("kernel_regularizer", "depthwise_regularizer", "pointwise_regularizer")

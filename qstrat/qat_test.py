@@ -275,3 +275,22 @@ def test_regularizers_a_fold_or_cle_moves_are_named_in_a_warning():
     (folded,) = warned(include_cle=False)
     assert "bn1's (its BatchNormalization is folded into c1: gone)" in folded and "c1's (on its kernel folded" in folded
     assert warned(include_cle=False, train_with_bn=True) == []  # FoldedConvBN keeps both as they are
+
+
+def test_a_zero_bias_starts_at_its_kernels_threshold_and_trains_unclipped():
+    """A bias of a layer not trained yet is all zero: calibrated on it alone, its TQT threshold would be about
+    2^-16, and the first values training gives it would all be clipped."""
+    keras.utils.set_random_seed(2)
+    i = keras.Input((6,))
+    model = keras.Model(i, keras.layers.Dense(3, name="d")(i))  # zeros: Keras' bias initializer
+    x = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    qat = qstrat.Quantizer(model, "tqt").get_qat_model(init_quant=True, calib_dataset=x, verbose=0)
+    w = qat.get_layer("quant_d")
+    assert float(np.asarray(w.state["bias"]["log_th"])) == float(np.asarray(w.state["kernel"]["log_th"]))
+    qat.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    qat.fit(x, np.full((64, 3), 0.3, "float32"), epochs=3, batch_size=16, verbose=0)
+    bias = keras.ops.convert_to_numpy(w.layer.bias)
+    assert np.abs(bias).max() > 0.05  # it learned a bias the 2^-16 threshold would have clipped to 1.5e-5
+    pos = 7 - np.ceil(float(np.asarray(w.state["bias"]["log_th"])))  # an 8-bit signed TQT grid
+    quantized = keras.ops.convert_to_numpy(w.quantized_weight("bias"))
+    assert np.abs(quantized - bias).max() <= 2.0**-pos / 2  # on the grid, within half a step: not clipped
