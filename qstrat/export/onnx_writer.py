@@ -84,9 +84,10 @@ class Writer:
             if key != node.name:
                 renames.append(helper.make_node("Identity", [key], [node.name], name=f"{key}/input"))
         outputs, nodes = [], renames + list(self.b.nodes)
-        taken = {v for n in nodes for v in n.output} | {t.name for t in self.b.initializers} | {i.name for i in inputs}
+        produced, fed = {v for n in nodes for v in n.output}, {i.name for i in inputs}
+        taken = produced | fed | {t.name for t in self.b.initializers}
         # A computed value already named as the output (a layer with no output quantizer) is the output itself.
-        computed = {v for n in nodes for v in n.output} - {i.name for i in inputs}
+        computed = produced - fed
         names = _output_names(self.graph, taken, [t.name if t.name in computed else None for t in self.outputs])
         for t, name, r in zip(self.outputs, names, self.graph.outputs, strict=True):
             if name != t.name:
