@@ -130,6 +130,7 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
                 "float. Export to ONNX, or quantize for TFLite with the convert_*_to_dpu_version and "
                 "convert_sigmoid_to_hard_sigmoid keys off."
             )
+        _check_float_inputs(qmodel)
         twin = Twin(qmodel)
         _check_resizes(twin)
         unranged = twin.unranged()
@@ -152,6 +153,18 @@ def export_tflite(qmodel, path, *, int8_io: bool = False, metadata=None, calib_d
         result = report(model, path, len(data), int8_io, twin, metadata)  # it checks the file's I/O first
         write_atomically(path, data)
         return result
+
+
+def _check_float_inputs(qmodel) -> None:
+    """Refuse integer model inputs before anything else is asked for: the converter keeps their cast (and what
+    reads it, up to the first quantizer) in float, which no calib_data can change."""
+    ints = [f"{t.name} ({t.dtype})" for t in qmodel.inputs if not keras.backend.is_float_dtype(t.dtype)]
+    if ints:
+        raise UnsupportedError(
+            f"input {', '.join(ints)}: TFLite keeps the cast of an integer model input, and what reads it before a "
+            "quantizer, in float. Give the model a float input (do the conversion, e.g. a Rescaling, before calling "
+            "it), or export to ONNX (export_onnx)."
+        )
 
 
 def _check_resizes(twin: Twin) -> None:

@@ -466,6 +466,20 @@ def test_operators_left_in_float_are_named_with_the_keras_setting_they_come_from
     assert list(tmp_path.iterdir()) == []
 
 
+def test_integer_model_inputs_are_refused_before_calib_data_is_asked_for(tmp_path):
+    """A uint8 input cast by a Rescaling: the converter keeps the cast and the Rescaling in float whatever the
+    ranges, so the refusal names the input and comes first, with or without calib_data."""
+    i = keras.Input((8, 8, 1), dtype="uint8", name="pixels")
+    y = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(i))
+    model = keras.Model(i, keras.layers.Dense(3)(keras.layers.Flatten()(y)))
+    x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, 1)).astype("uint8")
+    qmodel = qstrat.Quantizer(model, "pof2s").quantize_model(x, verbose=0)
+    for kw in ({}, {"calib_data": x}):
+        with pytest.raises(qstrat.UnsupportedError, match=r"input pixels \(uint8\).*float input.*export_onnx"):
+            export_tflite(qmodel, tmp_path / "u8.tflite", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_croppings_permutes_and_global_max_pools_keep_their_inputs_grid(tmp_path):
     """Layers that only move or pick values need no range of their own: the file keeps qstrat's power-of-2 grid
     on their outputs, with no calibration data (a min/max range there would replace the grid)."""
