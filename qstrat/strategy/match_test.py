@@ -184,6 +184,16 @@ def test_layer_config_ignore_layers_and_unsigned_rule(views):
     assert r["add"].target("output").params.get("unsigned") is False  # not ReLU-like: unchanged
 
 
+@pytest.mark.portable
+@pytest.mark.parametrize("kw,unsigned", [({}, True), ({"threshold": 0.5}, True), ({"negative_slope": 0.3}, False)])
+def test_activation_unsigned_only_where_the_relu_writes_no_negative_value(kw, unsigned):
+    """A leaky ReLU (negative_slope) writes negative values: an unsigned grid would clip them all to 0."""
+    i = keras.Input((4,), name="x")
+    model = keras.Model(i, keras.layers.ReLU(name="act", **kw)(keras.layers.Dense(4, name="d")(i)))
+    r = resolve_views(load_strategy("pof2s", activation_unsigned=True), views_of_model(model))
+    assert r["act"].target("output").params["unsigned"] is unsigned
+
+
 def test_input_layers_get_the_input_quantizer(views):
     r = resolve_views(load_strategy("pof2s", input_bit=6), views)
     out = r["image"].target("output")

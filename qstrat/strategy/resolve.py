@@ -105,9 +105,10 @@ def _quantizer_names(pattern: LayerPattern | PatternRef, strategy: Strategy, out
 
 
 def _is_relu_like(layer) -> bool:
-    name = type(layer).__name__
-    if name == "ReLU":
-        return True
+    """Its output is never negative: a ReLU with no negative slope (Keras allows no negative threshold), or a layer
+    whose activation is relu or relu6."""
+    if type(layer).__name__ == "ReLU":
+        return float(layer.negative_slope) == 0.0
     cfg = config_of(layer)
     act = param_value(cfg, "activation")
     return isinstance(act, str) and act in RELU_ACTIVATIONS
