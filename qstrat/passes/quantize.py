@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from qstrat.errors import ConfigError, did_you_mean, warn_at_caller
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, views
+from qstrat.passes.float_reads import note_float_reads
 from qstrat.passes.scope import limit_to_scope
 from qstrat.quantizers import DEFAULT_POSITION_POLICY
 from qstrat.quantizers.grid import LEGACY_METHOD_CODES
@@ -23,8 +24,6 @@ from qstrat.strategy.resolve import weight_names
 from qstrat.strategy.user_keys import HANDY_KEYS
 
 ADD_LIKE = ("Add", "Multiply")
-# Layers that only move or pick their input's values: what they write is on their input's grid, pattern or not.
-KEEPS_GRID = ("Cropping", "GlobalMaxPooling", "MaxPooling", "RepeatVector", "Identity", "Reshape", "Flatten", "Permute")
 RELU_LIKE_ACTS = ("relu", "relu6", "linear")
 
 
@@ -101,6 +100,28 @@ def _is_fusable_activation(node: Node) -> bool:
         act = node.op.get_config().get("activation")
         return isinstance(act, str) and act in RELU_LIKE_ACTS
     return False
+
+
+def _carry_named_output(conv: Node, act: Node, configs, strategy: Strategy, notes) -> None:
+    """Where ``act`` was split off ``conv`` (``separate_conv_act``), the quantizer after it is the user's layer's
+    output: what a rule naming that layer (a name rule, ``layer_config``) set on the conv's output moves there."""
+    own = conv.meta.get("origin") or conv.layer_name
+    if act.meta.get("origin") != own:
+        return
+    named = {f"layer_quantize_config[{i}] ({p.pattern_name})" for i, p in enumerate(strategy.patterns) if p.by_name}
+    src = next(t for t in configs[conv.name].targets if t.target_type == "output")
+    picked = [k for k, v in src.sources.items() if v in named or v.startswith("user_defined_quantize_config.layer_")]
+    if not picked:
+        return
+    cfg = configs[act.name]
+    dst = next(t for t in cfg.targets if t.target_type == "output")
+    base = dst
+    if "type" in picked and src.quantizer_type != dst.quantizer_type:
+        base = replace(src, target_name=dst.target_name, shared_key=dst.shared_key)
+    params = {**base.params, **{k: src.params[k] for k in picked if k in src.params}}
+    new = replace(base, params=params, sources={**base.sources, **{k: src.sources[k] for k in picked}})
+    configs[act.name] = replace(cfg, targets=tuple(new if t is dst else t for t in cfg.targets))
+    notes[act.name].append(f"output: {', '.join(picked)} as set for {own}, the layer it was split from")
 
 
 def _drop_output(cfg: LayerQuantConfig) -> LayerQuantConfig:
@@ -285,6 +306,7 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
             if rule_on and _is_fusable_activation(nxt) and has_output(nxt.name):
                 for c in chain:
                     if has_output(c.name):
+                        _carry_named_output(c, nxt, configs, strategy, notes)
                         configs[c.name] = _drop_output(configs[c.name])
                         notes[c.name].append(f"output fused with {nxt.name}: quantized after it")
         elif node.type_name in ADD_LIKE and q["no_quant_in_add_act"]:
@@ -298,7 +320,7 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
             "conv's output quantizer is set by no_quant_in_conv_act."
         )
 
-    _note_float_reads(graph, configs, notes)
+    note_float_reads(graph, configs, notes)
     for node in graph.nodes:
         cfg = configs[node.name]
         if not cfg.quantized:
@@ -318,58 +340,6 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
                 node.name, node.type_name, "quantized", None, targets, notes[node.name] + dropped.get(node.name, [])
             )
     return Annotation(configs, report)
-
-
-def _note_float_reads(graph: Graph, configs: dict[str, LayerQuantConfig], notes: dict[str, list[str]]) -> None:
-    """Warn where a layer with quantized weights reads a float tensor that comes, through layers that keep their
-    input's grid, from a layer no pattern matches (a Rescaling after an integer input, a Lambda): no quantizer
-    puts it on a grid, so that layer computes on float values where an integer accelerator reads integers."""
-
-    def gridded(name: str) -> bool:
-        cfg = configs[name]
-        ends = ("output", "input") if not graph.node(name).inputs else ("output",)
-        return cfg.quantized and any(t.target_type in ends for t in cfg.targets)
-
-    origin: dict[TensorRef, str | None] = {}  # float tensor -> the unmatched layer it comes from (None: on a grid)
-    found: list[tuple[Node, str]] = []
-    for node in graph.nodes:
-        cfg = configs[node.name]
-        read = [
-            origin.get(r) if i not in _input_targets(node, cfg) else None
-            for i, r in enumerate(node.inputs)
-            if is_float_dtype(node.input_dtype(i))
-        ]
-        if cfg.quantized and any(t.target_type == "weight" for t in cfg.targets):
-            found += [(node, o) for o in dict.fromkeys(read) if o is not None]
-        if gridded(node.name):
-            here = None
-        elif (cfg.quantized and not cfg.targets) or node.type_name.startswith(KEEPS_GRID):  # keeps its input's grid
-            here = next((o for o in read if o is not None), None)
-        elif not cfg.quantized and node.type_name != "InputLayer" and (cfg.skip_reason or "").startswith("no pattern"):
-            here = node.layer_name
-        else:
-            continue
-        for k in range(node.num_outputs):
-            origin[TensorRef(node.name, k)] = here
-    for reader, source in found:
-        notes[reader.name].append(f"reads {source}'s output in float: no quantizer puts it on a grid")
-    if found:
-        pairs = ", ".join(f"{r.layer_name} reads {s}" for r, s in found[:6]) + (", ..." if len(found) > 6 else "")
-        warn_at_caller(
-            f"{pairs}: layers with quantized weights read float values that no quantizer puts on a grid (no pattern "
-            "of the strategy matches the layer they come from), where an integer accelerator reads integers. To "
-            "quantize what such a layer reads, name it in input_layers where it starts the part to quantize, or "
-            "give the layer it reads a pattern with an output quantizer in layer_quantize_config."
-        )
-
-
-def _input_targets(node: Node, cfg: LayerQuantConfig) -> set[int]:
-    """The inputs ``node``'s own input targets quantize."""
-    out: set[int] = set()
-    for t in cfg.targets if cfg.quantized else ():
-        if t.target_type == "input" and node.inputs:
-            out |= set(range(len(node.inputs))) if t.target_name == "input" else {int(t.target_name.split("_")[1])}
-    return out
 
 
 def cast_annotation(graph: Graph, dtype: str, strategy: Strategy) -> Annotation:

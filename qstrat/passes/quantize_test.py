@@ -107,26 +107,6 @@ def test_an_input_layer_the_walk_never_reaches_warns():
         )
 
 
-@pytest.mark.portable
-def test_a_weighted_layer_reading_a_float_tensor_no_quantizer_grids_warns_until_input_layers_names_it():
-    """uint8 pixels -> Rescaling (no pattern) -> Flatten (keeps its input's grid) -> Dense: the Dense would
-    compute on float values. It warns and notes it; named in input_layers, the Dense's input is quantized."""
-    i = keras.Input((4, 4, 1), dtype="uint8", name="pixels")
-    y = L.Dense(3, name="head")(L.Flatten(name="flat")(L.Rescaling(1 / 255, name="scale")(i)))
-    model = keras.Model(i, y)
-    x = np.random.default_rng(0).integers(0, 256, (16, 4, 4, 1)).astype("uint8")
-    q = qstrat.Quantizer(model, "pof2s")
-    with pytest.warns(UserWarning, match=r"head reads scale: layers with quantized weights read float values"):
-        qmodel = q.quantize_model(x, verbose=0)
-    assert "reads scale's output in float" in q.report.layers["head"].notes[-1]
-    assert not any(isinstance(layer, FakeQuant) for layer in qmodel.layers[:3])  # pixels, scale, flat: no grid
-    q = qstrat.Quantizer(model, "pof2s")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        qmodel = q.quantize_model(x, verbose=0, input_layers=["head"])
-    assert [type(layer).__name__ for layer in qmodel.layers].count("FakeQuant") == 2  # head's input and output
-
-
 def test_input_and_output_layers_together_cut_a_middle_part():
     q = qstrat.Quantizer(chain(), "pof2s")
     qmodel = q.quantize_model(
