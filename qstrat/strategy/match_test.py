@@ -172,6 +172,22 @@ def test_handy_keys_sit_between_type_and_name_rules(views):
     assert got["conv2"].target("output").params["bit_width"] == 6
 
 
+def test_a_name_rule_that_changes_the_quantizer_type_still_gets_the_handy_keys_it_does_not_set(views):
+    fs = {"name": "", "type": "FSQuantizer", "params": {}}
+    s = scratch(
+        pat("type_rule", "Conv2D|Dense", [tgt("kernel", q=pof2(bit_width=8))]),
+        pat("to_fs", "", [tgt("kernel", q=fs)], layer_name="conv2"),
+        pat("to_fs_6", "", [tgt("kernel", q={**fs, "params": {"bit_width": 6}})], layer_name="head"),
+        weight_bit=4,
+    )
+    got = matched(s, views)
+    kernel = got["conv2"].target("kernel")
+    assert kernel.quantizer_type == "FSQuantizer" and kernel.params["bit_width"] == 4
+    assert kernel.sources["bit_width"] == "user_defined_quantize_config.weight_bit"
+    assert got["head"].target("kernel").params["bit_width"] == 6  # the name rule's own field wins
+    assert got["conv1"].target("kernel").params["bit_width"] == 4
+
+
 def test_layer_config_ignore_layers_and_unsigned_rule(views):
     s = load_strategy(
         "pof2s", layer_config={"conv1": "int16", "head": "float32"}, ignore_layers=["dw"], activation_unsigned=True

@@ -184,7 +184,7 @@ def _apply(drafts: dict, c: _Contribution) -> None:
         d.shared_key = shared_key
 
 
-def _apply_handy(strategy: Strategy, drafts: dict, layer) -> None:
+def _apply_handy(strategy: Strategy, drafts: dict, layer, fill_only: bool = False) -> None:
     user = strategy.user
     for key, (family_target, param) in HANDY_KEYS.items():
         value = user[key]
@@ -198,6 +198,8 @@ def _apply_handy(strategy: Strategy, drafts: dict, layer) -> None:
                 continue  # only where the quantizer has that parameter
             if param == "unsigned" and family_target == "output" and not _is_relu_like(layer):
                 continue  # unsigned activations only after ReLU-like layers
+            if fill_only and param in d.params:
+                continue
             d.params[param] = value
             d.sources[param] = f"user_defined_quantize_config.{key}"
 
@@ -256,8 +258,12 @@ def _resolve_one(
     for c in sorted((c for c in contribs if not c.by_name), key=lambda c: c.order):
         _apply(drafts, c)
     _apply_handy(strategy, drafts, layer)
+    before = {k: id(d) for k, d in drafts.items()}
     for c in sorted((c for c in contribs if c.by_name), key=lambda c: c.order):
         _apply(drafts, c)
+    # A name rule that made a target anew (another quantizer type, or one the type rules have not) gets the handy
+    # keys where it sets nothing itself: it wins field by field, as over a type rule's target.
+    _apply_handy(strategy, {k: d for k, d in drafts.items() if before.get(k) != id(d)}, layer, fill_only=True)
     if precision is not None:
         bits = int(precision[3:])
         for d in drafts.values():
