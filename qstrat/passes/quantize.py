@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from qstrat.errors import ConfigError, did_you_mean, warn_at_caller
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, views
-from qstrat.passes.float_reads import note_float_reads
+from qstrat.passes.reads import drop_requantized_inputs, note_float_reads
 from qstrat.passes.scope import limit_to_scope
 from qstrat.quantizers import DEFAULT_POSITION_POLICY
 from qstrat.quantizers.grid import LEGACY_METHOD_CODES
@@ -252,7 +252,15 @@ def _float_targets(node: Node, cfg: LayerQuantConfig) -> tuple[LayerQuantConfig,
             dtypes = [node.output_dtype(0)]
         elif t.target_type == "input":
             idx = range(len(node.inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
-            dtypes = [node.input_dtype(i) for i in idx if i < len(node.inputs)]
+            if any(i >= len(node.inputs) for i in idx):
+                warn_at_caller(
+                    f"{node.type_name} layer {node.layer_name!r} reads {len(node.inputs)} input(s), numbered from "
+                    f"0 (input_0 to input_{len(node.inputs) - 1}), so target {t.target_name} of "
+                    f"{t.sources.get('type', 'its rule')} quantizes nothing there."
+                )
+                notes.append(f"{t.target_name}: no such input (it has {len(node.inputs)})")
+                continue
+            dtypes = [node.input_dtype(i) for i in idx]
         else:
             dtypes = ["float32"]  # weights: the layer's own variables
         if dtypes and not any(is_float_dtype(d) for d in dtypes):
@@ -320,6 +328,7 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
             "conv's output quantizer is set by no_quant_in_conv_act."
         )
 
+    drop_requantized_inputs(graph, configs, notes)
     note_float_reads(graph, configs, notes)
     for node in graph.nodes:
         cfg = configs[node.name]
@@ -329,9 +338,7 @@ def annotate(graph: Graph, strategy: Strategy, custom_types=None) -> Annotation:
                 reason = _no_pattern_reason(node, strategy)
             report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", reason, notes=notes[node.name])
         elif not cfg.targets and dropped.get(node.name):
-            report.layers[node.name] = LayerReport(
-                node.name, node.type_name, "skipped", f"{node.output_dtype(0)} tensor: {Skip.INTEGER.value}"
-            )
+            report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", "; ".join(dropped[node.name]))
         elif not cfg.targets and not notes[node.name]:
             report.layers[node.name] = LayerReport(node.name, node.type_name, "skipped", Skip.NO_QUANTIZERS.value)
         else:

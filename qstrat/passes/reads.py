@@ -1,4 +1,4 @@
-"""Where a layer with quantized weights reads a float tensor that no quantizer puts on a grid.
+"""What quantized layers read: float tensors no quantizer grids, and input targets on tensors already quantized.
 
 A power-of-2 strategy quantizes what layers write; a layer no pattern
 matches (a Rescaling after an integer model input, a Lambda, an attention
@@ -6,9 +6,17 @@ layer) writes float values, and the layer after it then computes on them,
 where an integer accelerator reads integers. `note_float_reads` follows each
 float tensor through the layers that keep their input's grid back to where it
 comes from, notes each such read in the quantize report and warns once.
+
+An input target on a tensor that its producer's output quantizer already
+quantizes is not inserted (the tensor is read on that grid);
+`drop_requantized_inputs` takes it out of the layer's config, so the report
+and `get_quantize_info` say what the model does, and warns where it asked
+for another quantizer than the one there.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from qstrat.errors import warn_at_caller
 from qstrat.graph.ir import Graph, Node, TensorRef, is_float_dtype
@@ -68,3 +76,40 @@ def _input_targets(node: Node, cfg: LayerQuantConfig) -> set[int]:
         if t.target_type == "input" and node.inputs:
             out |= set(range(len(node.inputs))) if t.target_name == "input" else {int(t.target_name.split("_")[1])}
     return out
+
+
+def drop_requantized_inputs(graph: Graph, configs: dict[str, LayerQuantConfig], notes: dict[str, list[str]]) -> None:
+    """Take out input targets whose every input is already quantized by its producer's output quantizer (as
+    `qstrat.passes.insert` skips them), with a note; warn where such a target asked for another quantizer."""
+
+    def output_target(name: str):
+        cfg = configs[name]
+        ends = ("output", "input") if not graph.node(name).inputs else ("output",)
+        return next((t for t in cfg.targets if t.target_type in ends), None) if cfg.quantized else None
+
+    differ = []
+    for node in graph.nodes:
+        cfg = configs[node.name]
+        keep = []
+        for t in cfg.targets if cfg.quantized else ():
+            if t.target_type != "input" or not node.inputs:
+                keep.append(t)
+                continue
+            idx = range(len(node.inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
+            there = {i: output_target(node.inputs[i].node) for i in idx if node.inputs[i].index == 0}
+            there = {i: q for i, q in there.items() if q is not None}
+            for i, q in there.items():
+                producer = graph.node(node.inputs[i].node).layer_name
+                notes[node.name].append(f"{t.target_name}: {producer}'s output quantizer already quantizes input {i}")
+                if (q.quantizer_type, dict(q.params)) != (t.quantizer_type, dict(t.params)):
+                    differ.append(f"{node.layer_name}.{t.target_name} (input {i}, already quantized by {producer})")
+            if len(there) < len(idx):
+                keep.append(t)
+        if len(keep) < len(cfg.targets if cfg.quantized else ()):
+            configs[node.name] = replace(cfg, targets=tuple(keep))
+    if differ:
+        warn_at_caller(
+            f"{', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''}: these input targets read a tensor its "
+            "producer's output quantizer already quantizes, so they are not inserted and their settings do "
+            "nothing; that tensor keeps the producer's. Set them on the producer's output, or drop the target."
+        )

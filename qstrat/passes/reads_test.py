@@ -49,3 +49,46 @@ def test_layers_that_move_values_keep_the_grid_and_a_lambda_in_the_middle_is_nam
     reads = [str(w.message) for w in caught if "read float values" in str(w.message)]
     assert len(reads) == 1 and reads[0].startswith("tail reads twice:")
     assert not any("reads" in n for name in ("c2", "mid") for n in q.report.layers[name].notes)
+
+
+def _rule(name, types, target, bits):
+    q = {"type": "Pof2SQuantizer", "params": {"bit_width": bits}}
+    rule = {
+        "pattern_name": name,
+        "layer_type": types,
+        "quant_config": [{"target_name": target, "target_type": "input", "quantizer_config": q}],
+    }
+    return {"quantize_registry_config": {"layer_quantize_config": [rule]}}
+
+
+@pytest.mark.portable
+def test_an_input_target_on_a_tensor_already_quantized_is_reported_as_not_there_and_warns_when_it_differs():
+    """pof2s quantizes relu1's output at 8 bits; a 4-bit input target on conv2 would read that tensor again:
+    it is not inserted, so the report, inspect_model and get_quantize_info do not list it, and it warns."""
+    i = keras.Input((6, 6, 2), name="img")
+    x = L.ReLU(name="relu1")(L.Conv2D(3, 3, name="conv1")(i))
+    model = keras.Model(i, L.Flatten()(L.Conv2D(2, 3, name="conv2")(x)))
+    data = np.random.default_rng(0).normal(size=(16, 6, 6, 2)).astype("float32")
+    rule = _rule("conv2_in4", "Conv2D", "input", 4)
+    rule["quantize_registry_config"]["layer_quantize_config"][0]["layer_name"] = "conv2"
+    q = qstrat.Quantizer(model, "pof2s", rule)
+    with pytest.warns(UserWarning, match=r"conv2.input \(input 0, already quantized by relu1\)"):
+        qmodel = q.quantize_model(data, verbose=0)
+    assert not any(t.startswith("input") for t in q.report.layers["conv2"].targets)
+    assert "relu1's output quantizer already quantizes input 0" in " ".join(q.report.layers["conv2"].notes)
+    assert "input" not in qstrat.get_quantize_info(qmodel)["conv2"]
+    assert [layer.name for layer in qmodel.layers if isinstance(layer, FakeQuant)] == [
+        "img_output_q",
+        "relu1_output_q",
+        "conv2_output_q",
+    ]
+
+
+@pytest.mark.portable
+def test_an_input_index_the_layer_does_not_have_warns_with_the_numbering():
+    i = keras.Input((4,), name="x")
+    model = keras.Model(i, L.Add(name="add")([L.Dense(4, name="a")(i), L.Dense(4, name="b")(i)]))
+    q = qstrat.Quantizer(model, "pof2s", _rule("add_in", "Add", "input_2", 4))
+    with pytest.warns(UserWarning, match=r"'add' reads 2 input\(s\), numbered from 0 \(input_0 to input_1\)"):
+        q.quantize_model(np.random.default_rng(0).normal(size=(8, 4)).astype("float32"), verbose=0)
+    assert "input_2: no such input (it has 2)" in q.report.layers["add"].notes
