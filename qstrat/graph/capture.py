@@ -92,7 +92,8 @@ class _Capture:
                 if isinstance(op, keras.Model):
                     _check_model(op)
                     inner_fn = _functional(op)
-                    inner_feed = {id(t): r for t, r in zip(inner_fn.inputs, in_refs, strict=True)}
+                    fed = _fed_inputs(op, inner_fn, knode, refs)
+                    inner_feed = {id(t): r for t, r in zip(inner_fn.inputs, fed, strict=True)}
                     inner_out = self.run(op, inner_feed)
                     for t, r in zip(knode.outputs, inner_out, strict=True):
                         refs[id(t)] = r
@@ -143,3 +144,45 @@ def _structure(fn, inputs: tuple[TensorRef, ...], outputs: int):
     order = [r.node for r in inputs]
     skeleton_in = keras.tree.map_structure(lambda t: order.index(t._keras_history.operation.name), ins)
     return skeleton_in, keras.tree.pack_sequence_as(outs, list(range(outputs)))
+
+
+def _fed_inputs(model, inner_fn, knode, refs) -> list:
+    """What a nested model's call feeds each of its inputs, in their order, matched as Keras matches them (a dict
+    by input name, extra keys left out); refused where Keras would also squeeze, expand or cast what it reads."""
+    import keras
+
+    args = getattr(knode.arguments, "args", None) or ()
+    given = args[0] if args else None
+    if isinstance(given, dict):
+        names = [t.name for t in inner_fn.inputs]
+        absent = [n for n in names if n not in given]
+        if absent:
+            raise UnsupportedModelError(
+                f"nested model '{model.name}' is called with a dict without the key(s) {', '.join(absent)}: "
+                f"its inputs are {', '.join(names)}. Call it with a dict keyed by its input names, or a list."
+            )
+        tensors = [given[n] for n in names]
+    else:
+        tensors = list(knode.input_tensors)
+    if len(tensors) != len(inner_fn.inputs):
+        raise UnsupportedModelError(
+            f"nested model '{model.name}' is called with {len(tensors)} tensor(s) for its {len(inner_fn.inputs)} "
+            "input(s). Call it with exactly one tensor per input."
+        )
+    for outer, inner in zip(tensors, inner_fn.inputs, strict=True):
+        if len(outer.shape) != len(inner.shape) or keras.backend.standardize_dtype(
+            outer.dtype
+        ) != keras.backend.standardize_dtype(inner.dtype):
+            raise UnsupportedModelError(
+                f"nested model '{model.name}': input '{_layer_name(inner)}' is {inner.dtype} of rank {len(inner.shape)}, "
+                f"and the call feeds it {outer.dtype} of rank {len(outer.shape)}; Keras squeezes, expands or "
+                "casts it on the way in, which qstrat does not replay. Reshape or cast it in the outer model "
+                "before the call (keras.layers.Reshape, keras.ops.cast)."
+            )
+    return [refs[id(t)] for t in tensors]
+
+
+def _layer_name(tensor) -> str:
+    """The name of the InputLayer that makes ``tensor`` (what the user named it), else the tensor's."""
+    history = getattr(tensor, "_keras_history", None)
+    return getattr(getattr(history, "operation", None), "name", None) or tensor.name

@@ -72,6 +72,28 @@ def test_nested_models_are_inlined():
     assert same_outputs(m, rebuild(g), rand(4, 5))
 
 
+def test_a_nested_model_called_with_a_dict_gets_each_input_by_name():
+    """inner([b, a]) computes b - a; called with {"a": xa, "b": xb, "c": xc} (the dict's flat order is a, b, c,
+    and Keras leaves out c), it must compute xb - xa."""
+    ia, ib = keras.Input((4,), name="a"), keras.Input((4,), name="b")
+    inner = keras.Model([ib, ia], keras.layers.Subtract()([ib, ia]), name="inner")
+    xs = [keras.Input((4,), name=n) for n in ("xa", "xb", "xc")]
+    m = keras.Model(xs, inner({"a": xs[0], "b": xs[1], "c": xs[2]}))
+    data = [rand(3, 4, seed=k) for k in range(3)]
+    out = np_(rebuild(capture(m))(data))
+    assert np.array_equal(out, data[1] - data[0]) and np.array_equal(out, np_(m(data)))
+
+
+@pytest.mark.parametrize("outer", [(4, 1), "int"])
+def test_a_nested_model_whose_call_keras_squeezes_or_casts_is_refused(outer):
+    ii = keras.Input((4,), dtype="int32" if outer == "int" else "float32", name="feats")
+    inner = keras.Model(ii, keras.layers.Dense(2)(keras.ops.cast(ii, "float32")), name="inner")
+    i = keras.Input((4,) if outer == "int" else outer)
+    m = keras.Model(i, inner(i))
+    with pytest.raises(UnsupportedModelError, match=r"nested model 'inner': input 'feats' is .*Reshape or cast"):
+        capture(m)
+
+
 def test_conv_model_round_trip():
     i = keras.Input((12, 12, 3))
     x = keras.layers.Conv2D(4, 3, padding="same", name="c")(i)
