@@ -12,7 +12,8 @@ conversion has its key in ``quantize_pipeline_config``:
   the keras.ops pattern ``ReLU(6)(x + 3) * (1/6)`` (MobileNetV3's) or
   ``/ 6``, become `DPUHardSigmoid`; ``"hard_silu"`` / ``"hard_swish"``
   become ``Multiply([x, DPUHardSigmoid(x)])``;
-- ``convert_leaky_relu_to_dpu_version``: ``LeakyReLU`` with slope 0.1
+- ``convert_leaky_relu_to_dpu_version``: ``LeakyReLU`` with slope 0.1 (or a ``ReLU`` with that
+  ``negative_slope``, no threshold and no maximum)
   gets the DPU's 26/256; other slopes are kept, with a note (the DPU has
   no other);
 - ``convert_average_pooling2d_to_dpu_version``: ``AveragePooling2D`` whose
@@ -84,7 +85,7 @@ def to_dpu_versions(graph: Graph, config: Mapping) -> tuple[Graph, OptimizeRepor
             _replace_activation(ed, node, kind, report)
         elif "convert_hard_sigmoid_to_dpu_version" in on and _is_sixth(node):
             _collapse_hard_sigmoid(ed, node, report)
-        elif "convert_leaky_relu_to_dpu_version" in on and type(node.op).__name__ == "LeakyReLU":
+        elif "convert_leaky_relu_to_dpu_version" in on and _is_leaky(node):
             _leaky_relu(ed, node, report)
         elif "convert_average_pooling2d_to_dpu_version" in on:
             _pooling(ed, node, report)
@@ -221,17 +222,33 @@ def _collapse_hard_sigmoid(ed: Editor, last: Node, report: OptimizeReport) -> No
 # ---- LeakyReLU and pooling ---------------------------------------------------------------------------
 
 
+def _is_leaky(node: Node) -> bool:
+    """A LeakyReLU, or a ReLU that is one (a negative slope, no threshold, no maximum)."""
+    if node.type_name == "LeakyReLU":
+        return True
+    op = node.op
+    return (
+        node.type_name == "ReLU"
+        and float(op.negative_slope) != 0.0
+        and op.max_value is None
+        and float(op.threshold) == 0.0
+    )
+
+
 def _leaky_relu(ed: Editor, node: Node, report: OptimizeReport) -> None:
     key = "convert_leaky_relu_to_dpu_version"
-    slope = float(node.op.get_config()["negative_slope"])
+    slope = float(node.op.negative_slope)
     if not is_dpu_leaky_slope(slope):
         report.skipped(key, node.name, f"kept: slope {slope:g} is not the DPU's 0.1, and the DPU runs no other")
         return
     import keras
 
-    layer = keras.layers.LeakyReLU.from_config({**node.op.get_config(), "negative_slope": LEAKY_RELU_SLOPE})
+    cfg = node.op.get_config()
+    layer = keras.layers.LeakyReLU(
+        negative_slope=LEAKY_RELU_SLOPE, name=cfg["name"], dtype=cfg.get("dtype"), trainable=cfg.get("trainable", True)
+    )
     ed.replace(node.name, replace(node, op=layer, meta=dict(node.meta)))
-    report.changed(key, node.name, "LeakyReLU slope 0.1 -> 26/256 (0.1015625)")
+    report.changed(key, node.name, f"{node.type_name} slope 0.1 -> LeakyReLU 26/256 (0.1015625)")
 
 
 _OTHER_AVERAGES = ("AveragePooling1D", "AveragePooling3D", "GlobalAveragePooling1D", "GlobalAveragePooling3D")

@@ -303,6 +303,17 @@ def test_leaky_relu_0_1_gets_the_dpu_slope_and_other_slopes_are_kept():
     assert not np.array_equal(np_(y1), np_(model(x)[0]))
 
 
+def test_a_relu_with_negative_slope_0_1_is_a_leaky_relu_and_gets_the_dpu_slope():
+    """ReLU(negative_slope=0.1) computes LeakyReLU(0.1); a clipped or thresholded ReLU is not a leaky ReLU."""
+    i = keras.Input((16,))
+    outs = [L.ReLU(negative_slope=0.1, name="r1")(i), L.ReLU(max_value=6.0, negative_slope=0.1, name="r2")(i)]
+    new, graph, report = convert(keras.Model(i, outs), LEAKY)
+    assert sorted(nodes(graph)) == [("r1", "LeakyReLU"), ("r2", "ReLU")]
+    assert events(report) == [(LEAKY, "r1", "changed")]
+    x64 = grid((3, 16)).astype(np.float64)
+    assert exactly(new(grid((3, 16)))[0], np.where(x64 >= 0, x64, x64 * 26 / 256))
+
+
 # ---- average pooling -----------------------------------------------------------------------------------
 
 

@@ -151,7 +151,7 @@ QUANTIZE_KEYS = (
     ),
     _b(
         "convert_leaky_relu_to_dpu_version",
-        "DPU: LeakyReLU with slope 0.1 gets the DPU's slope 26/256; other slopes are kept, with a note in the quantize report.",
+        "DPU: LeakyReLU with slope 0.1 (or a ReLU with that negative_slope, no threshold and no max_value) gets the DPU's slope 26/256; other slopes are kept, with a note in the quantize report.",
     ),
     _b(
         "convert_softmax_to_dpu_version",
