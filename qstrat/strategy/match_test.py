@@ -210,6 +210,12 @@ def test_activation_unsigned_only_where_the_relu_writes_no_negative_value(kw, un
     assert r["act"].target("output").params["unsigned"] is unsigned
 
 
+def test_layer_config_never_narrows_a_wider_bias(views):
+    r = resolve_views(load_strategy("pof2s", layer_config={"conv1": "int16"}, bias_bit=32), views)
+    assert r["conv1"].target("bias").params["bit_width"] == 32 and r["conv1"].target("kernel").params["bit_width"] == 16
+    assert r["conv2"].target("bias").params["bit_width"] == 32
+
+
 def test_input_layers_get_the_input_quantizer(views):
     r = resolve_views(load_strategy("pof2s", input_bit=6), views)
     out = r["image"].target("output")

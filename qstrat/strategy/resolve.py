@@ -267,6 +267,8 @@ def _resolve_one(
     if precision is not None:
         bits = int(precision[3:])
         for d in drafts.values():
+            if d.target_type == "bias" and d.params.get("bit_width", 0) > bits:
+                continue  # a wider bias (bias_bit=32) stays: layer_config raises a layer's precision
             if not d.disabled_by:
                 d.params["bit_width"] = bits
                 d.sources["bit_width"] = f"user_defined_quantize_config.layer_config.{layer_name}"
