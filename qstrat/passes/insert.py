@@ -23,6 +23,7 @@ from qstrat.graph.ir import Graph, Node, TensorRef, is_float_dtype, taken_names,
 from qstrat.graph.rebuild import copy_layer
 from qstrat.layers import FakeQuant, QuantizeWrapper, QuantState
 from qstrat.passes.quantize import Annotation
+from qstrat.passes.reads import input_indices
 from qstrat.strategy import ResolvedTarget
 
 
@@ -104,7 +105,7 @@ def insert(graph: Graph, annotation: Annotation) -> tuple[Graph, dict[str, tuple
         inputs = [renamed.get(r, r) for r in node.inputs]
         # Input targets: quantize what this node reads, unless it is quantized already.
         for t in (t for t in targets if t.target_type == "input" and node.inputs):
-            idx = range(len(inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
+            idx = input_indices(t.target_name, len(inputs))
             for i in idx:
                 if i >= len(inputs) or inputs[i] in quantized_refs or not is_float_dtype(node.input_dtype(i)):
                     continue

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from qstrat.errors import ConfigError, did_you_mean, warn_at_caller
 from qstrat.graph.ir import KERNEL_LAYERS, Graph, Node, TensorRef, is_float_dtype, views
-from qstrat.passes.reads import drop_requantized_inputs, note_float_reads
+from qstrat.passes.reads import drop_requantized_inputs, input_indices, note_float_reads
 from qstrat.passes.scope import limit_to_scope
 from qstrat.quantizers import DEFAULT_POSITION_POLICY
 from qstrat.quantizers.grid import LEGACY_METHOD_CODES
@@ -251,7 +251,7 @@ def _float_targets(node: Node, cfg: LayerQuantConfig) -> tuple[LayerQuantConfig,
         if t.target_type == "output" or (t.target_type == "input" and not node.inputs):
             dtypes = [node.output_dtype(0)]
         elif t.target_type == "input":
-            idx = range(len(node.inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
+            idx = input_indices(t.target_name, len(node.inputs))
             if any(i >= len(node.inputs) for i in idx):
                 warn_at_caller(
                     f"{node.type_name} layer {node.layer_name!r} reads {len(node.inputs)} input(s), numbered from "

@@ -31,11 +31,6 @@ def note_float_reads(graph: Graph, configs: dict[str, LayerQuantConfig], notes: 
     input's grid, from a layer no pattern matches (a Rescaling after an integer input, a Lambda): no quantizer
     puts it on a grid, so that layer computes on float values where an integer accelerator reads integers."""
 
-    def gridded(name: str) -> bool:
-        cfg = configs[name]
-        ends = ("output", "input") if not graph.node(name).inputs else ("output",)
-        return cfg.quantized and any(t.target_type in ends for t in cfg.targets)
-
     origin: dict[TensorRef, str | None] = {}  # float tensor -> the unmatched layer it comes from (None: on a grid)
     found: list[tuple[Node, str]] = []
     for node in graph.nodes:
@@ -47,7 +42,7 @@ def note_float_reads(graph: Graph, configs: dict[str, LayerQuantConfig], notes: 
         ]
         if cfg.quantized and any(t.target_type == "weight" for t in cfg.targets):
             found += [(node, o) for o in dict.fromkeys(read) if o is not None]
-        if gridded(node.name):
+        if _output_target(graph, configs, node.name) is not None:
             here = None
         elif (cfg.quantized and not cfg.targets) or node.type_name.startswith(KEEPS_GRID):  # keeps its input's grid
             here = next((o for o in read if o is not None), None)
@@ -69,23 +64,30 @@ def note_float_reads(graph: Graph, configs: dict[str, LayerQuantConfig], notes: 
         )
 
 
+def input_indices(target_name: str, count: int) -> list[int]:
+    """The inputs an input target names: all ``count`` for "input", i for "input_i" (which may be out of range)."""
+    return list(range(count)) if target_name == "input" else [int(target_name.split("_")[1])]
+
+
 def _input_targets(node: Node, cfg: LayerQuantConfig) -> set[int]:
     """The inputs ``node``'s own input targets quantize."""
     out: set[int] = set()
     for t in cfg.targets if cfg.quantized else ():
         if t.target_type == "input" and node.inputs:
-            out |= set(range(len(node.inputs))) if t.target_name == "input" else {int(t.target_name.split("_")[1])}
+            out |= set(input_indices(t.target_name, len(node.inputs)))
     return out
+
+
+def _output_target(graph: Graph, configs: dict[str, LayerQuantConfig], name: str):
+    """The target that quantizes what node ``name`` writes (a model input's own), or None."""
+    cfg = configs[name]
+    ends = ("output", "input") if not graph.node(name).inputs else ("output",)
+    return next((t for t in cfg.targets if t.target_type in ends), None) if cfg.quantized else None
 
 
 def drop_requantized_inputs(graph: Graph, configs: dict[str, LayerQuantConfig], notes: dict[str, list[str]]) -> None:
     """Take out input targets whose every input is already quantized by its producer's output quantizer (as
     `qstrat.passes.insert` skips them), with a note; warn where such a target asked for another quantizer."""
-
-    def output_target(name: str):
-        cfg = configs[name]
-        ends = ("output", "input") if not graph.node(name).inputs else ("output",)
-        return next((t for t in cfg.targets if t.target_type in ends), None) if cfg.quantized else None
 
     differ = []
     for node in graph.nodes:
@@ -95,8 +97,8 @@ def drop_requantized_inputs(graph: Graph, configs: dict[str, LayerQuantConfig], 
             if t.target_type != "input" or not node.inputs:
                 keep.append(t)
                 continue
-            idx = range(len(node.inputs)) if t.target_name == "input" else [int(t.target_name.split("_")[1])]
-            there = {i: output_target(node.inputs[i].node) for i in idx if node.inputs[i].index == 0}
+            idx = input_indices(t.target_name, len(node.inputs))
+            there = {i: _output_target(graph, configs, node.inputs[i].node) for i in idx if node.inputs[i].index == 0}
             there = {i: q for i, q in there.items() if q is not None}
             for i, q in there.items():
                 producer = graph.node(node.inputs[i].node).layer_name
